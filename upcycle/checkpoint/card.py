@@ -1,0 +1,70 @@
+"""Model cards (README.md with Hub front matter) for upcycle outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _front_matter(fields: dict) -> str:
+    lines = ["---"]
+    for key, value in fields.items():
+        if isinstance(value, list):
+            lines.append(f"{key}:")
+            lines += [f"- {json.dumps(item)}" for item in value]
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")
+    return "\n".join(lines + ["---", ""])
+
+
+def write_model_card(folder: Path, *, base_model: str, method: str, tags: list[str], description: str,
+                     plan_lines: list[str], parameters: dict, checks: list[dict], custom_code: bool) -> Path:
+    """Write ``folder/README.md`` describing what was done to ``base_model``."""
+    fields = {"base_model": base_model, "library_name": "transformers", "pipeline_tag": "text-generation",
+              "tags": ["upcycle", method, *tags]}
+    load = (
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained(\"{folder.name}\", trust_remote_code=True)\n"
+        "# or, with upcycle installed and no remote code:\n"
+        "import upcycle\n"
+        f"model = AutoModelForCausalLM.from_pretrained(\"{folder.name}\")"
+        if custom_code
+        else f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"{folder.name}\")"
+    )
+    check_lines = [f"- {'passed' if c['passed'] else 'FAILED'}: {c['name']} ({c['detail']})" for c in checks]
+    body = [
+        f"# {folder.name}",
+        "",
+        f"Converted from `{base_model}` by [upcycle](https://pypi.org/project/upcycle/) with the `{method}` method.",
+        "",
+        description,
+        "",
+        "It has not been fine-tuned since the conversion: expect it to need a short continue-tuning to recover quality.",
+        "",
+        "## Plan",
+        "",
+        "```",
+        *plan_lines,
+        "```",
+        "",
+        "## Parameters",
+        "",
+        f"- before: {parameters['before']:,}",
+        f"- after: {parameters['after']:,} ({parameters['after'] - parameters['before']:+,})",
+        "",
+        "## Checks run at conversion",
+        "",
+        *check_lines,
+        "",
+        "## How to load",
+        "",
+        "```python",
+        load,
+        "```",
+        "",
+        "The full conversion record is in `upcycle_report.json`.",
+        "",
+    ]
+    path = folder / "README.md"
+    path.write_text(_front_matter(fields) + "\n".join(body))
+    return path

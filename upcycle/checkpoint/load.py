@@ -1,0 +1,47 @@
+"""Load a dense model for the methods that need data (scores, calibration fits)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UpcycleError
+
+
+def available_memory_bytes() -> int:
+    """Memory this process may still use (MemAvailable, or total pages as a fallback)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def load_for_analysis(folder: Path, num_parameters: int, purpose: str, dtype: torch.dtype = torch.float32):
+    """Load the dense causal LM at ``folder``, saying first how much memory it needs.
+
+    When it does not fit in 85% of the available memory, accelerate's big-model
+    loading offloads what does not fit to disk (slower, but it runs).
+    """
+    from transformers import AutoModelForCausalLM
+
+    need = num_parameters * torch.finfo(dtype).bits // 8
+    have = available_memory_bytes()
+    print(f"{purpose}: loading the model needs about {need / 2**30:.2f} GiB ({dtype}); {have / 2**30:.1f} GiB available", file=sys.stderr)
+    kwargs: dict = {"dtype": dtype}
+    if need > 0.85 * have:
+        offload = tempfile.mkdtemp(prefix="upcycle-offload-")
+        print(f"{purpose}: it does not fit; offloading the rest to {offload}", file=sys.stderr)
+        kwargs.update(device_map="auto", offload_folder=offload, max_memory={"cpu": int(0.7 * have)})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UpcycleError(f"could not load {folder} for {purpose}: {str(error).splitlines()[0]}") from error
+    return model.eval()

@@ -1,0 +1,138 @@
+"""The conversion pipeline shared by every method: read, plan, stream, check, write atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint.card import write_model_card
+from .checkpoint.reader import CheckpointReader, resolve_source
+from .checkpoint.writer import ShardedWriter, atomic_output, copy_support_files, parse_size
+from .errors import UpcycleError
+from .methods import METHODS, Conversion
+
+RUNTIME_DIR = Path(__file__).parent / "modeling"
+
+
+def refuse_converted(config: dict, source: str) -> None:
+    """An upcycled model is not a dense input: say what it is."""
+    block = config.get("upcycle")
+    if block or str(config.get("model_type", "")).startswith("upcycle_"):
+        method = (block or {}).get("method", "unknown")
+        base = (block or {}).get("base_model_type", config.get("model_type"))
+        raise UpcycleError(f"{source} is already an upcycle {method} model (converted from a {base} checkpoint); convert the original dense checkpoint instead")
+
+
+def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversion:
+    """Dispatch to the method's own ``convert``."""
+    if method == "moh":
+        from .methods import moh
+
+        return moh.convert(reader, options)
+    raise UpcycleError(f"--method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
+
+
+def count_parameters(layout) -> int:
+    return sum(math.prod(spec.shape) for spec in layout)
+
+
+def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion) -> list[dict]:
+    """Re-read the written folder and compare it with the plan and the source."""
+    checks = []
+    written = CheckpointReader(folder)
+    expected = {spec.name: (spec.dtype, tuple(spec.shape)) for spec in conversion.layout}
+    found = {name: (written.info(name).dtype, tuple(written.info(name).shape)) for name in written.names()}
+    checks.append({"name": "shards re-read: headers valid, sizes match, tensors as planned", "passed": found == expected,
+                   "detail": f"{len(found)} tensors in {len(written.shards)} shard(s)"})
+
+    sample = [name for name in reader.names() if name in expected]
+    sample = sorted({sample[0], sample[len(sample) // 2], sample[-1]}) if sample else []
+    identical = all(torch.equal(reader.get(n).view(torch.uint8), written.get(n).view(torch.uint8)) for n in sample)
+    checks.append({"name": "untouched tensors byte-identical to the source", "passed": identical, "detail": ", ".join(sample)})
+
+    if conversion.uses_runtime:
+        from .modeling import CAUSAL_LM_CLASSES
+
+        model_cls = CAUSAL_LM_CLASSES[conversion.config["upcycle"]["base_model_type"]]
+        config = model_cls.config_class.from_dict(conversion.config)
+        with torch.device("meta"):
+            model = model_cls(config)
+        names = set(model.state_dict())
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        missing, unexpected = names - set(found) - tied, set(found) - names
+        checks.append({"name": "the runtime builds the planned model and its parameters match the files",
+                       "passed": not missing and not unexpected,
+                       "detail": f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}" if missing or unexpected else f"{len(names)} parameters"})
+    return checks
+
+
+def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size: str = "5GB",
+                       overwrite: bool = False, dry_run: bool = False) -> dict | None:
+    """Convert ``src`` into ``out`` (or only print the plan); returns the report."""
+    max_shard = parse_size(shard_size)
+    folder = resolve_source(src)
+    out = Path(out)
+    if not dry_run:
+        if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+            raise UpcycleError(f"OUT {out} is (inside) the source folder; write the conversion to a new folder")
+        if out.exists() and not overwrite:
+            raise UpcycleError(f"OUT {out} already exists; pass --overwrite to replace it")
+    reader = CheckpointReader(folder)
+    refuse_converted(reader.config, src)
+    conversion = plan_conversion(reader, method, options)
+
+    before = count_parameters([reader.info(n) for n in reader.names()])
+    after = count_parameters(conversion.layout)
+    out_bytes = sum(spec.nbytes for spec in conversion.layout)
+    print("\n".join(conversion.plan_lines))
+    print(f"parameters: {before:,} -> {after:,} ({after - before:+,} new)")
+    print(f"output size: {out_bytes / 1e9:.3f} GB of tensors in {len(ShardedWriter.plan_shards(conversion.layout, max_shard))} shard(s)")
+    if dry_run:
+        print("dry run: nothing written")
+        return None
+
+    started = time.time()
+    with atomic_output(out, overwrite) as tmp:
+        with ShardedWriter(tmp, conversion.layout, max_shard, metadata={"upcycle_method": method}) as writer:
+            progress = tqdm(total=out_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr, disable=None)
+            for name, tensor in conversion.tensors():
+                writer.write(name, tensor)
+                progress.update(tensor.numel() * tensor.element_size())
+            progress.close()
+        (tmp / "config.json").write_text(json.dumps(conversion.config, indent=2, sort_keys=True) + "\n")
+        copied = copy_support_files(folder, tmp)
+        if conversion.uses_runtime:
+            for file in sorted(RUNTIME_DIR.glob("*.py")):
+                if file.name != "__init__.py":
+                    shutil.copyfile(file, tmp / file.name)
+        checks = run_checks(tmp, reader, conversion)
+        if not all(check["passed"] for check in checks):
+            failed = "; ".join(c["name"] for c in checks if not c["passed"])
+            raise UpcycleError(f"conversion checks failed ({failed}); nothing was written, please report this as a bug")
+        base_model = reader.config.get("_name_or_path") or src
+        report = {
+            "upcycle_version": __version__,
+            "method": method,
+            "source": src,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - started, 2),
+            "parameters": {"before": before, "after": after},
+            "plan": conversion.config.get("upcycle"),
+            **conversion.report,
+            "files_copied": copied,
+            "checks": checks,
+        }
+        (tmp / "upcycle_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_model_card(tmp, base_model=str(base_model), method=method, tags=conversion.tags,
+                         description=conversion.description, plan_lines=conversion.plan_lines,
+                         parameters=report["parameters"], checks=checks, custom_code=conversion.uses_runtime)
+    print(f"wrote {out}")
+    return report

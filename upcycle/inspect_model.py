@@ -1,0 +1,69 @@
+"""``upcycle inspect``: what a checkpoint folder holds, read from its headers only."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+from .arch import DECODER_FAMILIES, decoder_spec
+from .checkpoint.reader import CheckpointReader, resolve_source
+
+
+def describe(path: str) -> dict:
+    """Family, shapes, parameters, dtypes and shards; the method and plan for converted models."""
+    reader = CheckpointReader(resolve_source(path))
+    config = reader.config
+    plan = config.get("upcycle")
+    base_type = plan.get("base_model_type") if plan else config.get("model_type")
+    infos = [reader.info(name) for name in reader.names()]
+    info = {
+        "path": str(reader.folder),
+        "model_type": config.get("model_type"),
+        "family": base_type,
+        "format": reader.format,
+        "parameters": sum(math.prod(i.shape) for i in infos),
+        "dtypes": dict(Counter(str(i.dtype).removeprefix("torch.") for i in infos)),
+        "shards": [{"file": shard.name, "bytes": shard.stat().st_size} for shard in reader.shards],
+    }
+    if base_type in DECODER_FAMILIES:
+        spec = decoder_spec(config | {"model_type": base_type})
+        info.update(layers=spec.num_layers, heads=spec.num_heads, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                    hidden_size=spec.hidden_size)
+    if plan:
+        info["method"] = plan.get("method")
+        info["plan"] = plan.get("layers")
+    return info
+
+
+def _plan_summary(layers: list[dict]) -> list[str]:
+    lines = []
+    for index, layer in enumerate(layers):
+        gate = layer.get("head_gate")
+        if gate:
+            active = len(gate["shared_heads"]) + gate["top_k"]
+            total = active - gate["top_k"] + len(gate["routed_heads"])
+            lines.append(f"  layer {index:>3}: {gate['router']} router, shared {gate['shared_heads']}, "
+                         f"top-{gate['top_k']} of {gate['routed_heads']} ({active}/{total} active)")
+    return lines
+
+
+def format_description(info: dict) -> str:
+    """Human-readable form of :func:`describe`."""
+    lines = [f"path:        {info['path']}", f"model_type:  {info['model_type']} (family {info['family']})"]
+    if "layers" in info:
+        lines.append(f"layers:      {info['layers']}  heads: {info['heads']}  kv heads: {info['kv_heads']}  "
+                     f"head dim: {info['head_dim']}  hidden: {info['hidden_size']}")
+    lines.append(f"parameters:  {info['parameters']:,}")
+    lines.append("dtypes:      " + ", ".join(f"{k} ({v} tensors)" for k, v in info["dtypes"].items()))
+    total = sum(s["bytes"] for s in info["shards"])
+    lines.append(f"shards:      {len(info['shards'])} {info['format']} file(s), {total / 1e9:.3f} GB")
+    lines += [f"  {s['file']}  {s['bytes'] / 1e6:.1f} MB" for s in info["shards"]]
+    if "method" in info:
+        lines.append(f"method:      {info['method']}")
+        lines += _plan_summary(info["plan"] or [])
+    return "\n".join(lines)
+
+
+def inspect_path(path: str | Path) -> str:
+    return format_description(describe(str(path)))

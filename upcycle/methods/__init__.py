@@ -1,0 +1,7 @@
+"""One module per conversion method; each exposes ``convert(reader, options) -> Conversion``."""
+
+from .base import Conversion
+
+METHODS = ("moh",)
+
+__all__ = ["Conversion", "METHODS"]

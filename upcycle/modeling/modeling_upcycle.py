@@ -1,0 +1,54 @@
+"""Model classes of upcycled checkpoints: the family's model with the plan applied.
+
+These files travel inside every converted checkpoint (``auto_map``), so they import
+only torch, transformers and their siblings.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+from .configuration_upcycle import UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config
+from .gated_attention import ATTENTION_NAME, register_attention
+from .surgery import apply_plan
+
+register_attention()
+
+
+class _UpcycleCausalLM:
+    """Mixin: build the family model, then apply the plan in ``config.upcycle``."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_plan(self.model.layers, config.upcycle, config.hidden_size, config.num_attention_heads)
+        self.config._attn_implementation = ATTENTION_NAME
+
+    def router_aux_losses(self) -> list:
+        """Load-balance terms of every router from the latest training forward."""
+        return [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+
+
+class UpcycleLlamaForCausalLM(_UpcycleCausalLM, LlamaForCausalLM):
+    config_class = UpcycleLlamaConfig
+
+
+class UpcycleMistralForCausalLM(_UpcycleCausalLM, MistralForCausalLM):
+    config_class = UpcycleMistralConfig
+
+
+class UpcycleQwen2ForCausalLM(_UpcycleCausalLM, Qwen2ForCausalLM):
+    config_class = UpcycleQwen2Config
+
+
+class UpcycleQwen3ForCausalLM(_UpcycleCausalLM, Qwen3ForCausalLM):
+    config_class = UpcycleQwen3Config
+
+
+CAUSAL_LM_CLASSES = {cls.config_class.model_type.removeprefix("upcycle_"): cls for cls in (UpcycleLlamaForCausalLM, UpcycleMistralForCausalLM, UpcycleQwen2ForCausalLM, UpcycleQwen3ForCausalLM)}
+
+
+def register_auto_classes() -> None:
+    """Make the Auto classes load upcycled folders without ``trust_remote_code``."""
+    for cls in CAUSAL_LM_CLASSES.values():
+        AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
+        AutoModelForCausalLM.register(cls.config_class, cls, exist_ok=True)
