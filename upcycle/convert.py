@@ -107,6 +107,7 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
                 writer.write(name, tensor)
                 progress.update(tensor.numel() * tensor.element_size())
             progress.close()
+            writer.close()
         (tmp / "config.json").write_text(json.dumps(conversion.config, indent=2, sort_keys=True) + "\n")
         copied = copy_support_files(folder, tmp)
         if conversion.uses_runtime:

@@ -1,0 +1,55 @@
+"""Tiny models of every supported family, built from a config (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
+    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+)
+
+VOCAB = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(125)]
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+              vocab_size=len(VOCAB), max_position_embeddings=256, eos_token_id=1, pad_token_id=0, bos_token_id=None)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w0 .. w124``."""
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(VOCAB)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def build_dense(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random dense model (and a tokenizer) of ``family`` into ``folder``."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**(COMMON | extra | overrides)))
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def dense(tmp_path: Path) -> Path:
+    return build_dense(tmp_path / "dense")
+
+
+@pytest.fixture
+def calibration_file(tmp_path: Path) -> Path:
+    generator = torch.Generator().manual_seed(1)
+    words = torch.randint(3, len(VOCAB), (4000,), generator=generator).tolist()
+    docs = [" ".join(VOCAB[w] for w in words[i:i + 200]) for i in range(0, len(words), 200)]
+    path = tmp_path / "calibration.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
