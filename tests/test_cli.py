@@ -98,15 +98,19 @@ def test_hub_id_offline(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 def test_failure_while_writing_leaves_nothing(tmp_path, dense, monkeypatch, failure):
-    original, calls = writer_module.ShardedWriter.write, []
+    calls = []
 
-    def failing_write(self, name, tensor):
-        calls.append(name)
-        if len(calls) == 5:
-            raise failure
-        return original(self, name, tensor)
+    def failing(original):
+        def method(self, *args):
+            calls.append(args[0])
+            if len(calls) == 5:
+                raise failure
+            return original(self, *args)
 
-    monkeypatch.setattr(writer_module.ShardedWriter, "write", failing_write)
+        return method
+
+    for name in ["write", "copy_from"]:
+        monkeypatch.setattr(writer_module.ShardedWriter, name, failing(getattr(writer_module.ShardedWriter, name)))
     result = run("convert", dense, tmp_path / "out")
     assert result.exit_code != 0 and len(calls) == 5
     assert leftovers(tmp_path) == []

@@ -17,7 +17,7 @@ from .checkpoint.card import write_model_card
 from .checkpoint.reader import CheckpointReader, resolve_source
 from .checkpoint.writer import ShardedWriter, atomic_output, copy_support_files, parse_size
 from .errors import UpcycleError
-from .methods import METHODS, Conversion
+from .methods import METHODS, Conversion, SourceTensor
 
 RUNTIME_DIR = Path(__file__).parent / "modeling"
 
@@ -104,8 +104,12 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
         with ShardedWriter(tmp, conversion.layout, max_shard, metadata={"upcycle_method": method}) as writer:
             progress = tqdm(total=out_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr, disable=None)
             for name, tensor in conversion.tensors():
-                writer.write(name, tensor)
-                progress.update(tensor.numel() * tensor.element_size())
+                if isinstance(tensor, SourceTensor):
+                    writer.copy_from(reader, name, tensor.name)
+                    progress.update(reader.info(tensor.name).nbytes)
+                else:
+                    writer.write(name, tensor)
+                    progress.update(tensor.numel() * tensor.element_size())
             progress.close()
             writer.close()
         (tmp / "config.json").write_text(json.dumps(conversion.config, indent=2, sort_keys=True) + "\n")

@@ -1,7 +1,7 @@
 """One module per conversion method; each exposes ``convert(reader, options) -> Conversion``."""
 
-from .base import Conversion
+from .base import Conversion, SourceTensor
 
 METHODS = ("moh",)
 
-__all__ = ["Conversion", "METHODS"]
+__all__ = ["Conversion", "METHODS", "SourceTensor"]

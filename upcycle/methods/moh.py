@@ -20,7 +20,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.modeling_upcycle import CAUSAL_LM_CLASSES
-from .base import Conversion
+from .base import Conversion, SourceTensor
 
 ROUTERS = ("query-norm", "learned")
 SELECTIONS = ("first", "weight-norm", "contribution")
@@ -178,7 +178,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
 
     def tensors():
         for item in passthrough:
-            yield item.name, reader.get(item.name)
+            yield item.name, SourceTensor(item.name)
         for item in new:
             yield item.name, torch.zeros(item.shape, dtype=item.dtype)
 

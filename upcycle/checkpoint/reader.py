@@ -1,0 +1,278 @@
+"""Read dense checkpoints one tensor at a time, without mmap, so resident memory stays small."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from upcycle.errors import UpcycleError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if len(text) > 160:
+        text = text[:160] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def resolve_source(src: str) -> Path:
+    """Turn a local folder or a Hub id `owner/name` into a local model folder."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UpcycleError(f"{src} is a file, not a model folder; pass the folder that holds config.json")
+        return path
+    if HUB_ID.match(src) and not src.startswith((".", "~")):
+        return _download(src)
+    raise UpcycleError(f"{src} does not exist; pass an existing model folder or a Hub id like owner/name")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as error:
+        raise UpcycleError(
+            f"could not download {repo_id} from the Hugging Face Hub (offline or missing: {_one_line(error)}); "
+            "pass a local model folder instead"
+        ) from None
+
+
+def _corrupted(file: Path, reason: str) -> UpcycleError:
+    return UpcycleError(f"{file} is truncated or corrupted ({reason}); re-download it")
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, TensorInfo], dict[str, int]]:
+    """Validate a .safetensors file's header; return (data start, infos, name -> data offset)."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _corrupted(file, f"only {size} bytes")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise _corrupted(file, f"header length {header_len} does not fit a {size}-byte file")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupted(file, f"header is not valid JSON: {_one_line(error)}") from None
+    if not isinstance(header, dict):
+        raise _corrupted(file, "header is not a JSON object")
+    data_start = 8 + header_len
+    infos: dict[str, TensorInfo] = {}
+    offsets: dict[str, int] = {}
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            valid = all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)) and begin <= end
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise _corrupted(file, f"bad header entry for {name}")
+        if code not in SAFETENSORS_DTYPES:
+            raise UpcycleError(f"{file}: tensor {name} has unsupported dtype {code}; convert the checkpoint to bf16/fp16/fp32 first")
+        dtype = SAFETENSORS_DTYPES[code]
+        nbytes = dtype.itemsize * _numel(shape)
+        if end - begin != nbytes:
+            raise _corrupted(file, f"{name} has {end - begin} bytes but its shape needs {nbytes}")
+        if data_start + end > size:
+            raise _corrupted(file, f"{name} ends past the end of the file")
+        infos[name] = TensorInfo(name, dtype, shape, nbytes, file)
+        offsets[name] = data_start + begin
+        data_end = max(data_end, end)
+    if data_start + data_end != size:
+        raise _corrupted(file, f"file is {size} bytes but its header describes {data_start + data_end}")
+    return data_start, infos, offsets
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _read_json(file: Path, what: str) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UpcycleError(f"{file} is not valid JSON ({_one_line(error)}); fix or re-download {what}") from None
+
+
+class CheckpointReader:
+    """Random access to the tensors of a local Hugging Face model folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.folder = Path(path)
+        if not self.folder.is_dir():
+            raise UpcycleError(f"{self.folder} is not a directory; pass a model folder that holds config.json")
+        config_file = self.folder / "config.json"
+        if not config_file.is_file():
+            raise UpcycleError(f"{self.folder} is not a model folder: no config.json; pass the folder of a Hugging Face checkpoint")
+        self.config: dict = _read_json(config_file, "config.json")
+        if not isinstance(self.config, dict):
+            raise UpcycleError(f"{config_file} is not a JSON object; fix or re-download config.json")
+        self._infos: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, int] = {}
+        self._bin_file: Path | None = None
+        self._bin_tensors: dict[str, torch.Tensor] = {}
+        self.format, self.shards, weight_map = self._find_weights()
+        if self.format == "safetensors":
+            self._open_safetensors(weight_map)
+        else:
+            self._open_bin(weight_map)
+
+    def _find_weights(self) -> tuple[str, list[Path], dict[str, str] | None]:
+        folder = self.folder
+        for fmt, index_name, single in (
+            ("safetensors", "model.safetensors.index.json", "model.safetensors"),
+            ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
+            index_file = folder / index_name
+            if index_file.is_file():
+                index = _read_json(index_file, index_name)
+                weight_map = index.get("weight_map") if isinstance(index, dict) else None
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise UpcycleError(f"{index_file} has no weight_map; re-download {index_name}")
+                shards = list(dict.fromkeys(folder / shard for shard in weight_map.values()))
+                for shard in shards:
+                    if not shard.is_file():
+                        raise UpcycleError(f"{index_file} names shard {shard.name} but it is missing; re-download the checkpoint")
+                return fmt, shards, weight_map
+            if (folder / single).is_file():
+                return fmt, [folder / single], None
+            pattern = "*.safetensors" if fmt == "safetensors" else "pytorch_model*.bin"
+            found = sorted(p for p in folder.glob(pattern) if p.is_file())
+            if found:
+                return fmt, found, None
+        raise UpcycleError(f"{folder} has no weights (no *.safetensors or pytorch_model*.bin); download the model weights into it")
+
+    def _open_safetensors(self, weight_map: dict[str, str] | None) -> None:
+        per_file: dict[Path, tuple[dict[str, TensorInfo], dict[str, int]]] = {}
+        for shard in self.shards:
+            _, infos, offsets = read_safetensors_header(shard)
+            per_file[shard] = (infos, offsets)
+        if weight_map is None:
+            for shard, (infos, offsets) in per_file.items():
+                for name in infos:
+                    if name in self._infos:
+                        raise UpcycleError(f"tensor {name} appears in both {self._infos[name].file.name} and {shard.name}; keep only one set of weight files in {self.folder}")
+                self._infos.update(infos)
+                self._offsets.update(offsets)
+            return
+        for name, shard_name in weight_map.items():
+            infos, offsets = per_file[self.folder / shard_name]
+            if name not in infos:
+                raise UpcycleError(f"the index says {name} is in {shard_name} but it is not there; re-download the checkpoint")
+            self._infos[name] = infos[name]
+            self._offsets[name] = offsets[name]
+
+    def _open_bin(self, weight_map: dict[str, str] | None) -> None:
+        if weight_map is None:
+            weight_map = {name: shard.name for shard in self.shards for name in self._load_bin(shard)}
+        for name, shard_name in weight_map.items():
+            tensors = self._load_bin(self.folder / shard_name)
+            if name not in tensors:
+                raise UpcycleError(f"the index says {name} is in {shard_name} but it is not there; re-download the checkpoint")
+            tensor = tensors[name]
+            self._infos[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), tensor.nbytes, self.folder / shard_name)
+
+    def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
+        if self._bin_file != file:
+            self._bin_tensors = {}
+            self._bin_file = None
+            try:
+                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:
+                raise UpcycleError(f"{file} could not be unpickled ({_one_line(error)}); re-download it or use a safetensors checkpoint") from None
+            if not isinstance(loaded, dict):
+                raise UpcycleError(f"{file} does not hold a state dict; pass a checkpoint saved with save_pretrained")
+            self._bin_tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+            self._bin_file = file
+        return self._bin_tensors
+
+    def names(self) -> list[str]:
+        """All tensor names, in index (or file) order."""
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        """Name, dtype, shape, size and file of one tensor, without reading it."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"{name} is not in the checkpoint at {self.folder}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk into a fresh CPU tensor."""
+        info = self.info(name)
+        if self.format == "bin":
+            return self._load_bin(info.file)[name]
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        with open(info.file, "rb", buffering=0) as handle:
+            handle.seek(self._offsets[name])
+            filled = 0
+            while filled < info.nbytes:
+                count = handle.readinto(view[filled:])
+                if not count:
+                    raise _corrupted(info.file, f"{name} ends past the end of the file")
+                filled += count
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def byte_range(self, name: str) -> tuple[Path, int] | None:
+        """(file, offset) of a tensor's raw bytes in a safetensors file; None for .bin checkpoints."""
+        info = self.info(name)
+        return None if self.format == "bin" else (info.file, self._offsets[name])
+
+    def total_bytes(self) -> int:
+        """Sum of the sizes of all tensors."""
+        return sum(info.nbytes for info in self._infos.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.folder)!r}, format={self.format!r}, tensors={len(self._infos)})"
