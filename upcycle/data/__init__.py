@@ -1,0 +1,5 @@
+"""Text data: reading documents and packing them into token blocks."""
+
+from upcycle.data.text import pack_tokens, read_documents
+
+__all__ = ["pack_tokens", "read_documents"]
