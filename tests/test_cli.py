@@ -140,6 +140,7 @@ def test_inspect_dense_and_converted(tmp_path, dense):
 
 def test_help_explains_every_command():
     assert run("--help").exit_code == 0
+    assert run("--version").stdout.startswith("upcycle 0.")
     help_text = run("convert", "--help").stdout
     for option in ["--router", "--shared-heads", "--active-heads", "--shared-selection", "--calibration", "--shard-size", "--overwrite", "--dry-run"]:
         assert option in help_text

@@ -35,6 +35,21 @@ def _run(action: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"upcycle {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Rewrite dense Hugging Face checkpoints (LLaMA family) into more efficient or capable forms."""
+
+
 class Method(str, Enum):
     moh = "moh"
 

@@ -31,6 +31,14 @@ def refuse_converted(config: dict, source: str) -> None:
         raise UpcycleError(f"{source} is already an upcycle {method} model (converted from a {base} checkpoint); convert the original dense checkpoint instead")
 
 
+def base_model_id(src: str, config: dict) -> str:
+    """What the model card calls the base model: a Hub id when one is known, else the folder name."""
+    for candidate in (src, str(config.get("_name_or_path") or "")):
+        if candidate.count("/") == 1 and not Path(candidate).exists() and not candidate.startswith((".", "/", "~")):
+            return candidate
+    return Path(src).name
+
+
 def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversion:
     """Dispatch to the method's own ``convert``."""
     if method == "moh":
@@ -122,7 +130,7 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
         if not all(check["passed"] for check in checks):
             failed = "; ".join(c["name"] for c in checks if not c["passed"])
             raise UpcycleError(f"conversion checks failed ({failed}); nothing was written, please report this as a bug")
-        base_model = reader.config.get("_name_or_path") or src
+        base_model = base_model_id(src, reader.config)
         report = {
             "upcycle_version": __version__,
             "method": method,
@@ -136,7 +144,7 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
             "checks": checks,
         }
         (tmp / "upcycle_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_model_card(tmp, base_model=str(base_model), method=method, tags=conversion.tags,
+        write_model_card(tmp, base_model=base_model, method=method, tags=conversion.tags,
                          description=conversion.description, plan_lines=conversion.plan_lines,
                          parameters=report["parameters"], checks=checks, custom_code=conversion.uses_runtime)
     print(f"wrote {out}")

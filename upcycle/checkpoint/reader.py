@@ -30,7 +30,7 @@ for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -66,7 +66,10 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        if not any(folder.glob("*.safetensors")):  # an older repo with pickled weights only
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*HUB_PATTERNS, "pytorch_model*.bin"]))
+        return folder
     except Exception as error:
         raise UpcycleError(
             f"could not download {repo_id} from the Hugging Face Hub (offline or missing: {_one_line(error)}); "
