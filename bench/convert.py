@@ -175,13 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"conversion FAILED with exit code {code}; last lines of its output:")
             print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
             return 2
-        _, _, import_rss = run_measured([sys.executable, "-c", "import upcycle.cli"], workdir / "import.log")
+        _, import_seconds, import_rss = run_measured([sys.executable, "-c", "import upcycle.cli"], workdir / "import.log")
 
         time_ratio = convert_seconds / copy_seconds
         memory_ratio = peak_rss / checkpoint_bytes
         print(f"checkpoint size      {gb(checkpoint_bytes)}  (output {gb(folder_bytes(out))})")
         print(f"copy time            {copy_seconds:.2f} s")
         print(f"convert time         {convert_seconds:.2f} s")
+        print(f"  of which start-up  {import_seconds:.2f} s  (python + torch + transformers import, measured alone; "
+              f"convert minus start-up / copy = {(convert_seconds - import_seconds) / copy_seconds:.2f})")
         print(f"convert peak RSS     {peak_rss / 2**20:.0f} MiB  (importing upcycle.cli alone: {import_rss / 2**20:.0f} MiB)")
         print(f"convert / copy time  {time_ratio:.2f}  target <= {TIME_TARGET}   {verdict(time_ratio, TIME_TARGET)}")
         print(f"peak RSS / size      {memory_ratio:.3f}  target <= {MEMORY_TARGET}  {verdict(memory_ratio, MEMORY_TARGET)}")

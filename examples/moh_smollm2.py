@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 import upcycle  # noqa: F401  (registers the upcycled classes)
 from upcycle.assets import smollm2_135m, write_kjv_files
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     args = parser.parse_args()
     torch.manual_seed(0)
+    hf_logging.disable_progress_bar()
 
     dense = smollm2_135m()
     train_txt, heldout_txt = write_kjv_files(args.workdir / "data")
