@@ -1,11 +1,13 @@
-"""The main job: SmolLM2-135M (offline) -> MoH, then `inspect` and a held-out perplexity table.
+"""The main job: SmolLM2-135M (offline) -> MoH -> short finetune -> eval, with the tables.
 
-    python examples/moh_smollm2.py [--workdir runs/moh-smollm2] [--eval-tokens 32768]
+    python examples/moh_smollm2.py [--workdir runs/moh-smollm2] [--eval-tokens 16384] [--finetune-steps 8]
 
-Converts the dense model with every head active (must equal dense) and at 0.75 active
-heads with each way of choosing the shared heads, runs the real `upcycle` command for
-each, and scores all of them on held-out KJV text (books never used for calibration).
-No fine-tuning happens here, so the 0.75 models are expected to be worse than dense.
+1. Converts the dense model with every head active (must equal dense) and at 0.75 active
+   heads with each way of choosing the shared heads (the real `upcycle convert`), and
+   scores all of them on held-out KJV text (books never used for calibration or tuning).
+2. Tunes the best one (contribution-chosen shared heads) for a few steps with the
+   `smollm2-moh-cpu` recipe (`upcycle finetune`), then `upcycle eval` puts it beside the
+   dense model on the same held-out tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def upcycle_cli(*args: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("runs/moh-smollm2"))
-    parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out KJV tokens to score (seq len 512)")
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out KJV tokens to score (seq len 512)")
+    parser.add_argument("--finetune-steps", type=int, default=8, help="steps of the short finetune (2,048 tokens each)")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -73,6 +76,13 @@ def main() -> None:
     for name, value in results.items():
         print(f"| {name} | {value:.2f} | {value / base:.2f}x |")
     (args.workdir / "perplexity.json").write_text(json.dumps({"eval_tokens": blocks.numel(), "perplexity": results}, indent=2))
+
+    tuned = args.workdir / "tuned"
+    upcycle_cli("finetune", "smollm2-moh-cpu", f"model={folders['MoH-0.75, shared = contribution']}", "convert=null",
+                f"output={tuned}", f"training.steps={args.finetune_steps}", "training.save_every=0",
+                f"training.eval_every={args.finetune_steps}")
+    upcycle_cli("eval", str(tuned / "final"), "--data", str(heldout_txt), "--compare", str(dense),
+                "--tokens", str(args.eval_tokens), "--json", str(args.workdir / "eval-tuned.json"))
 
 
 if __name__ == "__main__":

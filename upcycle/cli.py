@@ -102,6 +102,49 @@ def inspect(
     typer.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
+@app.command()
+def finetune(
+    recipe: Annotated[str, typer.Argument(help="A recipe YAML file, or the name of a bundled one (see `upcycle recipes`).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides with dotted keys, e.g. training.steps=20 training.lr=3e-4.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the recipe's output folder.")] = False,
+    stop_after: Annotated[int | None, typer.Option(help="Stop after this many steps in this run (checkpointed; continue with --resume).", show_default=False)] = None,
+) -> None:
+    """Continue-tune a model with a recipe. Example: upcycle finetune smollm2-moh-cpu training.steps=20
+
+    Several processes: accelerate launch --multi_gpu --num_processes 2 -m upcycle finetune RECIPE
+    """
+    from .train.finetune import run_finetune
+    from .train.recipe import load_recipe
+
+    _run(lambda: run_finetune(load_recipe(recipe, overrides or []), resume=resume, stop_after=stop_after))
+
+
+@app.command()
+def recipes() -> None:
+    """List the bundled recipes (recipes/*.yaml)."""
+    from .train.recipe import RECIPES_DIR, bundled_recipes
+
+    for name, description in bundled_recipes():
+        typer.echo(f"{name:<22} {description}")
+    typer.echo(f"(in {RECIPES_DIR})")
+
+
+@app.command(name="eval")
+def evaluate_command(
+    path: Annotated[str, typer.Argument(help="A model folder (dense, converted or tuned).")],
+    data: Annotated[Path, typer.Option(help="Held-out text: .txt (blank-line separated documents), .jsonl or a folder.")],
+    compare: Annotated[str | None, typer.Option(help="A second model scored on the same tokens, side by side.", show_default=False)] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens of --data to score.")] = 32768,
+    window: Annotated[int, typer.Option(help="Context window of the sliding-window perplexity.")] = 512,
+    stride: Annotated[int | None, typer.Option(help="Stride of the sliding window (default: the window, i.e. disjoint blocks).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.", show_default=False)] = None,
+) -> None:
+    """Perplexity (exact token counts), tokens/s and head usage. Example: upcycle eval ./smollm2-moh --data heldout.txt --compare ./SmolLM2"""
+    from .eval.cli import run_eval
+
+    _run(lambda: run_eval(path, data, compare=compare, tokens=tokens, window=window, stride=stride, output=output))
+
+
 def main() -> None:
     app()
 

@@ -17,9 +17,26 @@ def _front_matter(fields: dict) -> str:
     return "\n".join(lines + ["---", ""])
 
 
+def _training_lines(training: dict) -> list[str]:
+    return [
+        "## Fine-tuning", "",
+        f"Tuned with `upcycle finetune` for {training['steps']} steps, {training['tokens']:,} tokens "
+        f"({training['trainable']} parameters trainable, {training['seconds']:.0f} s on {training['device']}).", "",
+        "Recipe:", "", "```yaml", training["recipe_yaml"].rstrip(), "```", "",
+    ]
+
+
+def _evaluation_lines(evaluation: list[dict]) -> list[str]:
+    lines = ["## Evaluation", "", "| model | perplexity | tokens | active heads |", "|---|---|---|---|"]
+    for row in evaluation:
+        lines.append(f"| {row['name']} | {row['perplexity']:.3f} | {row['tokens']:,} | {row.get('active_fraction', 1.0):.3f} |")
+    return lines + [""]
+
+
 def write_model_card(folder: Path, *, base_model: str, method: str, tags: list[str], description: str,
-                     plan_lines: list[str], parameters: dict, checks: list[dict], custom_code: bool) -> Path:
-    """Write ``folder/README.md`` describing what was done to ``base_model``."""
+                     plan_lines: list[str], parameters: dict, checks: list[dict], custom_code: bool,
+                     training: dict | None = None, evaluation: list[dict] | None = None) -> Path:
+    """Write ``folder/README.md`` describing what was done to ``base_model`` (and how it was tuned)."""
     fields = {"base_model": base_model, "library_name": "transformers", "pipeline_tag": "text-generation",
               "tags": ["upcycle", method, *tags]}
     load = (
@@ -39,8 +56,9 @@ def write_model_card(folder: Path, *, base_model: str, method: str, tags: list[s
         "",
         description,
         "",
-        "It has not been fine-tuned since the conversion: expect it to need a short continue-tuning to recover quality.",
-        "",
+        *(_training_lines(training) if training else [
+            "It has not been fine-tuned since the conversion: expect it to need a short continue-tuning to recover quality.", ""]),
+        *(_evaluation_lines(evaluation) if evaluation else []),
         "## Plan",
         "",
         "```",

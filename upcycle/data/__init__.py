@@ -1,5 +1,14 @@
-"""Text data: reading documents and packing them into token blocks."""
+"""Text data: reading documents and packing them into token blocks; the ``datasets`` corpus layer (lazy)."""
 
 from upcycle.data.text import pack_tokens, read_documents
 
-__all__ = ["pack_tokens", "read_documents"]
+_CORPUS = ("Corpus", "DataConfig", "build_corpus", "load_documents")
+__all__ = ["pack_tokens", "read_documents", *_CORPUS]
+
+
+def __getattr__(name: str):
+    if name in _CORPUS:  # imported on first use: `datasets` takes about a second to import
+        from upcycle.data import corpus
+
+        return getattr(corpus, name)
+    raise AttributeError(f"module 'upcycle.data' has no attribute {name!r}")

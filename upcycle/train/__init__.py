@@ -1,0 +1,1 @@
+"""Fine-tuning: recipe schema, the training loop, losses and metrics."""

@@ -1,0 +1,138 @@
+"""``upcycle finetune``: resolve the recipe's model and data, (convert,) train, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..errors import UpcycleError
+from .loop import Trainer, process_state
+from .recipe import Recipe
+
+
+def resolve_model(reference: str) -> Path:
+    """A model folder from a path, a Hub id, or ``asset:smollm2-135m``."""
+    if reference == "asset:smollm2-135m":
+        from ..assets import smollm2_135m
+
+        return smollm2_135m()
+    if reference.startswith("asset:"):
+        raise UpcycleError(f"model {reference} is not a known asset; the only model asset is asset:smollm2-135m")
+    from ..checkpoint.reader import resolve_source
+
+    return resolve_source(reference)
+
+
+def resolve_text(reference: str | None) -> str | None:
+    """Turn ``asset:kjv-train`` / ``asset:kjv-heldout`` into files (for calibration); pass others through."""
+    if reference in ("asset:kjv-train", "asset:kjv-heldout"):
+        from ..assets import cache_root, write_kjv_files
+
+        train, heldout = write_kjv_files(cache_root() / "kjv")
+        return str(train if reference == "asset:kjv-train" else heldout)
+    return reference
+
+
+def prepare_model(recipe: Recipe, state) -> Path:
+    """The folder to tune: the recipe's model, converted first into OUTPUT/converted when asked."""
+    source = resolve_model(recipe.model)
+    if recipe.convert is None:
+        return source
+    converted = Path(recipe.output) / "converted"
+    with state.main_process_first():
+        if state.is_main_process and not (converted / "config.json").exists():
+            from ..convert import convert_checkpoint
+            from ..methods.moh import MoHOptions
+
+            options = recipe.convert.model_dump(exclude={"method"})
+            options["calibration"] = resolve_text(options["calibration"])
+            convert_checkpoint(str(source), converted, recipe.convert.method, MoHOptions(**options), overwrite=False)
+    return converted
+
+
+def build_data(recipe: Recipe, tokenizer, state):
+    from ..data.corpus import DataConfig, build_corpus
+
+    config = DataConfig(**recipe.data.model_dump(), seed=recipe.training.seed)
+    with state.main_process_first():  # the main process tokenises and caches, the others read the cache
+        return build_corpus(config, tokenizer)
+
+
+def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None = None) -> Path | None:
+    """Run a whole recipe; returns OUTPUT/final, or None when stopped early by ``stop_after``."""
+    from transformers import AutoTokenizer
+
+    state = process_state()
+    output = Path(recipe.output)
+    if not resume and state.is_main_process and (output / "checkpoints").exists():
+        raise UpcycleError(f"{output} already has checkpoints; pass --resume to continue or choose another output")
+    model_path = prepare_model(recipe, state)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    corpus = build_data(recipe, tokenizer, state)
+    started = time.time()
+    trainer = Trainer(recipe, model_path, corpus, tokenizer, resume=resume, stop_after=stop_after)
+    final = trainer.run()
+    if final is None or not state.is_main_process:
+        return final
+    seconds = time.time() - started
+    summary = {
+        "steps": recipe.training.steps,
+        "tokens": recipe.training.steps * trainer.plan.sequences_per_step * recipe.data.seq_len,
+        "trainable": recipe.trainable,
+        "trainable_parameters": trainer.trainable_parameters,
+        "processes": trainer.plan.world_size,
+        "device": str(trainer.accelerator.device),
+        "seconds": seconds,
+        "recipe_yaml": yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+    }
+    finish_outputs(recipe, model_path, final, corpus.validation, summary)
+    return final
+
+
+def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation: torch.Tensor, summary: dict) -> None:
+    """Evaluate tuned vs untuned on the validation tokens, draw the plots, write the card and report."""
+    from ..checkpoint.card import write_model_card
+    from ..eval.evaluate import evaluate
+    from ..eval.plots import plot_head_usage, plot_loss_curve
+
+    output = Path(recipe.output)
+    tokens = validation.reshape(-1)
+    window = recipe.data.seq_len
+    results = [evaluate(model_path, tokens, window=window) | {"name": "before tuning"},
+               evaluate(final, tokens, window=window) | {"name": "after tuning"}]
+    (output / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
+    if results[1].get("head_usage"):
+        plot_head_usage(results[1]["head_usage"], output / "head_usage.png", title="head usage after tuning (fraction of tokens)")
+
+    report_path = final / "upcycle_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"method": "dense", "parameters": {}}
+    report["finetune"] = {k: v for k, v in summary.items() if k != "recipe_yaml"} | {"recipe": recipe.model_dump(mode="json")}
+    report["evaluation"] = [{k: r[k] for k in ("name", "perplexity", "tokens", "active_fraction") if k in r} for r in results]
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    parameters = report.get("parameters") or {}
+    if not parameters:
+        from ..checkpoint.reader import CheckpointReader
+
+        reader = CheckpointReader(final)
+        total = sum(math.prod(reader.info(name).shape) for name in reader.names())
+        parameters = {"before": total, "after": total}
+    write_model_card(
+        final,
+        base_model=report.get("base_model") or Path(str(model_path)).name,
+        method=report.get("method", "dense"),
+        tags=report.get("tags", []) + ["finetuned"],
+        description=report.get("description", "A dense model continue-tuned with upcycle."),
+        plan_lines=report.get("plan_lines", []),
+        parameters=parameters,
+        checks=report.get("checks", []),
+        custom_code=report.get("method", "dense") != "dense",
+        training=summary,
+        evaluation=report["evaluation"],
+    )
+    print(f"wrote {final}")

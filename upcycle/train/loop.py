@@ -1,0 +1,322 @@
+"""The fine-tuning loop on accelerate: one process or many, CPU or GPU.
+
+Each optimizer step sees ``global_batch_tokens`` tokens: the step's sequences are
+drawn from a seeded permutation (so the order depends only on the seed and the
+step, which makes resuming exact), split across processes and then into
+micro-batches with gradient accumulation. The loss is the LM loss plus the
+recipe's weight times the routers' load-balance terms averaged over layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UpcycleError
+from .recipe import Recipe
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+
+
+@dataclass
+class BatchPlan:
+    """How one optimizer step's sequences are spread over processes and micro-batches."""
+
+    sequences_per_step: int
+    micro_batch_size: int
+    accumulation: int
+    world_size: int
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, world_size: int) -> BatchPlan:
+        seq_len, training = recipe.data.seq_len, recipe.training
+        if training.global_batch_tokens % seq_len:
+            raise UpcycleError(f"training.global_batch_tokens {training.global_batch_tokens} is not a multiple of data.seq_len {seq_len}; make it one")
+        sequences = training.global_batch_tokens // seq_len
+        per_pass = training.micro_batch_size * world_size
+        if sequences % per_pass:
+            raise UpcycleError(
+                f"a step's {sequences} sequences do not split into micro-batches of {training.micro_batch_size} on {world_size} process(es); "
+                "change training.micro_batch_size or training.global_batch_tokens"
+            )
+        return cls(sequences, training.micro_batch_size, sequences // per_pass, world_size)
+
+    def step_indices(self, step: int, dataset_size: int, seed: int, rank: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of dataset indices for ``step``: [accumulation] x [micro_batch_size]."""
+        start = step * self.sequences_per_step
+        indices = torch.cat([_epoch_order(epoch, dataset_size, seed)
+                             for epoch in range(start // dataset_size, (start + self.sequences_per_step - 1) // dataset_size + 1)])
+        offset = start - (start // dataset_size) * dataset_size
+        step_ids = indices[offset: offset + self.sequences_per_step]  # [S]
+        mine = step_ids.view(self.accumulation, self.world_size, self.micro_batch_size)[:, rank]  # [A, M]
+        return list(mine)
+
+
+def _epoch_order(epoch: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def use_cpu() -> bool:
+    """Train on the CPU when asked (ACCELERATE_USE_CPU) or when there is no CUDA device.
+
+    accelerate only sets up a multi-process CPU group (gloo) when told it runs on the CPU.
+    """
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
+
+
+def process_state():
+    """accelerate's process state (rank, world size), created consistently with the Trainer's."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu())
+
+
+def lr_schedule(optimizer, recipe: Recipe):
+    """Linear warmup then cosine decay to ``min_lr``."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    training = recipe.training
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, training.warmup_steps, training.steps, min_lr=training.min_lr)
+
+
+def select_trainable(model, recipe: Recipe):
+    """Freeze what the recipe does not train; LoRA wraps the model with peft (routers stay fully trainable)."""
+    router_params = [name for name, _ in model.named_parameters() if ".head_router." in name]
+    if recipe.trainable == "all":
+        return model
+    if recipe.trainable == "routers":
+        if not router_params:
+            raise UpcycleError("trainable: routers, but the model has no router parameters (query-norm routers have none); use trainable: all or lora")
+        for name, param in model.named_parameters():
+            param.requires_grad = ".head_router." in name
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = recipe.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        if ".head_router." in name:
+            param.requires_grad = True
+    return model
+
+
+def router_balance_loss(model) -> torch.Tensor | None:
+    """Mean over layers of the routers' load-balance terms from the latest forward."""
+    losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
+    return torch.stack(losses).mean() if losses else None
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    found = sorted((output / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+class Trainer:
+    """Runs a recipe: prepare model and data, train, checkpoint, save the final model."""
+
+    def __init__(self, recipe: Recipe, model_path: Path, corpus, tokenizer, *, resume: bool = False, stop_after: int | None = None):
+        from accelerate import Accelerator
+
+        self.recipe = recipe
+        self.output = Path(recipe.output)
+        cpu = use_cpu()
+        precision = recipe.training.precision
+        mixed = "bf16" if precision == "bf16" or (precision == "auto" and not cpu) else "no"
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+        self.plan = BatchPlan.from_recipe(recipe, self.accelerator.num_processes)
+        self.corpus, self.tokenizer, self.model_path = corpus, tokenizer, model_path
+        self.stop_after = stop_after
+        torch.manual_seed(recipe.training.seed)
+
+        from transformers import AutoModelForCausalLM
+
+        import upcycle  # noqa: F401  (registers upcycled classes)
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.source_dtype = _config_dtype(model_path)
+        if recipe.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model = select_trainable(model, recipe)
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": recipe.training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=recipe.training.lr, betas=recipe.training.adam_betas)
+        self.scheduler = lr_schedule(optimizer, recipe)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.trainable_parameters = sum(p.numel() for p in params)
+        self.step = 0
+        self._stream = None
+        if resume:
+            self._resume()
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.output)
+        if checkpoint is None:
+            raise UpcycleError(f"--resume: no checkpoint in {self.output / CHECKPOINTS}; start without --resume")
+        self.accelerator.load_state(str(checkpoint))
+        self.step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        self._print(f"resumed from {checkpoint} at step {self.step}")
+
+    def save_checkpoint(self) -> Path:
+        """accelerate state (model, optimizer, scheduler, RNG) into checkpoints/step-N, atomically."""
+        final = self.output / CHECKPOINTS / f"step-{self.step:07d}"
+        temp = final.with_name(f".{final.name}.tmp")
+        if self.accelerator.is_main_process and temp.exists():
+            shutil.rmtree(temp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(temp))
+        if self.accelerator.is_main_process:
+            (temp / "trainer_state.json").write_text(json.dumps({"step": self.step, "recipe": self.recipe.model_dump()}, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temp, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # ---- training ----------------------------------------------------------------------
+    def _print(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            print(text, file=sys.stderr, flush=True)
+
+    def _micro_batches(self) -> list[torch.Tensor]:
+        """This process's micro-batches for the current step: [accumulation] x [M, T]."""
+        train, plan, rank = self.corpus.train, self.plan, self.accelerator.process_index
+        if isinstance(train, torch.utils.data.IterableDataset):  # streaming: blocks in corpus order
+            if self._stream is None:
+                self._stream = iter(train.skip_blocks(self.step * plan.sequences_per_step))
+            try:
+                blocks = torch.stack([next(self._stream)["input_ids"] for _ in range(plan.sequences_per_step)])  # [S, T]
+            except StopIteration:
+                raise UpcycleError(f"the training data ran out at step {self.step}; lower training.steps or add data") from None
+            return list(blocks.view(plan.accumulation, plan.world_size, plan.micro_batch_size, -1)[:, rank])
+        ids = plan.step_indices(self.step, len(train), self.recipe.training.seed, rank)
+        return [torch.stack([train[int(i)]["input_ids"] for i in micro]) for micro in ids]
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns the step's metrics (averaged over processes)."""
+        micro_batches = self._micro_batches()
+        weight = self.recipe.losses.load_balance
+        lm_total = torch.zeros((), device=self.accelerator.device)
+        aux_total = torch.zeros((), device=self.accelerator.device)
+        self.model.train()
+        for index, batch in enumerate(micro_batches):
+            batch = batch.to(self.accelerator.device)  # [M, T]
+            last = index == len(micro_batches) - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    out = self.model(input_ids=batch, labels=batch)
+                balance = router_balance_loss(self.model)
+                loss = out.loss + (weight * balance if balance is not None else 0.0)
+                self.accelerator.backward(loss / len(micro_batches))
+            lm_total += out.loss.detach() / len(micro_batches)
+            if balance is not None:
+                aux_total += balance.detach() / len(micro_batches)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.training.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        lm, aux = self.accelerator.reduce(torch.stack([lm_total, aux_total]), reduction="mean").tolist()
+        return {"step": self.step, "loss": lm, "aux_loss": aux, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean token loss on the validation blocks (every process computes it, same result)."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        total, count = 0.0, 0
+        blocks = self.corpus.validation
+        for start in range(0, len(blocks), self.plan.micro_batch_size):
+            batch = blocks[start:start + self.plan.micro_batch_size].to(self.accelerator.device)
+            with self.accelerator.autocast():
+                loss = model(input_ids=batch, labels=batch).loss
+            total += float(loss) * len(batch)
+            count += len(batch)
+        return total / max(count, 1)
+
+    def run(self) -> Path | None:
+        """Train to ``training.steps`` (or ``stop_after`` steps in this run); save the final model at the end."""
+        from tqdm.auto import tqdm
+
+        training = self.recipe.training
+        metrics_path = self.output / "metrics.jsonl"
+        if self.accelerator.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            if self.step == 0 and metrics_path.exists():
+                metrics_path.unlink()
+        tokens_per_step = self.plan.sequences_per_step * self.recipe.data.seq_len
+        self._print(f"training {self.trainable_parameters:,} parameters ({self.recipe.trainable}) for {training.steps} steps of "
+                    f"{tokens_per_step:,} tokens ({self.plan.sequences_per_step} sequences = {self.plan.world_size} process(es) x "
+                    f"{self.plan.accumulation} accumulation x {self.plan.micro_batch_size}) on {self.accelerator.device}")
+        last = training.steps if self.stop_after is None else min(training.steps, self.step + self.stop_after)
+        progress = tqdm(total=training.steps, initial=self.step, desc="finetune", unit="step", file=sys.stderr,
+                        disable=not self.accelerator.is_main_process)
+        while self.step < last:
+            started = time.perf_counter()
+            metrics = self.train_step()
+            seconds = time.perf_counter() - started
+            metrics |= {"tokens": self.step * tokens_per_step, "tokens_per_second": tokens_per_step / seconds}
+            if training.eval_every and (self.step % training.eval_every == 0 or self.step == training.steps):
+                metrics["val_loss"] = self.validation_loss()
+            if self.accelerator.is_main_process and (self.step % training.log_every == 0 or "val_loss" in metrics):
+                with metrics_path.open("a") as log:
+                    log.write(json.dumps(metrics) + "\n")
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+            progress.update(1)
+            if training.save_every and self.step % training.save_every == 0 and self.step < training.steps:
+                self.save_checkpoint()
+        progress.close()
+        if self.step < training.steps:
+            self.save_checkpoint()
+            self._print(f"stopped after step {self.step} of {training.steps}; continue with --resume")
+            return None
+        return self.save_final()
+
+    def save_final(self) -> Path | None:
+        """The tuned model in the same self-describing format as ``convert`` output (LoRA merged)."""
+        self.accelerator.wait_for_everyone()
+        final = self.output / FINAL
+        if self.accelerator.is_main_process:
+            from ..checkpoint.writer import atomic_output, copy_support_files
+
+            model = self.accelerator.unwrap_model(self.model)
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+            model = model.to(self.source_dtype)
+            with atomic_output(final, overwrite=True) as temp:
+                model.save_pretrained(temp)
+                copy_support_files(self.model_path, temp)
+                _copy_runtime(self.model_path, temp)
+                report = self.model_path / "upcycle_report.json"
+                if report.exists():
+                    shutil.copyfile(report, temp / "upcycle_report.json")
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def _config_dtype(folder: Path) -> torch.dtype:
+    config = json.loads((Path(folder) / "config.json").read_text())
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return getattr(torch, name, torch.float32)
+
+
+def _copy_runtime(source: Path, target: Path) -> None:
+    """Upcycled models carry their runtime files (auto_map); copy them from the source folder."""
+    for file in Path(source).glob("*.py"):
+        shutil.copyfile(file, target / file.name)

@@ -1,0 +1,173 @@
+"""Recipes: YAML files that name the model, the data, what trains and how.
+
+The whole recipe is validated (pydantic, unknown keys forbidden) before any work
+starts; ``key=value`` overrides use dotted keys (``training.lr=3e-4``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import UpcycleError
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConvertSection(_Section):
+    """Convert ``model`` first (into OUTPUT/converted), then tune the result."""
+
+    method: Literal["moh"] = "moh"
+    router: Literal["query-norm", "learned"] = "query-norm"
+    shared_heads: str = "0.5"
+    active_heads: float = Field(0.75, gt=0, le=1)
+    shared_selection: Literal["first", "weight-norm", "contribution"] | None = None
+    calibration: str | None = None
+    calibration_tokens: int = Field(16384, gt=0)
+
+
+class DataSection(_Section):
+    train: str
+    validation: str | None = None
+    validation_fraction: float = Field(0.02, gt=0, lt=1)
+    text_field: str = "text"
+    seq_len: int = Field(512, ge=2)
+    max_train_tokens: int | None = Field(None, gt=0)
+    validation_tokens: int | None = Field(65536, gt=0)
+    streaming: bool = False
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LossSection(_Section):
+    load_balance: float = Field(0.01, ge=0)
+
+
+class TrainingSection(_Section):
+    steps: int = Field(gt=0)
+    global_batch_tokens: int = Field(gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0)
+    log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainingSection:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
+
+
+class Recipe(_Section):
+    """A fine-tuning recipe (see recipes/*.yaml)."""
+
+    description: str = ""
+    model: str
+    output: str
+    convert: ConvertSection | None = None
+    data: DataSection
+    trainable: Literal["all", "routers", "lora"] = "all"
+    lora: LoraSection = LoraSection()
+    losses: LossSection = LossSection()
+    training: TrainingSection
+    accelerate_config: str | None = None
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UpcycleError(f"override {key}: {part} is not a section; use key=value with an existing section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _error_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"recipe key {key!r} is unknown; check its spelling against recipes/README or `upcycle finetune --help`"
+    if first["type"] == "missing":
+        return f"recipe key {key!r} is required; add it to the recipe or pass {key}=VALUE"
+    given = first.get("input")
+    return f"recipe key {key!r}: {first['msg'].lower()} (got {given!r}); fix it in the recipe or pass {key}=VALUE"
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A recipe file, or the name of a bundled one (``smollm2-moh-cpu``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if bundled.is_file():
+        return bundled
+    raise UpcycleError(f"recipe {name} does not exist; pass a YAML file or a bundled name from `upcycle recipes`")
+
+
+def load_recipe(name: str, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem is one UpcycleError line."""
+    path = resolve_recipe_path(name)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UpcycleError(f"recipe {path} is not valid YAML ({str(error).splitlines()[0]}); fix the file") from None
+    if not isinstance(tree, dict):
+        raise UpcycleError(f"recipe {path} must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UpcycleError(f"override {item!r} is not key=value; write e.g. training.lr=3e-4")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text))
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as error:
+        raise UpcycleError(_error_line(error)) from None
+    check_files(recipe)
+    return recipe
+
+
+def _is_local_reference(value: str) -> bool:
+    return not value.startswith("asset:") and (value.count("/") != 1 or Path(value).exists() or value.startswith((".", "/", "~")))
+
+
+def check_files(recipe: Recipe) -> None:
+    """Every local file a recipe names must exist (assets and Hub names are checked when used)."""
+    checks = [("model", recipe.model), ("data.train", recipe.data.train), ("data.validation", recipe.data.validation),
+              ("accelerate_config", recipe.accelerate_config)]
+    if recipe.convert:
+        checks.append(("convert.calibration", recipe.convert.calibration))
+    for key, value in checks:
+        if value and _is_local_reference(value) and not Path(value).expanduser().exists():
+            raise UpcycleError(f"recipe key {key!r}: {value} does not exist; fix the path or pass {key}=PATH")
+
+
+def bundled_recipes() -> list[tuple[str, str]]:
+    """(name, description) of every recipe in recipes/."""
+    found = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        tree = yaml.safe_load(path.read_text()) or {}
+        found.append((path.stem, str(tree.get("description", "")).strip().splitlines()[0] if tree.get("description") else ""))
+    return found
