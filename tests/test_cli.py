@@ -149,3 +149,15 @@ def test_help_explains_every_command():
 def test_unknown_shared_selection_needs_calibration(tmp_path, dense):
     assert_one_line_error(run("convert", dense, tmp_path / "out", "--shared-selection", "contribution"), "--calibration")
     assert leftovers(tmp_path) == []
+
+
+def test_eval_compares_two_models_on_the_same_tokens(tmp_path, dense, calibration_file):
+    assert run("convert", dense, tmp_path / "moh").exit_code == 0
+    result = run("eval", tmp_path / "moh", "--data", calibration_file, "--compare", dense, "--tokens", "600",
+                 "--window", "64", "--json", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["method"] for r in rows] == ["moh", "dense"] and rows[0]["tokens"] == rows[1]["tokens"] == 599
+    assert rows[0]["active_fraction"] == 0.75 and rows[1]["active_fraction"] == 1.0
+    assert "perplexity ratio" in result.stdout
+    assert_one_line_error(run("eval", tmp_path / "nope", "--data", calibration_file), "does not exist")

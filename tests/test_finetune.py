@@ -125,6 +125,8 @@ def test_finetune_outputs_load_and_report(workspace):
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert all({"loss", "aux_loss", "lr", "tokens_per_second", "tokens"} <= m.keys() for m in lines)
     assert lines[-1]["tokens"] == 4 * 64 and "val_loss" in lines[1] and lines[0]["aux_loss"] > 0
+    usage = torch.tensor(lines[1]["head_usage"])  # [layers, heads] on the validation blocks
+    assert usage.shape == (2, 8) and abs(usage.mean().item() - 0.75) < 1e-3
     for png in ["loss.png", "head_usage.png"]:
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run / "eval.json").read_text())
@@ -184,7 +186,9 @@ def test_routers_only_and_lora(workspace):
     for trainable in ["routers", "lora"]:
         folder = tmp_path / trainable
         folder.mkdir()
-        run_finetune(load_recipe(str(write_recipe(folder, tmp_path / "moh", data, trainable=trainable, training__steps=2))))
+        checkpointing = trainable == "lora"  # gradient checkpointing is an option of any run
+        run_finetune(load_recipe(str(write_recipe(folder, tmp_path / "moh", data, trainable=trainable, training__steps=2,
+                                                  training__gradient_checkpointing=checkpointing))))
         after = final_weights(folder / "run")
         assert set(after) == set(before)  # LoRA merged on save: no adapter tensors
         changed = {name for name in before if not torch.equal(before[name], after[name])}

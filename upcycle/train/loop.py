@@ -147,7 +147,8 @@ class Trainer:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.source_dtype = _config_dtype(model_path)
         if recipe.training.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         model = select_trainable(model, recipe)
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -236,19 +237,26 @@ class Trainer:
         return {"step": self.step, "loss": lm, "aux_loss": aux, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Mean token loss on the validation blocks (every process computes it, same result)."""
+    def validate(self) -> dict:
+        """Mean token loss and head usage on the validation blocks (every process computes the same)."""
+        from ..eval.usage import HeadUsage
+
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         total, count = 0.0, 0
         blocks = self.corpus.validation
-        for start in range(0, len(blocks), self.plan.micro_batch_size):
-            batch = blocks[start:start + self.plan.micro_batch_size].to(self.accelerator.device)
-            with self.accelerator.autocast():
-                loss = model(input_ids=batch, labels=batch).loss
-            total += float(loss) * len(batch)
-            count += len(batch)
-        return total / max(count, 1)
+        with HeadUsage(model) as usage:
+            for start in range(0, len(blocks), self.plan.micro_batch_size):
+                batch = blocks[start:start + self.plan.micro_batch_size].to(self.accelerator.device)
+                with self.accelerator.autocast():
+                    loss = model(input_ids=batch, labels=batch).loss
+                total += float(loss) * len(batch)
+                count += len(batch)
+        fraction = usage.fraction()
+        metrics = {"val_loss": total / max(count, 1)}
+        if fraction.numel():
+            metrics["head_usage"] = [[round(v, 4) for v in row] for row in fraction.tolist()]
+        return metrics
 
     def run(self) -> Path | None:
         """Train to ``training.steps`` (or ``stop_after`` steps in this run); save the final model at the end."""
@@ -273,7 +281,7 @@ class Trainer:
             seconds = time.perf_counter() - started
             metrics |= {"tokens": self.step * tokens_per_step, "tokens_per_second": tokens_per_step / seconds}
             if training.eval_every and (self.step % training.eval_every == 0 or self.step == training.steps):
-                metrics["val_loss"] = self.validation_loss()
+                metrics |= self.validate()
             if self.accelerator.is_main_process and (self.step % training.log_every == 0 or "val_loss" in metrics):
                 with metrics_path.open("a") as log:
                     log.write(json.dumps(metrics) + "\n")
