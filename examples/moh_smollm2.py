@@ -80,7 +80,7 @@ def main() -> None:
     tuned = args.workdir / "tuned"
     upcycle_cli("finetune", "smollm2-moh-cpu", f"model={folders['MoH-0.75, shared = contribution']}", "convert=null",
                 f"output={tuned}", f"training.steps={args.finetune_steps}", "training.save_every=0",
-                f"training.eval_every={args.finetune_steps}")
+                f"training.eval_every={args.finetune_steps}", "--overwrite")
     upcycle_cli("eval", str(tuned / "final"), "--data", str(heldout_txt), "--compare", str(dense),
                 "--tokens", str(args.eval_tokens), "--json", str(args.workdir / "eval-tuned.json"))
 

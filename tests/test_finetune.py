@@ -138,6 +138,11 @@ def test_finetune_outputs_load_and_report(workspace):
 
     model = AutoModelForCausalLM.from_pretrained(final)
     assert type(model).__name__ == "UpcycleLlamaForCausalLM"
+    config = json.loads((final / "config.json").read_text())  # self-describing: loads with trust_remote_code too
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_upcycle.UpcycleLlamaForCausalLM" and config["upcycle"]["method"] == "moh"
+    assert all((final / f).exists() for f in ["modeling_upcycle.py", "routers.py", "tokenizer.json", "upcycle_report.json"])
+    with pytest.raises(UpcycleError, match="already exists"):
+        run_finetune(load_recipe(str(tmp_path / "recipe.yaml")))
     before = load_file(tmp_path / "moh" / "model.safetensors")
     after = final_weights(run)
     assert set(after) == set(before)

@@ -108,6 +108,7 @@ def finetune(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides with dotted keys, e.g. training.steps=20 training.lr=3e-4.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the recipe's output folder.")] = False,
     stop_after: Annotated[int | None, typer.Option(help="Stop after this many steps in this run (checkpointed; continue with --resume).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start again in an output folder that already has checkpoints or a final model.")] = False,
 ) -> None:
     """Continue-tune a model with a recipe. Example: upcycle finetune smollm2-moh-cpu training.steps=20
 
@@ -116,7 +117,7 @@ def finetune(
     from .train.finetune import run_finetune
     from .train.recipe import load_recipe
 
-    _run(lambda: run_finetune(load_recipe(recipe, overrides or []), resume=resume, stop_after=stop_after))
+    _run(lambda: run_finetune(load_recipe(recipe, overrides or []), resume=resume, stop_after=stop_after, overwrite=overwrite))
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -63,14 +64,18 @@ def build_data(recipe: Recipe, tokenizer, state):
         return build_corpus(config, tokenizer)
 
 
-def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None = None) -> Path | None:
+def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> Path | None:
     """Run a whole recipe; returns OUTPUT/final, or None when stopped early by ``stop_after``."""
     from transformers import AutoTokenizer
 
     state = process_state()
     output = Path(recipe.output)
-    if not resume and state.is_main_process and (output / "checkpoints").exists():
-        raise UpcycleError(f"{output} already has checkpoints; pass --resume to continue or choose another output")
+    if not resume and not overwrite and (output / "checkpoints").exists():
+        raise UpcycleError(f"{output} already has checkpoints; pass --resume to continue, --overwrite to start again, or choose another output")
+    if not resume and not overwrite and (output / "final").exists():
+        raise UpcycleError(f"{output}/final already exists; pass --overwrite to replace it or choose another output")
+    if overwrite and not resume and state.is_main_process and (output / "checkpoints").exists():
+        shutil.rmtree(output / "checkpoints")
     model_path = prepare_model(recipe, state)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     corpus = build_data(recipe, tokenizer, state)
