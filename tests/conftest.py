@@ -53,3 +53,28 @@ def calibration_file(tmp_path: Path) -> Path:
     path = tmp_path / "calibration.txt"
     path.write_text("\n\n".join(docs) + "\n")
     return path
+
+
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(125)]
+BERT_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, vocab_size=len(BERT_VOCAB),
+                   max_position_embeddings=256, type_vocab_size=2, pad_token_id=0)
+
+
+def tiny_bert_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level BERT-style tokenizer over ``w0 .. w124`` with [CLS], [SEP] and [MASK]."""
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(BERT_VOCAB)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def build_bert(folder: Path, mlm: bool = False, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random BERT: BertModel (tensors without prefix, like all-MiniLM-L6-v2) or BertForMaskedLM (``bert.`` prefix)."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(**(BERT_COMMON | overrides))
+    model = BertForMaskedLM(config) if mlm else BertModel(config)
+    model.save_pretrained(folder)
+    tiny_bert_tokenizer().save_pretrained(folder)
+    return folder

@@ -52,11 +52,18 @@ def _options(
 
 class Method(str, Enum):
     moh = "moh"
+    prune_heads = "prune-heads"
+    gqa = "gqa"
 
 
 class Router(str, Enum):
     query_norm = "query-norm"
     learned = "learned"
+
+
+class Importance(str, Enum):
+    gradient = "gradient"
+    random = "random"
 
 
 class SharedSelection(str, Enum):
@@ -74,20 +81,47 @@ def convert(
     shared_heads: Annotated[str, typer.Option(help="MoH: query heads always on, as a fraction (0.5) or a count (4).")] = "0.5",
     active_heads: Annotated[float, typer.Option(help="MoH: fraction of query heads active per token, in (shared fraction, 1].")] = 0.75,
     shared_selection: Annotated[SharedSelection | None, typer.Option(help="MoH: which heads are shared. Default: contribution with --calibration, else weight-norm.", show_default=False)] = None,
+    ratio: Annotated[float | None, typer.Option(help="prune-heads: fraction of prunable units removed, 0 <= R < 1 (units: heads for MHA, KV groups for GQA models).", show_default=False)] = None,
+    importance: Annotated[Importance, typer.Option(help="prune-heads: gradient (E|dL/dgate| per unit on --calibration text, normalised per layer) or random (the control, with --seed).")] = Importance.gradient,
+    seed: Annotated[int, typer.Option(help="prune-heads: seed of --importance random and of the masked-LM masking.")] = 0,
+    iterative: Annotated[int, typer.Option(help="prune-heads: prune in N cumulative steps, recomputing importance before each (1: score once).")] = 1,
+    min_heads_per_layer: Annotated[int, typer.Option(help="prune-heads: query heads every layer keeps at least.")] = 1,
+    uniform: Annotated[bool, typer.Option(help="prune-heads: remove the same number of units in every layer (decoders: a plain base-architecture checkpoint).")] = False,
+    kv_heads: Annotated[int | None, typer.Option(help="gqa: new number of key/value heads, a divisor of the current count (1: MQA).", show_default=False)] = None,
     calibration: Annotated[Path | None, typer.Option(help="Calibration text (.txt, .jsonl or a folder) for data-driven choices.")] = None,
     calibration_tokens: Annotated[int, typer.Option(help="Tokens of calibration text to use.")] = 16384,
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB or 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the plan, parameters and output size; write nothing.")] = False,
 ) -> None:
-    """Convert a dense checkpoint. Example: upcycle convert ./SmolLM2-135M ./smollm2-moh --active-heads 0.75"""
-    from .convert import convert_checkpoint
-    from .methods.moh import MoHOptions
+    """Convert a dense checkpoint. Example: upcycle convert ./SmolLM2-135M ./smollm2-moh --active-heads 0.75
 
-    options = MoHOptions(router=router.value, shared_heads=shared_heads, active_heads=active_heads,
-                         shared_selection=shared_selection.value if shared_selection else None,
-                         calibration=calibration, calibration_tokens=calibration_tokens)
-    _run(lambda: convert_checkpoint(src, out, method.value, options, shard_size=shard_size, overwrite=overwrite, dry_run=dry_run))
+    Head pruning: upcycle convert SRC OUT --method prune-heads --ratio 0.25 --calibration text.txt [--uniform].
+    MHA to GQA/MQA: upcycle convert SRC OUT --method gqa --kv-heads 1
+    """
+    from .convert import convert_checkpoint
+
+    def options():
+        if method is not Method.prune_heads and ratio is not None:
+            raise UpcycleError(f"--ratio applies to --method prune-heads, not {method.value}; drop it or pass --method prune-heads")
+        if method is not Method.gqa and kv_heads is not None:
+            raise UpcycleError(f"--kv-heads applies to --method gqa, not {method.value}; drop it or pass --method gqa")
+        if method is Method.prune_heads:
+            from .methods.prune_heads import PruneHeadsOptions
+
+            return PruneHeadsOptions(ratio=ratio, importance=importance.value, seed=seed, iterative=iterative, min_heads_per_layer=min_heads_per_layer,
+                                     uniform=uniform, calibration=calibration, calibration_tokens=calibration_tokens)
+        if method is Method.gqa:
+            from .methods.gqa import GQAOptions
+
+            return GQAOptions(kv_heads=kv_heads)
+        from .methods.moh import MoHOptions
+
+        return MoHOptions(router=router.value, shared_heads=shared_heads, active_heads=active_heads,
+                          shared_selection=shared_selection.value if shared_selection else None,
+                          calibration=calibration, calibration_tokens=calibration_tokens)
+
+    _run(lambda: convert_checkpoint(src, out, method.value, options(), shard_size=shard_size, overwrite=overwrite, dry_run=dry_run))
 
 
 @app.command()

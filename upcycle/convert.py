@@ -45,6 +45,14 @@ def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversio
         from .methods import moh
 
         return moh.convert(reader, options)
+    if method == "prune-heads":
+        from .methods import prune_heads
+
+        return prune_heads.convert(reader, options)
+    if method == "gqa":
+        from .methods import gqa
+
+        return gqa.convert(reader, options)
     raise UpcycleError(f"--method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
 
 
@@ -52,8 +60,8 @@ def count_parameters(layout) -> int:
     return sum(math.prod(spec.shape) for spec in layout)
 
 
-def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion) -> list[dict]:
-    """Re-read the written folder and compare it with the plan and the source."""
+def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion, copied: set[str] | None = None) -> list[dict]:
+    """Re-read the written folder and compare it with the plan and the source (``copied``: the names passed through)."""
     checks = []
     written = CheckpointReader(folder)
     expected = {spec.name: (spec.dtype, tuple(spec.shape)) for spec in conversion.layout}
@@ -61,25 +69,44 @@ def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion) -
     checks.append({"name": "shards re-read: headers valid, sizes match, tensors as planned", "passed": found == expected,
                    "detail": f"{len(found)} tensors in {len(written.shards)} shard(s)"})
 
-    small = [name for name in reader.names() if name in expected and reader.info(name).nbytes <= 2**25]
+    small = [name for name in reader.names() if name in expected and (copied is None or name in copied) and reader.info(name).nbytes <= 2**25]
     sample = sorted({small[0], small[len(small) // 2], small[-1]}) if small else []
     identical = all(torch.equal(reader.get(n).view(torch.uint8), written.get(n).view(torch.uint8)) for n in sample)
     checks.append({"name": "untouched tensors byte-identical to the source", "passed": identical, "detail": ", ".join(sample)})
 
+    config = conversion.config
     if conversion.uses_runtime:
-        from .modeling import CAUSAL_LM_CLASSES
+        from .modeling import modeling_upcycle
 
-        model_cls = CAUSAL_LM_CLASSES[conversion.config["upcycle"]["base_model_type"]]
-        config = model_cls.config_class.from_dict(conversion.config)
-        with torch.device("meta"):
-            model = model_cls(config)
-        names = set(model.state_dict())
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        missing, unexpected = names - set(found) - tied, set(found) - names
-        checks.append({"name": "the runtime builds the planned model and its parameters match the files",
-                       "passed": not missing and not unexpected,
-                       "detail": f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}" if missing or unexpected else f"{len(names)} parameters"})
+        model_cls = getattr(modeling_upcycle, config["architectures"][0])
+        title = "the runtime builds the planned model and its parameters match the files"
+    else:
+        import transformers
+
+        model_cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
+        title = "plain transformers builds the model and its parameters match the files"
+    if model_cls is not None:
+        checks.append(_parameters_check(model_cls, config, {name: shape for name, (_, shape) in found.items()}, title))
     return checks
+
+
+def _parameters_check(model_cls, config: dict, found: dict[str, tuple], title: str) -> dict:
+    """Build ``model_cls`` from ``config`` on the meta device and compare its parameter names and shapes with the files."""
+    with torch.device("meta"):
+        model = model_cls(model_cls.config_class.from_dict(config))
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    prefix = ""
+    if model.base_model is model and model.base_model_prefix and not set(shapes) & set(found):
+        prefix = f"{model.base_model_prefix}."  # a base model read from a checkpoint with a task head (bert.*)
+        shapes = {prefix + name: shape for name, shape in shapes.items()}
+        found = {name: shape for name, shape in found.items() if name.startswith(prefix)}
+    buffers = {prefix + name for name, _ in model.named_buffers()}  # non-persistent buffers some checkpoints still hold
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    missing, unexpected = set(shapes) - set(found) - tied, set(found) - set(shapes) - buffers
+    reshaped = {name for name in set(shapes) & set(found) if shapes[name] != tuple(found[name])}
+    return {"name": title, "passed": not missing and not unexpected and not reshaped,
+            "detail": f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, other shape {sorted(reshaped)[:3]}"
+            if missing or unexpected or reshaped else f"{len(shapes)} parameters"}
 
 
 def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size: str = "5GB",
@@ -101,7 +128,8 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
     after = count_parameters(conversion.layout)
     out_bytes = sum(spec.nbytes for spec in conversion.layout)
     print("\n".join(conversion.plan_lines))
-    print(f"parameters: {before:,} -> {after:,} ({after - before:+,} new)")
+    change = f"{after - before:+,} new" if after >= before else f"{after - before:+,}, {1 - after / before:.1%} fewer"
+    print(f"parameters: {before:,} -> {after:,} ({change})")
     print(f"output size: {out_bytes / 1e9:.3f} GB of tensors in {len(ShardedWriter.plan_shards(conversion.layout, max_shard))} shard(s)")
     if dry_run:
         print("dry run: nothing written")
@@ -111,9 +139,11 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
     with atomic_output(out, overwrite) as tmp:
         with ShardedWriter(tmp, conversion.layout, max_shard, metadata={"upcycle_method": method}) as writer:
             progress = tqdm(total=out_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr, disable=None)
+            passed_through = set()
             for name, tensor in conversion.tensors():
                 if isinstance(tensor, SourceTensor):
                     writer.copy_from(reader, name, tensor.name)
+                    passed_through.add(name)
                     progress.update(reader.info(tensor.name).nbytes)
                 else:
                     writer.write(name, tensor)
@@ -126,7 +156,7 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
             for file in sorted(RUNTIME_DIR.glob("*.py")):
                 if file.name != "__init__.py":
                     shutil.copyfile(file, tmp / file.name)
-        checks = run_checks(tmp, reader, conversion)
+        checks = run_checks(tmp, reader, conversion, passed_through)
         if not all(check["passed"] for check in checks):
             failed = "; ".join(c["name"] for c in checks if not c["passed"])
             raise UpcycleError(f"conversion checks failed ({failed}); nothing was written, please report this as a bug")
@@ -150,6 +180,7 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
         (tmp / "upcycle_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_model_card(tmp, base_model=base_model, method=method, tags=conversion.tags,
                          description=conversion.description, plan_lines=conversion.plan_lines,
-                         parameters=report["parameters"], checks=checks, custom_code=conversion.uses_runtime)
+                         parameters=report["parameters"], checks=checks, custom_code=conversion.uses_runtime,
+                         auto_class=conversion.auto_class, pipeline_tag=conversion.pipeline_tag)
     print(f"wrote {out}")
     return report

@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from .arch import DECODER_FAMILIES, decoder_spec
+from .arch import ATTENTION_FAMILIES, attention_spec
 from .checkpoint.reader import CheckpointReader, resolve_source
 
 
@@ -26,8 +26,8 @@ def describe(path: str) -> dict:
         "dtypes": dict(Counter(str(i.dtype).removeprefix("torch.") for i in infos)),
         "shards": [{"file": shard.name, "bytes": shard.stat().st_size} for shard in reader.shards],
     }
-    if base_type in DECODER_FAMILIES:
-        spec = decoder_spec(config | {"model_type": base_type})
+    if base_type in ATTENTION_FAMILIES:
+        spec = attention_spec(config | {"model_type": base_type}, reader.names())
         info.update(layers=spec.num_layers, heads=spec.num_heads, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                     hidden_size=spec.hidden_size)
     if plan:
@@ -39,7 +39,10 @@ def describe(path: str) -> dict:
 def _plan_summary(layers: list[dict]) -> list[str]:
     lines = []
     for index, layer in enumerate(layers):
-        gate = layer.get("head_gate")
+        gate, heads = layer.get("head_gate"), layer.get("attention_heads")
+        if heads:
+            lines.append(f"  layer {index:>3}: {len(heads['kept_heads'])} query heads kept {heads['kept_heads']}, "
+                         f"{len(heads['kept_kv_heads'])} KV heads {heads['kept_kv_heads']}")
         if gate:
             active = len(gate["shared_heads"]) + gate["top_k"]
             total = active - gate["top_k"] + len(gate["routed_heads"])

@@ -24,9 +24,9 @@ class DecoderSpec:
     def layer_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}."
 
-    def attention(self, layer: int, proj: str) -> str:
-        """Name of an attention projection weight: proj in q_proj, k_proj, v_proj, o_proj."""
-        return f"model.layers.{layer}.self_attn.{proj}.weight"
+    def attention(self, layer: int, proj: str, kind: str = "weight") -> str:
+        """Name of an attention projection's weight (or bias): proj in q_proj, k_proj, v_proj, o_proj."""
+        return f"model.layers.{layer}.self_attn.{proj}.{kind}"
 
     def layer_of(self, tensor_name: str) -> int | None:
         """The decoder layer a tensor belongs to, or None for embeddings, final norm, head."""

@@ -35,18 +35,19 @@ def _evaluation_lines(evaluation: list[dict]) -> list[str]:
 
 def write_model_card(folder: Path, *, base_model: str, method: str, tags: list[str], description: str,
                      plan_lines: list[str], parameters: dict, checks: list[dict], custom_code: bool,
-                     training: dict | None = None, evaluation: list[dict] | None = None) -> Path:
+                     training: dict | None = None, evaluation: list[dict] | None = None,
+                     auto_class: str = "AutoModelForCausalLM", pipeline_tag: str = "text-generation") -> Path:
     """Write ``folder/README.md`` describing what was done to ``base_model`` (and how it was tuned)."""
-    fields = {"base_model": base_model, "library_name": "transformers", "pipeline_tag": "text-generation",
+    fields = {"base_model": base_model, "library_name": "transformers", "pipeline_tag": pipeline_tag,
               "tags": ["upcycle", method, *tags]}
     load = (
-        "from transformers import AutoModelForCausalLM\n"
-        f"model = AutoModelForCausalLM.from_pretrained(\"{folder.name}\", trust_remote_code=True)\n"
+        f"from transformers import {auto_class}\n"
+        f"model = {auto_class}.from_pretrained(\"{folder.name}\", trust_remote_code=True)\n"
         "# or, with upcycle installed and no remote code:\n"
         "import upcycle\n"
-        f"model = AutoModelForCausalLM.from_pretrained(\"{folder.name}\")"
+        f"model = {auto_class}.from_pretrained(\"{folder.name}\")"
         if custom_code
-        else f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"{folder.name}\")"
+        else f"from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained(\"{folder.name}\")"
     )
     check_lines = [f"- {'passed' if c['passed'] else 'FAILED'}: {c['name']} ({c['detail']})" for c in checks]
     body = [

@@ -24,24 +24,28 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def load_for_analysis(folder: Path, num_parameters: int, purpose: str, dtype: torch.dtype = torch.float32):
-    """Load the dense causal LM at ``folder``, saying first how much memory it needs.
+def load_for_analysis(folder: Path, num_parameters: int, purpose: str, dtype: torch.dtype = torch.float32,
+                      auto_class: str = "AutoModelForCausalLM", activation_bytes: int = 0):
+    """Load the dense model at ``folder`` (a causal LM unless ``auto_class`` says otherwise),
+    saying first how much memory it needs (weights, plus ``activation_bytes`` for a backward pass).
 
     When it does not fit in 85% of the available memory, accelerate's big-model
     loading offloads what does not fit to disk (slower, but it runs).
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    need = num_parameters * torch.finfo(dtype).bits // 8
+    weights = num_parameters * torch.finfo(dtype).bits // 8
+    need = weights + activation_bytes
     have = available_memory_bytes()
-    print(f"{purpose}: loading the model needs about {need / 2**30:.2f} GiB ({dtype}); {have / 2**30:.1f} GiB available", file=sys.stderr)
+    detail = f" ({weights / 2**30:.2f} GiB {dtype} weights + {activation_bytes / 2**30:.2f} GiB activations)" if activation_bytes else f" ({dtype})"
+    print(f"{purpose}: loading the model needs about {need / 2**30:.2f} GiB{detail}; {have / 2**30:.1f} GiB available", file=sys.stderr)
     kwargs: dict = {"dtype": dtype}
     if need > 0.85 * have:
         offload = tempfile.mkdtemp(prefix="upcycle-offload-")
         print(f"{purpose}: it does not fit; offloading the rest to {offload}", file=sys.stderr)
-        kwargs.update(device_map="auto", offload_folder=offload, max_memory={"cpu": int(0.7 * have)})
+        kwargs.update(device_map="auto", offload_folder=offload, max_memory={"cpu": max(int(0.7 * have) - activation_bytes, 0)})
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model = getattr(transformers, auto_class).from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as error:
         raise UpcycleError(f"could not load {folder} for {purpose}: {str(error).splitlines()[0]}") from error
     return model.eval()

@@ -2,6 +2,6 @@
 
 from .base import Conversion, SourceTensor
 
-METHODS = ("moh",)
+METHODS = ("moh", "prune-heads", "gqa")
 
 __all__ = ["Conversion", "METHODS", "SourceTensor"]

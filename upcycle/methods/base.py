@@ -35,3 +35,5 @@ class Conversion:
     tags: list[str] = field(default_factory=list)
     description: str = ""
     uses_runtime: bool = True
+    auto_class: str = "AutoModelForCausalLM"  # how the output loads (model card)
+    pipeline_tag: str = "text-generation"

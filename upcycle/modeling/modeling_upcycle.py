@@ -6,21 +6,26 @@ only torch, transformers and their siblings.
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers import (
+    AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, BertForMaskedLM, BertModel, LlamaForCausalLM,
+    MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+)
 
-from .configuration_upcycle import UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config
+from .configuration_upcycle import UpcycleBertConfig, UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config
 from .gated_attention import ATTENTION_NAME, register_attention
 from .surgery import apply_plan
 
 register_attention()
 
 
-class _UpcycleCausalLM:
+class _UpcycleModel:
     """Mixin: build the family model, then apply the plan in ``config.upcycle``."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        apply_plan(self.model.layers, config.upcycle, config.hidden_size, config.num_attention_heads)
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        base = self.base_model
+        layers = base.layers if hasattr(base, "layers") else base.encoder.layer  # decoders / BERT
+        apply_plan(layers, config.upcycle, config.hidden_size, config.num_attention_heads)
         self.config._attn_implementation = ATTENTION_NAME
 
     def router_aux_losses(self) -> list:
@@ -28,23 +33,32 @@ class _UpcycleCausalLM:
         return [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
 
 
-class UpcycleLlamaForCausalLM(_UpcycleCausalLM, LlamaForCausalLM):
+class UpcycleLlamaForCausalLM(_UpcycleModel, LlamaForCausalLM):
     config_class = UpcycleLlamaConfig
 
 
-class UpcycleMistralForCausalLM(_UpcycleCausalLM, MistralForCausalLM):
+class UpcycleMistralForCausalLM(_UpcycleModel, MistralForCausalLM):
     config_class = UpcycleMistralConfig
 
 
-class UpcycleQwen2ForCausalLM(_UpcycleCausalLM, Qwen2ForCausalLM):
+class UpcycleQwen2ForCausalLM(_UpcycleModel, Qwen2ForCausalLM):
     config_class = UpcycleQwen2Config
 
 
-class UpcycleQwen3ForCausalLM(_UpcycleCausalLM, Qwen3ForCausalLM):
+class UpcycleQwen3ForCausalLM(_UpcycleModel, Qwen3ForCausalLM):
     config_class = UpcycleQwen3Config
 
 
+class UpcycleBertModel(_UpcycleModel, BertModel):
+    config_class = UpcycleBertConfig
+
+
+class UpcycleBertForMaskedLM(_UpcycleModel, BertForMaskedLM):
+    config_class = UpcycleBertConfig
+
+
 CAUSAL_LM_CLASSES = {cls.config_class.model_type.removeprefix("upcycle_"): cls for cls in (UpcycleLlamaForCausalLM, UpcycleMistralForCausalLM, UpcycleQwen2ForCausalLM, UpcycleQwen3ForCausalLM)}
+ENCODER_CLASSES = {"bert": {"AutoModel": UpcycleBertModel, "AutoModelForMaskedLM": UpcycleBertForMaskedLM}}
 
 
 def register_auto_classes() -> None:
@@ -52,3 +66,7 @@ def register_auto_classes() -> None:
     for cls in CAUSAL_LM_CLASSES.values():
         AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
         AutoModelForCausalLM.register(cls.config_class, cls, exist_ok=True)
+    for classes in ENCODER_CLASSES.values():
+        AutoConfig.register(classes["AutoModel"].config_class.model_type, classes["AutoModel"].config_class, exist_ok=True)
+        AutoModel.register(classes["AutoModel"].config_class, classes["AutoModel"], exist_ok=True)
+        AutoModelForMaskedLM.register(classes["AutoModelForMaskedLM"].config_class, classes["AutoModelForMaskedLM"], exist_ok=True)

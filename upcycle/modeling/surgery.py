@@ -7,27 +7,76 @@ the same surgery both ways.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .gated_attention import attach_head_router
 from .routers import build_router
 
 
+def attention_of(layer: nn.Module) -> nn.Module:
+    """The module whose forward calls the attention function: ``self_attn`` (decoders) or ``attention.self`` (BERT)."""
+    return layer.self_attn if hasattr(layer, "self_attn") else layer.attention.self
+
+
+def _projections(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """(parent module, attribute) of the q/k/v/o projections of a decoder or BERT layer."""
+    if hasattr(layer, "self_attn"):
+        attention = layer.self_attn
+        return {proj: (attention, proj) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    attention = layer.attention
+    return {"q_proj": (attention.self, "query"), "k_proj": (attention.self, "key"), "v_proj": (attention.self, "value"),
+            "o_proj": (attention.output, "dense")}
+
+
+def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A Linear keeping the output rows (dim 0) or input columns (dim 1) at ``index``; works on meta too."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))  # [out', in] or [out, in']
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        bias = linear.bias.detach()
+        bias = bias.clone() if dim == 1 else bias.index_select(0, index.to(bias.device))
+        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _apply_attention_heads(layer: nn.Module, spec: dict) -> None:
+    """Keep only ``kept_heads`` (query) and ``kept_kv_heads`` of a layer: q/k/v rows and o columns sliced."""
+    attention = attention_of(layer)
+    head_dim = getattr(attention, "head_dim", None) or attention.attention_head_size
+    heads, kv_heads = list(spec["kept_heads"]), list(spec["kept_kv_heads"])
+
+    def rows(kept: list[int]) -> torch.Tensor:
+        return (torch.tensor(kept, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).flatten()  # [len(kept) * d]
+
+    for proj, (parent, name) in _projections(layer).items():
+        kept = heads if proj in ("q_proj", "o_proj") else kv_heads
+        setattr(parent, name, _sliced_linear(getattr(parent, name), rows(kept), 1 if proj == "o_proj" else 0))
+    if hasattr(attention, "num_key_value_groups"):
+        attention.num_key_value_groups = len(heads) // len(kv_heads)
+    if hasattr(attention, "num_attention_heads"):  # BERT
+        attention.num_attention_heads = len(heads)
+        attention.all_head_size = len(heads) * head_dim
+
+
 def _apply_head_gate(attention: nn.Module, spec: dict, hidden_size: int, num_heads: int) -> None:
     router = build_router(spec["router"], hidden_size, num_heads, spec["shared_heads"], spec["routed_heads"], spec["top_k"])
-    weight = attention.q_proj.weight
+    weight = next(attention.parameters())
     router.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
     attach_head_router(attention, router)
 
 
 def apply_plan(decoder_layers: nn.ModuleList, plan: dict, hidden_size: int, num_heads: int) -> None:
-    """Apply ``plan["layers"][i]`` to ``decoder_layers[i]``; unknown keys are an error."""
+    """Apply ``plan["layers"][i]`` to ``decoder_layers[i]`` (decoder or BERT layers); unknown keys are an error."""
     layers = plan.get("layers", [])
     if len(layers) != len(decoder_layers):
         raise ValueError(f"upcycle plan has {len(layers)} layers, the model has {len(decoder_layers)}")
     for layer, spec in zip(decoder_layers, layers):
         for key, value in spec.items():
             if key == "head_gate":
-                _apply_head_gate(layer.self_attn, value, hidden_size, num_heads)
+                _apply_head_gate(attention_of(layer), value, hidden_size, num_heads)
+            elif key == "attention_heads":
+                _apply_attention_heads(layer, value)
             else:
                 raise ValueError(f"unknown change {key!r} in the upcycle plan; upgrade upcycle")

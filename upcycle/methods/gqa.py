@@ -1,0 +1,90 @@
+"""MHA to GQA/MQA (Shazeer 2019; Ainslie et al. 2023): fewer key/value heads by mean-pooling.
+
+Each new KV head is the mean of the ``g / G`` consecutive original KV heads it replaces
+(k/v rows and biases); query heads are unchanged, and query head ``i`` keeps reading the
+mean of the KV heads it read before, since ``i // (h / G) == (i // (h / g)) // (g / G)``.
+G = 1 is multi-query attention. The output is a plain checkpoint of the base architecture
+(``num_key_value_heads = G``, explicit ``head_dim``); the paper uptrains it for about 5%
+of the pre-training steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..arch import DecoderSpec, decoder_spec
+from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.writer import TensorSpec
+from ..errors import UpcycleError
+from .base import Conversion, SourceTensor
+
+
+@dataclass
+class GQAOptions:
+    """The GQA flags of ``upcycle convert``."""
+
+    kv_heads: int | None = None
+
+
+def mean_kv_heads(tensor: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """[g*d, ...] k/v weight or bias -> [G*d, ...], each new head the mean of the g/G heads it replaces."""
+    grouped = tensor.float().unflatten(0, (kv_heads, -1, head_dim))  # [G, g/G, d, ...]
+    return grouped.mean(dim=1).flatten(0, 1).to(tensor.dtype).contiguous()
+
+
+def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
+    """Plan the GQA conversion of the dense decoder behind ``reader``."""
+    spec = decoder_spec(reader.config, str(reader.folder))
+    target = options.kv_heads
+    if target is None:
+        raise UpcycleError("--method gqa needs --kv-heads G, the new number of key/value heads (1 for MQA)")
+    if target < 1 or spec.num_kv_heads % target:
+        divisors = [d for d in range(1, spec.num_kv_heads + 1) if spec.num_kv_heads % d == 0]
+        raise UpcycleError(f"--kv-heads {target} does not divide the {spec.num_kv_heads} KV heads of {reader.folder}; "
+                           f"choose one of: {', '.join(map(str, divisors))}")
+    names = set(reader.names())
+    edits = set()
+    if target != spec.num_kv_heads:
+        edits = {spec.attention(layer, proj, kind) for layer in range(spec.num_layers) for proj in ("k_proj", "v_proj")
+                 for kind in ("weight", "bias")} & names
+    layout = []
+    for name in reader.names():
+        info = reader.info(name)
+        shape = (target * spec.head_dim, *info.shape[1:]) if name in edits else info.shape
+        layout.append(TensorSpec(name, info.dtype, tuple(shape)))
+
+    def tensors():
+        for item in layout:
+            if item.name in edits:
+                yield item.name, mean_kv_heads(reader.get(item.name), target, spec.head_dim)
+            else:
+                yield item.name, SourceTensor(item.name)
+
+    config = dict(reader.config) | {"num_key_value_heads": target, "head_dim": spec.head_dim}
+    kind = "MQA" if target == 1 else "GQA"
+    return Conversion(
+        method="gqa",
+        config=config,
+        layout=layout,
+        tensors=tensors,
+        plan_lines=plan_table(spec, target),
+        report={"options": asdict(options), "kv_heads": {"before": spec.num_kv_heads, "after": target, "query_heads": spec.num_heads}},
+        tags=["gqa", "mqa"] if target == 1 else ["gqa"],
+        description=(
+            f"{kind}: the {spec.num_kv_heads} key/value heads of every layer were mean-pooled into {target} "
+            f"({spec.num_kv_heads // target} per new head); the {spec.num_heads} query heads are unchanged. "
+            "A plain checkpoint of the base architecture; uptrain it briefly to recover quality."
+        ),
+        uses_runtime=False,
+    )
+
+
+def plan_table(spec: DecoderSpec, target: int) -> list[str]:
+    """The KV heads each new KV head averages."""
+    per = spec.num_kv_heads // target
+    lines = [f"GQA plan: {spec.num_layers} layers x {spec.num_heads} query heads; KV heads {spec.num_kv_heads} -> {target} "
+             f"(query heads per KV head {spec.num_heads // spec.num_kv_heads} -> {spec.num_heads // target}); output: plain base-architecture checkpoint"]
+    lines += [f"  new KV head {j}: mean of KV heads {list(range(j * per, (j + 1) * per))}" for j in range(target)]
+    return lines

@@ -1,0 +1,442 @@
+"""Head pruning by importance (Michel, Levy, Neubig 2019), for LLaMA-family decoders and BERT encoders.
+
+Units: single heads for MHA models; whole KV groups (one KV head and its h/g query heads)
+for GQA models. Importance is ``E_x |dL/dxi|`` for a gate ``xi`` on each unit, the absolute
+value taken per token, averaged over calibration tokens and normalised per layer with the
+L2 norm; the gates are attached through the runtime's head-gated attention (a gate producer
+returning ones [B, T, h], one leaf per unit, shared by the unit's query heads). ``--importance
+random`` is the control. ``--iterative N`` removes the units in N cumulative steps and
+recomputes importance (with the removed units' gates at zero) before each step.
+
+The loss L: decoders use the causal LM loss; BERT checkpoints with a masked-LM head the MLM
+loss (15% of tokens masked, seeded). BERT without a head (sentence-embedding models such as
+all-MiniLM-L6-v2) has no task loss, and the distance of the gated output to the ungated one is
+zero with zero gradient at gates = 1, so we use the objective those models were trained with:
+an in-batch contrastive (InfoNCE / multiple-negatives ranking) loss where the two halves of each
+calibration block are a positive pair and the other blocks' halves the negatives, on the cosine
+similarity (scale 20) of mean-pooled last hidden states. A head matters when it helps tell a
+text's continuation from other texts.
+
+Pruned rows and columns are physically removed (q/k/v rows and biases of the removed heads,
+o_proj / attention.output.dense columns), streamed one tensor at a time; untouched tensors
+pass through unchanged. A decoder pruned uniformly is written as a plain checkpoint of its
+family (fewer heads, explicit ``head_dim``). BERT's config derives the head size as
+hidden_size / num_attention_heads, so plain BERT cannot express fewer heads of the same size:
+a pruned BERT is always an upcycle checkpoint, like a non-uniformly pruned decoder
+(per-layer ``attention_heads`` plan entries applied by the runtime's surgery).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import DecoderSpec, EncoderSpec, attention_spec
+from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.writer import TensorSpec
+from ..errors import UpcycleError
+from ..modeling.modeling_upcycle import CAUSAL_LM_CLASSES, ENCODER_CLASSES
+from .base import Conversion, SourceTensor
+
+IMPORTANCES = ("gradient", "random")
+ATTENTION_TENSORS = (("q_proj", "weight"), ("q_proj", "bias"), ("k_proj", "weight"), ("k_proj", "bias"),
+                     ("v_proj", "weight"), ("v_proj", "bias"), ("o_proj", "weight"))
+
+
+@dataclass
+class PruneHeadsOptions:
+    """The head-pruning flags of ``upcycle convert``."""
+
+    ratio: float | None = None
+    importance: str = "gradient"
+    seed: int = 0
+    iterative: int = 1
+    min_heads_per_layer: int = 1
+    uniform: bool = False
+    calibration: Path | None = None
+    calibration_tokens: int = 16384
+    calibration_seq_len: int = 512
+    encoder_batch: int = 8  # blocks per backward pass for encoders (the contrastive proxy needs >= 2)
+
+
+def round_half_up(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def units_of(spec: DecoderSpec | EncoderSpec) -> tuple[int, int, str]:
+    """(prunable units per layer, query heads per unit, unit name): heads for MHA, KV groups for GQA."""
+    if spec.num_kv_heads == spec.num_heads:
+        return spec.num_heads, 1, "heads"
+    return spec.num_kv_heads, spec.num_heads // spec.num_kv_heads, "KV groups"
+
+
+def removal_targets(spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions) -> tuple[int, int]:
+    """(units removed in all, minimum units kept per layer), validated against the flags."""
+    ratio, (count, group, unit_name) = options.ratio, units_of(spec)
+    if ratio is None:
+        raise UpcycleError("--method prune-heads needs --ratio R, the fraction of heads to remove (0 <= R < 1)")
+    if not 0 <= ratio < 1:
+        raise UpcycleError(f"--ratio {ratio} is outside [0, 1); give the fraction of heads to remove, e.g. 0.25")
+    if not 1 <= options.min_heads_per_layer <= spec.num_heads:
+        raise UpcycleError(f"--min-heads-per-layer {options.min_heads_per_layer} is outside [1, {spec.num_heads}]; give a head count in that range")
+    if options.iterative < 1:
+        raise UpcycleError(f"--iterative {options.iterative} must be at least 1 (1 scores once); give the number of pruning steps")
+    min_units = math.ceil(options.min_heads_per_layer / group)
+    if options.uniform:
+        per_layer = round_half_up(ratio * count)
+        total, where, fits = per_layer * spec.num_layers, f"{per_layer} of {count} {unit_name} in every layer", per_layer <= count - min_units
+    else:
+        total = round_half_up(ratio * count * spec.num_layers)
+        where, fits = f"{total} of {count * spec.num_layers} {unit_name}", total <= (count - min_units) * spec.num_layers
+    if not fits:
+        raise UpcycleError(f"--ratio {ratio} removes {where}, which leaves a layer with fewer than --min-heads-per-layer "
+                           f"{options.min_heads_per_layer} heads ({group} per unit); lower --ratio or --min-heads-per-layer")
+    return total, min_units
+
+
+def choose_removals(scores: torch.Tensor, removed: list[set[int]], target: int, min_units: int, uniform: bool) -> list[set[int]]:
+    """Remove the lowest-scored kept units until ``target`` are removed in all (per layer when uniform)."""
+    removed = [set(layer) for layer in removed]
+    layers, count = scores.shape
+    if uniform:
+        for layer in range(layers):
+            order = [u for u in scores[layer].argsort(stable=True).tolist() if u not in removed[layer]]
+            removed[layer] |= set(order[: target // layers - len(removed[layer])])
+        return removed
+    order = [(layer, u) for layer, u in sorted(((l, u) for l in range(layers) for u in range(count)), key=lambda lu: scores[lu].item())
+             if u not in removed[layer]]
+    for layer, unit in order:
+        if sum(map(len, removed)) >= target:
+            break
+        if count - len(removed[layer]) > min_units:
+            removed[layer].add(unit)
+    return removed
+
+
+class UnitGates(nn.Module):
+    """Gate producer with one gate per prunable unit, shared by its query heads.
+
+    Each forward makes a fresh leaf ``ones[B, T, units]`` (its ``.grad`` is the per-token
+    dL/dxi, the unit's query heads' gradients summed) and returns it times ``keep``,
+    repeated over each unit's heads: gates [B, T, h], 0 for removed units.
+    """
+
+    def __init__(self, keep: list[float], heads_per_unit: int):
+        super().__init__()
+        self.keep = torch.tensor(keep, dtype=torch.float32)  # [units]; a plain attribute, not state
+        self.heads_per_unit = heads_per_unit
+        self.leaf: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
+        # query: [B, h, T, d] -> gates [B, T, h]
+        batch, _, seq, _ = query.shape
+        self.leaf = torch.ones(batch, seq, self.keep.numel(), device=query.device, requires_grad=torch.is_grad_enabled())
+        return (self.leaf * self.keep.to(query.device)).repeat_interleave(self.heads_per_unit, dim=-1)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Each layer's attention module (the one that calls the attention function)."""
+    from ..modeling.surgery import attention_of
+
+    base = model.base_model
+    return [attention_of(layer) for layer in (base.layers if hasattr(base, "layers") else base.encoder.layer)]
+
+
+def attach_unit_gates(model: nn.Module, removed: list[set[int]], units: int, heads_per_unit: int) -> list[UnitGates]:
+    """Gate every layer's units through the runtime's head-gated attention (removed units at 0)."""
+    from ..modeling.gated_attention import ATTENTION_NAME, attach_head_router
+
+    gates = []
+    for attention, layer_removed in zip(attention_modules(model), removed):
+        gate = UnitGates([0.0 if u in layer_removed else 1.0 for u in range(units)], heads_per_unit)
+        attach_head_router(attention, gate)
+        gates.append(gate)
+    model.config._attn_implementation = ATTENTION_NAME
+    return gates
+
+
+class _SepAsEos:
+    """A BERT tokenizer as ``pack_tokens`` sees it: [SEP] separates documents."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.eos_token_id = tokenizer, tokenizer.sep_token_id
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+
+def _wrap(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[N, T] -> [N, T + 2]: [CLS] tokens [SEP]."""
+    column = tokens.new_full((tokens.shape[0], 1), 0)
+    return torch.cat([column + tokenizer.cls_token_id, tokens, column + tokenizer.sep_token_id], dim=1)
+
+
+def calibration_batches(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions) -> tuple[list[torch.Tensor], str]:
+    """Calibration token batches (through the data layer of finetune) and the loss they feed."""
+    from transformers import AutoTokenizer
+
+    from ..data.text import pack_tokens, read_documents
+
+    documents = read_documents(Path(options.calibration))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(reader.folder)
+    except (OSError, ValueError) as error:
+        raise UpcycleError(f"{reader.folder} has no usable tokenizer for the calibration text ({str(error).splitlines()[0]}); add the tokenizer files") from None
+    seq_len = min(options.calibration_seq_len, int(reader.config.get("max_position_embeddings") or options.calibration_seq_len))
+    if isinstance(spec, DecoderSpec):
+        return list(pack_tokens(documents, tokenizer, seq_len, options.calibration_tokens).split(1)), "causal-lm"  # [1, T] each
+    if tokenizer.sep_token_id is None or tokenizer.cls_token_id is None:
+        raise UpcycleError(f"the tokenizer of {reader.folder} has no [CLS]/[SEP] tokens; pass a BERT checkpoint with its tokenizer")
+    blocks = pack_tokens(documents, _SepAsEos(tokenizer), seq_len - 2, options.calibration_tokens)  # [N, T - 2]
+    if spec.mlm_head:
+        return [_wrap(b, tokenizer) for b in blocks.split(options.encoder_batch)], "masked-lm"
+    if blocks.shape[0] < 2:
+        raise UpcycleError(f"the contrastive importance proxy needs at least 2 calibration blocks of {seq_len - 2} tokens, got {blocks.shape[0]}; "
+                           "give more text or raise --calibration-tokens")
+    half = (seq_len - 2) // 2
+    batches = []
+    for chunk in blocks.split(options.encoder_batch):
+        if chunk.shape[0] >= 2:  # [2B, half + 2]: first halves, then second halves
+            batches.append(torch.cat([_wrap(chunk[:, :half], tokenizer), _wrap(chunk[:, half:2 * half], tokenizer)]))
+    return batches, "contrastive"
+
+
+def batch_loss(model: nn.Module, batch: torch.Tensor, loss: str, mask_token: int | None, generator: torch.Generator) -> torch.Tensor:
+    """The importance loss of one calibration batch."""
+    batch = batch.to(model.device)
+    if loss == "causal-lm":
+        return model(batch, labels=batch).loss
+    if loss == "masked-lm":
+        chosen = torch.rand(batch.shape, generator=generator) < 0.15  # [B, T]
+        chosen[:, [0, -1]] = False
+        chosen[:, 1] |= ~chosen.any(dim=1)  # at least one masked token per row
+        chosen = chosen.to(batch.device)
+        labels = torch.where(chosen, batch, -100)
+        return model(input_ids=torch.where(chosen, mask_token, batch), labels=labels).loss
+    hidden = model(input_ids=batch).last_hidden_state  # [2B, T, D]
+    pooled = F.normalize(hidden.mean(dim=1).float(), dim=-1)  # [2B, D]
+    first, second = pooled.chunk(2)
+    logits = 20.0 * first @ second.T  # [B, B]
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def activation_bytes(spec: DecoderSpec | EncoderSpec, batch: torch.Tensor, vocab: int, decoder: bool) -> int:
+    """Rough fp32 activation memory of one forward + backward (Korthikanti et al.'s per-layer estimate, plus logits)."""
+    tokens, seq = batch.numel(), batch.shape[-1]
+    per_layer = 2 * tokens * (34 * spec.hidden_size + 5 * spec.num_heads * seq)
+    return spec.num_layers * per_layer + (12 * tokens * vocab if decoder or getattr(spec, "mlm_head", False) else 0)
+
+
+class GradientScorer:
+    """Loads the model once (saying first how much memory that needs) and scores units on calibration text."""
+
+    def __init__(self, reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions):
+        from ..checkpoint.load import load_for_analysis
+
+        self.batches, self.loss = calibration_batches(reader, spec, options)
+        decoder = isinstance(spec, DecoderSpec)
+        auto_class = "AutoModelForCausalLM" if decoder else "AutoModelForMaskedLM" if spec.mlm_head else "AutoModel"
+        num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
+        extra = activation_bytes(spec, self.batches[0], int(reader.config.get("vocab_size") or 0), decoder)
+        self.model = load_for_analysis(reader.folder, num_parameters, f"gradient importance ({self.loss} loss)",
+                                       auto_class=auto_class, activation_bytes=extra)
+        self.model.requires_grad_(False)
+        self.spec, self.options = spec, options
+        from transformers import AutoTokenizer
+
+        self.mask_token = AutoTokenizer.from_pretrained(reader.folder).mask_token_id if self.loss == "masked-lm" else None
+
+    def __call__(self, removed: list[set[int]]) -> torch.Tensor:
+        """Normalised importance [layers, units] with the ``removed`` units gated off."""
+        units, heads_per_unit, _ = units_of(self.spec)
+        gates = attach_unit_gates(self.model, removed, units, heads_per_unit)
+        sums = torch.zeros(self.spec.num_layers, units, dtype=torch.float64)
+        tokens = 0
+        generator = torch.Generator().manual_seed(self.options.seed)
+        with torch.enable_grad():
+            for index, batch in enumerate(self.batches):
+                print(f"\rgradient importance: batch {index + 1}/{len(self.batches)}", end="", file=sys.stderr, flush=True)
+                batch_loss(self.model, batch, self.loss, self.mask_token, generator).backward()
+                for layer, gate in enumerate(gates):
+                    sums[layer] += gate.leaf.grad.abs().sum(dim=(0, 1)).double().cpu()  # [units]
+                tokens += batch.numel()
+        print(file=sys.stderr)
+        scores = sums / tokens
+        return scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def kept_heads(spec: DecoderSpec | EncoderSpec, removed: list[set[int]]) -> list[dict]:
+    """Per-layer ``attention_heads`` plan entries: the query and KV heads kept."""
+    units, heads_per_unit, _ = units_of(spec)
+    plans = []
+    for layer_removed in removed:
+        kept_units = [u for u in range(units) if u not in layer_removed]
+        heads = [u * heads_per_unit + i for u in kept_units for i in range(heads_per_unit)]
+        kv_heads = heads if heads_per_unit == 1 else kept_units
+        plans.append({"attention_heads": {"kept_heads": heads, "kept_kv_heads": kv_heads}})
+    return plans
+
+
+def head_rows(tensor: torch.Tensor, kept: list[int], head_dim: int, dim: int) -> torch.Tensor:
+    """Keep the heads ``kept`` of a projection: rows (dim 0: q/k/v weight or bias) or columns (dim 1: o_proj)."""
+    return tensor.unflatten(dim, (-1, head_dim)).index_select(dim, torch.tensor(kept)).flatten(dim, dim + 1).contiguous()
+
+
+def sliced_tensors(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]) -> dict[str, tuple[list[int], int]]:
+    """name -> (kept heads, dim) for every attention tensor that loses heads."""
+    edits, names = {}, set(reader.names())
+    for layer, plan in enumerate(plans):
+        heads, kv_heads = plan["attention_heads"]["kept_heads"], plan["attention_heads"]["kept_kv_heads"]
+        if len(heads) == spec.num_heads:
+            continue
+        for proj, kind in ATTENTION_TENSORS:
+            name = spec.attention(layer, proj, kind)
+            if name in names:
+                edits[name] = (kv_heads if proj in ("k_proj", "v_proj") else heads, 1 if proj == "o_proj" else 0)
+    return edits
+
+
+def native_refusal(config: dict) -> str | None:
+    """Why transformers' own config class refuses ``config`` (None when it accepts it).
+
+    LlamaConfig (transformers 5) insists on hidden_size % num_attention_heads == 0 even with
+    an explicit head_dim; Mistral, Qwen2 and Qwen3 accept any head count.
+    """
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(**config)
+    except Exception as error:  # ValueError, or huggingface_hub's StrictDataclassClassValidationError
+        return " ".join(str(error).split())[-200:]
+    return None
+
+
+def output_config(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]) -> tuple[dict, bool, str, str]:
+    """(config, uses the runtime, Auto class, why): native for uniform decoders that transformers accepts, else the upcycle format."""
+    config = dict(reader.config)
+    heads = {len(p["attention_heads"]["kept_heads"]) for p in plans}
+    kv_heads = {len(p["attention_heads"]["kept_kv_heads"]) for p in plans}
+    if isinstance(spec, DecoderSpec):
+        config["head_dim"] = spec.head_dim
+        why = "per-layer head counts differ"
+        if len(heads) == 1:
+            native = config | {"num_attention_heads": min(heads), "num_key_value_heads": min(kv_heads)}
+            refusal = native_refusal(native)
+            if refusal is None:
+                return native, False, "AutoModelForCausalLM", "uniform"
+            why = f"transformers refuses the plain {spec.model_type} config: {refusal}"
+        classes = {"AutoModelForCausalLM": CAUSAL_LM_CLASSES[spec.model_type]}
+    else:
+        why = "BertConfig derives the head size from hidden_size / num_attention_heads, so plain BERT cannot hold fewer heads of the same size"
+        classes = {"AutoModel": ENCODER_CLASSES[spec.model_type]["AutoModel"]}
+        if spec.mlm_head:
+            classes["AutoModelForMaskedLM"] = ENCODER_CLASSES[spec.model_type]["AutoModelForMaskedLM"]
+    main = list(classes.values())[-1]
+    config.update(
+        model_type=main.config_class.model_type,
+        architectures=[main.__name__],
+        auto_map={"AutoConfig": f"configuration_upcycle.{main.config_class.__name__}"} | {auto: f"modeling_upcycle.{cls.__name__}" for auto, cls in classes.items()},
+        upcycle={"method": "prune-heads", "base_model_type": spec.model_type, "layers": plans},
+    )
+    return config, True, list(classes)[-1], why
+
+
+def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
+    """Plan the head pruning of the dense decoder or BERT encoder behind ``reader``."""
+    if options.importance not in IMPORTANCES:
+        raise UpcycleError(f"--importance {options.importance!r} is unknown; choose one of: {', '.join(IMPORTANCES)}")
+    if options.calibration and not Path(options.calibration).exists():
+        raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file")
+    spec = attention_spec(reader.config, reader.names(), str(reader.folder))
+    total, min_units = removal_targets(spec, options)
+    units, heads_per_unit, unit_name = units_of(spec)
+    if total and options.importance == "gradient" and not options.calibration:
+        raise UpcycleError("--importance gradient needs calibration text; pass --calibration FILE or use --importance random")
+
+    removed: list[set[int]] = [set() for _ in range(spec.num_layers)]
+    scores = torch.zeros(spec.num_layers, units, dtype=torch.float64)
+    steps = options.iterative if total else 0
+    if total and options.importance == "random":
+        scores = torch.rand(spec.num_layers, units, generator=torch.Generator().manual_seed(options.seed), dtype=torch.float64)
+        removed = choose_removals(scores, removed, total, min_units, options.uniform)
+    elif total:
+        scorer: Callable[[list[set[int]]], torch.Tensor] = GradientScorer(reader, spec, options)
+        for step in range(1, steps + 1):
+            scores = scorer(removed)
+            target = round_half_up(total * step / steps) if not options.uniform else round_half_up(total // spec.num_layers * step / steps) * spec.num_layers
+            removed = choose_removals(scores, removed, target, min_units, options.uniform)
+        del scorer
+    plans = kept_heads(spec, removed)
+    config, uses_runtime, auto_class, why = output_config(reader, spec, plans)
+
+    edits = sliced_tensors(reader, spec, plans)
+    layout = []
+    for name in reader.names():
+        info = reader.info(name)
+        shape = list(info.shape)
+        if name in edits:
+            kept, dim = edits[name]
+            shape[dim] = len(kept) * spec.head_dim
+        layout.append(TensorSpec(name, info.dtype, tuple(shape)))
+
+    def tensors():
+        for item in layout:
+            if item.name in edits:
+                kept, dim = edits[item.name]
+                yield item.name, head_rows(reader.get(item.name), kept, spec.head_dim, dim)
+            else:
+                yield item.name, SourceTensor(item.name)
+
+    kept_per_layer = [len(p["attention_heads"]["kept_heads"]) for p in plans]
+    settings = asdict(options) | {"calibration": str(options.calibration) if options.calibration else None}
+    form = "a plain checkpoint of the base architecture" if not uses_runtime else "an upcycle checkpoint with per-layer head counts"
+    return Conversion(
+        method="prune-heads",
+        config=config,
+        layout=layout,
+        tensors=tensors,
+        plan_lines=plan_table(spec, plans, options, unit_name, why),
+        report={
+            "options": settings,
+            "units": {"kind": unit_name, "per_layer": units, "heads_per_unit": heads_per_unit, "removed": sum(map(len, removed))},
+            "heads_kept_per_layer": kept_per_layer,
+            "kept": [p["attention_heads"] for p in plans],
+            "kv_heads_kept_per_layer": [len(p["attention_heads"]["kept_kv_heads"]) for p in plans],
+            "head_scores": scores.tolist(),
+            "output_format": "native" if not uses_runtime else f"upcycle ({why})",
+        },
+        tags=["pruned", "head-pruning"],
+        description=(
+            f"Attention-head pruning ({options.importance} importance{', ' + str(options.iterative) + ' steps' if options.iterative > 1 else ''}): "
+            f"{sum(map(len, removed))} of {units * spec.num_layers} {unit_name} removed ({'the same number in every layer' if len(set(kept_per_layer)) == 1 else 'per-layer counts'}), "
+            f"{sum(kept_per_layer)} of {spec.num_heads * spec.num_layers} query heads kept; written as {form}."
+        ),
+        uses_runtime=uses_runtime,
+        auto_class=auto_class,
+        pipeline_tag="text-generation" if isinstance(spec, DecoderSpec) else "fill-mask" if spec.mlm_head else "feature-extraction",
+    )
+
+
+def plan_table(spec: DecoderSpec | EncoderSpec, plans: list[dict], options: PruneHeadsOptions, unit_name: str, why: str) -> list[str]:
+    """One line per layer: query heads and KV heads kept."""
+    kept = [len(p["attention_heads"]["kept_heads"]) for p in plans]
+    lines = [
+        f"head pruning plan: {spec.num_layers} layers x {spec.num_heads} query heads ({spec.num_kv_heads} KV heads, head_dim {spec.head_dim}); "
+        f"units: {unit_name}; importance {options.importance}; ratio {options.ratio}",
+        f"query heads kept: {sum(kept)}/{spec.num_heads * spec.num_layers}; output: "
+        + ("plain base-architecture checkpoint" if why == "uniform" else f"upcycle checkpoint with per-layer head counts ({why})"),
+        f"{'layer':>5}  {'kept':>4}  kept heads (KV heads)",
+    ]
+    for layer, plan in enumerate(plans):
+        heads, kv_heads = plan["attention_heads"]["kept_heads"], plan["attention_heads"]["kept_kv_heads"]
+        kv = "" if kv_heads == heads else f"  ({' '.join(map(str, kv_heads))})"
+        lines.append(f"{layer:>5}  {len(heads):>4}  {' '.join(map(str, heads))}{kv}")
+    return lines
