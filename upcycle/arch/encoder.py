@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UpcycleError
+from .decoder import AttentionShape
 
 ENCODER_FAMILIES = ("bert",)
 PROJECTIONS = {"q_proj": "attention.self.query", "k_proj": "attention.self.key", "v_proj": "attention.self.value",
@@ -18,18 +19,11 @@ PROJECTIONS = {"q_proj": "attention.self.query", "k_proj": "attention.self.key",
 
 
 @dataclass(frozen=True)
-class EncoderSpec:
+class EncoderSpec(AttentionShape):
     """Shapes and tensor names of a BERT-style encoder read from its config.json and tensor names."""
 
-    model_type: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    prefix: str  # "bert." or ""
-    mlm_head: bool  # the checkpoint has a masked-LM head (cls.predictions.*)
-    qk_norm: bool = False
+    prefix: str = ""  # "bert." or ""
+    mlm_head: bool = False  # the checkpoint has a masked-LM head (cls.predictions.*)
 
     def layer_prefix(self, layer: int) -> str:
         return f"{self.prefix}encoder.layer.{layer}."
@@ -62,6 +56,7 @@ def encoder_spec(config: dict, names: list[str], source: str = "the model") -> E
         num_kv_heads=heads,
         head_dim=hidden // heads,
         hidden_size=hidden,
+        qk_norm=False,
         prefix=prefix,
         mlm_head=any(name.startswith("cls.predictions.") for name in names),
     )
