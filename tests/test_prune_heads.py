@@ -256,3 +256,13 @@ def test_cli_prunes_and_inspect_shows_the_plan(tmp_path, calibration_file):
     info = json.loads(run("inspect", tmp_path / "out", "--json").stdout)
     assert info["method"] == "prune-heads" and sorted(len(layer["attention_heads"]["kept_heads"]) for layer in info["plan"]) == [4, 8]
     assert "query heads kept" in run("inspect", tmp_path / "out").stdout
+
+
+def test_normalize_modes():
+    from upcycle.errors import UpcycleError
+    from upcycle.methods.prune_heads import normalize_per_layer
+
+    assert normalize_per_layer("auto", 3) is False and normalize_per_layer("auto", 12) is True
+    assert normalize_per_layer("layer", 3) is True and normalize_per_layer("none", 12) is False
+    with pytest.raises(UpcycleError, match="--normalize"):
+        normalize_per_layer("global", 3)

@@ -66,6 +66,12 @@ class Importance(str, Enum):
     random = "random"
 
 
+class Normalize(str, Enum):
+    auto = "auto"
+    layer = "layer"
+    none = "none"
+
+
 class SharedSelection(str, Enum):
     first = "first"
     weight_norm = "weight-norm"
@@ -82,8 +88,9 @@ def convert(
     active_heads: Annotated[float, typer.Option(help="MoH: fraction of query heads active per token, in (shared fraction, 1].")] = 0.75,
     shared_selection: Annotated[SharedSelection | None, typer.Option(help="MoH: which heads are shared. Default: contribution with --calibration, else weight-norm.", show_default=False)] = None,
     ratio: Annotated[float | None, typer.Option(help="prune-heads: fraction of prunable units removed, 0 <= R < 1 (units: heads for MHA, KV groups for GQA models).", show_default=False)] = None,
-    importance: Annotated[Importance, typer.Option(help="prune-heads: gradient (E|dL/dgate| per unit on --calibration text, normalised per layer) or random (the control, with --seed).")] = Importance.gradient,
+    importance: Annotated[Importance, typer.Option(help="prune-heads: gradient (E|dL/dgate| per unit on --calibration text) or random (the control, with --seed).")] = Importance.gradient,
     seed: Annotated[int, typer.Option(help="prune-heads: seed of --importance random and of the masked-LM masking.")] = 0,
+    normalize: Annotated[Normalize, typer.Option(help="prune-heads: L2-normalise gradient importance per layer: layer (the paper), none, or auto (layer only with >= 8 units per layer).")] = Normalize.auto,
     iterative: Annotated[int, typer.Option(help="prune-heads: prune in N cumulative steps, recomputing importance before each (1: score once).")] = 1,
     min_heads_per_layer: Annotated[int, typer.Option(help="prune-heads: query heads every layer keeps at least.")] = 1,
     uniform: Annotated[bool, typer.Option(help="prune-heads: remove the same number of units in every layer (decoders: a plain base-architecture checkpoint).")] = False,
@@ -109,7 +116,7 @@ def convert(
         if method is Method.prune_heads:
             from .methods.prune_heads import PruneHeadsOptions
 
-            return PruneHeadsOptions(ratio=ratio, importance=importance.value, seed=seed, iterative=iterative, min_heads_per_layer=min_heads_per_layer,
+            return PruneHeadsOptions(ratio=ratio, importance=importance.value, seed=seed, iterative=iterative, normalize=normalize.value, min_heads_per_layer=min_heads_per_layer,
                                      uniform=uniform, calibration=calibration, calibration_tokens=calibration_tokens)
         if method is Method.gqa:
             from .methods.gqa import GQAOptions

@@ -2,8 +2,12 @@
 
 Units: single heads for MHA models; whole KV groups (one KV head and its h/g query heads)
 for GQA models. Importance is ``E_x |dL/dxi|`` for a gate ``xi`` on each unit, the absolute
-value taken per token, averaged over calibration tokens and normalised per layer with the
-L2 norm; the gates are attached through the runtime's head-gated attention (a gate producer
+value taken per token, averaged over calibration tokens and (``--normalize layer``, the paper's
+choice) normalised per layer with the L2 norm. ``--normalize auto`` (the default) normalises only
+when a layer has at least 8 units: with few units per layer (SmolLM2: 3 KV groups) per-layer
+normalisation makes the weaker units of a layer with one dominant unit look unimportant
+globally, and on SmolLM2 at ratio 0.1 it gave perplexity 53 against 21 with raw scores and
+29 for random importance; the gates are attached through the runtime's head-gated attention (a gate producer
 returning ones [B, T, h], one leaf per unit, shared by the unit's query heads). ``--importance
 random`` is the control. ``--iterative N`` removes the units in N cumulative steps and
 recomputes importance (with the removed units' gates at zero) before each step.
@@ -63,6 +67,7 @@ class PruneHeadsOptions:
     calibration: Path | None = None
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
+    normalize: str = "auto"  # auto | layer | none
     encoder_batch: int = 8  # blocks per backward pass for encoders (the contrastive proxy needs >= 2)
 
 
@@ -99,6 +104,17 @@ def removal_targets(spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions)
         raise UpcycleError(f"--ratio {ratio} removes {where}, which leaves a layer with fewer than --min-heads-per-layer "
                            f"{options.min_heads_per_layer} heads ({group} per unit); lower --ratio or --min-heads-per-layer")
     return total, min_units
+
+
+NORMALIZATIONS = ("auto", "layer", "none")
+AUTO_NORMALIZE_MIN_UNITS = 8
+
+
+def normalize_per_layer(mode: str, units_per_layer: int) -> bool:
+    """Whether importance is L2-normalised per layer (``auto``: only with at least 8 units per layer)."""
+    if mode not in NORMALIZATIONS:
+        raise UpcycleError(f"--normalize {mode!r} is unknown; choose one of: {', '.join(NORMALIZATIONS)}")
+    return mode == "layer" or (mode == "auto" and units_per_layer >= AUTO_NORMALIZE_MIN_UNITS)
 
 
 def choose_removals(scores: torch.Tensor, removed: list[set[int]], target: int, min_units: int, uniform: bool) -> list[set[int]]:
@@ -255,7 +271,7 @@ class GradientScorer:
         self.mask_token = AutoTokenizer.from_pretrained(reader.folder).mask_token_id if self.loss == "masked-lm" else None
 
     def __call__(self, removed: list[set[int]]) -> torch.Tensor:
-        """Normalised importance [layers, units] with the ``removed`` units gated off."""
+        """Importance [layers, units] with the ``removed`` units gated off (normalised per ``--normalize``)."""
         units, heads_per_unit, _ = units_of(self.spec)
         gates = attach_unit_gates(self.model, removed, units, heads_per_unit)
         sums = torch.zeros(self.spec.num_layers, units, dtype=torch.float64)
@@ -270,6 +286,8 @@ class GradientScorer:
                 tokens += batch.numel()
         print(file=sys.stderr)
         scores = sums / tokens
+        if not normalize_per_layer(self.options.normalize, units):
+            return scores
         return scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
@@ -355,6 +373,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
         raise UpcycleError(f"--importance {options.importance!r} is unknown; choose one of: {', '.join(IMPORTANCES)}")
     if options.calibration and not Path(options.calibration).exists():
         raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file")
+    normalize_per_layer(options.normalize, 0)  # validate the flag before any work
     spec = attention_spec(reader.config, reader.names(), str(reader.folder))
     total, min_units = removal_targets(spec, options)
     units, heads_per_unit, unit_name = units_of(spec)
