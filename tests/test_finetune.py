@@ -158,7 +158,7 @@ def step_gradients(recipe_path: Path) -> dict[str, torch.Tensor]:
 
     recipe = load_recipe(str(recipe_path))
     tokenizer = AutoTokenizer.from_pretrained(recipe.model)
-    trainer = Trainer(recipe, Path(recipe.model), build_data(recipe, tokenizer, process_state()), tokenizer)
+    trainer = Trainer(recipe, Path(recipe.model), build_data(recipe, tokenizer, process_state()))
     grads = {}
     trainer.optimizer.step = lambda *a, **k: grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
     trainer.train_step()

@@ -67,6 +67,3 @@ def format_description(info: dict) -> str:
         lines += _plan_summary(info["plan"] or [])
     return "\n".join(lines)
 
-
-def inspect_path(path: str | Path) -> str:
-    return format_description(describe(str(path)))

@@ -20,9 +20,9 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.modeling_upcycle import CAUSAL_LM_CLASSES
+from ..modeling.routers import ROUTERS
 from .base import Conversion, SourceTensor
 
-ROUTERS = ("query-norm", "learned")
 SELECTIONS = ("first", "weight-norm", "contribution")
 
 
@@ -119,9 +119,8 @@ def contribution_scores(reader: CheckpointReader, spec: DecoderSpec, options: Mo
     return (sums / blocks.numel()).tolist()
 
 
-def layer_plans(spec: DecoderSpec, options: MoHOptions, scores: list[list[float]] | None) -> list[dict]:
+def layer_plans(spec: DecoderSpec, router: str, shared_count: int, top_k: int, scores: list[list[float]] | None) -> list[dict]:
     """Per-layer ``head_gate`` entries: the top-scored heads shared (or the first ones)."""
-    shared_count, top_k = head_counts(spec.num_heads, options.shared_heads, options.active_heads)
     plans = []
     for layer in range(spec.num_layers):
         if scores is None:
@@ -130,7 +129,7 @@ def layer_plans(spec: DecoderSpec, options: MoHOptions, scores: list[list[float]
             order = sorted(range(spec.num_heads), key=lambda head: -scores[layer][head])
         shared = sorted(order[:shared_count])
         routed = sorted(order[shared_count:])
-        gate = {"router": options.router, "shared_heads": shared, "routed_heads": routed, "top_k": top_k}
+        gate = {"router": router, "shared_heads": shared, "routed_heads": routed, "top_k": top_k}
         plans.append({"head_gate": gate})
     return plans
 
@@ -170,7 +169,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
         scores = weight_norm_scores(reader, spec)
     else:
         scores = contribution_scores(reader, spec, options)
-    plans = layer_plans(spec, options, scores)
+    plans = layer_plans(spec, options.router, shared_count, top_k, scores)
 
     dtype = reader.info(spec.attention(0, "q_proj")).dtype
     passthrough = [TensorSpec(name, reader.info(name).dtype, reader.info(name).shape) for name in reader.names()]

@@ -80,7 +80,7 @@ def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     corpus = build_data(recipe, tokenizer, state)
     started = time.time()
-    trainer = Trainer(recipe, model_path, corpus, tokenizer, resume=resume, stop_after=stop_after)
+    trainer = Trainer(recipe, model_path, corpus, resume=resume, stop_after=stop_after)
     final = trainer.run()
     if final is None or not state.is_main_process:
         return final

@@ -92,11 +92,10 @@ def lr_schedule(optimizer, recipe: Recipe):
 
 def select_trainable(model, recipe: Recipe):
     """Freeze what the recipe does not train; LoRA wraps the model with peft (routers stay fully trainable)."""
-    router_params = [name for name, _ in model.named_parameters() if ".head_router." in name]
     if recipe.trainable == "all":
         return model
     if recipe.trainable == "routers":
-        if not router_params:
+        if not any(".head_router." in name for name, _ in model.named_parameters()):
             raise UpcycleError("trainable: routers, but the model has no router parameters (query-norm routers have none); use trainable: all or lora")
         for name, param in model.named_parameters():
             param.requires_grad = ".head_router." in name
@@ -126,7 +125,7 @@ def latest_checkpoint(output: Path) -> Path | None:
 class Trainer:
     """Runs a recipe: prepare model and data, train, checkpoint, save the final model."""
 
-    def __init__(self, recipe: Recipe, model_path: Path, corpus, tokenizer, *, resume: bool = False, stop_after: int | None = None):
+    def __init__(self, recipe: Recipe, model_path: Path, corpus, *, resume: bool = False, stop_after: int | None = None):
         from accelerate import Accelerator
 
         self.recipe = recipe
@@ -136,7 +135,7 @@ class Trainer:
         mixed = "bf16" if precision == "bf16" or (precision == "auto" and not cpu) else "no"
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
         self.plan = BatchPlan.from_recipe(recipe, self.accelerator.num_processes)
-        self.corpus, self.tokenizer, self.model_path = corpus, tokenizer, model_path
+        self.corpus, self.model_path = corpus, model_path
         self.stop_after = stop_after
         torch.manual_seed(recipe.training.seed)
 
