@@ -54,6 +54,7 @@ class Method(str, Enum):
     moh = "moh"
     prune_heads = "prune-heads"
     gqa = "gqa"
+    mhe = "mhe"
 
 
 class Router(str, Enum):
@@ -70,6 +71,16 @@ class Normalize(str, Enum):
     auto = "auto"
     layer = "layer"
     none = "none"
+
+
+class Variant(str, Enum):
+    mul = "mul"
+    add = "add"
+
+
+class Init(str, Enum):
+    svd = "svd"
+    calibrated = "calibrated"
 
 
 class SharedSelection(str, Enum):
@@ -95,6 +106,8 @@ def convert(
     min_heads_per_layer: Annotated[int, typer.Option(help="prune-heads: query heads every layer keeps at least.")] = 1,
     uniform: Annotated[bool, typer.Option(help="prune-heads: remove the same number of units in every layer (decoders: a plain base-architecture checkpoint).")] = False,
     kv_heads: Annotated[int | None, typer.Option(help="gqa: new number of key/value heads, a divisor of the current count (1: MQA).", show_default=False)] = None,
+    variant: Annotated[Variant | None, typer.Option(help="mhe: head embeddings multiply (mul, default) or add to the shared projection.", show_default=False)] = None,
+    init: Annotated[Init | None, typer.Option(help="mhe: svd (default; best fit on the weights, no data) or calibrated (least squares on --calibration activations).", show_default=False)] = None,
     calibration: Annotated[Path | None, typer.Option(help="Calibration text (.txt, .jsonl or a folder) for data-driven choices.")] = None,
     calibration_tokens: Annotated[int, typer.Option(help="Tokens of calibration text to use.")] = 16384,
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB or 500MB.")] = "5GB",
@@ -105,6 +118,7 @@ def convert(
 
     Head pruning: upcycle convert SRC OUT --method prune-heads --ratio 0.25 --calibration text.txt [--uniform].
     MHA to GQA/MQA: upcycle convert SRC OUT --method gqa --kv-heads 1
+    MHE: upcycle convert SRC OUT --method mhe --variant mul --init calibrated --calibration text.txt
     """
     from .convert import convert_checkpoint
 
@@ -113,6 +127,13 @@ def convert(
             raise UpcycleError(f"--ratio applies to --method prune-heads, not {method.value}; drop it or pass --method prune-heads")
         if method is not Method.gqa and kv_heads is not None:
             raise UpcycleError(f"--kv-heads applies to --method gqa, not {method.value}; drop it or pass --method gqa")
+        if method is not Method.mhe and (variant or init):
+            raise UpcycleError(f"--{'variant' if variant else 'init'} applies to --method mhe, not {method.value}; drop it or pass --method mhe")
+        if method is Method.mhe:
+            from .methods.mhe import MHEOptions
+
+            return MHEOptions(variant=(variant or Variant.mul).value, init=(init or Init.svd).value, calibration=calibration,
+                              calibration_tokens=calibration_tokens)
         if method is Method.prune_heads:
             from .methods.prune_heads import PruneHeadsOptions
 
@@ -187,8 +208,29 @@ def evaluate_command(
     _run(lambda: run_eval(path, data, compare=compare, tokens=tokens, window=window, stride=stride, output=output))
 
 
-def main() -> None:
-    app()
+def main(args: list[str] | None = None) -> int:
+    """Entry point: click's usage errors (unknown option, bad choice) become one ``error:`` line too."""
+    try:
+        from typer._click import exceptions as click_errors  # typer >= 0.24 carries its own click
+    except ImportError:
+        from click import exceptions as click_errors
+
+    try:
+        return app(args=args, prog_name="upcycle", standalone_mode=False) or 0
+    except click_errors.NoArgsIsHelpError as error:
+        typer.echo(error.ctx.get_help())
+        return 0
+    except click_errors.UsageError as error:
+        command = error.ctx.command_path if error.ctx else "upcycle"
+        message = " ".join(error.format_message().replace("Value error, ", "").split()).rstrip(".")
+        typer.echo(f"error: {message}; see `{command} --help`", err=True)
+        return 2
+    except click_errors.ClickException as error:
+        typer.echo(f"error: {' '.join(error.format_message().split())}", err=True)
+        return error.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted: nothing was written", err=True)
+        return 130
 
 
 if __name__ == "__main__":

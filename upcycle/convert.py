@@ -39,6 +39,19 @@ def base_model_id(src: str, config: dict) -> str:
     return Path(src).name
 
 
+def options_class(method: str) -> type:
+    """The options dataclass of a method (what ``upcycle convert``'s flags fill in)."""
+    if method == "moh":
+        from .methods.moh import MoHOptions
+
+        return MoHOptions
+    if method == "mhe":
+        from .methods.mhe import MHEOptions
+
+        return MHEOptions
+    raise UpcycleError(f"recipes cannot convert with --method {method!r} yet; convert first with `upcycle convert` and tune the result")
+
+
 def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversion:
     """Dispatch to the method's own ``convert``."""
     if method == "moh":
@@ -53,6 +66,10 @@ def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversio
         from .methods import gqa
 
         return gqa.convert(reader, options)
+    if method == "mhe":
+        from .methods import mhe
+
+        return mhe.convert(reader, options)
     raise UpcycleError(f"--method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
 
 

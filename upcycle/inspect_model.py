@@ -39,7 +39,10 @@ def describe(path: str) -> dict:
 def _plan_summary(layers: list[dict]) -> list[str]:
     lines = []
     for index, layer in enumerate(layers):
-        gate, heads = layer.get("head_gate"), layer.get("attention_heads")
+        gate, heads, mhe = layer.get("head_gate"), layer.get("attention_heads"), layer.get("mhe")
+        if mhe:
+            counts = ", ".join(f"{proj[0].upper()} over {mhe['heads'][proj]} heads" for proj in ("q_proj", "k_proj", "v_proj") if proj in mhe["heads"])
+            lines.append(f"  layer {index:>3}: MHE-{mhe['variant']}, one shared projection each: {counts}")
         if heads:
             lines.append(f"  layer {index:>3}: {len(heads['kept_heads'])} query heads kept {heads['kept_heads']}, "
                          f"{len(heads['kept_kv_heads'])} KV heads {heads['kept_kv_heads']}")

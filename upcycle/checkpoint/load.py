@@ -44,8 +44,13 @@ def load_for_analysis(folder: Path, num_parameters: int, purpose: str, dtype: to
         offload = tempfile.mkdtemp(prefix="upcycle-offload-")
         print(f"{purpose}: it does not fit; offloading the rest to {offload}", file=sys.stderr)
         kwargs.update(device_map="auto", offload_folder=offload, max_memory={"cpu": max(int(0.7 * have) - activation_bytes, 0)})
+    verbosity = transformers.logging.get_verbosity()
+    if auto_class == "AutoModel":  # the base model of a checkpoint with a head: its unused head weights are expected
+        transformers.logging.set_verbosity_error()
     try:
         model = getattr(transformers, auto_class).from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as error:
         raise UpcycleError(f"could not load {folder} for {purpose}: {str(error).splitlines()[0]}") from error
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return model.eval()

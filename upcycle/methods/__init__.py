@@ -2,6 +2,6 @@
 
 from .base import Conversion, SourceTensor
 
-METHODS = ("moh", "prune-heads", "gqa")
+METHODS = ("moh", "prune-heads", "gqa", "mhe")
 
 __all__ = ["Conversion", "METHODS", "SourceTensor"]

@@ -37,3 +37,30 @@ class Conversion:
     uses_runtime: bool = True
     auto_class: str = "AutoModelForCausalLM"  # how the output loads (model card)
     pipeline_tag: str = "text-generation"
+
+
+def runtime_config(config: dict, spec, method: str, layers: list[dict]) -> tuple[dict, str, str]:
+    """(config, Auto class, pipeline tag) of an upcycle-format checkpoint of ``spec``'s family.
+
+    The family config plus its ``upcycle_<family>`` model_type, the runtime classes in
+    ``auto_map`` (decoders: causal LM; encoders: base model, plus masked LM when the
+    checkpoint has that head) and the per-layer plan the runtime's surgery applies.
+    """
+    from ..arch import DecoderSpec
+    from ..modeling.modeling_upcycle import CAUSAL_LM_CLASSES, ENCODER_CLASSES
+
+    if isinstance(spec, DecoderSpec):
+        classes, tag = {"AutoModelForCausalLM": CAUSAL_LM_CLASSES[spec.model_type]}, "text-generation"
+    else:
+        classes, tag = {"AutoModel": ENCODER_CLASSES[spec.model_type]["AutoModel"]}, "feature-extraction"
+        if spec.mlm_head:
+            classes["AutoModelForMaskedLM"], tag = ENCODER_CLASSES[spec.model_type]["AutoModelForMaskedLM"], "fill-mask"
+    auto_class, main = list(classes.items())[-1]
+    config = dict(config)
+    config.update(
+        model_type=main.config_class.model_type,
+        architectures=[main.__name__],
+        auto_map={"AutoConfig": f"configuration_upcycle.{main.config_class.__name__}"} | {auto: f"modeling_upcycle.{cls.__name__}" for auto, cls in classes.items()},
+        upcycle={"method": method, "base_model_type": spec.model_type, "layers": layers},
+    )
+    return config, auto_class, tag

@@ -19,9 +19,8 @@ from ..arch import DecoderSpec, decoder_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from ..modeling.modeling_upcycle import CAUSAL_LM_CLASSES
 from ..modeling.routers import ROUTERS
-from .base import Conversion, SourceTensor
+from .base import Conversion, SourceTensor, runtime_config
 
 SELECTIONS = ("first", "weight-norm", "contribution")
 
@@ -85,15 +84,11 @@ def weight_norm_scores(reader: CheckpointReader, spec: DecoderSpec) -> list[list
 @torch.no_grad()
 def contribution_scores(reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions) -> list[list[float]]:
     """Per layer and query head: mean L2 norm of the head's output through o_proj on calibration text."""
-    from transformers import AutoTokenizer
-
     from ..checkpoint.load import load_for_analysis
-    from ..data.text import pack_tokens, read_documents
+    from ..data.calibration import calibration_blocks
 
-    documents = read_documents(Path(options.calibration))
-    tokenizer = AutoTokenizer.from_pretrained(reader.folder)
-    seq_len = min(options.calibration_seq_len, int(reader.config.get("max_position_embeddings") or options.calibration_seq_len))
-    blocks = pack_tokens(documents, tokenizer, seq_len, options.calibration_tokens)  # [N, T]
+    blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens,
+                                options.calibration_seq_len, encoder=False)  # [N, T]
     num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
     model = load_for_analysis(reader.folder, num_parameters, "contribution scores")
     sums = torch.zeros(spec.num_layers, spec.num_heads, dtype=torch.float64)
@@ -181,17 +176,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
         for item in new:
             yield item.name, torch.zeros(item.shape, dtype=item.dtype)
 
-    model_cls = CAUSAL_LM_CLASSES[spec.model_type]
-    config = dict(reader.config)
-    config.update(
-        model_type=model_cls.config_class.model_type,
-        architectures=[model_cls.__name__],
-        auto_map={
-            "AutoConfig": f"configuration_upcycle.{model_cls.config_class.__name__}",
-            "AutoModelForCausalLM": f"modeling_upcycle.{model_cls.__name__}",
-        },
-        upcycle={"method": "moh", "base_model_type": spec.model_type, "layers": plans},
-    )
+    config, _, _ = runtime_config(reader.config, spec, "moh", plans)
     active = shared_count + top_k
     settings = asdict(options) | {"shared_selection": selection, "calibration": str(options.calibration) if options.calibration else None}
     return Conversion(

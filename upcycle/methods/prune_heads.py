@@ -46,8 +46,7 @@ from ..arch import DecoderSpec, EncoderSpec, attention_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from ..modeling.modeling_upcycle import CAUSAL_LM_CLASSES, ENCODER_CLASSES
-from .base import Conversion, SourceTensor
+from .base import Conversion, SourceTensor, runtime_config
 
 IMPORTANCES = ("gradient", "random")
 ATTENTION_TENSORS = (("q_proj", "weight"), ("q_proj", "bias"), ("k_proj", "weight"), ("k_proj", "bias"),
@@ -178,41 +177,20 @@ def attach_unit_gates(model: nn.Module, removed: list[set[int]], units: int, hea
     return gates
 
 
-class _SepAsEos:
-    """A BERT tokenizer as ``pack_tokens`` sees it: [SEP] separates documents."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.eos_token_id = tokenizer, tokenizer.sep_token_id
-
-    def __call__(self, *args, **kwargs):
-        return self.tokenizer(*args, **kwargs)
-
-
-def _wrap(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
-    """[N, T] -> [N, T + 2]: [CLS] tokens [SEP]."""
-    column = tokens.new_full((tokens.shape[0], 1), 0)
-    return torch.cat([column + tokenizer.cls_token_id, tokens, column + tokenizer.sep_token_id], dim=1)
-
-
 def calibration_batches(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions) -> tuple[list[torch.Tensor], str]:
     """Calibration token batches (through the data layer of finetune) and the loss they feed."""
-    from transformers import AutoTokenizer
-
+    from ..data.calibration import SepAsEos, calibration_blocks, calibration_seq_len, encoder_tokenizer, wrap_cls_sep
     from ..data.text import pack_tokens, read_documents
 
-    documents = read_documents(Path(options.calibration))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(reader.folder)
-    except (OSError, ValueError) as error:
-        raise UpcycleError(f"{reader.folder} has no usable tokenizer for the calibration text ({str(error).splitlines()[0]}); add the tokenizer files") from None
-    seq_len = min(options.calibration_seq_len, int(reader.config.get("max_position_embeddings") or options.calibration_seq_len))
     if isinstance(spec, DecoderSpec):
-        return list(pack_tokens(documents, tokenizer, seq_len, options.calibration_tokens).split(1)), "causal-lm"  # [1, T] each
-    if tokenizer.sep_token_id is None or tokenizer.cls_token_id is None:
-        raise UpcycleError(f"the tokenizer of {reader.folder} has no [CLS]/[SEP] tokens; pass a BERT checkpoint with its tokenizer")
-    blocks = pack_tokens(documents, _SepAsEos(tokenizer), seq_len - 2, options.calibration_tokens)  # [N, T - 2]
+        blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens, options.calibration_seq_len, encoder=False)
+        return list(blocks.split(1)), "causal-lm"  # [1, T] each
+    tokenizer = encoder_tokenizer(reader.folder)
+    seq_len = calibration_seq_len(reader.config, options.calibration_seq_len)
+    documents = read_documents(Path(options.calibration))
+    blocks = pack_tokens(documents, SepAsEos(tokenizer), seq_len - 2, options.calibration_tokens)  # [N, T - 2]
     if spec.mlm_head:
-        return [_wrap(b, tokenizer) for b in blocks.split(options.encoder_batch)], "masked-lm"
+        return [wrap_cls_sep(b, tokenizer) for b in blocks.split(options.encoder_batch)], "masked-lm"
     if blocks.shape[0] < 2:
         raise UpcycleError(f"the contrastive importance proxy needs at least 2 calibration blocks of {seq_len - 2} tokens, got {blocks.shape[0]}; "
                            "give more text or raise --calibration-tokens")
@@ -220,7 +198,7 @@ def calibration_batches(reader: CheckpointReader, spec: DecoderSpec | EncoderSpe
     batches = []
     for chunk in blocks.split(options.encoder_batch):
         if chunk.shape[0] >= 2:  # [2B, half + 2]: first halves, then second halves
-            batches.append(torch.cat([_wrap(chunk[:, :half], tokenizer), _wrap(chunk[:, half:2 * half], tokenizer)]))
+            batches.append(torch.cat([wrap_cls_sep(chunk[:, :half], tokenizer), wrap_cls_sep(chunk[:, half:2 * half], tokenizer)]))
     return batches, "contrastive"
 
 
@@ -351,20 +329,10 @@ def output_config(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, pla
             if refusal is None:
                 return native, False, "AutoModelForCausalLM", "uniform"
             why = f"transformers refuses the plain {spec.model_type} config: {refusal}"
-        classes = {"AutoModelForCausalLM": CAUSAL_LM_CLASSES[spec.model_type]}
     else:
         why = "BertConfig derives the head size from hidden_size / num_attention_heads, so plain BERT cannot hold fewer heads of the same size"
-        classes = {"AutoModel": ENCODER_CLASSES[spec.model_type]["AutoModel"]}
-        if spec.mlm_head:
-            classes["AutoModelForMaskedLM"] = ENCODER_CLASSES[spec.model_type]["AutoModelForMaskedLM"]
-    main = list(classes.values())[-1]
-    config.update(
-        model_type=main.config_class.model_type,
-        architectures=[main.__name__],
-        auto_map={"AutoConfig": f"configuration_upcycle.{main.config_class.__name__}"} | {auto: f"modeling_upcycle.{cls.__name__}" for auto, cls in classes.items()},
-        upcycle={"method": "prune-heads", "base_model_type": spec.model_type, "layers": plans},
-    )
-    return config, True, list(classes)[-1], why
+    config, auto_class, _ = runtime_config(config, spec, "prune-heads", plans)
+    return config, True, auto_class, why
 
 
 def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:

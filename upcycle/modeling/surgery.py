@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .gated_attention import attach_head_router
+from .mhe_projection import MHEProjection
 from .routers import build_router
 
 
@@ -60,6 +61,20 @@ def _apply_attention_heads(layer: nn.Module, spec: dict) -> None:
         attention.all_head_size = len(heads) * head_dim
 
 
+def _apply_mhe(layer: nn.Module, spec: dict) -> None:
+    """Replace the q/k/v projections named in ``spec["heads"]`` by MHE projections of that many heads."""
+    attention = attention_of(layer)
+    head_dim = getattr(attention, "head_dim", None) or attention.attention_head_size
+    projections = _projections(layer)
+    for proj, heads in spec["heads"].items():
+        parent, name = projections[proj]
+        old = getattr(parent, name)
+        new = MHEProjection(old.in_features, head_dim, heads, spec["variant"], bias=old.bias is not None,
+                            device=old.weight.device, dtype=old.weight.dtype)
+        new.requires_grad_(old.weight.requires_grad)
+        setattr(parent, name, new)
+
+
 def _apply_head_gate(attention: nn.Module, spec: dict, hidden_size: int, num_heads: int) -> None:
     router = build_router(spec["router"], hidden_size, num_heads, spec["shared_heads"], spec["routed_heads"], spec["top_k"])
     weight = next(attention.parameters())
@@ -78,5 +93,7 @@ def apply_plan(decoder_layers: nn.ModuleList, plan: dict, hidden_size: int, num_
                 _apply_head_gate(attention_of(layer), value, hidden_size, num_heads)
             elif key == "attention_heads":
                 _apply_attention_heads(layer, value)
+            elif key == "mhe":
+                _apply_mhe(layer, value)
             else:
                 raise ValueError(f"unknown change {key!r} in the upcycle plan; upgrade upcycle")

@@ -47,12 +47,12 @@ def prepare_model(recipe: Recipe, state) -> Path:
     converted = Path(recipe.output) / "converted"
     with state.main_process_first():
         if state.is_main_process and not (converted / "config.json").exists():
-            from ..convert import convert_checkpoint
-            from ..methods.moh import MoHOptions
+            from ..convert import convert_checkpoint, options_class
 
             options = recipe.convert.model_dump(exclude={"method"})
             options["calibration"] = resolve_text(options["calibration"])
-            convert_checkpoint(str(source), converted, recipe.convert.method, MoHOptions(**options), overwrite=False)
+            method = recipe.convert.method
+            convert_checkpoint(str(source), converted, method, options_class(method)(**options), overwrite=False)
     return converted
 
 

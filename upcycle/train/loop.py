@@ -103,11 +103,19 @@ def select_trainable(model, recipe: Recipe):
     from peft import LoraConfig, get_peft_model
 
     lora = recipe.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    # Only nn.Linear layers get adapters; modules a conversion created (MHE projections: one head's size) train fully.
+    targets = [name for name, module in model.named_modules()
+               if name.rsplit(".", 1)[-1] in lora.target_modules and isinstance(module, torch.nn.Linear)]
+    if not targets:
+        raise UpcycleError(f"lora.target_modules {lora.target_modules} match no linear layer of the model; name its projections (e.g. o_proj, up_proj)")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     for name, param in model.named_parameters():
         if ".head_router." in name:
             param.requires_grad = True
+    for module in model.modules():
+        if type(module).__name__ == "MHEProjection":
+            module.requires_grad_(True)
     return model
 
 

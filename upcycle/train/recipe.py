@@ -7,7 +7,7 @@ starts; ``key=value`` overrides use dotted keys (``training.lr=3e-4``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,8 +21,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ConvertSection(_Section):
-    """Convert ``model`` first (into OUTPUT/converted), then tune the result."""
+class MoHConvertSection(_Section):
+    """Convert ``model`` to MoH first (into OUTPUT/converted), then tune the result."""
 
     method: Literal["moh"] = "moh"
     router: Literal["query-norm", "learned"] = "query-norm"
@@ -31,6 +31,20 @@ class ConvertSection(_Section):
     shared_selection: Literal["first", "weight-norm", "contribution"] | None = None
     calibration: str | None = None
     calibration_tokens: int = Field(16384, gt=0)
+
+
+class MHEConvertSection(_Section):
+    """Convert ``model`` to MHE first (into OUTPUT/converted), then tune the result."""
+
+    method: Literal["mhe"]
+    variant: Literal["mul", "add"] = "mul"
+    init: Literal["svd", "calibrated"] = "svd"
+    calibration: str | None = None
+    calibration_tokens: int = Field(16384, gt=0)
+
+
+ConvertSection = Annotated[MoHConvertSection | MHEConvertSection, Field(discriminator="method")]
+CONVERT_METHODS = ("moh", "mhe")
 
 
 class DataSection(_Section):
@@ -107,7 +121,12 @@ def _set_dotted(tree: dict, key: str, value) -> None:
 
 def _error_line(error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    loc = [str(part) for part in first["loc"]]
+    if loc[:1] == ["convert"] and len(loc) > 2 and loc[1] in CONVERT_METHODS:
+        del loc[1]  # the union's tag (the method), not a key of the recipe
+    key = ".".join(loc) or "(top level)"
+    if first["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        return f"recipe key 'convert.method' must be one of {', '.join(CONVERT_METHODS)}; set it in the recipe or pass convert.method=NAME"
     if first["type"] == "extra_forbidden":
         return f"recipe key {key!r} is unknown; check its spelling against recipes/README or `upcycle finetune --help`"
     if first["type"] == "missing":

@@ -1,0 +1,60 @@
+"""Calibration text as token blocks for the methods that look at data (decoders and BERT-style encoders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import UpcycleError
+from .text import pack_tokens, read_documents
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's own tokenizer, or one line saying it is missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise UpcycleError(f"{folder} has no usable tokenizer for the calibration text ({str(error).splitlines()[0]}); add the tokenizer files") from None
+
+
+class SepAsEos:
+    """A BERT tokenizer as ``pack_tokens`` sees it: [SEP] separates documents."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.eos_token_id = tokenizer, tokenizer.sep_token_id
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+
+def wrap_cls_sep(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[N, T] -> [N, T + 2]: [CLS] tokens [SEP]."""
+    column = tokens.new_full((tokens.shape[0], 1), 0)
+    return torch.cat([column + tokenizer.cls_token_id, tokens, column + tokenizer.sep_token_id], dim=1)
+
+
+def calibration_seq_len(config: dict, wanted: int) -> int:
+    """``wanted``, capped at the model's context length."""
+    return min(wanted, int(config.get("max_position_embeddings") or wanted))
+
+
+def encoder_tokenizer(folder: Path):
+    """A BERT-style tokenizer with [CLS] and [SEP], or one line saying what is missing."""
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.sep_token_id is None or tokenizer.cls_token_id is None:
+        raise UpcycleError(f"the tokenizer of {folder} has no [CLS]/[SEP] tokens; pass a BERT checkpoint with its tokenizer")
+    return tokenizer
+
+
+def calibration_blocks(folder: Path, config: dict, text: Path | str, tokens: int, seq_len: int, encoder: bool) -> torch.Tensor:
+    """Packed calibration blocks [N, T] of the text at ``text``: EOS between documents for decoders;
+    ``[CLS] ... [SEP]`` blocks with [SEP] between documents for encoders."""
+    documents = read_documents(Path(text))
+    seq_len = calibration_seq_len(config, seq_len)
+    if not encoder:
+        return pack_tokens(documents, load_tokenizer(folder), seq_len, tokens)
+    tokenizer = encoder_tokenizer(folder)
+    return wrap_cls_sep(pack_tokens(documents, SepAsEos(tokenizer), seq_len - 2, tokens), tokenizer)

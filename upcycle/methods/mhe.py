@@ -1,0 +1,415 @@
+"""MHE, multi-head embedding attention (Xue and Aletras 2023, "Pit One Against Many"), as a conversion.
+
+The ``H`` per-head projections ``W_i`` of Q, K and V (``H`` = query heads for Q, KV heads for
+K and V) become one shared projection ``W`` of one head's size plus an embedding ``e_i`` per
+head: ``mul``: ``(x W + b) * e_i``; ``add``: ``(x W + b) + e_i``. ``o_proj`` is untouched.
+
+The paper trains from scratch; the conversion rule is ours. Augment each head's rows with its
+bias (``w~_i = [W_i, b_i]``, input ``x~ = [x, 1]``) when the model has biases, and let ``C``
+be the second moment ``E[x~ x~^T]`` of the layer's attention input (``--init calibrated``) or
+the identity (``--init svd``, no data). Then:
+
+- mul, per output coordinate c: minimise ``sum_i (w~_i - e_i w~)^T C (w~_i - e_i w~)``. With
+  ``C = L L^T`` this is a rank-1 fit of the ``[H, d]`` matrix of rows ``L^T w~_i``: take its top
+  singular pair, and map the shared row back with ``L^-T`` (with ``C = I``: the plain rank-1 SVD,
+  the best fit in Frobenius norm). Scaled so the embeddings have RMS 1 over the heads.
+- add: for any ``C`` the best shared row is the mean ``w~ = mean_i w~_i``, and the best offset is
+  ``e_i = E[x~] . (w~_i - w~)`` (no data: ``E[x] = 0``, so ``e_i = b_i - mean b``).
+
+The fit uses the dense model's activations at every layer (not those of a model whose earlier
+layers are already compressed). Reported per layer: the relative error ``||XW_i - approx||/||XW_i||``
+of each projection (on calibration activations when ``--calibration`` is given, else on the
+weights) and, with calibration text, of the attention module's output.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..arch import DecoderSpec, EncoderSpec, attention_spec
+from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.writer import TensorSpec
+from ..errors import UpcycleError
+from ..modeling.mhe_projection import MHE_VARIANTS, MHEProjection
+from .base import Conversion, SourceTensor, runtime_config
+
+INITS = ("svd", "calibrated")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass
+class MHEOptions:
+    """The MHE flags of ``upcycle convert``."""
+
+    variant: str = "mul"
+    init: str = "svd"
+    calibration: Path | None = None
+    calibration_tokens: int = 16384
+    calibration_seq_len: int = 512
+
+
+@dataclass
+class ProjectionFit:
+    """One projection's MHE form: shared ``weight [d_h, d]``, ``bias [d_h]`` or None, ``head_embedding [H, d_h]``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    head_embedding: torch.Tensor
+    error: float  # relative reconstruction error (calibration activations, or weights without data)
+
+
+def stack_heads(weight: torch.Tensor, bias: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """[H*d_h, d] weight (+ [H*d_h] bias) -> [d_h, H, k] float64 rows per output coordinate; k = d (+1 with bias)."""
+    rows = weight.double().unflatten(0, (-1, head_dim))  # [H, d_h, d]
+    if bias is not None:
+        rows = torch.cat([rows, bias.double().unflatten(0, (-1, head_dim)).unsqueeze(-1)], dim=-1)  # [H, d_h, d+1]
+    return rows.transpose(0, 1)  # [d_h, H, k]
+
+
+def whitening_factor(second_moment: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular L with L L^T = C (+ the least damping that makes it positive definite)."""
+    scale = second_moment.diagonal().mean().clamp_min(1e-30)
+    identity = torch.eye(second_moment.shape[0], dtype=second_moment.dtype)
+    for damping in (1e-8, 1e-6, 1e-4, 1e-2, 1.0):
+        factor, info = torch.linalg.cholesky_ex(second_moment + damping * scale * identity)
+        if info.item() == 0:
+            return factor
+    raise UpcycleError("the calibration activations are degenerate (their second moment is not positive definite); give more or more varied calibration text")
+
+
+def fit_projection(stacked: torch.Tensor, variant: str, second_moment: torch.Tensor | None,
+                   mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Fit the MHE form to per-head rows ``stacked [d_h, H, k]``.
+
+    ``second_moment [k, k]`` and ``mean [k]`` are E[x~ x~^T] and E[x~] of the projection's
+    input; without data, ``second_moment`` is None (the identity) and ``mean`` is
+    :func:`data_free_mean`. Returns the shared rows ``[d_h, k]`` (bias last when k = d + 1),
+    the head embeddings ``[H, d_h]`` and the relative reconstruction error.
+    """
+    heads = stacked.shape[1]
+    if variant == "mul":
+        factor = whitening_factor(second_moment) if second_moment is not None else None
+        whitened = stacked @ factor if factor is not None else stacked  # [d_h, H, k]: rows (L^T w~_i)^T
+        left, singular, right = torch.linalg.svd(whitened, full_matrices=False)  # [d_h, H, r], [d_h, r], [d_h, r, k]
+        coefficients = left[:, :, 0]  # [d_h, H]
+        row = singular[:, :1] * right[:, 0]  # [d_h, k]
+        sign = torch.where(coefficients.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(stacked.dtype)  # mostly positive embeddings
+        coefficients, row = coefficients * sign * math.sqrt(heads), row * sign / math.sqrt(heads)
+        shared = torch.linalg.solve_triangular(factor, row, upper=False, left=False) if factor is not None else row  # X L = row
+    else:
+        shared = stacked.mean(dim=1)  # [d_h, k]
+        coefficients = (stacked - shared.unsqueeze(1)) @ mean  # [d_h, H]: e_i = E[x~] . (w~_i - w~)
+    embedding = coefficients.T.contiguous()  # [H, d_h]
+    return shared, embedding, relative_error(stacked, shared, embedding, variant, second_moment, mean)
+
+
+def data_free_mean(k: int, bias: bool) -> torch.Tensor:
+    """E[x~] when no data is given: x taken as zero-mean (so the bias input, last, is the only constant)."""
+    mean = torch.zeros(k, dtype=torch.float64)
+    if bias:
+        mean[-1] = 1.0
+    return mean
+
+
+def relative_error(stacked: torch.Tensor, shared: torch.Tensor, embedding: torch.Tensor, variant: str,
+                   second_moment: torch.Tensor | None, mean: torch.Tensor) -> float:
+    """sqrt(E sum (x~.w~_i - approx_i(x))^2 / E sum (x~.w~_i)^2) over coordinates and heads (C = I without data).
+
+    ``stacked [d_h, H, k]``: the dense rows; ``shared [d_h, k]`` and ``embedding [H, d_h]``: the MHE form.
+    """
+    coefficients = embedding.T  # [d_h, H]
+    if variant == "mul":  # approx_i = x~ . (e_i w~)
+        delta, offsets = stacked - coefficients.unsqueeze(-1) * shared.unsqueeze(1), torch.zeros_like(coefficients)
+    else:  # approx_i = x~ . w~ + e_i
+        delta, offsets = stacked - shared.unsqueeze(1), coefficients  # [d_h, H, k], [d_h, H]
+    if second_moment is None:
+        quadratic, norm = delta.pow(2).sum(), stacked.pow(2).sum()
+    else:
+        quadratic = torch.einsum("chi,ij,chj->", delta, second_moment, delta)
+        norm = torch.einsum("chi,ij,chj->", stacked, second_moment, stacked)
+    error = quadratic - 2 * (offsets * (delta @ mean)).sum() + offsets.pow(2).sum()
+    return math.sqrt(max(error.item(), 0.0) / max(norm.item(), 1e-300))
+
+
+def read_stacked(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, layer: int, proj: str) -> tuple[torch.Tensor, bool]:
+    """A layer projection's rows ``[d_h, H, k]`` (see :func:`stack_heads`) and whether it has a bias."""
+    bias_name = spec.attention(layer, proj, "bias")
+    bias = reader.get(bias_name) if bias_name in set(reader.names()) else None
+    return stack_heads(reader.get(spec.attention(layer, proj)), bias, spec.head_dim), bias is not None
+
+
+def input_moments(second_moment: torch.Tensor | None, k: int, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(E[x~ x~^T], E[x~]) restricted to the k inputs a projection sees; the bias input (last) is dropped without bias."""
+    if second_moment is None:
+        return None, data_free_mean(k, bias)
+    return second_moment[:k, :k], second_moment[-1, :k]
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    base = model.base_model
+    return base.layers if hasattr(base, "layers") else base.encoder.layer
+
+
+def _projection(layer: nn.Module, proj: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute) of a decoder or BERT layer's q/k/v projection."""
+    if hasattr(layer, "self_attn"):
+        return layer.self_attn, proj
+    return layer.attention.self, {"q_proj": "query", "k_proj": "key", "v_proj": "value"}[proj]
+
+
+class CalibrationPass:
+    """Runs calibration blocks through the dense model: accumulates each layer's attention-input
+    second moment E[x~ x~^T] (x~ = [x, 1], one per layer: Q, K and V read the same input) and,
+    given MHE modules, the relative error of each attention module's output with them swapped in."""
+
+    def __init__(self, model: nn.Module, blocks: torch.Tensor):
+        self.model, self.blocks = model, blocks
+
+    @torch.no_grad()
+    def run(self, label: str, moments: bool, replacements: list[dict[str, nn.Module]] | None = None
+            ) -> tuple[list[torch.Tensor] | None, list[float] | None]:
+        """(per-layer E[x~ x~^T] [d+1, d+1] or None, per-layer attention output relative error or None)."""
+        from ..modeling.surgery import attention_of
+
+        layers = _layers(self.model)
+        sums = [None] * len(layers)
+        counts = [0] * len(layers)
+        errors = torch.zeros(len(layers), 2, dtype=torch.float64)  # [layer, (squared error, squared norm)]
+        busy = [False]
+        handles = []
+
+        def moment_hook(index: int):
+            def accumulate(_module: nn.Module, args: tuple) -> None:
+                if busy[0]:
+                    return
+                inputs = args[0].reshape(-1, args[0].shape[-1]).float()  # [N, d]
+                augmented = torch.cat([inputs, inputs.new_ones(inputs.shape[0], 1)], dim=1)  # [N, d+1]
+                block = (augmented.T @ augmented).double().cpu()  # [d+1, d+1]
+                sums[index] = block if sums[index] is None else sums[index] + block
+                counts[index] += inputs.shape[0]
+
+            return accumulate
+
+        def error_hook(index: int):
+            def compare(attention: nn.Module, args: tuple, kwargs: dict, output) -> None:
+                if busy[0]:
+                    return
+                swapped = {}
+                busy[0] = True
+                try:
+                    for proj, module in replacements[index].items():
+                        parent, name = _projection(layers[index], proj)
+                        swapped[proj] = getattr(parent, name)
+                        setattr(parent, name, module)
+                    approx = attention(*args, **kwargs)
+                finally:
+                    for proj, module in swapped.items():
+                        parent, name = _projection(layers[index], proj)
+                        setattr(parent, name, module)
+                    busy[0] = False
+                reference = (output[0] if isinstance(output, tuple) else output).double()  # [B, T, D]
+                approx = (approx[0] if isinstance(approx, tuple) else approx).double()
+                errors[index, 0] += (approx - reference).pow(2).sum().cpu()
+                errors[index, 1] += reference.pow(2).sum().cpu()
+
+            return compare
+
+        for index, layer in enumerate(layers):
+            if moments:
+                parent, name = _projection(layer, "q_proj")
+                handles.append(getattr(parent, name).register_forward_pre_hook(moment_hook(index)))
+            if replacements is not None:
+                handles.append(attention_of(layer).register_forward_hook(error_hook(index), with_kwargs=True))
+        try:
+            for index, block in enumerate(self.blocks):
+                print(f"\r{label}: block {index + 1}/{len(self.blocks)}", end="", file=sys.stderr, flush=True)
+                self.model(input_ids=block.unsqueeze(0).to(self.model.device), use_cache=False)
+            print(file=sys.stderr)
+        finally:
+            for handle in handles:
+                handle.remove()
+        second_moments = [total / count for total, count in zip(sums, counts)] if moments else None
+        output_errors = (errors[:, 0] / errors[:, 1].clamp_min(1e-300)).sqrt().tolist() if replacements is not None else None
+        return second_moments, output_errors
+
+
+def load_calibration(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: MHEOptions) -> CalibrationPass:
+    """Tokenise the calibration text and load the dense base model (no LM head) for the passes."""
+    from ..checkpoint.load import load_for_analysis
+    from ..data.calibration import calibration_blocks
+
+    blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens,
+                                options.calibration_seq_len, encoder=isinstance(spec, EncoderSpec))  # [N, T]
+    num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
+    moments = spec.num_layers * (spec.hidden_size + 1) ** 2 * 8
+    model = load_for_analysis(reader.folder, num_parameters, f"MHE calibration ({blocks.numel()} tokens)",
+                              auto_class="AutoModel", activation_bytes=moments)
+    model.requires_grad_(False)
+    return CalibrationPass(model, blocks)
+
+
+def fit_layers(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, variant: str,
+               second_moments: list[torch.Tensor] | None) -> list[dict[str, ProjectionFit]]:
+    """Fit every layer's Q, K and V (in float64; ``second_moments``: per layer, or None for the data-free fit)."""
+    fits = []
+    for layer in range(spec.num_layers):
+        print(f"\rMHE fit: layer {layer + 1}/{spec.num_layers}", end="", file=sys.stderr, flush=True)
+        layer_fits = {}
+        for proj in PROJECTIONS:
+            stacked, bias = read_stacked(reader, spec, layer, proj)
+            moment = second_moments[layer] if second_moments is not None else None
+            shared, embedding, error = fit_projection(stacked, variant, *input_moments(moment, stacked.shape[-1], bias))
+            layer_fits[proj] = ProjectionFit(shared[:, :spec.hidden_size].float(), shared[:, spec.hidden_size].float() if bias else None,
+                                             embedding.float(), error)
+        fits.append(layer_fits)
+    print(file=sys.stderr)
+    return fits
+
+
+def measure_errors(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, variant: str,
+                   fits: list[dict[str, ProjectionFit]], second_moments: list[torch.Tensor]) -> None:
+    """Replace each fit's error by its error on calibration activations (for the data-free fit)."""
+    for layer, layer_fits in enumerate(fits):
+        for proj, fit in layer_fits.items():
+            stacked, bias = read_stacked(reader, spec, layer, proj)
+            shared = fit.weight.double() if fit.bias is None else torch.cat([fit.weight.double(), fit.bias.double()[:, None]], dim=1)  # [d_h, k]
+            fit.error = relative_error(stacked, shared, fit.head_embedding.double(), variant,
+                                       *input_moments(second_moments[layer], stacked.shape[-1], bias))
+
+
+def mhe_modules(fits: list[dict[str, ProjectionFit]], variant: str, device: torch.device) -> list[dict[str, nn.Module]]:
+    """The runtime's MHE projections holding the fits (fp32), for the attention-output check."""
+    modules = []
+    for layer_fits in fits:
+        layer_modules = {}
+        for proj, fit in layer_fits.items():
+            module = MHEProjection(fit.weight.shape[1], fit.weight.shape[0], fit.head_embedding.shape[0], variant, bias=fit.bias is not None)
+            module.weight.data.copy_(fit.weight)
+            module.head_embedding.data.copy_(fit.head_embedding)
+            if fit.bias is not None:
+                module.bias.data.copy_(fit.bias)
+            layer_modules[proj] = module.to(device)
+        modules.append(layer_modules)
+    return modules
+
+
+def attention_parameters(shapes: dict[str, tuple], spec: DecoderSpec | EncoderSpec) -> int:
+    """Parameters of all layers' q/k/v/o projections (weights, biases, head embeddings)."""
+    attention = set()
+    for layer in range(spec.num_layers):
+        for proj in (*PROJECTIONS, "o_proj"):
+            attention |= {spec.attention(layer, proj, kind) for kind in ("weight", "bias", "head_embedding")}
+    return sum(math.prod(shape) for name, shape in shapes.items() if name in attention)
+
+
+def validate(options: MHEOptions) -> None:
+    if options.variant not in MHE_VARIANTS:
+        raise UpcycleError(f"--variant {options.variant!r} is unknown; choose one of: {', '.join(MHE_VARIANTS)}")
+    if options.init not in INITS:
+        raise UpcycleError(f"--init {options.init!r} is unknown; choose one of: {', '.join(INITS)}")
+    if options.init == "calibrated" and not options.calibration:
+        raise UpcycleError("--init calibrated fits on activations and needs calibration text; pass --calibration FILE or use --init svd")
+    if options.calibration and not Path(options.calibration).exists():
+        raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file, or a folder of them")
+    if options.calibration_tokens < 1:
+        raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
+
+
+def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
+    """Plan the MHE conversion of the dense decoder or BERT encoder behind ``reader``."""
+    validate(options)
+    spec = attention_spec(reader.config, reader.names(), str(reader.folder))
+    names = set(reader.names())
+    heads = {"q_proj": spec.num_heads, "k_proj": spec.num_kv_heads, "v_proj": spec.num_kv_heads}
+
+    calibration = load_calibration(reader, spec, options) if options.calibration else None
+    second_moments = output_errors = None
+    if options.init == "calibrated":
+        second_moments, _ = calibration.run("MHE calibration: attention inputs", moments=True)
+        fits = fit_layers(reader, spec, options.variant, second_moments)
+    else:
+        fits = fit_layers(reader, spec, options.variant, None)
+    if calibration is not None:
+        replacements = mhe_modules(fits, options.variant, calibration.model.device)
+        measured, output_errors = calibration.run("MHE calibration: attention output error", moments=second_moments is None, replacements=replacements)
+        if second_moments is None:  # svd init: the projection errors on the same activations as the calibrated fit's
+            measure_errors(reader, spec, options.variant, fits, measured)
+        del calibration
+
+    dtype = reader.info(spec.attention(0, "q_proj")).dtype
+    edited = {spec.attention(layer, proj, kind): (layer, proj, kind) for layer in range(spec.num_layers)
+              for proj in PROJECTIONS for kind in ("weight", "bias")}
+    layout = []
+    for name in reader.names():
+        info = reader.info(name)
+        if name not in edited:
+            layout.append(TensorSpec(name, info.dtype, tuple(info.shape)))
+            continue
+        layer, proj, kind = edited[name]
+        if kind == "bias":
+            layout.append(TensorSpec(name, info.dtype, (spec.head_dim,)))
+        else:
+            layout.append(TensorSpec(name, info.dtype, (spec.head_dim, info.shape[1])))
+            layout.append(TensorSpec(spec.attention(layer, proj, "head_embedding"), dtype, (heads[proj], spec.head_dim)))
+    new_tensors = {}
+    for layer, layer_fits in enumerate(fits):
+        for proj, fit in layer_fits.items():
+            new_tensors[spec.attention(layer, proj, "weight")] = fit.weight
+            new_tensors[spec.attention(layer, proj, "head_embedding")] = fit.head_embedding
+            if fit.bias is not None:
+                new_tensors[spec.attention(layer, proj, "bias")] = fit.bias
+
+    def tensors():
+        for item in layout:
+            if item.name in new_tensors:
+                yield item.name, new_tensors[item.name].to(item.dtype).contiguous()
+            else:
+                yield item.name, SourceTensor(item.name)
+
+    plans = [{"mhe": {"variant": options.variant, "heads": dict(heads)}} for _ in range(spec.num_layers)]
+    config, auto_class, pipeline_tag = runtime_config(reader.config, spec, "mhe", plans)
+    before = attention_parameters({name: reader.info(name).shape for name in names}, spec)
+    after = attention_parameters({item.name: item.shape for item in layout}, spec)
+    space = "calibration activations" if options.calibration else "weights"
+    per_layer = [{"layer": layer, **{proj: fit.error for proj, fit in layer_fits.items()},
+                  "attention_output": output_errors[layer] if output_errors else None} for layer, layer_fits in enumerate(fits)]
+    attention = {"before": before, "after": after, "saved_percent": round(100 * (1 - after / before), 2)}
+    settings = asdict(options) | {"calibration": str(options.calibration) if options.calibration else None}
+    return Conversion(
+        method="mhe",
+        config=config,
+        layout=layout,
+        tensors=tensors,
+        plan_lines=plan_table(spec, options, attention, per_layer, space),
+        report={"options": settings, "attention_parameters": attention, "reconstruction_error": {"measured_on": space, "layers": per_layer}},
+        tags=["mhe", "multi-head-embedding"],
+        description=(
+            f"MHE-{options.variant.upper()} attention ({options.init} init): in every layer Q ({spec.num_heads} heads) and K, V "
+            f"({spec.num_kv_heads} heads each) are one shared {spec.head_dim}-wide projection plus one embedding per head "
+            f"({'multiplied' if options.variant == 'mul' else 'added'}); o_proj unchanged. Attention parameters "
+            f"{before:,} -> {after:,} ({attention['saved_percent']}% fewer). Heal it with continued training before use."
+        ),
+        auto_class=auto_class,
+        pipeline_tag=pipeline_tag,
+    )
+
+
+def plan_table(spec: DecoderSpec | EncoderSpec, options: MHEOptions, attention: dict, per_layer: list[dict], space: str) -> list[str]:
+    """Header, parameter saving and one line per layer of reconstruction errors."""
+    lines = [
+        f"MHE plan: {spec.num_layers} layers; Q over {spec.num_heads} heads, K and V over {spec.num_kv_heads} heads, head_dim {spec.head_dim}; "
+        f"variant {options.variant}, init {options.init}; o_proj unchanged",
+        f"attention parameters: {attention['before']:,} -> {attention['after']:,} ({attention['saved_percent']}% fewer)",
+        f"relative reconstruction error (on {space}):",
+        f"{'layer':>5}  {'q_proj':>8}  {'k_proj':>8}  {'v_proj':>8}  {'attn out':>8}",
+    ]
+    for row in per_layer:
+        out = f"{row['attention_output']:8.4f}" if row["attention_output"] is not None else f"{'-':>8}"
+        lines.append(f"{row['layer']:>5}  {row['q_proj']:8.4f}  {row['k_proj']:8.4f}  {row['v_proj']:8.4f}  {out}")
+    return lines
