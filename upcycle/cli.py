@@ -55,6 +55,7 @@ class Method(str, Enum):
     prune_heads = "prune-heads"
     gqa = "gqa"
     mhe = "mhe"
+    bam = "bam"
 
 
 class Router(str, Enum):
@@ -83,6 +84,17 @@ class Init(str, Enum):
     calibrated = "calibrated"
 
 
+class AttentionMix(str, Enum):
+    expert_kv = "expert-kv"
+    shared_kv = "shared-kv"
+    average = "average"
+
+
+class RouterInit(str, Enum):
+    random = "random"
+    zero = "zero"
+
+
 class SharedSelection(str, Enum):
     first = "first"
     weight_norm = "weight-norm"
@@ -100,7 +112,7 @@ def convert(
     shared_selection: Annotated[SharedSelection | None, typer.Option(help="MoH: which heads are shared. Default: contribution with --calibration, else weight-norm.", show_default=False)] = None,
     ratio: Annotated[float | None, typer.Option(help="prune-heads: fraction of prunable units removed, 0 <= R < 1 (units: heads for MHA, KV groups for GQA models).", show_default=False)] = None,
     importance: Annotated[Importance, typer.Option(help="prune-heads: gradient (E|dL/dgate| per unit on --calibration text) or random (the control, with --seed).")] = Importance.gradient,
-    seed: Annotated[int, typer.Option(help="prune-heads: seed of --importance random and of the masked-LM masking.")] = 0,
+    seed: Annotated[int, typer.Option(help="prune-heads: seed of --importance random and of the masked-LM masking; bam: seed of the random routers.")] = 0,
     normalize: Annotated[Normalize, typer.Option(help="prune-heads: L2-normalise gradient importance per layer: layer (the paper), none, or auto (layer only with >= 8 units per layer).")] = Normalize.auto,
     iterative: Annotated[int, typer.Option(help="prune-heads: prune in N cumulative steps, recomputing importance before each (1: score once).")] = 1,
     min_heads_per_layer: Annotated[int, typer.Option(help="prune-heads: query heads every layer keeps at least.")] = 1,
@@ -108,6 +120,11 @@ def convert(
     kv_heads: Annotated[int | None, typer.Option(help="gqa: new number of key/value heads, a divisor of the current count (1: MQA).", show_default=False)] = None,
     variant: Annotated[Variant | None, typer.Option(help="mhe: head embeddings multiply (mul, default) or add to the shared projection.", show_default=False)] = None,
     init: Annotated[Init | None, typer.Option(help="mhe: svd (default; best fit on the weights, no data) or calibrated (least squares on --calibration activations).", show_default=False)] = None,
+    expert: Annotated[list[str] | None, typer.Option(help="bam: a model branched from SRC (the seed, expert 0) and trained further; repeat for each expert.", show_default=False)] = None,
+    attention: Annotated[AttentionMix | None, typer.Option(help="bam: expert-kv (default; per-expert Q, K, V, O), shared-kv (per-expert Q, O; K, V averaged) or average (BTX).", show_default=False)] = None,
+    ffn_top_k: Annotated[int | None, typer.Option(help="bam: FFN experts per token (default 1; 2 with --attention average, as in BTX).", show_default=False)] = None,
+    router_init: Annotated[RouterInit | None, typer.Option(help="bam: random (default, the paper; normal with the model's initializer_range, --seed) or zero (uniform mixture at first).", show_default=False)] = None,
+    parallel_block: Annotated[bool, typer.Option(help="bam: parallel attention+FFN blocks, x + A(LN x) + F(LN x) (changes a sequential seed's function).")] = False,
     calibration: Annotated[Path | None, typer.Option(help="Calibration text (.txt, .jsonl or a folder) for data-driven choices.")] = None,
     calibration_tokens: Annotated[int, typer.Option(help="Tokens of calibration text to use.")] = 16384,
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB or 500MB.")] = "5GB",
@@ -119,6 +136,7 @@ def convert(
     Head pruning: upcycle convert SRC OUT --method prune-heads --ratio 0.25 --calibration text.txt [--uniform].
     MHA to GQA/MQA: upcycle convert SRC OUT --method gqa --kv-heads 1
     MHE: upcycle convert SRC OUT --method mhe --variant mul --init calibrated --calibration text.txt
+    BAM: upcycle convert SEED OUT --method bam --expert ./code-branch --expert ./law-branch --attention expert-kv
     """
     from .convert import convert_checkpoint
 
@@ -129,6 +147,15 @@ def convert(
             raise UpcycleError(f"--kv-heads applies to --method gqa, not {method.value}; drop it or pass --method gqa")
         if method is not Method.mhe and (variant or init):
             raise UpcycleError(f"--{'variant' if variant else 'init'} applies to --method mhe, not {method.value}; drop it or pass --method mhe")
+        bam_flags = {"--expert": expert, "--attention": attention, "--ffn-top-k": ffn_top_k, "--router-init": router_init, "--parallel-block": parallel_block}
+        given = [flag for flag, value in bam_flags.items() if value]
+        if method is not Method.bam and given:
+            raise UpcycleError(f"{given[0]} applies to --method bam, not {method.value}; drop it or pass --method bam")
+        if method is Method.bam:
+            from .methods.bam import BAMOptions
+
+            return BAMOptions(experts=list(expert or []), attention=(attention or AttentionMix.expert_kv).value, ffn_top_k=ffn_top_k,
+                              router_init=(router_init or RouterInit.random).value, parallel_block=parallel_block, seed=seed)
         if method is Method.mhe:
             from .methods.mhe import MHEOptions
 

@@ -17,7 +17,7 @@ from .checkpoint.card import write_model_card
 from .checkpoint.reader import CheckpointReader, resolve_source
 from .checkpoint.writer import ShardedWriter, atomic_output, copy_support_files, parse_size
 from .errors import UpcycleError
-from .methods import METHODS, Conversion, SourceTensor
+from .methods import METHODS, ChunkedTensor, Conversion, SourceTensor
 
 RUNTIME_DIR = Path(__file__).parent / "modeling"
 
@@ -70,6 +70,10 @@ def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversio
         from .methods import mhe
 
         return mhe.convert(reader, options)
+    if method == "bam":
+        from .methods import bam
+
+        return bam.convert(reader, options)
     raise UpcycleError(f"--method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
 
 
@@ -77,8 +81,9 @@ def count_parameters(layout) -> int:
     return sum(math.prod(spec.shape) for spec in layout)
 
 
-def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion, copied: set[str] | None = None) -> list[dict]:
-    """Re-read the written folder and compare it with the plan and the source (``copied``: the names passed through)."""
+def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion,
+               copied: dict[str, tuple[CheckpointReader, str]] | None = None) -> list[dict]:
+    """Re-read the written folder and compare it with the plan and the sources (``copied``: output name -> (reader, source name) of the tensors passed through)."""
     checks = []
     written = CheckpointReader(folder)
     expected = {spec.name: (spec.dtype, tuple(spec.shape)) for spec in conversion.layout}
@@ -86,10 +91,12 @@ def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion, c
     checks.append({"name": "shards re-read: headers valid, sizes match, tensors as planned", "passed": found == expected,
                    "detail": f"{len(found)} tensors in {len(written.shards)} shard(s)"})
 
-    small = [name for name in reader.names() if name in expected and (copied is None or name in copied) and reader.info(name).nbytes <= 2**25]
+    if copied is None:
+        copied = {name: (reader, name) for name in reader.names() if name in expected}
+    small = [name for name, (source, source_name) in copied.items() if source.info(source_name).nbytes <= 2**25]
     sample = sorted({small[0], small[len(small) // 2], small[-1]}) if small else []
-    identical = all(torch.equal(reader.get(n).view(torch.uint8), written.get(n).view(torch.uint8)) for n in sample)
-    checks.append({"name": "untouched tensors byte-identical to the source", "passed": identical, "detail": ", ".join(sample)})
+    identical = all(torch.equal(copied[n][0].get(copied[n][1]).view(torch.uint8), written.get(n).view(torch.uint8)) for n in sample)
+    checks.append({"name": "untouched tensors byte-identical to the source", "passed": identical, "detail": ", ".join(sample) or "none passed through"})
 
     config = conversion.config
     if conversion.uses_runtime:
@@ -103,15 +110,18 @@ def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion, c
         model_cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
         title = "plain transformers builds the model and its parameters match the files"
     if model_cls is not None:
-        checks.append(_parameters_check(model_cls, config, {name: shape for name, (_, shape) in found.items()}, title))
+        checks.append(_parameters_check(model_cls, config, {name: shape for name, (_, shape) in found.items()}, title, conversion.file_names))
     return checks
 
 
-def _parameters_check(model_cls, config: dict, found: dict[str, tuple], title: str) -> dict:
-    """Build ``model_cls`` from ``config`` on the meta device and compare its parameter names and shapes with the files."""
+def _parameters_check(model_cls, config: dict, found: dict[str, tuple], title: str, file_names=None) -> dict:
+    """Build ``model_cls`` from ``config`` on the meta device and compare its parameter names and shapes with the files
+    (``file_names`` maps the model's names and shapes to the files' where the on-disk format differs)."""
     with torch.device("meta"):
         model = model_cls(model_cls.config_class.from_dict(config))
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if file_names is not None:
+        shapes = file_names(shapes)
     prefix = ""
     if model.base_model is model and model.base_model_prefix and not set(shapes) & set(found):
         prefix = f"{model.base_model_prefix}."  # a base model read from a checkpoint with a task head (bert.*)
@@ -156,12 +166,16 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
     with atomic_output(out, overwrite) as tmp:
         with ShardedWriter(tmp, conversion.layout, max_shard, metadata={"upcycle_method": method}) as writer:
             progress = tqdm(total=out_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr, disable=None)
-            passed_through = set()
+            passed_through = {}
             for name, tensor in conversion.tensors():
                 if isinstance(tensor, SourceTensor):
-                    writer.copy_from(reader, name, tensor.name)
-                    passed_through.add(name)
-                    progress.update(reader.info(tensor.name).nbytes)
+                    source = tensor.reader or reader
+                    writer.copy_from(source, name, tensor.name)
+                    passed_through[name] = (source, tensor.name)
+                    progress.update(source.info(tensor.name).nbytes)
+                elif isinstance(tensor, ChunkedTensor):
+                    writer.write_chunks(name, tensor.dtype, tensor.shape, tensor.chunks())
+                    progress.update(math.prod(tensor.shape) * tensor.dtype.itemsize)
                 else:
                     writer.write(name, tensor)
                     progress.update(tensor.numel() * tensor.element_size())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 
 from .arch import ATTENTION_FAMILIES, attention_spec
 from .checkpoint.reader import CheckpointReader, resolve_source

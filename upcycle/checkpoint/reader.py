@@ -262,6 +262,24 @@ class CheckpointReader:
                 filled += count
         return buffer.view(info.dtype).reshape(info.shape)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of one tensor, reading only their bytes (safetensors)."""
+        info = self.info(name)
+        if self.format == "bin" or not info.shape:
+            return self.get(name)[start:stop]
+        row_bytes = info.nbytes // info.shape[0]
+        buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        with open(info.file, "rb", buffering=0) as handle:
+            handle.seek(self._offsets[name] + start * row_bytes)
+            filled = 0
+            while filled < len(view):
+                count = handle.readinto(view[filled:])
+                if not count:
+                    raise _corrupted(info.file, f"{name} ends past the end of the file")
+                filled += count
+        return buffer.view(info.dtype).reshape(stop - start, *info.shape[1:])
+
     def byte_range(self, name: str) -> tuple[Path, int] | None:
         """(file, offset) of a tensor's raw bytes in a safetensors file; None for .bin checkpoints."""
         info = self.info(name)

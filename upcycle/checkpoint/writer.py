@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -11,7 +12,7 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import torch
 
@@ -102,6 +103,20 @@ class ShardedWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel():
             self._handle.write(data.numpy())
+        self._advance()
+
+    def write_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]) -> None:
+        """Append the next tensor of the layout from consecutive row chunks (so it is never whole in memory)."""
+        self._check_next(name, dtype, tuple(shape))
+        written = 0
+        for chunk in chunks:
+            data = chunk.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8)
+            if data.numel():
+                self._handle.write(data.numpy())
+            written += data.numel()
+        expected = math.prod(shape) * dtype.itemsize
+        if written != expected:
+            raise ValueError(f"{name}: chunks held {written} bytes, expected {expected}")
         self._advance()
 
     def copy_from(self, reader: CheckpointReader, name: str, source_name: str | None = None) -> None:

@@ -1,7 +1,7 @@
 """One module per conversion method; each exposes ``convert(reader, options) -> Conversion``."""
 
-from .base import Conversion, SourceTensor
+from .base import ChunkedTensor, Conversion, SourceTensor
 
-METHODS = ("moh", "prune-heads", "gqa", "mhe")
+METHODS = ("moh", "prune-heads", "gqa", "mhe", "bam")
 
-__all__ = ["Conversion", "METHODS", "SourceTensor"]
+__all__ = ["ChunkedTensor", "Conversion", "METHODS", "SourceTensor"]

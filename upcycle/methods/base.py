@@ -7,14 +7,28 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """Stands for a source tensor that goes to the output unchanged (copied file to file)."""
+    """Stands for a source tensor that goes to the output unchanged (copied file to file).
+
+    ``reader``: the checkpoint it comes from when not the conversion's source (e.g. another expert).
+    """
 
     name: str
+    reader: CheckpointReader | None = None
+
+
+@dataclass(frozen=True)
+class ChunkedTensor:
+    """A new tensor produced as consecutive row chunks, so that it is never whole in memory."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterator[torch.Tensor]]
 
 
 @dataclass
@@ -29,10 +43,11 @@ class Conversion:
     method: str
     config: dict
     layout: list[TensorSpec]
-    tensors: Callable[[], Iterator[tuple[str, torch.Tensor | SourceTensor]]]
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor | SourceTensor | ChunkedTensor]]]
     plan_lines: list[str]
     report: dict = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
+    file_names: Callable[[dict[str, tuple]], dict[str, tuple]] | None = None  # model parameter shapes -> file tensor shapes, when they differ (Mixtral)
     description: str = ""
     uses_runtime: bool = True
     auto_class: str = "AutoModelForCausalLM"  # how the output loads (model card)

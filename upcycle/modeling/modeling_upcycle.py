@@ -32,6 +32,10 @@ class _UpcycleModel:
         """Load-balance terms of every router from the latest training forward."""
         return [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
 
+    def router_z_losses(self) -> list:
+        """z-loss terms of every expert router from the latest training forward."""
+        return [m.z_loss for m in self.modules() if getattr(m, "z_loss", None) is not None]
+
 
 class UpcycleLlamaForCausalLM(_UpcycleModel, LlamaForCausalLM):
     config_class = UpcycleLlamaConfig

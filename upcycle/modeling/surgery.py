@@ -7,9 +7,12 @@ the same surgery both ways.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from .experts import MoEFeedForward, SoftExpertRouter, head_expert_order, make_parallel_block
 from .gated_attention import attach_head_router
 from .mhe_projection import MHEProjection
 from .routers import build_router
@@ -75,6 +78,35 @@ def _apply_mhe(layer: nn.Module, spec: dict) -> None:
         setattr(parent, name, new)
 
 
+def _resized_linear(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    """An uninitialised Linear of a new size on ``linear``'s device and dtype (filled when the checkpoint loads)."""
+    weight = linear.weight
+    return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+
+
+def _apply_attention_experts(layer: nn.Module, spec: dict, hidden_size: int) -> None:
+    """N attention experts as one attention of N*h query heads (N*g or g KV heads), softly gated per expert."""
+    attention = layer.self_attn
+    experts, shared_kv = spec["experts"], spec["kv"] == "shared"
+    head_dim = attention.head_dim
+    heads, kv_heads = attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim
+    attention.q_proj = _resized_linear(attention.q_proj, hidden_size, experts * heads * head_dim)
+    attention.o_proj = _resized_linear(attention.o_proj, experts * heads * head_dim, attention.o_proj.out_features)
+    if not shared_kv:
+        attention.k_proj = _resized_linear(attention.k_proj, hidden_size, experts * kv_heads * head_dim)
+        attention.v_proj = _resized_linear(attention.v_proj, hidden_size, experts * kv_heads * head_dim)
+    attention.num_key_value_groups = heads // kv_heads if not shared_kv else experts * heads // kv_heads
+    order = head_expert_order(experts, heads, kv_heads, shared_kv)
+    router = SoftExpertRouter(hidden_size, [expert for expert, _ in order])
+    router.to(device=attention.q_proj.weight.device, dtype=attention.q_proj.weight.dtype)
+    attach_head_router(attention, router)
+
+
+def _apply_moe_ffn(layer: nn.Module, spec: dict, hidden_size: int) -> None:
+    """The layer's MLP becomes N copies of itself (filled from the checkpoint) behind a top-k router."""
+    layer.mlp = MoEFeedForward([copy.deepcopy(layer.mlp) for _ in range(spec["experts"])], hidden_size, spec["top_k"])
+
+
 def _apply_head_gate(attention: nn.Module, spec: dict, hidden_size: int, num_heads: int) -> None:
     router = build_router(spec["router"], hidden_size, num_heads, spec["shared_heads"], spec["routed_heads"], spec["top_k"])
     weight = next(attention.parameters())
@@ -95,5 +127,12 @@ def apply_plan(decoder_layers: nn.ModuleList, plan: dict, hidden_size: int, num_
                 _apply_attention_heads(layer, value)
             elif key == "mhe":
                 _apply_mhe(layer, value)
+            elif key == "attention_experts":
+                _apply_attention_experts(layer, value, hidden_size)
+            elif key == "moe_ffn":
+                _apply_moe_ffn(layer, value, hidden_size)
+            elif key == "parallel_block":
+                if value:
+                    make_parallel_block(layer)
             else:
                 raise ValueError(f"unknown change {key!r} in the upcycle plan; upgrade upcycle")

@@ -4,13 +4,12 @@ Each optimizer step sees ``global_batch_tokens`` tokens: the step's sequences ar
 drawn from a seeded permutation (so the order depends only on the seed and the
 step, which makes resuming exact), split across processes and then into
 micro-batches with gradient accumulation. The loss is the LM loss plus the
-recipe's weight times the routers' load-balance terms averaged over layers.
+recipe's weights times the routers' load-balance and z-loss terms, each averaged over routers.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -90,15 +89,20 @@ def lr_schedule(optimizer, recipe: Recipe):
     return get_cosine_with_min_lr_schedule_with_warmup(optimizer, training.warmup_steps, training.steps, min_lr=training.min_lr)
 
 
+def is_router_parameter(name: str) -> bool:
+    """Head routers (MoH, BAM attention), upcycle's MoE FFN routers and Mixtral's."""
+    return ".head_router." in name or ".mlp.router." in name or name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight"))
+
+
 def select_trainable(model, recipe: Recipe):
     """Freeze what the recipe does not train; LoRA wraps the model with peft (routers stay fully trainable)."""
     if recipe.trainable == "all":
         return model
     if recipe.trainable == "routers":
-        if not any(".head_router." in name for name, _ in model.named_parameters()):
+        if not any(is_router_parameter(name) for name, _ in model.named_parameters()):
             raise UpcycleError("trainable: routers, but the model has no router parameters (query-norm routers have none); use trainable: all or lora")
         for name, param in model.named_parameters():
-            param.requires_grad = ".head_router." in name
+            param.requires_grad = is_router_parameter(name)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -111,7 +115,7 @@ def select_trainable(model, recipe: Recipe):
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     for name, param in model.named_parameters():
-        if ".head_router." in name:
+        if is_router_parameter(name):
             param.requires_grad = True
     for module in model.modules():
         if type(module).__name__ == "MHEProjection":
@@ -122,6 +126,12 @@ def select_trainable(model, recipe: Recipe):
 def router_balance_loss(model) -> torch.Tensor | None:
     """Mean over layers of the routers' load-balance terms from the latest forward."""
     losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
+    return torch.stack(losses).mean() if losses else None
+
+
+def router_z_loss(model) -> torch.Tensor | None:
+    """Mean over expert routers of their z-loss terms from the latest forward."""
+    losses = [m.z_loss for m in model.modules() if getattr(m, "z_loss", None) is not None]
     return torch.stack(losses).mean() if losses else None
 
 
@@ -156,6 +166,9 @@ class Trainer:
         if recipe.training.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
+        from ..eval.experts import instrument_mixtral_routers
+
+        instrument_mixtral_routers(model)  # BTX written as Mixtral: the same balance and z-loss terms as upcycle's routers
         model = select_trainable(model, recipe)
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -219,9 +232,10 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns the step's metrics (averaged over processes)."""
         micro_batches = self._micro_batches()
-        weight = self.recipe.losses.load_balance
+        weight, z_weight = self.recipe.losses.load_balance, self.recipe.losses.z_loss
         lm_total = torch.zeros((), device=self.accelerator.device)
         aux_total = torch.zeros((), device=self.accelerator.device)
+        z_total = torch.zeros((), device=self.accelerator.device)
         self.model.train()
         for index, batch in enumerate(micro_batches):
             batch = batch.to(self.accelerator.device)  # [M, T]
@@ -229,30 +243,33 @@ class Trainer:
             with nullcontext() if last else self.accelerator.no_sync(self.model):
                 with self.accelerator.autocast():
                     out = self.model(input_ids=batch, labels=batch)
-                balance = router_balance_loss(self.model)
-                loss = out.loss + (weight * balance if balance is not None else 0.0)
+                balance, z = router_balance_loss(self.model), router_z_loss(self.model)
+                loss = out.loss + (weight * balance if balance is not None else 0.0) + (z_weight * z if z is not None else 0.0)
                 self.accelerator.backward(loss / len(micro_batches))
             lm_total += out.loss.detach() / len(micro_batches)
             if balance is not None:
                 aux_total += balance.detach() / len(micro_batches)
+            if z is not None:
+                z_total += z.detach() / len(micro_batches)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.training.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        lm, aux = self.accelerator.reduce(torch.stack([lm_total, aux_total]), reduction="mean").tolist()
-        return {"step": self.step, "loss": lm, "aux_loss": aux, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+        lm, aux, z = self.accelerator.reduce(torch.stack([lm_total, aux_total, z_total]), reduction="mean").tolist()
+        return {"step": self.step, "loss": lm, "aux_loss": aux, "z_loss": z, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
 
     @torch.no_grad()
     def validate(self) -> dict:
         """Mean token loss and head usage on the validation blocks (every process computes the same)."""
+        from ..eval.experts import ExpertUsage
         from ..eval.usage import HeadUsage
 
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         total, count = 0.0, 0
         blocks = self.corpus.validation
-        with HeadUsage(model) as usage:
+        with HeadUsage(model) as usage, ExpertUsage(model) as experts:
             for start in range(0, len(blocks), self.plan.micro_batch_size):
                 batch = blocks[start:start + self.plan.micro_batch_size].to(self.accelerator.device)
                 with self.accelerator.autocast():
@@ -263,6 +280,8 @@ class Trainer:
         metrics = {"val_loss": total / max(count, 1)}
         if fraction.numel():
             metrics["head_usage"] = [[round(v, 4) for v in row] for row in fraction.tolist()]
+        if experts.routers:
+            metrics["expert_usage"] = {name: [round(v, 4) for v in row] for name, row in experts.fraction().items()}
         return metrics
 
     def run(self) -> Path | None:

@@ -67,6 +67,7 @@ class LoraSection(_Section):
 
 class LossSection(_Section):
     load_balance: float = Field(0.01, ge=0)
+    z_loss: float = Field(0.001, ge=0)
 
 
 class TrainingSection(_Section):

@@ -1,0 +1,326 @@
+"""BAM, Branch-Attend-Mix (Zhang et al. 2024), and its baseline BTX: mix dense models branched from one seed.
+
+Inputs: the seed (expert 0) and N-1 branch-trained models of the same architecture. Per layer:
+
+- FFN: each model's MLP becomes one expert behind a top-k router (``--ffn-top-k``: 1 for BAM,
+  2 for BTX by default).
+- Attention, ``--attention``:
+  - ``expert-kv``: every expert keeps its own Q, K, V, O. The soft mixture
+    ``sum_j g_j(x) MHA_j(x)`` is one attention with N*h query heads and N*g KV heads
+    (expert-major), o_proj the experts' o_proj side by side, and each head gated by its
+    expert's router weight ``g = softmax(W x)``: the head-gated attention of MoH, one KV cache.
+  - ``shared-kv``: per-expert Q and O, one K and V (the experts' mean): N*h query heads in
+    KV-group-major order over g KV heads.
+  - ``average``: the experts' attention averaged (BTX).
+- Everything else (embeddings, norms, q/k norms, LM head, an o_proj bias) is the uniform average.
+
+BTX from llama or mistral models (averaged attention, sequential block) is written as a plain
+Mixtral checkpoint; everything else is an upcycle checkpoint. Routers start random (normal,
+std ``initializer_range``, the paper) or zero (``--router-init zero``: a uniform mixture, so N
+identical experts reproduce the dense model). The N checkpoints are read one tensor at a time;
+averages are computed in row chunks and expert FFN tensors are copied file to file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..arch import DecoderSpec, decoder_spec
+from ..checkpoint.reader import CheckpointReader, resolve_source
+from ..checkpoint.writer import TensorSpec
+from ..errors import UpcycleError
+from ..modeling.experts import head_expert_order
+from .base import ChunkedTensor, Conversion, SourceTensor, runtime_config
+
+ATTENTION_MODES = ("expert-kv", "shared-kv", "average")
+ROUTER_INITS = ("random", "zero")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "tie_word_embeddings",
+                     "attention_bias", "mlp_bias", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling")
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class BAMOptions:
+    """The BAM/BTX flags of ``upcycle convert``."""
+
+    experts: list[str] = field(default_factory=list)
+    attention: str = "expert-kv"
+    ffn_top_k: int | None = None  # None: 1 (BAM), or 2 with --attention average (BTX)
+    router_init: str = "random"
+    parallel_block: bool = False
+    seed: int = 0
+
+
+def open_experts(reader: CheckpointReader, options: BAMOptions) -> list[CheckpointReader]:
+    """The seed's reader followed by one reader per ``--expert``."""
+    from ..convert import refuse_converted
+
+    readers = [reader]
+    for path in options.experts:
+        expert = CheckpointReader(resolve_source(path))
+        refuse_converted(expert.config, path)
+        readers.append(expert)
+    return readers
+
+
+def mismatches(readers: list[CheckpointReader], labels: list[str]) -> list[str]:
+    """Per expert that differs from the seed: its architecture differences and tensor name, shape and dtype differences."""
+    seed, found = readers[0], []
+    seed_infos = {name: seed.info(name) for name in seed.names()}
+    for label, expert in zip(labels[1:], readers[1:]):
+        items = [f"{key} {expert.config.get(key)!r} (seed {seed.config.get(key)!r})" for key in ARCHITECTURE_KEYS
+                 if seed.config.get(key) != expert.config.get(key)]
+        names = set(expert.names())
+        missing, extra = sorted(set(seed_infos) - names), sorted(names - set(seed_infos))
+        if missing:
+            items.append(f"lacks {len(missing)} tensor(s) such as {missing[0]}")
+        if extra:
+            items.append(f"has {len(extra)} extra tensor(s) such as {extra[0]}")
+        other = [name for name in sorted(names & set(seed_infos))
+                 if tuple(seed_infos[name].shape) != tuple(expert.info(name).shape) or seed_infos[name].dtype != expert.info(name).dtype]
+        if other:
+            mine, theirs = expert.info(other[0]), seed_infos[other[0]]
+            items.append(f"{len(other)} tensor(s) of another shape or dtype such as {other[0]} {tuple(mine.shape)} "
+                         f"{str(mine.dtype).removeprefix('torch.')} (seed {tuple(theirs.shape)} {str(theirs.dtype).removeprefix('torch.')})")
+        if items:
+            found.append(f"{label}: {', '.join(items)}")
+    return found
+
+
+def validate(options: BAMOptions, experts: int) -> int:
+    """Check the flags; returns the FFN top-k."""
+    if options.attention not in ATTENTION_MODES:
+        raise UpcycleError(f"--attention {options.attention!r} is unknown; choose one of: {', '.join(ATTENTION_MODES)}")
+    if options.router_init not in ROUTER_INITS:
+        raise UpcycleError(f"--router-init {options.router_init!r} is unknown; choose one of: {', '.join(ROUTER_INITS)}")
+    if not options.experts:
+        raise UpcycleError("--method bam needs at least one --expert PATH: a model branched from SRC (the seed, expert 0) and trained further")
+    top_k = options.ffn_top_k or (2 if options.attention == "average" else 1)
+    if not 1 <= top_k <= experts:
+        raise UpcycleError(f"--ffn-top-k {top_k} is outside [1, {experts}] for {experts} experts; choose a value in that range")
+    return top_k
+
+
+def mean_chunks(readers: list[CheckpointReader], name: str, dtype: torch.dtype) -> ChunkedTensor:
+    """The element-wise mean of one tensor over the readers, computed in float32 row chunks."""
+    shape = tuple(readers[0].info(name).shape)
+    rows = shape[0] if shape else 1
+    step = max(1, CHUNK_BYTES // (4 * math.prod(shape[1:])))  # rows per float32 chunk
+
+    def chunks():
+        if not shape:
+            yield torch.stack([reader.get(name).float() for reader in readers]).mean(0).to(dtype)
+            return
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            total = readers[0].get_rows(name, start, stop).float()
+            for reader in readers[1:]:
+                total += reader.get_rows(name, start, stop).float()
+            yield (total / len(readers)).to(dtype)
+
+    return ChunkedTensor(dtype, shape, chunks)
+
+
+def mixed_attention(readers: list[CheckpointReader], spec: DecoderSpec, layer: int, proj: str, kind: str,
+                    shared_kv: bool) -> torch.Tensor | ChunkedTensor:
+    """One attention tensor of the mixed layer: experts side by side (heads in the mixed order), or the mean."""
+    name = spec.attention(layer, proj, kind)
+    dtype = readers[0].info(name).dtype
+    if proj in ("k_proj", "v_proj") and shared_kv or proj == "o_proj" and kind == "bias":
+        return mean_chunks(readers, name, dtype)
+    parts = [reader.get(name) for reader in readers]
+    if proj in ("k_proj", "v_proj"):
+        return torch.cat(parts, dim=0).contiguous()  # [N*g*d, D] expert-major
+    order = head_expert_order(len(readers), spec.num_heads, spec.num_kv_heads, shared_kv)
+    dim = 1 if proj == "o_proj" else 0
+    heads = [part.unflatten(dim, (spec.num_heads, spec.head_dim)) for part in parts]  # [h, d, D] or [D, h, d]
+    picked = [heads[expert].select(dim, head) for expert, head in order]  # each [d, D] / [d] / [D, d]
+    return torch.stack(picked, dim=dim).flatten(dim, dim + 1).contiguous()  # [N*h*d, D] or [D, N*h*d]
+
+
+def native_mixtral(spec: DecoderSpec, config: dict, options: BAMOptions, experts: int, top_k: int) -> tuple[dict | None, str]:
+    """(Mixtral config, '') when the mix is BTX from llama/mistral that Mixtral expresses exactly, else (None, why not)."""
+    if options.attention != "average":
+        return None, "soft attention experts need the upcycle runtime"
+    if spec.model_type not in ("llama", "mistral"):
+        return None, f"Mixtral holds llama/mistral layers, not {spec.model_type}"
+    if options.parallel_block:
+        return None, "Mixtral has no parallel block"
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        return None, "Mixtral has no attention or MLP biases"
+    mixtral = {key: value for key, value in config.items() if key not in ("attention_bias", "mlp_bias", "pretraining_tp", "auto_map")}
+    mixtral.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts, num_experts_per_tok=top_k,
+                   head_dim=spec.head_dim, router_aux_loss_coef=0.01, output_router_logits=False,
+                   sliding_window=config.get("sliding_window"))
+    from .prune_heads import native_refusal
+
+    refusal = native_refusal(mixtral)
+    return (None, f"transformers refuses the Mixtral config: {refusal}") if refusal else (mixtral, "")
+
+
+def mixtral_file_shapes(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """Mixtral's fused in-memory experts (``mlp.experts.gate_up_proj``) as the per-expert tensors it saves."""
+    files = {}
+    for name, shape in shapes.items():
+        prefix, _, leaf = name.rpartition(".mlp.")
+        if not prefix:
+            files[name] = shape
+        elif leaf == "gate.weight":
+            files[f"{prefix}.block_sparse_moe.gate.weight"] = shape
+        elif leaf == "experts.gate_up_proj":  # [E, 2I, D]
+            for expert in range(shape[0]):
+                for proj in ("w1", "w3"):
+                    files[f"{prefix}.block_sparse_moe.experts.{expert}.{proj}.weight"] = (shape[1] // 2, shape[2])
+        elif leaf == "experts.down_proj":  # [E, D, I]
+            for expert in range(shape[0]):
+                files[f"{prefix}.block_sparse_moe.experts.{expert}.w2.weight"] = (shape[1], shape[2])
+        else:
+            files[name] = shape
+    return files
+
+
+def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
+    """Plan the BAM (or BTX) mix of the seed behind ``reader`` and the ``--expert`` models."""
+    spec = decoder_spec(reader.config, str(reader.folder))
+    top_k = validate(options, len(options.experts) + 1)
+    readers = open_experts(reader, options)
+    labels = ["the seed"] + [f"expert {i} ({path})" for i, path in enumerate(options.experts, 1)]
+    problems = mismatches(readers, labels)
+    if problems:
+        raise UpcycleError(f"the experts do not match the seed {reader.folder}: {'; '.join(problems)}. Mix models branched from the same seed")
+    experts, mode = len(readers), options.attention
+    shared_kv = mode == "shared-kv"
+    mixtral, why = native_mixtral(spec, reader.config, options, experts, top_k)
+    dtype = reader.info(spec.attention(0, "q_proj")).dtype
+    generator = torch.Generator().manual_seed(options.seed)
+    std = float(reader.config.get("initializer_range") or 0.02)
+
+    def router(rows: int) -> torch.Tensor:
+        if options.router_init == "zero":
+            return torch.zeros(rows, spec.hidden_size, dtype=dtype)
+        return (torch.randn(rows, spec.hidden_size, generator=generator) * std).to(dtype)
+
+    attention_names = {spec.attention(layer, proj, kind): (layer, proj, kind) for layer in range(spec.num_layers)
+                       for proj in ("q_proj", "k_proj", "v_proj", "o_proj") for kind in ("weight", "bias")}
+    mlp_names = {f"{spec.layer_prefix(layer)}mlp.{proj}.{kind}": (layer, proj, kind) for layer in range(spec.num_layers)
+                 for proj in MLP_PROJECTIONS for kind in ("weight", "bias")}
+    layout: list[TensorSpec] = []
+    sources: dict[str, object] = {}  # output name -> tensor | SourceTensor | ChunkedTensor | callable
+
+    def add(name: str, shape: tuple, source, tensor_dtype: torch.dtype = dtype) -> None:
+        layout.append(TensorSpec(name, tensor_dtype, tuple(shape)))
+        sources[name] = source
+
+    for name in reader.names():
+        info = reader.info(name)
+        if name in attention_names and mode != "average":
+            layer, proj, kind = attention_names[name]
+            source = (lambda layer=layer, proj=proj, kind=kind: mixed_attention(readers, spec, layer, proj, kind, shared_kv))
+            add(name, mixed_shape(spec, proj, kind, experts, shared_kv, tuple(info.shape)), source, info.dtype)
+            if proj == "o_proj" and kind == "weight":
+                add(f"{spec.layer_prefix(layer)}self_attn.head_router.weight", (experts, spec.hidden_size), lambda: router(experts))
+        elif name in mlp_names:
+            layer, proj, kind = mlp_names[name]
+            for expert, expert_reader in enumerate(readers):
+                if mixtral:
+                    if kind == "bias":
+                        continue
+                    out = f"{spec.layer_prefix(layer)}block_sparse_moe.experts.{expert}.{MIXTRAL_NAMES[proj]}.weight"
+                else:
+                    out = f"{spec.layer_prefix(layer)}mlp.experts.{expert}.{proj}.{kind}"
+                add(out, info.shape, SourceTensor(name, expert_reader), info.dtype)
+            if proj == "down_proj" and kind == "weight":
+                gate = f"{spec.layer_prefix(layer)}{'block_sparse_moe.gate' if mixtral else 'mlp.router'}.weight"
+                add(gate, (experts, spec.hidden_size), lambda: router(experts))
+        else:
+            add(name, info.shape, mean_chunks(readers, name, info.dtype), info.dtype)
+
+    def tensors():
+        for item in layout:
+            source = sources[item.name]
+            yield item.name, source() if callable(source) else source
+
+    plans = [layer_plan(mode, experts, top_k, options.parallel_block) for _ in range(spec.num_layers)]
+    if mixtral:
+        config, auto_class, pipeline_tag = mixtral, "AutoModelForCausalLM", "text-generation"
+    else:
+        config, auto_class, pipeline_tag = runtime_config(reader.config, spec, "bam", plans)
+    prefix = f"{spec.layer_prefix(0)}self_attn."
+    per_layer_before = sum(math.prod(reader.info(n).shape) for n in reader.names() if n.startswith(prefix))
+    per_layer_after = sum(math.prod(item.shape) for item in layout if item.name.startswith(prefix))
+    kv_heads = experts * spec.num_kv_heads if mode == "expert-kv" else spec.num_kv_heads
+    kv_bytes = 2 * kv_heads * spec.head_dim * dtype.itemsize
+    name = "BTX" if mode == "average" else f"BAM ({mode})"
+    report = {
+        "options": {"experts": list(options.experts), "attention": mode, "ffn_top_k": top_k, "router_init": options.router_init,
+                    "parallel_block": options.parallel_block, "seed": options.seed},
+        "experts": [str(r.folder) for r in readers],
+        "attention_parameters_per_layer": {"before": per_layer_before, "after": per_layer_after},
+        "kv_cache_bytes_per_token_per_layer": {"before": 2 * spec.num_kv_heads * spec.head_dim * dtype.itemsize, "after": kv_bytes},
+        "output_format": "mixtral" if mixtral else f"upcycle ({why})",
+    }
+    return Conversion(
+        method="bam",
+        config=config,
+        layout=layout,
+        tensors=tensors,
+        plan_lines=plan_table(spec, name, experts, top_k, mode, options, labels, readers, report, mixtral is not None, why),
+        report=report,
+        tags=["bam", "moe", "mixture-of-experts"] if mode != "average" else ["btx", "moe", "mixture-of-experts", "mixtral"],
+        description=(
+            f"{name} mix of {experts} dense {spec.model_type} models branched from one seed: every FFN is {experts} experts "
+            f"(top-{top_k}); attention is {'averaged' if mode == 'average' else f'a soft mixture of {experts} attention experts ({mode})'}; "
+            f"embeddings, norms and the LM head are averaged. Routers start {options.router_init}; tune the mix before use."
+        ),
+        uses_runtime=mixtral is None,
+        auto_class=auto_class,
+        pipeline_tag=pipeline_tag,
+        file_names=mixtral_file_shapes if mixtral else None,
+    )
+
+
+def mixed_shape(spec: DecoderSpec, proj: str, kind: str, experts: int, shared_kv: bool, shape: tuple) -> tuple:
+    """Shape of a mixed attention tensor (``mixed_attention``'s output)."""
+    if proj in ("k_proj", "v_proj"):
+        return shape if shared_kv else (experts * shape[0], *shape[1:])
+    if proj == "o_proj":
+        return shape if kind == "bias" else (shape[0], experts * shape[1])
+    return (experts * shape[0], *shape[1:])
+
+
+def layer_plan(mode: str, experts: int, top_k: int, parallel_block: bool) -> dict:
+    """One layer's ``upcycle`` plan entry."""
+    plan: dict = {"moe_ffn": {"experts": experts, "top_k": top_k}}
+    if mode != "average":
+        plan["attention_experts"] = {"experts": experts, "kv": "shared" if mode == "shared-kv" else "expert"}
+    if parallel_block:
+        plan["parallel_block"] = True
+    return plan
+
+
+def plan_table(spec: DecoderSpec, name: str, experts: int, top_k: int, mode: str, options: BAMOptions, labels: list[str],
+               readers: list[CheckpointReader], report: dict, native: bool, why: str) -> list[str]:
+    """What the mix is made of and what it costs per layer."""
+    kv = report["kv_cache_bytes_per_token_per_layer"]
+    attention = report["attention_parameters_per_layer"]
+    lines = [f"{name} plan: {experts} experts x {spec.num_layers} layers ({spec.model_type}, {spec.num_heads} query heads, "
+             f"{spec.num_kv_heads} KV heads, head_dim {spec.head_dim})"]
+    lines += [f"  expert {index}: {reader.folder}{' (the seed)' if index == 0 else ''}" for index, reader in enumerate(readers)]
+    attention_line = {"expert-kv": f"soft mixture, {experts * spec.num_heads} query heads over {experts * spec.num_kv_heads} KV heads (each expert its own Q, K, V, O)",
+                      "shared-kv": f"soft mixture, {experts * spec.num_heads} query heads over {spec.num_kv_heads} shared KV heads (the experts' mean K, V)",
+                      "average": "averaged (BTX)"}[mode]
+    lines += [
+        f"FFN: {experts} experts, top-{top_k}; attention: {attention_line}; routers: {options.router_init} init"
+        + ("; parallel attention+FFN block" if options.parallel_block else ""),
+        f"attention parameters per layer: {attention['before']:,} -> {attention['after']:,}; "
+        f"KV cache per token per layer: {kv['before']:,} -> {kv['after']:,} bytes",
+        "output: " + ("plain Mixtral checkpoint (loads in transformers with no custom code)" if native else f"upcycle checkpoint ({why})"),
+    ]
+    return lines
