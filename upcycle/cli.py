@@ -56,6 +56,7 @@ class Method(str, Enum):
     gqa = "gqa"
     mhe = "mhe"
     bam = "bam"
+    clip_moe = "clip-moe"
 
 
 class Router(str, Enum):
@@ -112,7 +113,7 @@ def convert(
     shared_selection: Annotated[SharedSelection | None, typer.Option(help="MoH: which heads are shared. Default: contribution with --calibration, else weight-norm.", show_default=False)] = None,
     ratio: Annotated[float | None, typer.Option(help="prune-heads: fraction of prunable units removed, 0 <= R < 1 (units: heads for MHA, KV groups for GQA models).", show_default=False)] = None,
     importance: Annotated[Importance, typer.Option(help="prune-heads: gradient (E|dL/dgate| per unit on --calibration text) or random (the control, with --seed).")] = Importance.gradient,
-    seed: Annotated[int, typer.Option(help="prune-heads: seed of --importance random and of the masked-LM masking; bam: seed of the random routers.")] = 0,
+    seed: Annotated[int, typer.Option(help="prune-heads: seed of --importance random and of the masked-LM masking; bam, clip-moe: seed of the random routers.")] = 0,
     normalize: Annotated[Normalize, typer.Option(help="prune-heads: L2-normalise gradient importance per layer: layer (the paper), none, or auto (layer only with >= 8 units per layer).")] = Normalize.auto,
     iterative: Annotated[int, typer.Option(help="prune-heads: prune in N cumulative steps, recomputing importance before each (1: score once).")] = 1,
     min_heads_per_layer: Annotated[int, typer.Option(help="prune-heads: query heads every layer keeps at least.")] = 1,
@@ -120,11 +121,14 @@ def convert(
     kv_heads: Annotated[int | None, typer.Option(help="gqa: new number of key/value heads, a divisor of the current count (1: MQA).", show_default=False)] = None,
     variant: Annotated[Variant | None, typer.Option(help="mhe: head embeddings multiply (mul, default) or add to the shared projection.", show_default=False)] = None,
     init: Annotated[Init | None, typer.Option(help="mhe: svd (default; best fit on the weights, no data) or calibrated (least squares on --calibration activations).", show_default=False)] = None,
-    expert: Annotated[list[str] | None, typer.Option(help="bam: a model branched from SRC (the seed, expert 0) and trained further; repeat for each expert.", show_default=False)] = None,
+    expert: Annotated[list[str] | None, typer.Option(help="bam: a model branched from SRC (the seed, expert 0) and trained further; clip-moe: an MCL stage checkpoint. Repeat for each expert.", show_default=False)] = None,
     attention: Annotated[AttentionMix | None, typer.Option(help="bam: expert-kv (default; per-expert Q, K, V, O), shared-kv (per-expert Q, O; K, V averaged) or average (BTX).", show_default=False)] = None,
     ffn_top_k: Annotated[int | None, typer.Option(help="bam: FFN experts per token (default 1; 2 with --attention average, as in BTX).", show_default=False)] = None,
     router_init: Annotated[RouterInit | None, typer.Option(help="bam: random (default, the paper; normal with the model's initializer_range, --seed) or zero (uniform mixture at first).", show_default=False)] = None,
     parallel_block: Annotated[bool, typer.Option(help="bam: parallel attention+FFN blocks, x + A(LN x) + F(LN x) (changes a sequential seed's function).")] = False,
+    layers: Annotated[int | None, typer.Option(help="clip-moe: experts in the last L layers of both towers (default: all).", show_default=False)] = None,
+    top_k: Annotated[int | None, typer.Option(help="clip-moe: experts per token (default 2).", show_default=False)] = None,
+    upcycle_copies: Annotated[int | None, typer.Option(help="clip-moe: the sparse-upcycling baseline, E copies of the base FFN (instead of --expert).", show_default=False)] = None,
     calibration: Annotated[Path | None, typer.Option(help="Calibration text (.txt, .jsonl or a folder) for data-driven choices.")] = None,
     calibration_tokens: Annotated[int, typer.Option(help="Tokens of calibration text to use.")] = 16384,
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB or 500MB.")] = "5GB",
@@ -137,6 +141,7 @@ def convert(
     MHA to GQA/MQA: upcycle convert SRC OUT --method gqa --kv-heads 1
     MHE: upcycle convert SRC OUT --method mhe --variant mul --init calibrated --calibration text.txt
     BAM: upcycle convert SEED OUT --method bam --expert ./code-branch --expert ./law-branch --attention expert-kv
+    CLIP-MoE: upcycle convert ./clip ./clip-moe --method clip-moe --expert ./mcl/stage-1 --expert ./mcl/stage-2 --expert ./mcl/stage-3
     """
     from .convert import convert_checkpoint
 
@@ -147,10 +152,20 @@ def convert(
             raise UpcycleError(f"--kv-heads applies to --method gqa, not {method.value}; drop it or pass --method gqa")
         if method is not Method.mhe and (variant or init):
             raise UpcycleError(f"--{'variant' if variant else 'init'} applies to --method mhe, not {method.value}; drop it or pass --method mhe")
-        bam_flags = {"--expert": expert, "--attention": attention, "--ffn-top-k": ffn_top_k, "--router-init": router_init, "--parallel-block": parallel_block}
-        given = [flag for flag, value in bam_flags.items() if value]
-        if method is not Method.bam and given:
-            raise UpcycleError(f"{given[0]} applies to --method bam, not {method.value}; drop it or pass --method bam")
+        owners = {"--expert": (Method.bam, Method.clip_moe), "--attention": (Method.bam,), "--ffn-top-k": (Method.bam,),
+                  "--router-init": (Method.bam,), "--parallel-block": (Method.bam,), "--layers": (Method.clip_moe,),
+                  "--top-k": (Method.clip_moe,), "--upcycle-copies": (Method.clip_moe,)}
+        values = {"--expert": expert, "--attention": attention, "--ffn-top-k": ffn_top_k, "--router-init": router_init,
+                  "--parallel-block": parallel_block, "--layers": layers, "--top-k": top_k, "--upcycle-copies": upcycle_copies}
+        for flag, value in values.items():
+            if value not in (None, False, []) and method not in owners[flag]:
+                allowed = " or ".join(f"--method {m.value}" for m in owners[flag])
+                raise UpcycleError(f"{flag} applies to {allowed}, not {method.value}; drop it or pass {allowed}")
+        if method is Method.clip_moe:
+            from .methods.clip_moe import ClipMoEOptions
+
+            return ClipMoEOptions(experts=list(expert or []), layers=layers, top_k=2 if top_k is None else top_k,
+                                  upcycle_copies=upcycle_copies, seed=seed)
         if method is Method.bam:
             from .methods.bam import BAMOptions
 

@@ -74,6 +74,10 @@ def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversio
         from .methods import bam
 
         return bam.convert(reader, options)
+    if method == "clip-moe":
+        from .methods import clip_moe
+
+        return clip_moe.convert(reader, options)
     raise UpcycleError(f"--method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
 
 
@@ -95,7 +99,8 @@ def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion,
         copied = {name: (reader, name) for name in reader.names() if name in expected}
     small = [name for name, (source, source_name) in copied.items() if source.info(source_name).nbytes <= 2**25]
     sample = sorted({small[0], small[len(small) // 2], small[-1]}) if small else []
-    identical = all(torch.equal(copied[n][0].get(copied[n][1]).view(torch.uint8), written.get(n).view(torch.uint8)) for n in sample)
+    identical = all(torch.equal(copied[n][0].get(copied[n][1]).reshape(-1).view(torch.uint8), written.get(n).reshape(-1).view(torch.uint8))
+                    for n in sample)
     checks.append({"name": "untouched tensors byte-identical to the source", "passed": identical, "detail": ", ".join(sample) or "none passed through"})
 
     config = conversion.config
@@ -128,7 +133,7 @@ def _parameters_check(model_cls, config: dict, found: dict[str, tuple], title: s
         shapes = {prefix + name: shape for name, shape in shapes.items()}
         found = {name: shape for name, shape in found.items() if name.startswith(prefix)}
     buffers = {prefix + name for name, _ in model.named_buffers()}  # non-persistent buffers some checkpoints still hold
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | ({"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set())
     missing, unexpected = set(shapes) - set(found) - tied, set(found) - set(shapes) - buffers
     reshaped = {name for name in set(shapes) & set(found) if shapes[name] != tuple(found[name])}
     return {"name": title, "passed": not missing and not unexpected and not reshaped,

@@ -39,6 +39,14 @@ def _plan_summary(layers: list[dict]) -> list[str]:
     lines = []
     for index, layer in enumerate(layers):
         gate, heads, mhe = layer.get("head_gate"), layer.get("attention_heads"), layer.get("mhe")
+        moe, experts = layer.get("moe_ffn"), layer.get("attention_experts")
+        if moe or experts:
+            parts = [f"FFN {moe['experts']} experts, top-{moe['top_k']}"] if moe else []
+            if experts:
+                parts.append(f"attention {experts['experts']} soft experts ({experts['kv']} KV)")
+            if layer.get("parallel_block"):
+                parts.append("parallel block")
+            lines.append(f"  layer {index:>3}: {'; '.join(parts)}")
         if mhe:
             counts = ", ".join(f"{proj[0].upper()} over {mhe['heads'][proj]} heads" for proj in ("q_proj", "k_proj", "v_proj") if proj in mhe["heads"])
             lines.append(f"  layer {index:>3}: MHE-{mhe['variant']}, one shared projection each: {counts}")

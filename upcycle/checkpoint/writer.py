@@ -24,7 +24,7 @@ SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**1
 SUPPORT_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.*",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "*.tiktoken",
-    "generation_config.json",
+    "generation_config.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
 )
 
 

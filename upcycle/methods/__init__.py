@@ -2,6 +2,6 @@
 
 from .base import ChunkedTensor, Conversion, SourceTensor
 
-METHODS = ("moh", "prune-heads", "gqa", "mhe", "bam")
+METHODS = ("moh", "prune-heads", "gqa", "mhe", "bam", "clip-moe")
 
 __all__ = ["ChunkedTensor", "Conversion", "METHODS", "SourceTensor"]

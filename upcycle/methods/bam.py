@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..arch import DecoderSpec, decoder_spec
+from ..checkpoint.compare import checkpoint_differences
 from ..checkpoint.reader import CheckpointReader, resolve_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
@@ -68,30 +69,6 @@ def open_experts(reader: CheckpointReader, options: BAMOptions) -> list[Checkpoi
         refuse_converted(expert.config, path)
         readers.append(expert)
     return readers
-
-
-def mismatches(readers: list[CheckpointReader], labels: list[str]) -> list[str]:
-    """Per expert that differs from the seed: its architecture differences and tensor name, shape and dtype differences."""
-    seed, found = readers[0], []
-    seed_infos = {name: seed.info(name) for name in seed.names()}
-    for label, expert in zip(labels[1:], readers[1:]):
-        items = [f"{key} {expert.config.get(key)!r} (seed {seed.config.get(key)!r})" for key in ARCHITECTURE_KEYS
-                 if seed.config.get(key) != expert.config.get(key)]
-        names = set(expert.names())
-        missing, extra = sorted(set(seed_infos) - names), sorted(names - set(seed_infos))
-        if missing:
-            items.append(f"lacks {len(missing)} tensor(s) such as {missing[0]}")
-        if extra:
-            items.append(f"has {len(extra)} extra tensor(s) such as {extra[0]}")
-        other = [name for name in sorted(names & set(seed_infos))
-                 if tuple(seed_infos[name].shape) != tuple(expert.info(name).shape) or seed_infos[name].dtype != expert.info(name).dtype]
-        if other:
-            mine, theirs = expert.info(other[0]), seed_infos[other[0]]
-            items.append(f"{len(other)} tensor(s) of another shape or dtype such as {other[0]} {tuple(mine.shape)} "
-                         f"{str(mine.dtype).removeprefix('torch.')} (seed {tuple(theirs.shape)} {str(theirs.dtype).removeprefix('torch.')})")
-        if items:
-            found.append(f"{label}: {', '.join(items)}")
-    return found
 
 
 def validate(options: BAMOptions, experts: int) -> int:
@@ -203,8 +180,8 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
     spec = decoder_spec(reader.config, str(reader.folder))
     top_k = validate(options, len(options.experts) + 1)
     readers = open_experts(reader, options)
-    labels = ["the seed"] + [f"expert {i} ({path})" for i, path in enumerate(options.experts, 1)]
-    problems = mismatches(readers, labels)
+    labels = ["seed"] + [f"expert {i} ({path})" for i, path in enumerate(options.experts, 1)]
+    problems = checkpoint_differences(readers, labels, lambda config: {key: config.get(key) for key in ARCHITECTURE_KEYS})
     if problems:
         raise UpcycleError(f"the experts do not match the seed {reader.folder}: {'; '.join(problems)}. Mix models branched from the same seed")
     experts, mode = len(readers), options.attention

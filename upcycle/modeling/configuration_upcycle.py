@@ -7,7 +7,7 @@ silently drop the surgery) unless ``trust_remote_code=True`` or ``import upcycle
 
 from __future__ import annotations
 
-from transformers import BertConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import BertConfig, CLIPConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 
 class UpcycleLlamaConfig(LlamaConfig):
@@ -30,4 +30,9 @@ class UpcycleBertConfig(BertConfig):
     model_type = "upcycle_bert"
 
 
-CONFIG_CLASSES = {cls.model_type.removeprefix("upcycle_"): cls for cls in (UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config, UpcycleBertConfig)}
+class UpcycleCLIPConfig(CLIPConfig):
+    model_type = "upcycle_clip"
+
+
+CONFIG_CLASSES = {cls.model_type.removeprefix("upcycle_"): cls for cls in (UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config,
+                                                                          UpcycleBertConfig, UpcycleCLIPConfig)}

@@ -7,11 +7,13 @@ only torch, transformers and their siblings.
 from __future__ import annotations
 
 from transformers import (
-    AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, BertForMaskedLM, BertModel, LlamaForCausalLM,
-    MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+    AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForZeroShotImageClassification, BertForMaskedLM,
+    BertModel, CLIPModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
 )
 
-from .configuration_upcycle import UpcycleBertConfig, UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config
+from .configuration_upcycle import (
+    UpcycleBertConfig, UpcycleCLIPConfig, UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config,
+)
 from .gated_attention import ATTENTION_NAME, register_attention
 from .surgery import apply_plan
 
@@ -61,8 +63,25 @@ class UpcycleBertForMaskedLM(_UpcycleModel, BertForMaskedLM):
     config_class = UpcycleBertConfig
 
 
+class UpcycleCLIPModel(CLIPModel):
+    """CLIPModel with the plan applied to both towers (``config.upcycle["towers"]``: per-layer plans of each)."""
+
+    config_class = UpcycleCLIPConfig
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        towers = config.upcycle["towers"]
+        for name, tower, tower_config in (("text", self.text_model, config.text_config), ("vision", self.vision_model, config.vision_config)):
+            apply_plan(tower.encoder.layers, {"layers": towers[name]}, tower_config.hidden_size, tower_config.num_attention_heads)
+
+    def router_aux_losses(self) -> list:
+        """Load-balance terms of every expert router from the latest training forward."""
+        return [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+
+
 CAUSAL_LM_CLASSES = {cls.config_class.model_type.removeprefix("upcycle_"): cls for cls in (UpcycleLlamaForCausalLM, UpcycleMistralForCausalLM, UpcycleQwen2ForCausalLM, UpcycleQwen3ForCausalLM)}
 ENCODER_CLASSES = {"bert": {"AutoModel": UpcycleBertModel, "AutoModelForMaskedLM": UpcycleBertForMaskedLM}}
+CLIP_CLASSES = {"clip": {"AutoModel": UpcycleCLIPModel, "AutoModelForZeroShotImageClassification": UpcycleCLIPModel}}
 
 
 def register_auto_classes() -> None:
@@ -70,7 +89,9 @@ def register_auto_classes() -> None:
     for cls in CAUSAL_LM_CLASSES.values():
         AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
         AutoModelForCausalLM.register(cls.config_class, cls, exist_ok=True)
-    for classes in ENCODER_CLASSES.values():
+    autos = {"AutoModel": AutoModel, "AutoModelForMaskedLM": AutoModelForMaskedLM,
+             "AutoModelForZeroShotImageClassification": AutoModelForZeroShotImageClassification}
+    for classes in (*ENCODER_CLASSES.values(), *CLIP_CLASSES.values()):
         AutoConfig.register(classes["AutoModel"].config_class.model_type, classes["AutoModel"].config_class, exist_ok=True)
-        AutoModel.register(classes["AutoModel"].config_class, classes["AutoModel"], exist_ok=True)
-        AutoModelForMaskedLM.register(classes["AutoModelForMaskedLM"].config_class, classes["AutoModelForMaskedLM"], exist_ok=True)
+        for auto, cls in classes.items():
+            autos[auto].register(cls.config_class, cls, exist_ok=True)

@@ -1,0 +1,138 @@
+"""CLIP-MoE (Diversified Multiplet Upcycling): CLIP whose feed-forward layers become experts.
+
+BASE is expert 0 and gives every weight outside the FFN experts; each ``--expert`` (a stage
+checkpoint of Multistage Contrastive Learning, i.e. a CLIP whose FFNs were fine-tuned) adds
+an expert. In the last ``--layers`` L layers of both towers, the CLIPMLP becomes the experts'
+CLIPMLPs behind a bias-free linear router on the post-LN input, softmax in fp32, top-k
+renormalised (``--top-k``, default 2). ``--upcycle-copies E`` builds the sparse-upcycling
+baseline instead: E copies of the base FFN. Expert tensors are copied file to file from their
+checkpoints; routers start random (normal, std 0.02, ``--seed``). The output is a drop-in
+CLIPModel (same processor, ``get_image_features``, ``get_text_features``, ``logits_per_image``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..arch.clip import ClipSpec, clip_architecture, clip_spec
+from ..checkpoint.compare import checkpoint_differences
+from ..checkpoint.reader import CheckpointReader, resolve_source
+from ..checkpoint.writer import TensorSpec
+from ..errors import UpcycleError
+from .base import Conversion, SourceTensor
+
+FFN_TENSORS = (("fc1", "weight"), ("fc1", "bias"), ("fc2", "weight"), ("fc2", "bias"))
+
+
+@dataclass
+class ClipMoEOptions:
+    """The CLIP-MoE flags of ``upcycle convert``."""
+
+    experts: list[str] = field(default_factory=list)
+    layers: int | None = None  # the last L layers of both towers (None: all)
+    top_k: int = 2
+    upcycle_copies: int | None = None
+    seed: int = 0
+
+
+def expert_readers(reader: CheckpointReader, spec: ClipSpec, options: ClipMoEOptions) -> tuple[list[CheckpointReader], list[str]]:
+    """The base followed by the stage checkpoints (or E copies of the base), validated against the base."""
+    if options.upcycle_copies is not None:
+        if options.experts:
+            raise UpcycleError("--upcycle-copies builds the sparse-upcycling baseline from BASE alone; drop --expert or --upcycle-copies")
+        if options.upcycle_copies < 2:
+            raise UpcycleError(f"--upcycle-copies {options.upcycle_copies} must be at least 2 (copies of the base FFN as experts)")
+        return [reader] * options.upcycle_copies, ["base"] + [f"copy {i}" for i in range(1, options.upcycle_copies)]
+    if not options.experts:
+        raise UpcycleError("--method clip-moe needs --expert STAGE (an MCL stage checkpoint; repeat for each) or --upcycle-copies E")
+    readers, labels = [reader], ["base"]
+    for index, path in enumerate(options.experts, 1):
+        readers.append(CheckpointReader(resolve_source(path)))
+        labels.append(f"expert {index} ({path})")
+    problems = checkpoint_differences(readers, labels, clip_architecture)
+    if problems:
+        raise UpcycleError(f"the experts do not match the base {reader.folder}: {'; '.join(problems)}. Use stage checkpoints of this base")
+    return readers, labels
+
+
+def tower_plans(spec: ClipSpec, experts: int, top_k: int, layers: int) -> dict[str, list[dict]]:
+    """Per tower, per layer: ``moe_ffn`` for the last ``layers`` layers, nothing for the others."""
+    return {tower.name: [{"moe_ffn": {"experts": experts, "top_k": top_k}} if index >= tower.num_layers - layers else {}
+                         for index in range(tower.num_layers)] for tower in spec.towers}
+
+
+def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
+    """Plan the CLIP-MoE assembly of the CLIP behind ``reader`` and its stage experts."""
+    spec = clip_spec(reader.config, str(reader.folder))
+    readers, labels = expert_readers(reader, spec, options)
+    experts = len(readers)
+    if not 1 <= options.top_k <= experts:
+        raise UpcycleError(f"--top-k {options.top_k} is outside [1, {experts}] for {experts} experts; lower --top-k or add experts")
+    deepest = min(tower.num_layers for tower in spec.towers)
+    layers = deepest if options.layers is None else options.layers
+    if not 1 <= layers <= deepest:
+        raise UpcycleError(f"--layers {layers} is outside [1, {deepest}] (the shallower tower has {deepest} layers)")
+    plans = tower_plans(spec, experts, options.top_k, layers)
+
+    edits: dict[str, tuple] = {}  # FFN tensor -> (tower, layer, proj, kind)
+    for tower in spec.towers:
+        for layer in range(tower.num_layers - layers, tower.num_layers):
+            for proj, kind in FFN_TENSORS:
+                edits[tower.ffn(layer, proj, kind)] = (tower, layer, proj, kind)
+    names = set(reader.names())
+    missing = sorted(set(edits) - names)
+    if missing:
+        raise UpcycleError(f"{reader.folder} lacks CLIP feed-forward tensors such as {missing[0]}; pass a CLIPModel checkpoint saved with save_pretrained")
+    generator = torch.Generator().manual_seed(options.seed)
+    dtype = reader.info(next(iter(edits))).dtype
+    layout, sources = [], {}
+    for name in reader.names():
+        info = reader.info(name)
+        if name not in edits:
+            layout.append(TensorSpec(name, info.dtype, tuple(info.shape)))
+            sources[name] = SourceTensor(name)
+            continue
+        tower, layer, proj, kind = edits[name]
+        for expert, expert_reader in enumerate(readers):
+            out = f"{tower.layer_prefix(layer)}mlp.experts.{expert}.{proj}.{kind}"
+            layout.append(TensorSpec(out, info.dtype, tuple(info.shape)))
+            sources[out] = SourceTensor(name, expert_reader)
+        if (proj, kind) == ("fc2", "bias"):
+            router = f"{tower.layer_prefix(layer)}mlp.router.weight"
+            layout.append(TensorSpec(router, dtype, (experts, tower.hidden_size)))
+            sources[router] = None
+
+    def tensors():
+        for item in layout:
+            source = sources[item.name]
+            yield item.name, source if source is not None else (torch.randn(item.shape, generator=generator) * 0.02).to(item.dtype)
+
+    from ..modeling.modeling_upcycle import CLIP_CLASSES
+
+    classes = CLIP_CLASSES["clip"]
+    main = classes["AutoModel"]
+    config = dict(reader.config)
+    config.update(model_type=main.config_class.model_type, architectures=[main.__name__],
+                  auto_map={"AutoConfig": f"configuration_upcycle.{main.config_class.__name__}"} | {auto: f"modeling_upcycle.{cls.__name__}" for auto, cls in classes.items()},
+                  upcycle={"method": "clip-moe", "base_model_type": "clip", "towers": plans})
+    kind = "sparse upcycling (copies of the base FFN)" if options.upcycle_copies else "CLIP-MoE (MCL stage FFNs)"
+    return Conversion(
+        method="clip-moe",
+        config=config,
+        layout=layout,
+        tensors=tensors,
+        plan_lines=[f"{kind}: {experts} experts, top-{options.top_k}, in the last {layers} layers of both towers "
+                    f"(text {spec.text.num_layers} layers, vision {spec.vision.num_layers} layers)"]
+                   + [f"  expert {index}: {reader.folder}" + (" (the base)" if index == 0 else " (a copy of the base FFN)" if options.upcycle_copies else "")
+                      for index, reader in enumerate(readers)],
+        report={"options": {"experts": list(options.experts), "layers": layers, "top_k": options.top_k,
+                            "upcycle_copies": options.upcycle_copies, "seed": options.seed},
+                "experts": [str(r.folder) for r in readers], "moe_layers_per_tower": layers},
+        tags=["clip", "clip-moe", "moe", "mixture-of-experts"],
+        description=(f"{kind}: the feed-forward layers of the last {layers} layers of both towers of a CLIP are {experts} "
+                     f"experts with a top-{options.top_k} router; everything else is the base model's. A drop-in CLIPModel."),
+        auto_class="AutoModel",
+        pipeline_tag="zero-shot-image-classification",
+    )
