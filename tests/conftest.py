@@ -78,3 +78,26 @@ def build_bert(folder: Path, mlm: bool = False, seed: int = 0, **overrides) -> P
     model.save_pretrained(folder)
     tiny_bert_tokenizer().save_pretrained(folder)
     return folder
+
+
+CLIP_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def build_clip(folder: Path, seed: int = 0, ffn_noise: float = 0.0, base: Path | None = None, **overrides) -> Path:
+    """Save a tiny random CLIPModel; with ``base``, a copy of that model whose FFN weights get ``ffn_noise`` (an MCL-stage stand-in)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    if base is not None:
+        model = CLIPModel.from_pretrained(base)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".mlp." in name:
+                    param.add_(ffn_noise * torch.randn_like(param))
+    else:
+        text, vision = CLIP_TEXT | overrides.pop("text", {}), CLIP_VISION | overrides.pop("vision", {})
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16, **overrides))
+    model.save_pretrained(folder)
+    return folder

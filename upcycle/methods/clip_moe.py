@@ -57,9 +57,9 @@ def expert_readers(reader: CheckpointReader, spec: ClipSpec, options: ClipMoEOpt
     return readers, labels
 
 
-def tower_plans(spec: ClipSpec, experts: int, top_k: int, layers: int) -> dict[str, list[dict]]:
-    """Per tower, per layer: ``moe_ffn`` for the last ``layers`` layers, nothing for the others."""
-    return {tower.name: [{"moe_ffn": {"experts": experts, "top_k": top_k}} if index >= tower.num_layers - layers else {}
+def tower_plans(spec: ClipSpec, experts: int, top_k: int, layers: int | None) -> dict[str, list[dict]]:
+    """Per tower, per layer: ``moe_ffn`` for the last ``layers`` layers (None: all), nothing for the others."""
+    return {tower.name: [{"moe_ffn": {"experts": experts, "top_k": top_k}} if index >= tower.num_layers - (layers or tower.num_layers) else {}
                          for index in range(tower.num_layers)] for tower in spec.towers}
 
 
@@ -70,15 +70,15 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
     experts = len(readers)
     if not 1 <= options.top_k <= experts:
         raise UpcycleError(f"--top-k {options.top_k} is outside [1, {experts}] for {experts} experts; lower --top-k or add experts")
-    deepest = min(tower.num_layers for tower in spec.towers)
-    layers = deepest if options.layers is None else options.layers
-    if not 1 <= layers <= deepest:
-        raise UpcycleError(f"--layers {layers} is outside [1, {deepest}] (the shallower tower has {deepest} layers)")
+    shallower = min(tower.num_layers for tower in spec.towers)
+    layers = options.layers
+    if layers is not None and not 1 <= layers <= shallower:
+        raise UpcycleError(f"--layers {layers} is outside [1, {shallower}] (the shallower tower has {shallower} layers)")
     plans = tower_plans(spec, experts, options.top_k, layers)
 
     edits: dict[str, tuple] = {}  # FFN tensor -> (tower, layer, proj, kind)
     for tower in spec.towers:
-        for layer in range(tower.num_layers - layers, tower.num_layers):
+        for layer in range(tower.num_layers - (layers or tower.num_layers), tower.num_layers):
             for proj, kind in FFN_TENSORS:
                 edits[tower.ffn(layer, proj, kind)] = (tower, layer, proj, kind)
     names = set(reader.names())
@@ -123,15 +123,16 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=[f"{kind}: {experts} experts, top-{options.top_k}, in the last {layers} layers of both towers "
+        plan_lines=[f"{kind}: {experts} experts, top-{options.top_k}, in {'all' if layers is None else f'the last {layers}'} layers of both towers "
                     f"(text {spec.text.num_layers} layers, vision {spec.vision.num_layers} layers)"]
                    + [f"  expert {index}: {reader.folder}" + (" (the base)" if index == 0 else " (a copy of the base FFN)" if options.upcycle_copies else "")
                       for index, reader in enumerate(readers)],
         report={"options": {"experts": list(options.experts), "layers": layers, "top_k": options.top_k,
                             "upcycle_copies": options.upcycle_copies, "seed": options.seed},
-                "experts": [str(r.folder) for r in readers], "moe_layers_per_tower": layers},
+                "experts": [str(r.folder) for r in readers],
+                "moe_layers": {tower.name: tower.num_layers if layers is None else layers for tower in spec.towers}},
         tags=["clip", "clip-moe", "moe", "mixture-of-experts"],
-        description=(f"{kind}: the feed-forward layers of the last {layers} layers of both towers of a CLIP are {experts} "
+        description=(f"{kind}: the feed-forward layers of {'all' if layers is None else f'the last {layers}'} layers of both towers of a CLIP are {experts} "
                      f"experts with a top-{options.top_k} router; everything else is the base model's. A drop-in CLIPModel."),
         auto_class="AutoModel",
         pipeline_tag="zero-shot-image-classification",
