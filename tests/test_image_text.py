@@ -10,7 +10,7 @@ from PIL import Image
 
 from upcycle.data.image_text import (
     BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ImageTextCollator, load_pairs, pairs_summary,
-    write_synthetic_shapes,
+    synthetic_vocabulary, write_synthetic_shapes,
 )
 from upcycle.errors import UpcycleError
 
@@ -22,15 +22,22 @@ def isolated_caches(tmp_path, monkeypatch):
 
 
 def tiny_clip_processor(image_size: int = 32):
-    """A CLIP processor built offline: the real CLIP image processor and CLIP tokenizer (byte-level BPE, lower-cased)
-    over single letters (no merges, so one token per character), ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1
-    (also pad and unk)."""
+    """A CLIP processor built offline: the real CLIP image processor and a real CLIPTokenizer (byte-level BPE,
+    lower-cased) whose vocabulary and merges are trained here on the synthetic caption words, so each of those words
+    is one token and any other lower-case word falls back to letters. 117 tokens; the last three are ``<unk>``,
+    ``<|startoftext|>`` and ``<|endoftext|>`` (also the pad token), so the end token has the highest id, as in CLIP."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(synthetic_vocabulary() + list(string.ascii_lowercase), trainers.BpeTrainer(
+        vocab_size=1000, show_progress=False, end_of_word_suffix="</w>", initial_alphabet=list(string.ascii_lowercase)))
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for special in ("<unk>", "<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]], unk_token="<unk>")
     images = CLIPImageProcessor(size={"shortest_edge": image_size},
                                 crop_size={"height": image_size, "width": image_size})
     return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
@@ -217,28 +224,43 @@ def test_error_messages_are_one_line(tmp_path):
 
 # --- collator and summary ----------------------------------------------------------------------------------------
 
+def test_tiny_clip_processor_tokenizes_caption_words_whole():
+    tokenizer = tiny_clip_processor().tokenizer
+    words = synthetic_vocabulary()
+    assert len(words) == 19 and {"circle", "purple", "bottom", "large", "the"} <= set(words)
+    assert [tokenizer.tokenize(w) for w in words] == [[w + "</w>"] for w in words]
+    assert len(tokenizer) == 117 and (tokenizer.bos_token_id, tokenizer.eos_token_id) == (115, 116)
+    assert tokenizer.pad_token_id == 116 and tokenizer.tokenize("Zebra,") == ["z", "e", "b", "r", "a</w>", "<unk>"]
+
+
 def test_collator_shapes_padding_and_truncation(tmp_path):
     train, _ = write_synthetic_shapes(tmp_path, 10, seed=0)
     data = load_pairs(train)
     processor = tiny_clip_processor()
-    rows = [data[0], data[1], {"image": Image.new("L", (50, 40), 200), "text": "ab"}]
+    tokenizer = processor.tokenizer
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    rows = [data[0], data[1], {"image": Image.new("L", (50, 40), 200), "text": "Red square"}]
     batch = ImageTextCollator(processor)(rows)
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask"}
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
-    lengths = [len(rows[0]["text"].replace(" ", "")), len(rows[1]["text"].replace(" ", "")), 2]
-    assert batch["input_ids"].shape == (3, max(lengths) + 2)  # one token per letter, plus start and end
-    assert batch["attention_mask"].sum(1).tolist() == [n + 2 for n in lengths]
-    assert batch["input_ids"][:, 0].tolist() == [0, 0, 0]
-    assert batch["input_ids"][2, :4].tolist() == [0, processor.tokenizer.convert_tokens_to_ids("a"),
-                                                  processor.tokenizer.convert_tokens_to_ids("b</w>"), 1]
+    assert batch["input_ids"].shape == (3, 10) and batch["input_ids"].dtype == torch.long  # 8 words + start + end
+    assert batch["attention_mask"].sum(1).tolist() == [10, 10, 4]
+    words = tokenizer.convert_tokens_to_ids(["red</w>", "square</w>"])
+    assert batch["input_ids"][2].tolist() == [bos, *words] + [eos] * 7
+    words = tokenizer.convert_tokens_to_ids([w + "</w>" for w in rows[0]["text"].split()])
+    assert batch["input_ids"][0].tolist() == [bos, *words, eos]
     # the image is the processor's own output for it
     expected = processor.image_processor(images=[rows[0]["image"]], return_tensors="pt")["pixel_values"][0]
     assert torch.allclose(batch["pixel_values"][0], expected)
 
-    short = ImageTextCollator(processor, max_length=8)(rows)
-    assert short["input_ids"].shape == (3, 8) and short["attention_mask"][:2].all()
-    assert short["input_ids"][:2, -1].tolist() == [1, 1]  # truncated captions keep their end token
-    assert short["input_ids"][2, :4].tolist() == batch["input_ids"][2, :4].tolist()
+    loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=ImageTextCollator(processor))
+    assert [b["pixel_values"].shape[0] for b in loader] == [4, 4]
+    assert torch.equal(next(iter(loader))["input_ids"][:2], batch["input_ids"][:2])
+
+    short = ImageTextCollator(processor, max_length=6)(rows)
+    assert short["input_ids"].shape == (3, 6) and short["attention_mask"].sum(1).tolist() == [6, 6, 4]
+    assert short["input_ids"][:2, -1].tolist() == [eos, eos]  # truncated captions keep their end token
+    assert short["input_ids"][:, :5].tolist() == batch["input_ids"][:, :5].tolist()
 
 
 def test_collator_errors():

@@ -53,7 +53,7 @@ def _read_records(path: Path) -> tuple[list[str], list[str]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UpcycleError(f"cannot read {path} ({e}): give a readable UTF-8 .jsonl file") from e
-    images, texts, lines_of, missing = [], [], [], []
+    images, texts, missing = [], [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -82,7 +82,8 @@ def _read_records(path: Path) -> tuple[list[str], list[str]]:
         raise UpcycleError(f"{len(missing)} of {len(images)} images listed in {path} do not exist, the first is "
                            f"{file} (line {number}): fix the paths (relative to {path.parent}) or add the images")
     if not images:
-        raise UpcycleError(f'no image-text pairs in {path}: write one {{"file_name": ..., "text": ...}} object per line')
+        raise UpcycleError(f"no image-text pairs in {path}: write one "
+                           '{"file_name": ..., "text": ...} object per line')
     return images, texts
 
 
@@ -91,7 +92,8 @@ def load_pairs(source: str | Path) -> datasets.Dataset:
     (a :class:`datasets.Image` feature, decoded to an RGB PIL image on access) and ``text`` (str), in file order."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise UpcycleError(f"image-text data path {path} does not exist: give a .jsonl file or a folder with {METADATA}")
+        raise UpcycleError(f"image-text data path {path} does not exist: "
+                           f"give a .jsonl file or a folder with {METADATA}")
     if path.is_dir():
         if not (path / METADATA).is_file():
             raise UpcycleError(f"no {METADATA} in {path}: write one "
@@ -128,7 +130,7 @@ class ImageTextCollator:
                                    "not a PIL image and a str: load the pairs with load_pairs")
             images.append(image if image.mode == "RGB" else image.convert("RGB"))
             texts.append(text)
-        batch = self.processor(images=images, text=texts, return_tensors="pt", padding="longest", truncation=False,
+        batch = self.processor(images=images, text=texts, return_tensors="pt", padding="longest", truncation=True,
                                max_length=self.max_length)
         keys = ("pixel_values", "input_ids", "attention_mask")
         absent = [k for k in keys if k not in batch]
@@ -174,6 +176,12 @@ def _render(rng: random.Random, image_size: int) -> tuple[Image.Image, dict[str,
 def caption(attributes: dict[str, str]) -> str:
     """The caption of a synthetic image, e.g. ``"a small red circle at the top left"``."""
     return f"a {attributes['size']} {attributes['colour']} {attributes['shape']} at the {attributes['position']}"
+
+
+def synthetic_vocabulary() -> list[str]:
+    """Every word of the synthetic captions, sorted (for tiny tokenizers and zero-shot prompts)."""
+    words = {"a", "at", "the", *SHAPES, *COLOURS, *SIZES, *(w for p in POSITIONS for w in p.split())}
+    return sorted(words)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
