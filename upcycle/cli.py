@@ -216,12 +216,24 @@ def finetune(
 ) -> None:
     """Continue-tune a model with a recipe. Example: upcycle finetune smollm2-moh-cpu training.steps=20
 
+    CLIP recipes (type: clip or clip-mcl): upcycle finetune clip-mcl model=./clip data.train=pairs.jsonl output=runs/mcl
+
     Several processes: accelerate launch --multi_gpu --num_processes 2 -m upcycle finetune RECIPE
     """
     from .train.finetune import run_finetune
     from .train.recipe import load_recipe
 
-    _run(lambda: run_finetune(load_recipe(recipe, overrides or []), resume=resume, stop_after=stop_after, overwrite=overwrite))
+    def go():
+        loaded = load_recipe(recipe, overrides or [])
+        if loaded.type != "causal-lm":
+            if resume or stop_after is not None:
+                raise UpcycleError(f"--resume and --stop-after apply to causal-LM recipes, not type {loaded.type}; drop them")
+            from .train.clip import run_clip_recipe
+
+            return run_clip_recipe(loaded, overwrite=overwrite)
+        return run_finetune(loaded, resume=resume, stop_after=stop_after, overwrite=overwrite)
+
+    _run(go)
 
 
 @app.command()

@@ -95,8 +95,9 @@ class TrainingSection(_Section):
 
 
 class Recipe(_Section):
-    """A fine-tuning recipe (see recipes/*.yaml)."""
+    """A fine-tuning recipe for causal LMs (see recipes/*.yaml); CLIP recipes are :class:`ClipRecipe`."""
 
+    type: Literal["causal-lm"] = "causal-lm"
     description: str = ""
     model: str
     output: str
@@ -107,6 +108,58 @@ class Recipe(_Section):
     losses: LossSection = LossSection()
     training: TrainingSection
     accelerate_config: str | None = None
+
+
+class ClipDataSection(_Section):
+    train: str
+    validation: str | None = None
+    max_length: int = Field(77, ge=2)
+
+
+class MCLSection(_Section):
+    """Multistage Contrastive Learning (CLIP-MoE): one FFN-only stage per new expert."""
+
+    stages: int = Field(3, ge=1)
+    clusters: int = Field(3, ge=2)  # k-means clusters per modality; the joint label has clusters^2 values
+
+
+class ClipLossSection(_Section):
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    load_balance: float = Field(0.01, ge=0)
+
+
+class ClipTrainingSection(_Section):
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, ge=2)  # pairs per optimizer step, across processes
+    lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(0.2, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = Field(1.0, gt=0)
+    logit_scale_init: float | None = 4.605170185988092  # log 100; None keeps the model's
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+
+
+class ClipRecipe(_Section):
+    """A CLIP recipe: ``type: clip`` (contrastive tuning of ``trainable``) or ``type: clip-mcl`` (CLIP-MoE expert stages)."""
+
+    type: Literal["clip", "clip-mcl"]
+    description: str = ""
+    model: str
+    output: str
+    data: ClipDataSection
+    trainable: Literal["all", "ffn", "routers"] = "all"
+    mcl: MCLSection = MCLSection()
+    losses: ClipLossSection = ClipLossSection()
+    training: ClipTrainingSection = ClipTrainingSection()
+    accelerate_config: str | None = None
+
+    @model_validator(mode="after")
+    def _mcl_trains_ffns(self) -> ClipRecipe:
+        if self.type == "clip-mcl" and self.trainable != "ffn":
+            raise ValueError(f"a clip-mcl recipe trains the FFNs only (trainable: ffn), not {self.trainable}")
+        return self
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
@@ -132,6 +185,9 @@ def _error_line(error: ValidationError) -> str:
         return f"recipe key {key!r} is unknown; check its spelling against recipes/README or `upcycle finetune --help`"
     if first["type"] == "missing":
         return f"recipe key {key!r} is required; add it to the recipe or pass {key}=VALUE"
+    if first["type"] == "value_error":  # a check across keys (model validators)
+        message = first["msg"].removeprefix("Value error, ")
+        return f"recipe{f' key {key!r}' if loc else ''}: {message}; fix the recipe"
     given = first.get("input")
     return f"recipe key {key!r}: {first['msg'].lower()} (got {given!r}); fix it in the recipe or pass {key}=VALUE"
 
@@ -147,7 +203,7 @@ def resolve_recipe_path(name: str) -> Path:
     raise UpcycleError(f"recipe {name} does not exist; pass a YAML file or a bundled name from `upcycle recipes`")
 
 
-def load_recipe(name: str, overrides: list[str] = ()) -> Recipe:
+def load_recipe(name: str, overrides: list[str] = ()) -> Recipe | ClipRecipe:
     """Read, override and validate a recipe; every problem is one UpcycleError line."""
     path = resolve_recipe_path(name)
     try:
@@ -162,7 +218,7 @@ def load_recipe(name: str, overrides: list[str] = ()) -> Recipe:
             raise UpcycleError(f"override {item!r} is not key=value; write e.g. training.lr=3e-4")
         _set_dotted(tree, key.strip(), yaml.safe_load(text))
     try:
-        recipe = Recipe.model_validate(tree)
+        recipe = ClipRecipe.model_validate(tree) if str(tree.get("type", "")).startswith("clip") else Recipe.model_validate(tree)
     except ValidationError as error:
         raise UpcycleError(_error_line(error)) from None
     check_files(recipe)
@@ -177,7 +233,7 @@ def check_files(recipe: Recipe) -> None:
     """Every local file a recipe names must exist (assets and Hub names are checked when used)."""
     checks = [("model", recipe.model), ("data.train", recipe.data.train), ("data.validation", recipe.data.validation),
               ("accelerate_config", recipe.accelerate_config)]
-    if recipe.convert:
+    if getattr(recipe, "convert", None):
         checks.append(("convert.calibration", recipe.convert.calibration))
     for key, value in checks:
         if value and _is_local_reference(value) and not Path(value).expanduser().exists():
