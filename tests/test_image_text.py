@@ -1,5 +1,4 @@
 import json
-import string
 from pathlib import Path
 
 import datasets
@@ -10,7 +9,7 @@ from PIL import Image
 
 from upcycle.data.image_text import (
     BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ImageTextCollator, load_pairs, pairs_summary,
-    synthetic_vocabulary, write_synthetic_shapes,
+    synthetic_clip_processor, synthetic_vocabulary, write_synthetic_shapes,
 )
 from upcycle.errors import UpcycleError
 
@@ -22,25 +21,8 @@ def isolated_caches(tmp_path, monkeypatch):
 
 
 def tiny_clip_processor(image_size: int = 32):
-    """A CLIP processor built offline: the real CLIP image processor and a real CLIPTokenizer (byte-level BPE,
-    lower-cased) whose vocabulary and merges are trained here on the synthetic caption words, so each of those words
-    is one token and any other lower-case word falls back to letters. 117 tokens; the last three are ``<unk>``,
-    ``<|startoftext|>`` and ``<|endoftext|>`` (also the pad token), so the end token has the highest id, as in CLIP."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
-
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.train_from_iterator(synthetic_vocabulary() + list(string.ascii_lowercase), trainers.BpeTrainer(
-        vocab_size=1000, show_progress=False, end_of_word_suffix="</w>", initial_alphabet=list(string.ascii_lowercase)))
-    model = json.loads(bpe.to_str())["model"]
-    vocab = dict(model["vocab"])
-    for special in ("<unk>", "<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]], unk_token="<unk>")
-    images = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                crop_size={"height": image_size, "width": image_size})
-    return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+    """The offline CLIP processor of the synthetic shapes set (see ``synthetic_clip_processor``)."""
+    return synthetic_clip_processor(image_size)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import string
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -252,3 +253,25 @@ def pairs_summary(dataset: datasets.Dataset) -> str:
         shown += f" (first {len(head)})"
     words = sum(len(text.split()) for text in dataset["text"]) / n
     return f"{n} image-text pairs, images {shown}, mean caption {words:.1f} words"
+
+
+def synthetic_clip_processor(image_size: int = 32):
+    """A CLIP processor for the synthetic shapes set, built offline: the real CLIP image processor and a real CLIPTokenizer (byte-level BPE,
+    lower-cased) whose vocabulary and merges are trained here on the synthetic caption words, so each of those words
+    is one token and any other lower-case word falls back to letters. 117 tokens; the last three are ``<unk>``,
+    ``<|startoftext|>`` and ``<|endoftext|>`` (also the pad token), so the end token has the highest id, as in CLIP."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(synthetic_vocabulary() + list(string.ascii_lowercase), trainers.BpeTrainer(
+        vocab_size=1000, show_progress=False, end_of_word_suffix="</w>", initial_alphabet=list(string.ascii_lowercase)))
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for special in ("<unk>", "<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]], unk_token="<unk>")
+    images = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                crop_size={"height": image_size, "width": image_size})
+    return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
