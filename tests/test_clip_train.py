@@ -120,3 +120,32 @@ def test_clip_recipe_errors(clip_workspace):
                           data={"train": str(train), "max_length": 32})
     with pytest.raises(UpcycleError, match="selects no parameter"):
         run_clip_recipe(load_recipe(str(recipe)))
+
+
+@pytest.mark.slow
+def test_two_process_mcl_matches_one_process(clip_workspace):
+    """Under two processes every global batch is one cluster split in two, and the stage equals the one-process stage."""
+    import os
+    import subprocess
+    import sys
+
+    tmp_path, base, train, heldout = clip_workspace
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    stages = {}
+    for processes in (1, 2):
+        recipe = write_recipe(tmp_path / f"mcl{processes}.yaml", type="clip-mcl", model=str(base), output=str(tmp_path / f"mcl{processes}"),
+                              trainable="ffn", data={"train": str(train), "max_length": 32}, mcl={"stages": 1, "clusters": 2},
+                              training={"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 0})
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(processes),
+                  "--main_process_port", str(29600 + processes)] + (["--multi_gpu"] if processes > 1 else [])
+        result = subprocess.run([*launch, "-m", "upcycle", "finetune", str(recipe)], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        stages[processes] = load_file(tmp_path / f"mcl{processes}" / "stage-1" / "model.safetensors")
+        report = json.loads((tmp_path / f"mcl{processes}" / "eval.json").read_text())
+        assert report["processes"] == processes
+    before = load_file(base / "model.safetensors")
+    changed = [name for name in before if not torch.equal(before[name], stages[2][name])]
+    assert changed and all(".mlp." in name or name == "logit_scale" for name in changed)
+    for name in stages[1]:
+        torch.testing.assert_close(stages[2][name], stages[1][name], atol=2e-5, rtol=1e-4)

@@ -38,6 +38,24 @@ def contrastive_loss(logits_per_image: torch.Tensor, label_smoothing: float) -> 
             + F.cross_entropy(logits_per_image.T, target, label_smoothing=label_smoothing)) / 2
 
 
+def gather_with_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """All processes' rows (process r holds ``sizes[r]``), concatenated in rank order, with gradients flowing
+    back to each process's own rows.
+
+    Every process then computes the loss of the whole batch; after the gradient all-reduce (a mean)
+    each parameter's gradient equals the one-process gradient of that batch. Shares may differ in
+    size: they are padded for the all-gather and the padding is dropped.
+    """
+    if len(sizes) == 1:
+        return tensor
+    import torch.distributed.nn.functional as distributed
+
+    longest = max(sizes)
+    padded = torch.cat([tensor, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])]) if tensor.shape[0] < longest else tensor
+    parts = distributed.all_gather(padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
+
+
 def tower_balance_loss(model) -> torch.Tensor | None:
     """Sum over towers of the mean load-balance term of the tower's expert routers (LB_image + LB_text)."""
     terms = []
@@ -191,10 +209,10 @@ class ClipRunner:
 
         training, losses = self.recipe.training, self.recipe.losses
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        batches = [batch for batch in batches if len(batch) >= 2 * world]
+        batches = [batch for batch in batches if len(batch) >= max(2, world)]  # every process needs a pair
         steps = max(1, math.ceil(training.epochs * len(batches)))
         if not batches:
-            raise UpcycleError(f"{label}: no batch of at least {2 * world} pairs; add data or lower training.batch_size / processes")
+            raise UpcycleError(f"{label}: no batch of at least {max(2, world)} pairs; add data or lower training.batch_size / processes")
         plan = [batches[i % len(batches)] for i in range(steps)]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=training.lr, betas=training.adam_betas, weight_decay=training.weight_decay)
@@ -203,11 +221,11 @@ class ClipRunner:
         model.train()
         started, last = time.time(), {}
         for step, batch in enumerate(plan, 1):
-            local = batch[rank::world]  # every process the same cluster, its share of the pairs
+            local = batch[rank::world]  # every process the same cluster (the same global batch), its share of it
+            sizes = [len(batch[r::world]) for r in range(world)]
             inputs = {key: value.to(self.accelerator.device) for key, value in self.collator([self.train[i] for i in local]).items()}
             out = model(**inputs)
-            all_image = self.accelerator.gather(out.image_embeds.contiguous()) if world > 1 else out.image_embeds
-            all_text = self.accelerator.gather(out.text_embeds.contiguous()) if world > 1 else out.text_embeds
+            all_image, all_text = gather_with_grad(out.image_embeds, sizes), gather_with_grad(out.text_embeds, sizes)  # [B, P]
             scale = self.accelerator.unwrap_model(model).logit_scale.exp()
             loss = contrastive_loss(scale * all_image @ all_text.T, losses.label_smoothing)
             balance = tower_balance_loss(self.accelerator.unwrap_model(model))
@@ -217,8 +235,8 @@ class ClipRunner:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            last = {"stage": label, "step": step, "loss": float(loss), "aux_loss": float(balance) if balance is not None else 0.0,
-                    "lr": scheduler.get_last_lr()[0], "logit_scale": float(scale), "seconds": round(time.time() - started, 1)}
+            last = {"stage": label, "step": step, "pairs": len(batch), "loss": loss.item(), "aux_loss": balance.item() if balance is not None else 0.0,
+                    "lr": scheduler.get_last_lr()[0], "logit_scale": scale.item(), "seconds": round(time.time() - started, 1)}
             if step % training.log_every == 0 or step == steps:
                 self.log(last)
                 if self.accelerator.is_main_process:
