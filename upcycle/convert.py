@@ -17,7 +17,7 @@ from .checkpoint.card import write_model_card
 from .checkpoint.reader import CheckpointReader, resolve_source
 from .checkpoint.writer import ShardedWriter, atomic_output, copy_support_files, parse_size
 from .errors import UpcycleError
-from .methods import METHODS, ChunkedTensor, Conversion, SourceTensor
+from .methods import ChunkedTensor, Conversion, SourceTensor, method_module
 
 RUNTIME_DIR = Path(__file__).parent / "modeling"
 
@@ -41,44 +41,12 @@ def base_model_id(src: str, config: dict) -> str:
 
 def options_class(method: str) -> type:
     """The options dataclass of a method (what ``upcycle convert``'s flags fill in)."""
-    if method == "moh":
-        from .methods.moh import MoHOptions
-
-        return MoHOptions
-    if method == "mhe":
-        from .methods.mhe import MHEOptions
-
-        return MHEOptions
-    raise UpcycleError(f"recipes cannot convert with --method {method!r} yet; convert first with `upcycle convert` and tune the result")
+    return method_module(method).Options
 
 
 def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversion:
     """Dispatch to the method's own ``convert``."""
-    if method == "moh":
-        from .methods import moh
-
-        return moh.convert(reader, options)
-    if method == "prune-heads":
-        from .methods import prune_heads
-
-        return prune_heads.convert(reader, options)
-    if method == "gqa":
-        from .methods import gqa
-
-        return gqa.convert(reader, options)
-    if method == "mhe":
-        from .methods import mhe
-
-        return mhe.convert(reader, options)
-    if method == "bam":
-        from .methods import bam
-
-        return bam.convert(reader, options)
-    if method == "clip-moe":
-        from .methods import clip_moe
-
-        return clip_moe.convert(reader, options)
-    raise UpcycleError(f"--method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
+    return method_module(method).convert(reader, options)
 
 
 def count_parameters(layout) -> int:

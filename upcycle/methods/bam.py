@@ -59,6 +59,9 @@ class BAMOptions:
     seed: int = 0
 
 
+Options = BAMOptions
+
+
 def open_experts(reader: CheckpointReader, options: BAMOptions) -> list[CheckpointReader]:
     """The seed's reader followed by one reader per ``--expert``."""
     from ..convert import refuse_converted

@@ -37,6 +37,9 @@ class ClipMoEOptions:
     seed: int = 0
 
 
+Options = ClipMoEOptions
+
+
 def expert_readers(reader: CheckpointReader, spec: ClipSpec, options: ClipMoEOptions) -> tuple[list[CheckpointReader], list[str]]:
     """The base followed by the stage checkpoints (or E copies of the base), validated against the base."""
     if options.upcycle_copies is not None:

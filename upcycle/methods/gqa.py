@@ -28,6 +28,9 @@ class GQAOptions:
     kv_heads: int | None = None
 
 
+Options = GQAOptions
+
+
 def mean_kv_heads(tensor: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
     """[g*d, ...] k/v weight or bias -> [G*d, ...], each new head the mean of the g/G heads it replaces."""
     grouped = tensor.float().unflatten(0, (kv_heads, -1, head_dim))  # [G, g/G, d, ...]

@@ -54,6 +54,9 @@ class MHEOptions:
     calibration_seq_len: int = 512
 
 
+Options = MHEOptions
+
+
 @dataclass
 class ProjectionFit:
     """One projection's MHE form: shared ``weight [d_h, d]``, ``bias [d_h]`` or None, ``head_embedding [H, d_h]``."""

@@ -38,6 +38,9 @@ class MoHOptions:
     calibration_seq_len: int = 512
 
 
+Options = MoHOptions
+
+
 def head_counts(num_heads: int, shared_heads: str, active_heads: float) -> tuple[int, int]:
     """(shared count, routed top-k) from the flags, rounding fractions to the nearest head."""
     text = str(shared_heads).strip()

@@ -70,6 +70,9 @@ class PruneHeadsOptions:
     encoder_batch: int = 8  # blocks per backward pass for encoders (the contrastive proxy needs >= 2)
 
 
+Options = PruneHeadsOptions
+
+
 def round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
