@@ -1,6 +1,6 @@
 """CLIP-MoE end to end on synthetic image-text data (no CLIP weights can be installed offline).
 
-    python examples/clip_moe_synthetic.py [--workdir runs/clip-moe] [--pairs 3000] [--base-epochs 8]
+    python examples/clip_moe_synthetic.py [--workdir runs/clip-moe] [--pairs 3000] [--base-epochs 30]
 
 1. Data: rendered shapes (4 shapes x 6 colours x 4 positions x 2 sizes) with captions such as
    "a small red circle at the top left", split by sample into train and held-out.
@@ -61,9 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("runs/clip-moe"))
     parser.add_argument("--pairs", type=int, default=3000)
-    parser.add_argument("--base-epochs", type=float, default=8)
-    parser.add_argument("--mcl-epochs", type=float, default=2)
-    parser.add_argument("--tune-epochs", type=float, default=2)
+    parser.add_argument("--base-epochs", type=float, default=30)
+    parser.add_argument("--mcl-epochs", type=float, default=3)
+    parser.add_argument("--tune-epochs", type=float, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = args.workdir.resolve()
