@@ -96,6 +96,12 @@ class RouterInit(str, Enum):
     zero = "zero"
 
 
+class AttentionBackend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    masked = "masked"
+
+
 class SharedSelection(str, Enum):
     first = "first"
     weight_norm = "weight-norm"
@@ -255,11 +261,12 @@ def evaluate_command(
     window: Annotated[int, typer.Option(help="Context window of the sliding-window perplexity.")] = 512,
     stride: Annotated[int | None, typer.Option(help="Stride of the sliding window (default: the window, i.e. disjoint blocks).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.", show_default=False)] = None,
+    attention: Annotated[AttentionBackend, typer.Option(help="Head-gated attention: auto (torch off CUDA), torch (compute only the selected heads), masked (all heads times the gates; the reference).")] = AttentionBackend.auto,
 ) -> None:
     """Perplexity (exact token counts), tokens/s and head usage. Example: upcycle eval ./smollm2-moh --data heldout.txt --compare ./SmolLM2"""
     from .eval.cli import run_eval
 
-    _run(lambda: run_eval(path, data, compare=compare, tokens=tokens, window=window, stride=stride, output=output))
+    _run(lambda: run_eval(path, data, compare=compare, tokens=tokens, window=window, stride=stride, output=output, attention=attention.value))
 
 
 def main(args: list[str] | None = None) -> int:

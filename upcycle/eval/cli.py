@@ -8,7 +8,8 @@ from pathlib import Path
 from ..errors import UpcycleError
 
 
-def run_eval(path: str, data: Path, *, compare: str | None, tokens: int, window: int, stride: int | None, output: Path | None) -> list[dict]:
+def run_eval(path: str, data: Path, *, compare: str | None, tokens: int, window: int, stride: int | None, output: Path | None,
+             attention: str = "auto") -> list[dict]:
     from transformers import AutoTokenizer
 
     from ..checkpoint.reader import resolve_source
@@ -20,7 +21,7 @@ def run_eval(path: str, data: Path, *, compare: str | None, tokens: int, window:
             raise UpcycleError(f"{folder} is not a model folder: no config.json; pass the folder that holds the model")
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
     ids = eval_tokens_from_text(data, tokenizer, tokens)
-    results = [evaluate(folder, ids, window=window, stride=stride) for folder in folders]
+    results = [evaluate(folder, ids, window=window, stride=stride, attention=attention) for folder in folders]
     print(format_table(results))
     if output:
         output.write_text(json.dumps(results, indent=2) + "\n")

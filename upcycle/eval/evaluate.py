@@ -55,14 +55,18 @@ def load_model(model_path: str | Path, device: str | None = None) -> torch.nn.Mo
 
 def evaluate(
     model_path: str | Path, token_ids: torch.LongTensor, *, window: int = 512, stride: int | None = None,
-    batch_size: int = 1, device: str | None = None,
+    batch_size: int = 1, device: str | None = None, attention: str = "auto",
 ) -> dict:
     """Sliding-window perplexity (``stride`` None: ``window``), predicted tokens per second and head usage.
 
+    ``attention`` chooses how head-gated attention runs (auto, torch: skip unselected heads, masked: all heads).
     ``head_usage`` is [layers][heads] fractions of the N - 1 scored positions that used each head (None for a
     dense model); ``active_fraction`` is their mean (1.0 for dense). ``seconds`` times the scoring only.
     """
     model = load_model(model_path, device)
+    from ..modeling.gated_attention import set_attention_backend
+
+    set_attention_backend(model, attention)
     try:
         method = (getattr(model.config, "upcycle", None) or {}).get("method", "dense")
         with HeadUsage(model) as usage:

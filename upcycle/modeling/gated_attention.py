@@ -16,6 +16,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .sparse_attention import head_sparse_attention
+
 ATTENTION_NAME = "upcycle"
 
 
@@ -33,12 +35,45 @@ def head_gated_attention(
     query: [B, h, T, d]; key, value: [B, g, S, d]; returns ([B, T, h, d], None).
     A module without a ``head_router`` gets plain SDPA.
     """
-    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     router = getattr(module, "head_router", None)
     if router is None:
-        return output, weights
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     gates = router(router_input, query)  # [B, T, h]
+    if head_sparse(module, query) and hasattr(router, "routed_heads"):
+        causal = getattr(module, "is_causal", True) if kwargs.get("is_causal") is None else kwargs["is_causal"]
+        output = head_sparse_attention(query, key, value, gates, attention_mask, router.shared_heads, router.routed_heads,
+                                       causal=causal, scaling=kwargs.get("scaling"))
+        return output, None
+    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return output * gates.unsqueeze(-1).to(output.dtype), weights
+
+
+BACKENDS = ("auto", "torch", "masked", "kernel")
+
+
+def head_sparse(module: nn.Module, query: torch.Tensor) -> bool:
+    """Whether this call skips unselected heads: ``attention_backend`` torch; or auto, off CUDA (until the Triton
+    kernel lands, the masked path is the faster one on GPUs) and without gradients. A skipped head has no output,
+    so its zero gate gets no gradient: the straight-through router gradient through unselected heads exists only
+    on the masked path, which ``auto`` therefore keeps for training."""
+    backend = getattr(module, "attention_backend", "auto")
+    if backend == "kernel":
+        raise ValueError("the Triton head-sparse kernel is not available yet; use attention backend torch, masked or auto")
+    training = torch.is_grad_enabled() and query.requires_grad
+    return backend == "torch" or backend == "auto" and query.device.type != "cuda" and not training
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> int:
+    """Choose how head-gated attention runs: auto, torch (skip unselected heads), masked (all heads, times the gates);
+    returns how many attention modules were set."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "head_router"):
+            module.attention_backend = backend
+            count += 1
+    return count
 
 
 _GATED_CLASSES: dict[type, type] = {}

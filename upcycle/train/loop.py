@@ -169,6 +169,9 @@ class Trainer:
         from ..eval.experts import instrument_mixtral_routers
 
         instrument_mixtral_routers(model)  # BTX written as Mixtral: the same balance and z-loss terms as upcycle's routers
+        from ..modeling.gated_attention import set_attention_backend
+
+        set_attention_backend(model, recipe.attention)
         model = select_trainable(model, recipe)
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
