@@ -23,6 +23,11 @@ def _keep_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean keep-mask as an additive float mask (0 or -inf): SDPA on the CPU runs these faster."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
 def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor,
                           attention_mask: torch.Tensor | None, shared_heads: list[int], routed_heads: list[int],
                           causal: bool, scaling: float | None = None, chunk: int = CHUNK) -> torch.Tensor:
@@ -47,7 +52,7 @@ def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
             causal_mask = torch.arange(keys, device=query.device)[None, :] <= torch.arange(offset, keys, device=query.device)[:, None]
             mask = causal_mask if mask is None else mask & causal_mask
         dense = F.scaled_dot_product_attention(
-            query[:, index], key[:, kv_index], value[:, kv_index], attn_mask=mask,
+            query[:, index], key[:, kv_index], value[:, kv_index], attn_mask=None if mask is None else _additive(mask, query.dtype),
             is_causal=causal and mask is None and length > 1, scale=scaling)  # [B, s, T, d]
         output[:, :, index] = dense.transpose(1, 2) * gates[:, :, index, None]
     key_positions = torch.arange(keys, device=query.device)
@@ -65,6 +70,6 @@ def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
                     mask &= keep[item, 0 if keep.shape[1] == 1 else head][tokens, :last]
                 attended = F.scaled_dot_product_attention(
                     query[item, head, tokens][None, None], key[item, kv, :last][None, None], value[item, kv, :last][None, None],
-                    attn_mask=mask[None, None], scale=scaling)[0, 0]  # [c, d]
+                    attn_mask=_additive(mask, query.dtype)[None, None], scale=scaling)[0, 0]  # [c, d]
                 output[item, tokens, head] = attended * gates[item, tokens, head, None]
     return output
