@@ -155,6 +155,21 @@ def test_kjv_documents_and_splits(tmp_path):
     assert read_documents(train_path) == train and read_documents(heldout_path) == heldout
 
 
+def test_python_text_assets(tmp_path):
+    files = assets.python_stdlib_files()
+    assert files and all(f.suffix == ".py" and "site-packages" not in f.parts and "test" not in f.parts for f in files)
+    train, heldout = assets.python_splits()
+    assert abs(len(heldout) - len(files) // 10) <= 1 and len(train) > 5 * len(heldout)
+    assert not set(train) & set(heldout) and assets.text_asset("python-heldout") == heldout
+    path = assets.text_asset_file("python-heldout", tmp_path)
+    assert path.name == "python-heldout.jsonl" and read_documents(path) == heldout
+    with pytest.raises(UpcycleError, match="unknown asset 'asset:rust-train'"):
+        assets.text_asset("rust-train")
+    from upcycle.data.corpus import load_documents
+
+    assert list(load_documents("asset:python-heldout")["text"]) == heldout
+
+
 def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path / "env"))
     assert assets.cache_root() == tmp_path / "env"
