@@ -247,8 +247,10 @@ def recipes() -> None:
     """List the bundled recipes (recipes/*.yaml)."""
     from .train.recipe import RECIPES_DIR, bundled_recipes
 
-    for name, description in bundled_recipes():
-        typer.echo(f"{name:<22} {description}")
+    found = bundled_recipes()
+    width = max((len(name) for name, _ in found), default=0)
+    for name, description in found:
+        typer.echo(f"{name:<{width}}  {description}")
     typer.echo(f"(in {RECIPES_DIR})")
 
 
