@@ -130,6 +130,8 @@ def test_attention_parameters_and_kv_cache_match_the_formulas(tmp_path, attentio
     assert report["attention_parameters_per_layer"] == {"before": 2 * h * d * hidden + 2 * g * d * hidden, "after": expected}
     kv_heads = n * g if attention == "expert-kv" else g
     assert report["kv_cache_bytes_per_token_per_layer"] == {"before": 2 * g * d * 4, "after": 2 * kv_heads * d * 4}
+    if attention != "average":
+        assert f"attention 3 soft experts ({'shared' if attention == 'shared-kv' else 'expert'} KV)" in run("inspect", tmp_path / "mix").stdout
     model = load(tmp_path / "mix")
     cache = model(IDS[:1, :5], use_cache=True).past_key_values
     keys = cache.layers[0].keys  # [B, KV heads, T, d]

@@ -41,6 +41,8 @@ def test_identical_experts_give_the_base_features(tmp_path, layers):
     moe_layers = {tower: [isinstance(layer.mlp, MoEFeedForward) for layer in getattr(model, f"{tower}_model").encoder.layers] for tower in ("text", "vision")}
     expected = {"text": [True, True], "vision": [True, True, True]} if layers is None else {"text": [False, True], "vision": [False, False, True]}
     assert moe_layers == expected and report["moe_layers"] == ({"text": 2, "vision": 3} if layers is None else {"text": 1, "vision": 1})
+    shown = run("inspect", tmp_path / "moe").stdout
+    assert "method:      clip-moe" in shown and f"vision tower: FFN 4 experts, top-2, in layers {[0, 1, 2] if layers is None else [2]} of 3" in shown
     reference = features(CLIPModel.from_pretrained(base).eval())
     for key, value in features(model).items():
         torch.testing.assert_close(value, reference[key], atol=1e-5, rtol=1e-5)

@@ -32,6 +32,8 @@ def describe(path: str) -> dict:
     if plan:
         info["method"] = plan.get("method")
         info["plan"] = plan.get("layers")
+        if plan.get("towers"):
+            info["towers"] = plan["towers"]
     return info
 
 
@@ -75,5 +77,10 @@ def format_description(info: dict) -> str:
     if "method" in info:
         lines.append(f"method:      {info['method']}")
         lines += _plan_summary(info["plan"] or [])
+        for tower, layers in (info.get("towers") or {}).items():
+            moe = [index for index, layer in enumerate(layers) if layer.get("moe_ffn")]
+            if moe:
+                spec = layers[moe[0]]["moe_ffn"]
+                lines.append(f"  {tower} tower: FFN {spec['experts']} experts, top-{spec['top_k']}, in layers {moe} of {len(layers)}")
     return "\n".join(lines)
 
