@@ -1,9 +1,10 @@
 """Head-sparse attention in plain torch: only the (token, head) pairs whose gate is non-zero are computed.
 
-Shared (always-on) heads go through one SDPA call over all their tokens. Each routed head's
-selected queries are gathered per sequence, keep their positions for the causal and padding
-masks, and go through SDPA in position-ordered chunks, each chunk reading only the keys up to
-its last query's position (later keys are masked for all of its queries anyway). Outputs are
+Shared (always-on) heads go through one SDPA call over all their tokens. The routed heads that
+read one KV head are done together, per sequence and per window of ``chunk`` positions: each
+head's selected queries in the window are gathered (padded to the longest head, padding dropped),
+keep their positions for the causal and padding masks, and read only the keys up to the window's
+end (later keys are masked for all of its queries anyway). Outputs are
 multiplied by the gates, so gradients reach queries, keys, values and gates as in the masked
 reference. Used on the CPU and wherever the Triton kernel is missing.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK = 256  # routed queries per SDPA call
+CHUNK = 256  # positions per window of routed queries
 
 
 def _keep_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -56,20 +57,34 @@ def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
             is_causal=causal and mask is None and length > 1, scale=scaling)  # [B, s, T, d]
         output[:, :, index] = dense.transpose(1, 2) * gates[:, :, index, None]
     key_positions = torch.arange(keys, device=query.device)
-    for head in routed_heads:
-        kv = head // group
+    for kv in range(kv_heads):
+        heads_here = torch.tensor([head for head in routed_heads if head // group == kv], device=query.device, dtype=torch.long)
+        if not heads_here.numel():
+            continue
         for item in range(batch):
-            selected = gates[item, :, head].nonzero().squeeze(-1)  # [n] token indices, ascending
-            for start in range(0, selected.numel(), chunk):
-                tokens = selected[start:start + chunk]  # [c]
-                last = int(tokens[-1]) + offset + 1 if causal else keys  # keys past the chunk's last query are never seen
-                mask = torch.ones(tokens.numel(), last, dtype=torch.bool, device=query.device)  # [c, S']
+            for start in range(0, length, chunk):  # position windows: every routed head of this KV head in one call
+                window = gates[item, start:start + chunk][:, heads_here].T != 0  # [r, w]
+                counts = window.sum(dim=1)  # [r]
+                most = int(counts.max())
+                if not most:
+                    continue
+                # selected token indices per head, padded with the window's first token (rows dropped below): [r, n]
+                order = torch.sort((~window).to(torch.int8), dim=1, stable=True).indices[:, :most]
+                valid = torch.arange(most, device=query.device)[None, :] < counts[:, None]  # [r, n]
+                tokens = torch.where(valid, order + start, start)  # [r, n]
+                last = min(start + chunk, length) + offset if causal else keys  # later keys are never seen by the window
+                mask = torch.ones(tokens.shape[0], most, last, dtype=torch.bool, device=query.device)  # [r, n, S']
                 if causal:
-                    mask &= key_positions[:last] <= (tokens + offset)[:, None]
+                    mask &= key_positions[:last] <= (tokens + offset)[..., None]
                 if keep is not None:
-                    mask &= keep[item, 0 if keep.shape[1] == 1 else head][tokens, :last]
+                    rows = keep[item, 0][tokens] if keep.shape[1] == 1 else keep[item, heads_here[:, None], tokens]  # [r, n, S]
+                    mask &= rows[..., :last]
                 attended = F.scaled_dot_product_attention(
-                    query[item, head, tokens][None, None], key[item, kv, :last][None, None], value[item, kv, :last][None, None],
-                    attn_mask=_additive(mask, query.dtype)[None, None], scale=scaling)[0, 0]  # [c, d]
-                output[item, tokens, head] = attended * gates[item, tokens, head, None]
+                    query[item, heads_here[:, None], tokens][None],  # [1, r, n, d]
+                    key[item, kv, :last][None, None].expand(1, heads_here.numel(), last, dim),
+                    value[item, kv, :last][None, None].expand(1, heads_here.numel(), last, dim),
+                    attn_mask=_additive(mask, query.dtype)[None], scale=scaling)[0]  # [r, n, d]
+                head_index = heads_here[:, None].expand_as(tokens)[valid]
+                token_index = tokens[valid]
+                output[item, token_index, head_index] = attended[valid] * gates[item, token_index, head_index, None]
     return output
