@@ -54,6 +54,8 @@ CASES = [
     dict(length=6, cache=9, kv_heads=4, active=0.5, causal=True, padding=False),  # several new tokens after a cache, no mask
     dict(length=33, cache=0, kv_heads=4, active=0.6, causal=False, padding=True),  # bidirectional
     dict(length=17, cache=0, kv_heads=1, active=0.0, causal=True, padding=False),  # no routed head selected
+    dict(length=40, cache=3, kv_heads=2, active=0.5, causal=True, padding=True, shared=4),  # shared heads = a whole KV group
+    dict(length=40, cache=0, kv_heads=2, active=0.5, causal=True, padding=False, shared=4),
 ]
 
 
@@ -61,7 +63,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_the_masked_reference_in_outputs_and_gradients(case, dtype):
     query, key, value, gates, keep, shared, routed = make_case(2, 8, case["kv_heads"], case["length"], case["cache"], 16,
-                                                               case["active"], 3, dtype, case["padding"])
+                                                               case["active"], case.get("shared", 3), dtype, case["padding"])
     inputs = [t.clone().requires_grad_(True) for t in (query, key, value, gates)]
     reference = [t.clone().requires_grad_(True) for t in (query, key, value, gates)]
     got = head_sparse_attention(*inputs[:3], inputs[3], keep, shared, routed, causal=case["causal"], chunk=16)

@@ -48,13 +48,20 @@ def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     if shared_heads:
         index = torch.tensor(shared_heads, device=query.device)
         kv_index = index // group
+        whole_groups = sorted(shared_heads) == [h for kv in sorted(set(shared_heads[i] // group for i in range(len(shared_heads))))
+                                                for h in range(kv * group, (kv + 1) * group)]
+        gqa = {}
+        if whole_groups:  # the shared heads are whole KV groups: read each KV head once (SDPA's GQA), no copies
+            index = torch.tensor(sorted(shared_heads), device=query.device)
+            kv_index = torch.tensor(sorted(set(h // group for h in shared_heads)), device=query.device)
+            gqa = {"enable_gqa": True} if group > 1 else {}
         mask = None if keep is None else keep if keep.shape[1] == 1 else keep[:, index]
         if causal and (mask is not None or offset):  # SDPA's is_causal aligns queries to the first keys: spell it out
             causal_mask = torch.arange(keys, device=query.device)[None, :] <= torch.arange(offset, keys, device=query.device)[:, None]
             mask = causal_mask if mask is None else mask & causal_mask
         dense = F.scaled_dot_product_attention(
             query[:, index], key[:, kv_index], value[:, kv_index], attn_mask=None if mask is None else _additive(mask, query.dtype),
-            is_causal=causal and mask is None and length > 1, scale=scaling)  # [B, s, T, d]
+            is_causal=causal and mask is None and length > 1, scale=scaling, **gqa)  # [B, s, T, d]
         output[:, :, index] = dense.transpose(1, 2) * gates[:, :, index, None]
     key_positions = torch.arange(keys, device=query.device)
     for kv in range(kv_heads):
