@@ -270,3 +270,26 @@ def test_two_processes_match_one(workspace):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
         torch.testing.assert_close(rank0[name], runs[1][0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_attention_backend_from_the_recipe(workspace, monkeypatch):
+    """``attention: torch`` trains through the head-sparse path; ``masked`` never does while training."""
+    from upcycle.modeling import gated_attention
+
+    tmp_path, _, data = workspace
+    training_calls = []
+    original = gated_attention.head_sparse_attention
+
+    def counting(*args, **kwargs):
+        training_calls.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gated_attention, "head_sparse_attention", counting)
+    for backend, trained_sparse in (("masked", False), ("torch", True)):
+        training_calls.clear()
+        folder = tmp_path / backend
+        folder.mkdir()
+        recipe = write_recipe(folder, tmp_path / "moh", data, attention=backend, training__steps=1, training__eval_every=0)
+        run_finetune(load_recipe(str(recipe)))
+        assert any(training_calls) == trained_sparse, (backend, training_calls[:3])
+        assert json.loads((folder / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0
