@@ -52,15 +52,17 @@ BACKENDS = ("auto", "torch", "masked", "kernel")
 
 
 def head_sparse(module: nn.Module, query: torch.Tensor) -> bool:
-    """Whether this call skips unselected heads: ``attention_backend`` torch; or auto, off CUDA (until the Triton
-    kernel lands, the masked path is the faster one on GPUs) and without gradients. A skipped head has no output,
-    so its zero gate gets no gradient: the straight-through router gradient through unselected heads exists only
-    on the masked path, which ``auto`` therefore keeps for training."""
+    """Whether this call skips unselected heads (``attention_backend`` torch).
+
+    ``auto`` takes the masked path for now: the torch path matches it but is not faster on the CPU
+    (per-window SDPA calls with explicit masks), and the Triton kernel that should be faster on GPUs
+    is not written yet. A skipped head has no output, so its zero gate gets no gradient: the
+    straight-through router gradient through unselected heads exists only on the masked path.
+    """
     backend = getattr(module, "attention_backend", "auto")
     if backend == "kernel":
         raise ValueError("the Triton head-sparse kernel is not available yet; use attention backend torch, masked or auto")
-    training = torch.is_grad_enabled() and query.requires_grad
-    return backend == "torch" or backend == "auto" and query.device.type != "cuda" and not training
+    return backend == "torch"
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> int:

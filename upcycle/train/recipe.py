@@ -107,7 +107,7 @@ class Recipe(_Section):
     lora: LoraSection = LoraSection()
     losses: LossSection = LossSection()
     training: TrainingSection
-    attention: Literal["auto", "torch", "masked"] = "auto"  # head-gated attention; auto: masked in training, torch in CPU evaluation
+    attention: Literal["auto", "torch", "masked"] = "auto"  # head-gated attention; auto: masked until a head-sparse path is faster
     accelerate_config: str | None = None
 
 
