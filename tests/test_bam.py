@@ -146,6 +146,8 @@ def test_btx_is_a_plain_mixtral_checkpoint(tmp_path):
     config = json.loads((tmp_path / "btx" / "config.json").read_text())
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 2 and config["num_experts_per_tok"] == 2
     assert "auto_map" not in config and "upcycle" not in config and not list((tmp_path / "btx").glob("*.py"))
+    card = (tmp_path / "btx" / "README.md").read_text()
+    assert "trust_remote_code" not in card and 'AutoModelForCausalLM.from_pretrained("btx")' in card
     assert all(check["passed"] for check in report["checks"]), report["checks"]
     torch.save({"ids": IDS, "out": logits(load(tmp_path / "btx"))}, tmp_path / "expected.pt")
     run_without_upcycle(tmp_path, f"""

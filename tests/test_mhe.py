@@ -199,6 +199,8 @@ def test_report_card_and_inspect(tmp_path, calibration_file):
     assert config["upcycle"]["layers"][0] == {"mhe": {"variant": "add", "heads": {"q_proj": 8, "k_proj": 2, "v_proj": 2}}}
     card = (tmp_path / "out" / "README.md").read_text()
     assert "MHE-ADD" in card and "44.06% fewer" in card
+    assert "\n# out\n" in card and 'from_pretrained("out", trust_remote_code=True)' in card and "upcycle-tmp" not in card
+    assert card.count('- "mhe"') == 1  # tags once each
     shown = run("inspect", tmp_path / "out").stdout
     assert "MHE-add, one shared projection each: Q over 8 heads, K over 2 heads, V over 2 heads" in shown
 

@@ -185,6 +185,6 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
         write_model_card(tmp, base_model=base_model, method=method, tags=conversion.tags,
                          description=conversion.description, plan_lines=conversion.plan_lines,
                          parameters=report["parameters"], checks=checks, custom_code=conversion.uses_runtime,
-                         auto_class=conversion.auto_class, pipeline_tag=conversion.pipeline_tag)
+                         auto_class=conversion.auto_class, pipeline_tag=conversion.pipeline_tag, name=out.name)
     print(f"wrote {out}")
     return report

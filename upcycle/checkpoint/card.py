@@ -36,22 +36,25 @@ def _evaluation_lines(evaluation: list[dict]) -> list[str]:
 def write_model_card(folder: Path, *, base_model: str, method: str, tags: list[str], description: str,
                      plan_lines: list[str], parameters: dict, checks: list[dict], custom_code: bool,
                      training: dict | None = None, evaluation: list[dict] | None = None,
-                     auto_class: str = "AutoModelForCausalLM", pipeline_tag: str = "text-generation") -> Path:
-    """Write ``folder/README.md`` describing what was done to ``base_model`` (and how it was tuned)."""
+                     auto_class: str = "AutoModelForCausalLM", pipeline_tag: str = "text-generation",
+                     name: str | None = None) -> Path:
+    """Write ``folder/README.md`` describing what was done to ``base_model`` (and how it was tuned);
+    ``name``: the model's name in the card (default: the folder's, wrong while writing into a temporary folder)."""
     fields = {"base_model": base_model, "library_name": "transformers", "pipeline_tag": pipeline_tag,
-              "tags": ["upcycle", method, *tags]}
+              "tags": list(dict.fromkeys(["upcycle", method, *tags]))}
+    name = name or folder.name
     load = (
         f"from transformers import {auto_class}\n"
-        f"model = {auto_class}.from_pretrained(\"{folder.name}\", trust_remote_code=True)\n"
+        f"model = {auto_class}.from_pretrained(\"{name}\", trust_remote_code=True)\n"
         "# or, with upcycle installed and no remote code:\n"
         "import upcycle\n"
-        f"model = {auto_class}.from_pretrained(\"{folder.name}\")"
+        f"model = {auto_class}.from_pretrained(\"{name}\")"
         if custom_code
-        else f"from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained(\"{folder.name}\")"
+        else f"from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained(\"{name}\")"
     )
     check_lines = [f"- {'passed' if c['passed'] else 'FAILED'}: {c['name']} ({c['detail']})" for c in checks]
     body = [
-        f"# {folder.name}",
+        f"# {name}",
         "",
         f"Converted from `{base_model}` by [upcycle](https://pypi.org/project/upcycle/) with the `{method}` method.",
         "",

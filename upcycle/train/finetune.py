@@ -140,8 +140,9 @@ def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation: to
         plan_lines=report.get("plan_lines", []),
         parameters=parameters,
         checks=report.get("checks", []),
-        custom_code=report.get("method", "dense") != "dense",
+        custom_code="auto_map" in json.loads((final / "config.json").read_text()),
         training=summary,
         evaluation=report["evaluation"],
+        name=Path(recipe.output).name,
     )
     print(f"wrote {final}")
