@@ -148,4 +148,4 @@ def test_two_process_mcl_matches_one_process(clip_workspace):
     changed = [name for name in before if not torch.equal(before[name], stages[2][name])]
     assert changed and all(".mlp." in name or name == "logit_scale" for name in changed)
     for name in stages[1]:
-        torch.testing.assert_close(stages[2][name], stages[1][name], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(stages[2][name], stages[1][name], atol=1e-4, rtol=1e-3)  # all-reduce order; a wrong plan is off by ~5e-3
