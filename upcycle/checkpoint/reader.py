@@ -250,17 +250,21 @@ class CheckpointReader:
         info = self.info(name)
         if self.format == "bin":
             return self._load_bin(info.file)[name]
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        return self._read(info, 0, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def _read(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
+        """``count`` bytes of a safetensors tensor from byte ``start`` of its data, into a fresh uint8 tensor."""
+        buffer = torch.empty(count, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         with open(info.file, "rb", buffering=0) as handle:
-            handle.seek(self._offsets[name])
+            handle.seek(self._offsets[info.name] + start)
             filled = 0
-            while filled < info.nbytes:
-                count = handle.readinto(view[filled:])
-                if not count:
-                    raise _corrupted(info.file, f"{name} ends past the end of the file")
-                filled += count
-        return buffer.view(info.dtype).reshape(info.shape)
+            while filled < count:
+                got = handle.readinto(view[filled:])
+                if not got:
+                    raise _corrupted(info.file, f"{info.name} ends past the end of the file")
+                filled += got
+        return buffer
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (first dimension) of one tensor, reading only their bytes (safetensors)."""
@@ -268,17 +272,7 @@ class CheckpointReader:
         if self.format == "bin" or not info.shape:
             return self.get(name)[start:stop]
         row_bytes = info.nbytes // info.shape[0]
-        buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
-        with open(info.file, "rb", buffering=0) as handle:
-            handle.seek(self._offsets[name] + start * row_bytes)
-            filled = 0
-            while filled < len(view):
-                count = handle.readinto(view[filled:])
-                if not count:
-                    raise _corrupted(info.file, f"{name} ends past the end of the file")
-                filled += count
-        return buffer.view(info.dtype).reshape(stop - start, *info.shape[1:])
+        return self._read(info, start * row_bytes, (stop - start) * row_bytes).view(info.dtype).reshape(stop - start, *info.shape[1:])
 
     def byte_range(self, name: str) -> tuple[Path, int] | None:
         """(file, offset) of a tensor's raw bytes in a safetensors file; None for .bin checkpoints."""

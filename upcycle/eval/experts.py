@@ -24,9 +24,10 @@ def _mixtral_hook(router: nn.Module, args: tuple, output: tuple) -> None:
     selected = F.one_hot(chosen, router.num_experts).sum(dim=1).to(logits.dtype)  # [N_tok, E]
     router.expert_weights = selected.detach()
     if router.training:
-        fraction = selected.mean(dim=0) / router.top_k
-        router.aux_loss = router.num_experts * (fraction * logits.softmax(dim=-1).mean(dim=0)).sum()
-        router.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        from ..modeling.experts import load_balance, z_loss
+
+        router.aux_loss = load_balance(logits.softmax(dim=-1), selected, router.top_k)
+        router.z_loss = z_loss(logits)
 
 
 def instrument_mixtral_routers(model: nn.Module) -> int:

@@ -35,7 +35,7 @@ from ..checkpoint.reader import CheckpointReader, resolve_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.experts import head_expert_order
-from .base import ChunkedTensor, Conversion, SourceTensor, runtime_config
+from .base import ChunkedTensor, Conversion, SourceTensor, native_refusal, runtime_config
 
 ATTENTION_MODES = ("expert-kv", "shared-kv", "average")
 ROUTER_INITS = ("random", "zero")
@@ -151,8 +151,6 @@ def native_mixtral(spec: DecoderSpec, config: dict, options: BAMOptions, experts
     mixtral.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts, num_experts_per_tok=top_k,
                    head_dim=spec.head_dim, router_aux_loss_coef=0.01, output_router_logits=False,
                    sliding_window=config.get("sliding_window"))
-    from .prune_heads import native_refusal
-
     refusal = native_refusal(mixtral)
     return (None, f"transformers refuses the Mixtral config: {refusal}") if refusal else (mixtral, "")
 

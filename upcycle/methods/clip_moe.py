@@ -21,7 +21,7 @@ from ..checkpoint.compare import checkpoint_differences
 from ..checkpoint.reader import CheckpointReader, resolve_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from .base import Conversion, SourceTensor
+from .base import Conversion, SourceTensor, runtime_config
 
 FFN_TENSORS = (("fc1", "weight"), ("fc1", "bias"), ("fc2", "weight"), ("fc2", "bias"))
 
@@ -112,14 +112,7 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
             source = sources[item.name]
             yield item.name, source if source is not None else (torch.randn(item.shape, generator=generator) * 0.02).to(item.dtype)
 
-    from ..modeling.modeling_upcycle import CLIP_CLASSES
-
-    classes = CLIP_CLASSES["clip"]
-    main = classes["AutoModel"]
-    config = dict(reader.config)
-    config.update(model_type=main.config_class.model_type, architectures=[main.__name__],
-                  auto_map={"AutoConfig": f"configuration_upcycle.{main.config_class.__name__}"} | {auto: f"modeling_upcycle.{cls.__name__}" for auto, cls in classes.items()},
-                  upcycle={"method": "clip-moe", "base_model_type": "clip", "towers": plans})
+    config, auto_class, pipeline_tag = runtime_config(reader.config, spec, "clip-moe", plans)
     kind = "sparse upcycling (copies of the base FFN)" if options.upcycle_copies else "CLIP-MoE (MCL stage FFNs)"
     return Conversion(
         method="clip-moe",
@@ -137,6 +130,6 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
         tags=["clip", "clip-moe", "moe", "mixture-of-experts"],
         description=(f"{kind}: the feed-forward layers of {'all' if layers is None else f'the last {layers}'} layers of both towers of a CLIP are {experts} "
                      f"experts with a top-{options.top_k} router; everything else is the base model's. A drop-in CLIPModel."),
-        auto_class="AutoModel",
-        pipeline_tag="zero-shot-image-classification",
+        auto_class=auto_class,
+        pipeline_tag=pipeline_tag,
     )

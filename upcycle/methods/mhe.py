@@ -143,7 +143,7 @@ def relative_error(stacked: torch.Tensor, shared: torch.Tensor, embedding: torch
 def read_stacked(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, layer: int, proj: str) -> tuple[torch.Tensor, bool]:
     """A layer projection's rows ``[d_h, H, k]`` (see :func:`stack_heads`) and whether it has a bias."""
     bias_name = spec.attention(layer, proj, "bias")
-    bias = reader.get(bias_name) if bias_name in set(reader.names()) else None
+    bias = reader.get(bias_name) if bias_name in reader else None
     return stack_heads(reader.get(spec.attention(layer, proj)), bias, spec.head_dim), bias is not None
 
 
@@ -152,18 +152,6 @@ def input_moments(second_moment: torch.Tensor | None, k: int, bias: bool) -> tup
     if second_moment is None:
         return None, data_free_mean(k, bias)
     return second_moment[:k, :k], second_moment[-1, :k]
-
-
-def _layers(model: nn.Module) -> nn.ModuleList:
-    base = model.base_model
-    return base.layers if hasattr(base, "layers") else base.encoder.layer
-
-
-def _projection(layer: nn.Module, proj: str) -> tuple[nn.Module, str]:
-    """(parent module, attribute) of a decoder or BERT layer's q/k/v projection."""
-    if hasattr(layer, "self_attn"):
-        return layer.self_attn, proj
-    return layer.attention.self, {"q_proj": "query", "k_proj": "key", "v_proj": "value"}[proj]
 
 
 class CalibrationPass:
@@ -178,9 +166,9 @@ class CalibrationPass:
     def run(self, label: str, moments: bool, replacements: list[dict[str, nn.Module]] | None = None
             ) -> tuple[list[torch.Tensor] | None, list[float] | None]:
         """(per-layer E[x~ x~^T] [d+1, d+1] or None, per-layer attention output relative error or None)."""
-        from ..modeling.surgery import attention_of
+        from ..modeling.surgery import attention_of, layers_of, projections_of
 
-        layers = _layers(self.model)
+        layers = layers_of(self.model)
         sums = [None] * len(layers)
         counts = [0] * len(layers)
         errors = torch.zeros(len(layers), 2, dtype=torch.float64)  # [layer, (squared error, squared norm)]
@@ -207,13 +195,13 @@ class CalibrationPass:
                 busy[0] = True
                 try:
                     for proj, module in replacements[index].items():
-                        parent, name = _projection(layers[index], proj)
+                        parent, name = projections_of(layers[index])[proj]
                         swapped[proj] = getattr(parent, name)
                         setattr(parent, name, module)
                     approx = attention(*args, **kwargs)
                 finally:
                     for proj, module in swapped.items():
-                        parent, name = _projection(layers[index], proj)
+                        parent, name = projections_of(layers[index])[proj]
                         setattr(parent, name, module)
                     busy[0] = False
                 reference = (output[0] if isinstance(output, tuple) else output).double()  # [B, T, D]
@@ -225,7 +213,7 @@ class CalibrationPass:
 
         for index, layer in enumerate(layers):
             if moments:
-                parent, name = _projection(layer, "q_proj")
+                parent, name = projections_of(layer)["q_proj"]
                 handles.append(getattr(parent, name).register_forward_pre_hook(moment_hook(index)))
             if replacements is not None:
                 handles.append(attention_of(layer).register_forward_hook(error_hook(index), with_kwargs=True))

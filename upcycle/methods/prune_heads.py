@@ -46,7 +46,7 @@ from ..arch import DecoderSpec, EncoderSpec, attention_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from .base import Conversion, SourceTensor, runtime_config
+from .base import Conversion, SourceTensor, native_refusal, runtime_config
 
 IMPORTANCES = ("gradient", "random")
 ATTENTION_TENSORS = (("q_proj", "weight"), ("q_proj", "bias"), ("k_proj", "weight"), ("k_proj", "bias"),
@@ -161,10 +161,9 @@ class UnitGates(nn.Module):
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """Each layer's attention module (the one that calls the attention function)."""
-    from ..modeling.surgery import attention_of
+    from ..modeling.surgery import attention_of, layers_of
 
-    base = model.base_model
-    return [attention_of(layer) for layer in (base.layers if hasattr(base, "layers") else base.encoder.layer)]
+    return [attention_of(layer) for layer in layers_of(model)]
 
 
 def attach_unit_gates(model: nn.Module, removed: list[set[int]], units: int, heads_per_unit: int) -> list[UnitGates]:
@@ -301,21 +300,6 @@ def sliced_tensors(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, pl
             if name in names:
                 edits[name] = (kv_heads if proj in ("k_proj", "v_proj") else heads, 1 if proj == "o_proj" else 0)
     return edits
-
-
-def native_refusal(config: dict) -> str | None:
-    """Why transformers' own config class refuses ``config`` (None when it accepts it).
-
-    LlamaConfig (transformers 5) insists on hidden_size % num_attention_heads == 0 even with
-    an explicit head_dim; Mistral, Qwen2 and Qwen3 accept any head count.
-    """
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.for_model(**config)
-    except Exception as error:  # ValueError, or huggingface_hub's StrictDataclassClassValidationError
-        return " ".join(str(error).split())[-200:]
-    return None
 
 
 def output_config(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]) -> tuple[dict, bool, str, str]:

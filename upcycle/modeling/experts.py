@@ -26,6 +26,13 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
+def load_balance(probs: torch.Tensor, selected: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``N * sum_i f_i P_i``: f_i the share of routing slots given to expert i, P_i its mean probability
+    (probs, selected: [tokens, N]; selected counts 1 per chosen expert)."""
+    fraction = selected.mean(dim=0) / top_k
+    return probs.shape[-1] * (fraction * probs.mean(dim=0)).sum()
+
+
 class MoEFeedForward(nn.Module):
     """Top-k routed mixture of feed-forward experts; input and output ``[B, T, D]``."""
 
@@ -51,8 +58,7 @@ class MoEFeedForward(nn.Module):
             weights = chosen_probs / chosen_probs.sum(dim=-1, keepdim=True)
         selected = F.one_hot(chosen, self.num_experts).sum(dim=1).to(probs.dtype)  # [N_tok, E]
         if self.training:
-            fraction = selected.mean(dim=0) / self.top_k  # f_i: share of routing slots per expert
-            self.aux_loss = self.num_experts * (fraction * probs.mean(dim=0)).sum()
+            self.aux_loss = load_balance(probs, selected, self.top_k)
             self.z_loss = z_loss(logits)
         self.expert_weights = selected.detach()
         output = torch.zeros_like(tokens)

@@ -15,7 +15,7 @@ from .configuration_upcycle import (
     UpcycleBertConfig, UpcycleCLIPConfig, UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config,
 )
 from .gated_attention import ATTENTION_NAME, register_attention
-from .surgery import apply_plan
+from .surgery import apply_plan, layers_of
 
 register_attention()
 
@@ -25,9 +25,7 @@ class _UpcycleModel:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        base = self.base_model
-        layers = base.layers if hasattr(base, "layers") else base.encoder.layer  # decoders / BERT
-        apply_plan(layers, config.upcycle, config.hidden_size, config.num_attention_heads)
+        apply_plan(layers_of(self), config.upcycle, config.hidden_size, config.num_attention_heads)
         self.config._attn_implementation = ATTENTION_NAME
 
     def router_aux_losses(self) -> list:

@@ -23,7 +23,13 @@ def attention_of(layer: nn.Module) -> nn.Module:
     return layer.self_attn if hasattr(layer, "self_attn") else layer.attention.self
 
 
-def _projections(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+def layers_of(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers (LLaMA family) or encoder layers (BERT) of a model."""
+    base = model.base_model
+    return base.layers if hasattr(base, "layers") else base.encoder.layer
+
+
+def projections_of(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """(parent module, attribute) of the q/k/v/o projections of a decoder or BERT layer."""
     if hasattr(layer, "self_attn"):
         attention = layer.self_attn
@@ -54,7 +60,7 @@ def _apply_attention_heads(layer: nn.Module, spec: dict) -> None:
     def rows(kept: list[int]) -> torch.Tensor:
         return (torch.tensor(kept, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).flatten()  # [len(kept) * d]
 
-    for proj, (parent, name) in _projections(layer).items():
+    for proj, (parent, name) in projections_of(layer).items():
         kept = heads if proj in ("q_proj", "o_proj") else kv_heads
         setattr(parent, name, _sliced_linear(getattr(parent, name), rows(kept), 1 if proj == "o_proj" else 0))
     if hasattr(attention, "num_key_value_groups"):
@@ -68,7 +74,7 @@ def _apply_mhe(layer: nn.Module, spec: dict) -> None:
     """Replace the q/k/v projections named in ``spec["heads"]`` by MHE projections of that many heads."""
     attention = attention_of(layer)
     head_dim = getattr(attention, "head_dim", None) or attention.attention_head_size
-    projections = _projections(layer)
+    projections = projections_of(layer)
     for proj, heads in spec["heads"].items():
         parent, name = projections[proj]
         old = getattr(parent, name)

@@ -58,11 +58,10 @@ def gather_with_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def tower_balance_loss(model) -> torch.Tensor | None:
     """Sum over towers of the mean load-balance term of the tower's expert routers (LB_image + LB_text)."""
-    terms = []
-    for tower in (getattr(model, "vision_model", None), getattr(model, "text_model", None)):
-        losses = [m.aux_loss for m in tower.modules() if getattr(m, "aux_loss", None) is not None] if tower is not None else []
-        if losses:
-            terms.append(torch.stack(losses).mean())
+    from .loop import router_term
+
+    terms = [router_term(tower, "aux_loss") for tower in (model.vision_model, model.text_model)]
+    terms = [term for term in terms if term is not None]
     return torch.stack(terms).sum() if terms else None
 
 
@@ -250,12 +249,12 @@ class ClipRunner:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             from ..checkpoint.writer import atomic_output, copy_support_files
+            from .loop import copy_runtime
 
             with atomic_output(folder, overwrite=True) as temp:
                 self.accelerator.unwrap_model(model).save_pretrained(temp)
                 copy_support_files(self.base, temp)
-                for file in Path(self.base).glob("*.py"):
-                    shutil.copyfile(file, temp / file.name)
+                copy_runtime(self.base, temp)
         self.accelerator.wait_for_everyone()
 
 

@@ -123,16 +123,20 @@ def select_trainable(model, recipe: Recipe):
     return model
 
 
+def router_term(model, attribute: str) -> torch.Tensor | None:
+    """Mean over the routers that set ``attribute`` (``aux_loss``: load balance, ``z_loss``) in the latest forward."""
+    losses = [getattr(m, attribute) for m in model.modules() if getattr(m, attribute, None) is not None]
+    return torch.stack(losses).mean() if losses else None
+
+
 def router_balance_loss(model) -> torch.Tensor | None:
     """Mean over layers of the routers' load-balance terms from the latest forward."""
-    losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
-    return torch.stack(losses).mean() if losses else None
+    return router_term(model, "aux_loss")
 
 
 def router_z_loss(model) -> torch.Tensor | None:
     """Mean over expert routers of their z-loss terms from the latest forward."""
-    losses = [m.z_loss for m in model.modules() if getattr(m, "z_loss", None) is not None]
-    return torch.stack(losses).mean() if losses else None
+    return router_term(model, "z_loss")
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -339,7 +343,7 @@ class Trainer:
             with atomic_output(final, overwrite=True) as temp:
                 model.save_pretrained(temp)
                 copy_support_files(self.model_path, temp)
-                _copy_runtime(self.model_path, temp)
+                copy_runtime(self.model_path, temp)
                 report = self.model_path / "upcycle_report.json"
                 if report.exists():
                     shutil.copyfile(report, temp / "upcycle_report.json")
@@ -353,7 +357,7 @@ def _config_dtype(folder: Path) -> torch.dtype:
     return getattr(torch, name, torch.float32)
 
 
-def _copy_runtime(source: Path, target: Path) -> None:
+def copy_runtime(source: Path, target: Path) -> None:
     """Upcycled models carry their runtime files (auto_map); copy them from the source folder."""
     for file in Path(source).glob("*.py"):
         shutil.copyfile(file, target / file.name)
