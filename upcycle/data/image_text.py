@@ -50,18 +50,14 @@ def _first(record: dict, keys: Sequence[str]):
 
 def _read_records(path: Path) -> tuple[list[str], list[str]]:
     """(absolute image paths, captions) of a pairs ``.jsonl`` file, every image checked to exist."""
+    from .text import json_lines
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UpcycleError(f"cannot read {path} ({e}): give a readable UTF-8 .jsonl file") from e
     images, texts, missing = [], [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UpcycleError(f"{path}:{number} is not valid JSON ({e.msg}): write one JSON object per line") from e
+    for number, record in json_lines(path, raw):
         if not isinstance(record, dict):
             raise UpcycleError(f"{path}:{number} is not a JSON object: write one "
                                '{"file_name": ..., "text": ...} object per line')

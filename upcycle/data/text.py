@@ -14,6 +14,17 @@ from upcycle.errors import UpcycleError
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
+def json_lines(path: Path, raw: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; a bad line is one clear error."""
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UpcycleError(f"{path}:{number} is not valid JSON ({e.msg}): write one JSON object per line") from e
+
+
 def _read_file(path: Path) -> list[str]:
     try:
         raw = path.read_text(encoding="utf-8")
@@ -22,13 +33,7 @@ def _read_file(path: Path) -> list[str]:
     if path.suffix.lower() == ".txt":
         return [doc.strip() for doc in re.split(r"\n[ \t\r\f\v]*\n", raw) if doc.strip()]
     documents = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UpcycleError(f"{path}:{number} is not valid JSON ({e.msg}): write one JSON object per line") from e
+    for number, record in json_lines(path, raw):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise UpcycleError(f'{path}:{number} has no string "text" field: write one {{"text": ...}} object per line')
         if record["text"].strip():
