@@ -98,6 +98,7 @@ class RouterInit(str, Enum):
 
 class AttentionBackend(str, Enum):
     auto = "auto"
+    kernel = "kernel"
     torch = "torch"
     masked = "masked"
 
@@ -263,7 +264,7 @@ def evaluate_command(
     window: Annotated[int, typer.Option(help="Context window of the sliding-window perplexity.")] = 512,
     stride: Annotated[int | None, typer.Option(help="Stride of the sliding window (default: the window, i.e. disjoint blocks).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.", show_default=False)] = None,
-    attention: Annotated[AttentionBackend, typer.Option(help="Head-gated attention: torch (compute only the selected heads), masked (all heads times the gates; the reference), auto (masked until a head-sparse path is faster).")] = AttentionBackend.auto,
+    attention: Annotated[AttentionBackend, typer.Option(help="Head-gated attention: kernel (Triton, only the selected heads; CUDA), torch (only the selected heads, plain torch), masked (all heads times the gates; the reference), auto (kernel on CUDA with Triton, else masked).")] = AttentionBackend.auto,
 ) -> None:
     """Perplexity (exact token counts), tokens/s and head usage. Example: upcycle eval ./smollm2-moh --data heldout.txt --compare ./SmolLM2"""
     from .eval.cli import run_eval

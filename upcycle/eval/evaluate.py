@@ -66,7 +66,10 @@ def evaluate(
     model = load_model(model_path, device)
     from ..modeling.gated_attention import set_attention_backend
 
-    set_attention_backend(model, attention)
+    try:
+        set_attention_backend(model, attention)
+    except ValueError as error:  # kernel asked for without Triton or CUDA
+        raise UpcycleError(str(error)) from None
     try:
         method = (getattr(model.config, "upcycle", None) or {}).get("method", "dense")
         with HeadUsage(model) as usage:

@@ -39,37 +39,81 @@ def head_gated_attention(
     if router is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     gates = router(router_input, query)  # [B, T, h]
-    if head_sparse(module, query) and hasattr(router, "routed_heads"):
+    path = attention_path(module, query) if hasattr(router, "routed_heads") else "masked"
+    if path != "masked":
         causal = getattr(module, "is_causal", True) if kwargs.get("is_causal") is None else kwargs["is_causal"]
-        output = head_sparse_attention(query, key, value, gates, attention_mask, router.shared_heads, router.routed_heads,
+        heads = (query, key, value, gates)
+        if path == "kernel":
+            from .sparse_kernel import head_sparse_attention_kernel
+
+            key_padding, representable = key_padding_of(attention_mask, causal, query.shape[2], key.shape[2])
+            if representable:
+                output = head_sparse_attention_kernel(*heads, key_padding, router.shared_heads, router.routed_heads,
+                                                      causal=causal, scaling=kwargs.get("scaling"))
+                return output, None
+        output = head_sparse_attention(*heads, attention_mask, router.shared_heads, router.routed_heads,
                                        causal=causal, scaling=kwargs.get("scaling"))
         return output, None
     output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return output * gates.unsqueeze(-1).to(output.dtype), weights
 
 
-BACKENDS = ("auto", "torch", "masked", "kernel")
+def key_padding_of(attention_mask: torch.Tensor | None, causal: bool, length: int, keys: int) -> tuple[torch.Tensor | None, bool]:
+    """The kernel takes a key-padding mask [B, S] (True: a real key), not a 4-D mask: derive it from a
+    [B, 1, T, S] mask and say whether it represents the mask exactly (causal and padding only; not, e.g.,
+    sliding windows or packed documents, which then take the torch path)."""
+    if attention_mask is None:
+        return None, True
+    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    if keep.shape[1] != 1:
+        return None, False
+    keep = keep[:, 0].expand(keep.shape[0], length, keys)  # [B, T, S]
+    key_padding = keep[:, -1]  # the last query sees every earlier key, so its row is the padding
+    expected = key_padding[:, None, :].expand_as(keep)
+    if causal:
+        positions = torch.arange(keys, device=keep.device)
+        expected = expected & (positions[None, :] <= positions[keys - length:, None])[None]
+    return key_padding, bool(torch.equal(keep, expected))
 
 
-def head_sparse(module: nn.Module, query: torch.Tensor) -> bool:
-    """Whether this call skips unselected heads (``attention_backend`` torch).
+BACKENDS = ("auto", "kernel", "torch", "masked")
 
-    ``auto`` takes the masked path for now: the torch path matches it but is not faster on the CPU
-    (per-window SDPA calls with explicit masks), and the Triton kernel that should be faster on GPUs
-    is not written yet. A skipped head has no output, so its zero gate gets no gradient: the
-    straight-through router gradient through unselected heads exists only on the masked path.
+
+def attention_path(module: nn.Module, query: torch.Tensor) -> str:
+    """How this call runs: ``kernel`` (Triton, only the selected pairs), ``torch`` (SDPA on gathered queries,
+    only the selected pairs) or ``masked`` (every head, times the gates; the reference).
+
+    ``auto`` takes the kernel on CUDA with Triton, else the masked path: on the CPU the torch path matches it
+    but measured no faster end to end (per-window SDPA calls with explicit masks), so it is opt-in there.
+    Head widths the kernel cannot take (not a power of two >= 16) take the torch path. A skipped head has
+    no output, so its zero gate gets no gradient: the straight-through router gradient
+    through unselected heads exists only on the masked path.
     """
     backend = getattr(module, "attention_backend", "auto")
-    if backend == "kernel":
-        raise ValueError("the Triton head-sparse kernel is not available yet; use attention backend torch, masked or auto")
-    return backend == "torch"
+    if backend == "auto":
+        from .sparse_kernel import kernel_available
+
+        return "kernel" if query.device.type == "cuda" and kernel_available(query) is None else "masked"
+    if backend == "kernel":  # set_attention_backend checked Triton and the device; other head widths: torch path
+        from .sparse_kernel import kernel_available
+
+        return "kernel" if kernel_available(query) is None else "torch"
+    return backend
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> int:
-    """Choose how head-gated attention runs: auto, torch (skip unselected heads), masked (all heads, times the gates);
-    returns how many attention modules were set."""
+    """Choose how head-gated attention runs: auto, kernel (Triton, skip unselected heads), torch (skip them in
+    plain torch), masked (all heads, times the gates); returns how many attention modules were set. ``kernel``
+    is checked here (Triton installed, the model on CUDA) so a wrong choice fails before any work."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
+    if backend == "kernel":
+        from .sparse_kernel import kernel_available
+
+        parameter = next(model.parameters(), None)
+        reason = kernel_available(parameter if parameter is not None else torch.empty(0, 16))
+        if reason and "head width" not in reason:  # other head widths fall back to the torch path per call
+            raise ValueError(f"attention backend kernel: {reason}; use torch, masked or auto")
     count = 0
     for module in model.modules():
         if hasattr(module, "head_router"):

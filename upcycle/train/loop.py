@@ -175,7 +175,10 @@ class Trainer:
         instrument_mixtral_routers(model)  # BTX written as Mixtral: the same balance and z-loss terms as upcycle's routers
         from ..modeling.gated_attention import set_attention_backend
 
-        set_attention_backend(model, recipe.attention)
+        try:
+            set_attention_backend(model, recipe.attention)
+        except ValueError as error:  # kernel asked for without Triton or CUDA
+            raise UpcycleError(str(error)) from None
         model = select_trainable(model, recipe)
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]

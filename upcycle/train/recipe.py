@@ -107,7 +107,7 @@ class Recipe(_Section):
     lora: LoraSection = LoraSection()
     losses: LossSection = LossSection()
     training: TrainingSection
-    attention: Literal["auto", "torch", "masked"] = "auto"  # head-gated attention; auto: masked until a head-sparse path is faster
+    attention: Literal["auto", "kernel", "torch", "masked"] = "auto"  # head-gated attention; auto: the Triton kernel on CUDA, else masked
     accelerate_config: str | None = None
 
 
