@@ -29,6 +29,25 @@ def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
 
 
+def _as_index(indices: list[int], device: torch.device) -> slice | torch.Tensor:
+    """A consecutive run of indices as a slice (views, no copies), else an index tensor."""
+    if indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return torch.tensor(indices, device=device)
+
+
+def _shared_layout(shared_heads: list[int], group: int, device: torch.device) -> tuple[slice | torch.Tensor, slice | torch.Tensor, bool]:
+    """(query heads, KV heads, whether SDPA's GQA applies) for the one SDPA call of the shared heads.
+
+    When the shared heads are whole KV groups each KV head is read once (SDPA's GQA); otherwise every
+    shared head gets its own copy of its KV head.
+    """
+    kv_of_shared = sorted({head // group for head in shared_heads})
+    if sorted(shared_heads) == [head for kv in kv_of_shared for head in range(kv * group, (kv + 1) * group)]:
+        return _as_index(sorted(shared_heads), device), _as_index(kv_of_shared, device), group > 1
+    return _as_index(list(shared_heads), device), torch.tensor([head // group for head in shared_heads], device=device), False
+
+
 def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor,
                           attention_mask: torch.Tensor | None, shared_heads: list[int], routed_heads: list[int],
                           causal: bool, scaling: float | None = None, chunk: int = CHUNK) -> torch.Tensor:
@@ -46,23 +65,18 @@ def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     gates = gates.to(query.dtype)
     output = query.new_zeros(batch, length, heads, dim)
     if shared_heads:
-        index = torch.tensor(shared_heads, device=query.device)
-        kv_index = index // group
-        whole_groups = sorted(shared_heads) == [h for kv in sorted(set(shared_heads[i] // group for i in range(len(shared_heads))))
-                                                for h in range(kv * group, (kv + 1) * group)]
-        gqa = {}
-        if whole_groups:  # the shared heads are whole KV groups: read each KV head once (SDPA's GQA), no copies
-            index = torch.tensor(sorted(shared_heads), device=query.device)
-            kv_index = torch.tensor(sorted(set(h // group for h in shared_heads)), device=query.device)
-            gqa = {"enable_gqa": True} if group > 1 else {}
-        mask = None if keep is None else keep if keep.shape[1] == 1 else keep[:, index]
-        if causal and (mask is not None or offset):  # SDPA's is_causal aligns queries to the first keys: spell it out
+        heads_index, kv_index, gqa = _shared_layout(shared_heads, group, query.device)
+        mask = None if keep is None else keep if keep.shape[1] == 1 else keep[:, heads_index]
+        if causal and length > 1 and (mask is not None or offset):  # SDPA's is_causal aligns queries to the first keys
             causal_mask = torch.arange(keys, device=query.device)[None, :] <= torch.arange(offset, keys, device=query.device)[:, None]
             mask = causal_mask if mask is None else mask & causal_mask
         dense = F.scaled_dot_product_attention(
-            query[:, index], key[:, kv_index], value[:, kv_index], attn_mask=None if mask is None else _additive(mask, query.dtype),
-            is_causal=causal and mask is None and length > 1, scale=scaling, **gqa)  # [B, s, T, d]
-        output[:, :, index] = dense.transpose(1, 2) * gates[:, :, index, None]
+            query[:, heads_index], key[:, kv_index], value[:, kv_index], attn_mask=None if mask is None else _additive(mask, query.dtype),
+            is_causal=causal and mask is None and length > 1, scale=scaling, enable_gqa=gqa)  # [B, s, T, d]
+        output[:, :, heads_index] = dense.transpose(1, 2) * gates[:, :, heads_index, None]
+    if length == 1 and routed_heads and (keep is None or keep.shape[1] == 1):
+        _decode_step(query, key, value, gates, keep, routed_heads, group, scaling, output)
+        return output
     key_positions = torch.arange(keys, device=query.device)
     for kv in range(kv_heads):
         heads_here = torch.tensor([head for head in routed_heads if head // group == kv], device=query.device, dtype=torch.long)
@@ -79,19 +93,72 @@ def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
                 order = torch.sort((~window).to(torch.int8), dim=1, stable=True).indices[:, :most]
                 valid = torch.arange(most, device=query.device)[None, :] < counts[:, None]  # [r, n]
                 tokens = torch.where(valid, order + start, start)  # [r, n]
-                last = min(start + chunk, length) + offset if causal else keys  # later keys are never seen by the window
-                mask = torch.ones(tokens.shape[0], most, last, dtype=torch.bool, device=query.device)  # [r, n, S']
-                if causal:
-                    mask &= key_positions[:last] <= (tokens + offset)[..., None]
-                if keep is not None:
-                    rows = keep[item, 0][tokens] if keep.shape[1] == 1 else keep[item, heads_here[:, None], tokens]  # [r, n, S]
-                    mask &= rows[..., :last]
+                mask, last = _window_mask(keep, item, heads_here, tokens, start, min(start + chunk, length), offset, keys,
+                                          causal, key_positions, query.dtype)
                 attended = F.scaled_dot_product_attention(
                     query[item, heads_here[:, None], tokens][None],  # [1, r, n, d]
                     key[item, kv, :last][None, None].expand(1, heads_here.numel(), last, dim),
                     value[item, kv, :last][None, None].expand(1, heads_here.numel(), last, dim),
-                    attn_mask=_additive(mask, query.dtype)[None], scale=scaling)[0]  # [r, n, d]
+                    attn_mask=None if mask is None else mask[None], scale=scaling)[0]  # [r, n, d]
                 head_index = heads_here[:, None].expand_as(tokens)[valid]
                 token_index = tokens[valid]
                 output[item, token_index, head_index] = attended[valid] * gates[item, token_index, head_index, None]
     return output
+
+
+def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None,
+                 routed_heads: list[int], group: int, scaling: float | None, output: torch.Tensor) -> None:
+    """The routed heads of a one-token step (decode with a KV cache), in one SDPA call, into ``output``.
+
+    The single query of a sequence sees the same keys in every head, so the routed heads a token
+    selected within one KV group become rows of one query block against that KV head, read once:
+    queries [B, m, n, d] for the m KV heads with routed heads and at most n selected heads each.
+    """
+    batch = query.shape[0]
+    device = query.device
+    kv_list = sorted({head // group for head in routed_heads})
+    table = [[head for head in routed_heads if head // group == kv] for kv in kv_list]
+    width = max(len(heads) for heads in table)
+    heads = torch.tensor([row + row[:1] * (width - len(row)) for row in table], device=device)  # [m, w], padded
+    real = torch.tensor([[i < len(row) for i in range(width)] for row in table], device=device)  # [m, w]
+    selected = (gates[:, 0][:, heads] != 0) & real  # [B, m, w]
+    counts = selected.sum(dim=-1)  # [B, m]
+    most = int(counts.max())
+    if not most:
+        return
+    order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[..., :most]  # selected first: [B, m, n]
+    rows = heads[torch.arange(len(kv_list), device=device)[:, None], order]  # head of each row: [B, m, n]
+    valid = torch.arange(most, device=device) < counts[..., None]  # [B, m, n]
+    items = torch.arange(batch, device=device)[:, None, None].expand_as(rows)
+    kv_index = _as_index(kv_list, device)
+    mask = None if keep is None else _additive(keep[:, :, -1:], query.dtype)  # [B, 1, 1, S]: padding only
+    attended = F.scaled_dot_product_attention(query[items, rows, 0], key[:, kv_index], value[:, kv_index],
+                                              attn_mask=mask, scale=scaling)  # [B, m, n, d]
+    item_index, head_index = items[valid], rows[valid]
+    output[item_index, 0, head_index] = attended[valid] * gates[item_index, 0, head_index, None]
+
+
+def _window_mask(keep: torch.Tensor | None, item: int, heads: torch.Tensor, tokens: torch.Tensor, start: int, end: int,
+                 offset: int, keys: int, causal: bool, key_positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor | None, int]:
+    """The additive mask [r, n, S'] of one window's gathered queries (tokens [r, n]) and the keys it reads (S').
+
+    Causal: the window reads keys up to its last position; keys before its first position are seen by all of
+    its queries, so only the window's own keys are masked. A one-position window (a decode step) needs no
+    causal mask at all, and without padding no mask is built.
+    """
+    last = end + offset if causal else keys
+    first = start + offset  # keys before this position: visible to every query of the window
+    needs_causal = causal and last - first > 1
+    if keep is None and not needs_causal:
+        return None, last
+    if keep is None:
+        mask = torch.zeros(*tokens.shape, last, dtype=dtype, device=tokens.device)  # [r, n, S']
+        visible = key_positions[first:last] <= (tokens + offset)[..., None]  # [r, n, w]
+        mask[..., first:] = torch.where(visible, 0.0, float("-inf")).to(dtype)
+        return mask, last
+    rows = keep[item, 0][tokens] if keep.shape[1] == 1 else keep[item, heads[:, None], tokens]  # [r, n, S]
+    visible = rows[..., :last]
+    if needs_causal:
+        visible = visible & (key_positions[:last] <= (tokens + offset)[..., None])
+    return torch.where(visible, 0.0, float("-inf")).to(dtype), last
