@@ -141,6 +141,8 @@ def convert(
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB or 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the plan, parameters and output size; write nothing.")] = False,
+    push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", rich_help_panel="Publishing", help="Then push OUT to this Hub repository (owner/name; created when missing). The token is checked before converting.", show_default=False)] = None,
+    private: Annotated[bool, typer.Option("--private", rich_help_panel="Publishing", help="With --push-to-hub: create the repository private.")] = False,
 ) -> None:
     """Convert a dense checkpoint. Example: upcycle convert ./SmolLM2-135M ./smollm2-moh --active-heads 0.75
 
@@ -198,7 +200,35 @@ def convert(
                           shared_selection=shared_selection.value if shared_selection else None,
                           calibration=calibration, calibration_tokens=calibration_tokens)
 
-    _run(lambda: convert_checkpoint(src, out, method.value, options(), shard_size=shard_size, overwrite=overwrite, dry_run=dry_run))
+    def go():
+        settings = options()
+        if push_to_hub and not dry_run:
+            from .convert import source_hub_id
+
+            if source_hub_id(src) is None:
+                raise UpcycleError(f"--push-to-hub needs the Hub id of {src} for the card's base_model, and a local folder does not say it; "
+                                   "pass SRC as its Hub id (owner/name; a downloaded model is read from the cache), or convert without "
+                                   "--push-to-hub, then run `upcycle card OUT --base-model OWNER/NAME` and `upcycle push OUT REPO_ID`")
+        target = _push_target(push_to_hub, private) if not dry_run else _push_target(None, private and not push_to_hub)
+        convert_checkpoint(src, out, method.value, settings, shard_size=shard_size, overwrite=overwrite, dry_run=dry_run,
+                           card_name=target.repo_id if target else None)
+        if target:
+            from .checkpoint.hub import push_folder
+
+            push_folder(out, target.repo_id, private=private, target=target)
+
+    _run(go)
+
+
+def _push_target(repo_id: str | None, private: bool):
+    """Check the token and the repository id of --push-to-hub before the long work starts."""
+    if repo_id is None:
+        if private:
+            raise UpcycleError("--private applies to --push-to-hub; add --push-to-hub OWNER/NAME or drop --private")
+        return None
+    from .checkpoint.hub import prepare_push
+
+    return prepare_push(repo_id)
 
 
 @app.command()
@@ -220,6 +250,8 @@ def finetune(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the recipe's output folder.")] = False,
     stop_after: Annotated[int | None, typer.Option(help="Stop after this many steps in this run (checkpointed; continue with --resume).", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Start again in an output folder that already has checkpoints or a final model.")] = False,
+    push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="Then push OUTPUT/final (a clip-mcl recipe: its last stage) to this Hub repository. The token is checked before training.", show_default=False)] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repository private.")] = False,
 ) -> None:
     """Continue-tune a model with a recipe. Example: upcycle finetune smollm2-moh-cpu training.steps=20
 
@@ -231,14 +263,27 @@ def finetune(
     from .train.recipe import load_recipe
 
     def go():
+        from .train.loop import process_state
+
         loaded = load_recipe(recipe, overrides or [])
+        main_process = process_state().is_main_process
+        target = _push_target(push_to_hub, private) if main_process else _push_target(None, private and not push_to_hub)
         if loaded.type != "causal-lm":
             if resume or stop_after is not None:
                 raise UpcycleError(f"--resume and --stop-after apply to causal-LM recipes, not type {loaded.type}; drop them")
             from .train.clip import run_clip_recipe
 
-            return run_clip_recipe(loaded, overwrite=overwrite)
-        return run_finetune(loaded, resume=resume, stop_after=stop_after, overwrite=overwrite)
+            final = run_clip_recipe(loaded, overwrite=overwrite)
+        else:
+            final = run_finetune(loaded, resume=resume, stop_after=stop_after, overwrite=overwrite)
+        if target and final is None:
+            typer.echo(f"stopped before the end: nothing pushed to {target.repo_id}")
+        elif target:
+            from .checkpoint.card import write_card
+            from .checkpoint.hub import push_folder
+
+            write_card(final, name=target.repo_id)
+            push_folder(final, target.repo_id, private=private, target=target)
 
     _run(go)
 
@@ -253,6 +298,40 @@ def recipes() -> None:
     for name, description in found:
         typer.echo(f"{name:<{width}}  {description}")
     typer.echo(f"(in {RECIPES_DIR})")
+
+
+@app.command()
+def card(
+    path: Annotated[Path, typer.Argument(help="An upcycle output folder (convert or finetune).")],
+    name: Annotated[str | None, typer.Option(help="The model's name in the card, e.g. the Hub repo id it will have (remembered for later refreshes).", show_default=False)] = None,
+    base_model: Annotated[list[str] | None, typer.Option("--base-model", help="The Hub id (owner/name) of the base model, when it was converted from a local folder; repeat for each expert of a BAM or CLIP-MoE model, seed first (remembered).", show_default=False)] = None,
+) -> None:
+    """Rewrite PATH/README.md from the folder's config.json, upcycle_report.json and eval.json (after your own evaluation).
+
+    Example: upcycle eval ./smollm2-moh --data heldout.txt --json ./smollm2-moh/eval.json && upcycle card ./smollm2-moh
+    """
+    from .checkpoint.card import write_card
+
+    written = _run(lambda: write_card(path, name=name, base_models=base_model))
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
+def push(
+    path: Annotated[Path, typer.Argument(help="The folder to publish (validated first).")],
+    repo_id: Annotated[str, typer.Argument(help="The Hub repository, owner/name (or name, in your namespace); created when missing.")],
+    private: Annotated[bool, typer.Option(help="Create the repository private (an existing public one is refused).")] = False,
+    revision: Annotated[str | None, typer.Option(help="Push to this branch (created from main when missing).", show_default=False)] = None,
+    commit_message: Annotated[str | None, typer.Option(help="The commit message.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(help="List what would be uploaded, with sizes; upload nothing (no token needed).")] = False,
+) -> None:
+    """Validate PATH and upload it to the Hugging Face Hub. Example: upcycle push ./smollm2-moh me/smollm2-moh --private
+
+    The token comes from HF_TOKEN or the stored `hf auth login`; HF_ENDPOINT selects another Hub endpoint.
+    """
+    from .checkpoint.hub import push_folder
+
+    _run(lambda: push_folder(path, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run))
 
 
 @app.command(name="eval")

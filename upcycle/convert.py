@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint.card import write_model_card
+from .checkpoint.card import hub_model_id, source_license, write_card
 from .checkpoint.reader import CheckpointReader, resolve_source
 from .checkpoint.writer import ShardedWriter, atomic_output, copy_support_files, parse_size
 from .errors import UpcycleError
@@ -31,12 +31,31 @@ def refuse_converted(config: dict, source: str) -> None:
         raise UpcycleError(f"{source} is already an upcycle {method} model (converted from a {base} checkpoint); convert the original dense checkpoint instead")
 
 
-def base_model_id(src: str, config: dict) -> str:
+def base_model_id(src: str, config: dict, folder: Path | None = None) -> str:
     """What the model card calls the base model: a Hub id when one is known, else the folder name."""
-    for candidate in (src, str(config.get("_name_or_path") or "")):
-        if candidate.count("/") == 1 and not Path(candidate).exists() and not candidate.startswith((".", "/", "~")):
-            return candidate
-    return Path(src).name
+    return hub_model_id(src, folder if folder is not None else Path(src), config) or Path(src).name
+
+
+def source_hub_id(src: str) -> str | None:
+    """The Hub id of SRC when it is known without downloading anything (an id, a Hugging Face cache snapshot,
+    or a config whose ``_name_or_path`` is one): what a pushed card can name as its ``base_model``."""
+    path = Path(src).expanduser()
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = {}
+    return hub_model_id(src, path, config if isinstance(config, dict) else {})
+
+
+def base_model_ids(src: str, folder: Path, config: dict, experts: list[str]) -> list[str]:
+    """The Hub ids of the source and of the expert folders (BAM, CLIP-MoE), where known: the card's ``base_model``."""
+    ids = [hub_model_id(src, folder, config)]
+    for expert in experts:
+        config_file = Path(expert) / "config.json"
+        expert_config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        ids.append(hub_model_id(expert, Path(expert), expert_config))
+    return list(dict.fromkeys(i for i in ids if i))
 
 
 def options_class(method: str) -> type:
@@ -110,8 +129,10 @@ def _parameters_check(model_cls, config: dict, found: dict[str, tuple], title: s
 
 
 def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size: str = "5GB",
-                       overwrite: bool = False, dry_run: bool = False) -> dict | None:
-    """Convert ``src`` into ``out`` (or only print the plan); returns the report."""
+                       overwrite: bool = False, dry_run: bool = False, card_name: str | None = None) -> dict | None:
+    """Convert ``src`` into ``out`` (or only print the plan); returns the report.
+
+    ``card_name``: the model's name in its card (a Hub repo id when it will be pushed; default: OUT's name)."""
     max_shard = parse_size(shard_size)
     folder = resolve_source(src)
     out = Path(out)
@@ -164,7 +185,7 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
         if not all(check["passed"] for check in checks):
             failed = "; ".join(c["name"] for c in checks if not c["passed"])
             raise UpcycleError(f"conversion checks failed ({failed}); nothing was written, please report this as a bug")
-        base_model = base_model_id(src, reader.config)
+        base_model = base_model_id(src, reader.config, folder)
         report = {
             "upcycle_version": __version__,
             "method": method,
@@ -177,14 +198,16 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
             "description": conversion.description,
             "tags": conversion.tags,
             "base_model": base_model,
+            "base_models": base_model_ids(src, folder, reader.config, conversion.report.get("experts", [])),
+            "base_license": source_license(folder),
+            "name": card_name or out.name,
+            "auto_class": conversion.auto_class,
+            "pipeline_tag": conversion.pipeline_tag,
             **conversion.report,
             "files_copied": copied,
             "checks": checks,
         }
         (tmp / "upcycle_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_model_card(tmp, base_model=base_model, method=method, tags=conversion.tags,
-                         description=conversion.description, plan_lines=conversion.plan_lines,
-                         parameters=report["parameters"], checks=checks, custom_code=conversion.uses_runtime,
-                         auto_class=conversion.auto_class, pipeline_tag=conversion.pipeline_tag, name=out.name)
+        write_card(tmp)
     print(f"wrote {out}")
     return report

@@ -23,6 +23,6 @@ def run_eval(path: str, data: Path, *, compare: str | None, tokens: int, window:
     ids = eval_tokens_from_text(data, tokenizer, tokens)
     results = [evaluate(folder, ids, window=window, stride=stride, attention=attention) for folder in folders]
     print(format_table(results))
-    if output:
-        output.write_text(json.dumps(results, indent=2) + "\n")
+    if output:  # with the data's name, for the model card (upcycle card)
+        output.write_text(json.dumps([r | {"data": str(data)} for r in results], indent=2) + "\n")
     return results

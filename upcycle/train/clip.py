@@ -244,6 +244,15 @@ class ClipRunner:
             print(file=sys.stderr)
         return last
 
+    def record(self, folder: Path, finetune: dict, evaluation: list[dict], name: str | None = None) -> None:
+        """Write the saved ``folder``'s report and model card (main process)."""
+        if self.accelerator.is_main_process:
+            from .finetune import record_tuning
+
+            finetune = {"type": self.recipe.type, "processes": self.accelerator.num_processes, **finetune,
+                        "recipe": self.recipe.model_dump(mode="json")}
+            record_tuning(folder, self.base, self.recipe.model, name=name or self.output.name, finetune=finetune, evaluation=evaluation)
+
     def save(self, model, folder: Path) -> None:
         """save_pretrained plus the processor (and the runtime files of upcycled models), atomically."""
         self.accelerator.wait_for_everyone()
@@ -271,6 +280,8 @@ def run_clip_recipe(recipe: ClipRecipe, overwrite: bool = False) -> Path:
         report["after"] = runner.evaluate(model)
         final = runner.output / "final"
         runner.save(model, final)
+        runner.record(final, {"pairs": report["pairs"], "trainable_parameters": report["trainable_parameters"]},
+                      [row | {"name": name} for name, row in (("before tuning", report["before"]), ("after tuning", report["after"])) if row])
     else:
         final = run_mcl(runner, report)
     if runner.accelerator.is_main_process:
@@ -304,4 +315,7 @@ def run_mcl(runner: ClipRunner, report: dict) -> Path:
         model = runner.accelerator.unwrap_model(model)
         report["stages"].append({"stage": stage, "model": str(folder), "pseudo_labels": int(labels.unique().numel()), "batches": len(batches),
                                  "unused_pairs": unused, "trainable_parameters": trainable, "last": last, "validation": runner.evaluate(model)})
+        validation = report["stages"][-1]["validation"]
+        runner.record(folder, {"stage": stage, "stages": mcl.stages, "pairs": len(runner.train), "trainable_parameters": trainable},
+                      [validation | {"name": f"stage {stage}"}] if validation else [], name=f"{runner.output.name}-stage-{stage}")
     return folder

@@ -105,7 +105,6 @@ def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None
 
 def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation: torch.Tensor, summary: dict) -> None:
     """Evaluate tuned vs untuned on the validation tokens, draw the plots, write the card and report."""
-    from ..checkpoint.card import write_model_card
     from ..eval.evaluate import evaluate
     from ..eval.plots import plot_head_usage, plot_loss_curve
 
@@ -119,30 +118,32 @@ def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation: to
     if results[1].get("head_usage"):
         plot_head_usage(results[1]["head_usage"], output / "head_usage.png", title="head usage after tuning (fraction of tokens)")
 
-    report_path = final / "upcycle_report.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {"method": "dense", "parameters": {}}
-    report["finetune"] = {k: v for k, v in summary.items() if k != "recipe_yaml"} | {"recipe": recipe.model_dump(mode="json")}
-    report["evaluation"] = [{k: r[k] for k in ("name", "perplexity", "tokens", "active_fraction") if k in r} for r in results]
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    parameters = report.get("parameters") or {}
-    if not parameters:
+    data = recipe.data
+    held_out = Path(data.validation).name if data.validation else f"held-out {data.validation_fraction:.0%} of {Path(data.train).name}"
+    evaluation = [{k: r[k] for k in ("name", "perplexity", "tokens", "window", "active_fraction") if k in r} | {"data": held_out} for r in results]
+    finetune = {k: v for k, v in summary.items() if k != "recipe_yaml"} | {"recipe": recipe.model_dump(mode="json")}
+    record_tuning(final, model_path, recipe.model, name=output.name, finetune=finetune, evaluation=evaluation)
+    print(f"wrote {final}")
+
+
+def record_tuning(final: Path, source: Path, reference: str, *, name: str, finetune: dict, evaluation: list[dict]) -> None:
+    """Write the tuned folder's ``upcycle_report.json`` (the source's conversion record, or a dense one, plus the
+    fine-tuning and its evaluation) and its model card. ``reference``: the model as the recipe names it."""
+    from ..checkpoint.card import REPORT_FILE, hub_model_id, source_license, write_card, write_text_atomic
+
+    final, source = Path(final), Path(source)
+    report_path = next((p for p in (final / REPORT_FILE, source / REPORT_FILE) if p.exists()), None)
+    if report_path is not None:
+        report = json.loads(report_path.read_text())
+    else:
         from ..checkpoint.reader import CheckpointReader
 
         reader = CheckpointReader(final)
-        total = sum(math.prod(reader.info(name).shape) for name in reader.names())
-        parameters = {"before": total, "after": total}
-    write_model_card(
-        final,
-        base_model=report.get("base_model") or Path(str(model_path)).name,
-        method=report.get("method", "dense"),
-        tags=report.get("tags", []) + ["finetuned"],
-        description=report.get("description", "A dense model continue-tuned with upcycle."),
-        plan_lines=report.get("plan_lines", []),
-        parameters=parameters,
-        checks=report.get("checks", []),
-        custom_code="auto_map" in json.loads((final / "config.json").read_text()),
-        training=summary,
-        evaluation=report["evaluation"],
-        name=Path(recipe.output).name,
-    )
-    print(f"wrote {final}")
+        total = sum(math.prod(reader.info(n).shape) for n in reader.names())
+        hub_id = hub_model_id(reference, source, reader.config)
+        report = {"method": "dense", "base_model": hub_id or source.name, "base_models": [hub_id] if hub_id else [],
+                  "base_license": source_license(source), "parameters": {"before": total, "after": total},
+                  "description": "A dense model continue-tuned with upcycle."}
+    report |= {"name": name, "finetune": finetune, "evaluation": evaluation}
+    write_text_atomic(final / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    write_card(final)

@@ -1,0 +1,212 @@
+"""Model cards: Hub front matter, every section, `upcycle card PATH` refreshing after an evaluation, clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import build_clip, build_dense
+from test_cli import assert_one_line_error, run
+
+from upcycle.checkpoint.card import render_card
+
+
+def snapshot(root: Path, repo_id: str) -> Path:
+    """Where huggingface_hub keeps a downloaded model: the card names it by its Hub id."""
+    owner, name = repo_id.split("/")
+    return root / "hub" / f"models--{owner}--{name}" / "snapshots" / "0123abcd"
+
+
+def front_matter(card: str) -> dict:
+    match = re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL)
+    assert match, card[:200]
+    metadata = yaml.safe_load(match.group(1))
+    assert isinstance(metadata, dict)
+    return metadata
+
+
+def section(card: str, title: str) -> str:
+    """The text of ``## title`` up to the next section."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", card, re.DOTALL | re.MULTILINE)
+    assert match, f"no section {title!r} in the card"
+    return match.group(1)
+
+
+def convert_ok(*args) -> None:
+    result = run("convert", *args)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def moh(tmp_path: Path, calibration_file: Path) -> Path:
+    """A MoH conversion of a 'downloaded' dense model whose card states a license, with calibration data."""
+    dense = build_dense(snapshot(tmp_path, "org/tiny-llama"))
+    (dense / "README.md").write_text("---\nlicense: apache-2.0\nlanguage:\n- en\n---\n# tiny-llama\n\nA tiny model.\n")
+    out = tmp_path / "tiny-moh"
+    convert_ok(dense, out, "--calibration", calibration_file, "--router", "learned")
+    return out
+
+
+def test_moh_card_front_matter_and_every_section(moh, tmp_path):
+    card = (moh / "README.md").read_text()
+    report = json.loads((moh / "upcycle_report.json").read_text())
+    meta = front_matter(card)
+    assert meta["base_model"] == "org/tiny-llama"
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "apache-2.0"  # copied from the source's card
+    assert meta["tags"][:2] == ["upcycle", "moh"] and len(set(meta["tags"])) == len(meta["tags"])
+    assert "\n# tiny-moh\n" in card and "`org/tiny-llama` converted by [upcycle]" in card
+
+    why = section(card, "What was changed and why")
+    assert "shared heads" in why and "arXiv" not in why and "not been fine-tuned" in why
+    plan = section(card, "Plan")
+    assert "| layers | shared heads (always on) | routed heads | active heads per token | router |" in plan
+    assert re.search(r"^\| 0 \| [\d ]+ \| [\d ]+ \| 4 \+ top-2 of 4 \| learned \|$", plan, re.MULTILINE), plan
+    parameters = section(card, "Parameters")
+    before, after = report["parameters"]["before"], report["parameters"]["after"]
+    assert f"| before | {before:,} |" in parameters and f"| after | {after:,} (+{after - before:,}" in parameters
+    recipe = section(card, "Recipe and data")
+    assert "Calibration data: `calibration.txt`" in recipe and "| `active_heads` | `0.75` |" in recipe
+    assert "No evaluation recorded yet" in section(card, "Evaluation")
+    load = section(card, "How to load")
+    assert 'AutoModelForCausalLM.from_pretrained("tiny-moh", trust_remote_code=True)' in load and "import upcycle" in load
+    citation = section(card, "Citation")
+    assert "@article{jin2024moh" in citation and "arXiv:2410.11842" in citation
+    assert str(tmp_path) not in card and "upcycle-tmp" not in card  # no local paths published
+
+
+def test_card_command_refreshes_after_an_evaluation(moh, calibration_file):
+    original = (moh / "README.md").read_text()
+    result = run("card", moh)
+    assert result.exit_code == 0 and f"wrote {moh / 'README.md'}" in result.stdout
+    assert (moh / "README.md").read_text() == original  # the same records give the same card
+
+    result = run("eval", moh, "--data", calibration_file, "--tokens", "600", "--window", "64", "--json", moh / "eval.json")
+    assert result.exit_code == 0, result.output
+    perplexity = json.loads((moh / "eval.json").read_text())[0]["perplexity"]
+    assert run("card", moh).exit_code == 0
+    card = (moh / "README.md").read_text()
+    evaluation = section(card, "Evaluation")
+    assert "| model | perplexity | tokens | window | active heads | data |" in evaluation
+    assert f"| tiny-moh | {perplexity:.3f} | 599 | 64 | 0.750 | `calibration.txt` |" in evaluation
+    assert "No evaluation recorded" not in card
+    assert card.replace(section(card, "Evaluation"), "") == original.replace(section(original, "Evaluation"), "")
+
+
+def test_card_name_and_base_model_options_are_remembered(tmp_path):
+    dense = build_dense(tmp_path / "dense")  # a local folder: its Hub id is not known
+    convert_ok(dense, tmp_path / "out")
+    assert front_matter((tmp_path / "out" / "README.md").read_text())["base_model"] == "dense"  # says what it came from
+    assert run("card", tmp_path / "out", "--name", "me/tiny-moh", "--base-model", "org/tiny-llama").exit_code == 0
+    assert run("card", tmp_path / "out").exit_code == 0  # a later refresh keeps both
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert front_matter(card)["base_model"] == "org/tiny-llama"
+    assert "\n# me/tiny-moh\n" in card and 'from_pretrained("me/tiny-moh", trust_remote_code=True)' in card
+    assert_one_line_error(run("card", tmp_path / "out", "--base-model", "./dense"), "--base-model", "owner/name")
+
+
+def test_bam_card_lists_every_base_model_and_the_other_license(tmp_path):
+    seed = build_dense(snapshot(tmp_path, "org/seed"), seed=0)
+    (seed / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n---\n")
+    code = build_dense(snapshot(tmp_path, "org/seed-code"), seed=1)
+    local = build_dense(tmp_path / "math-expert", seed=2)  # local: named in the body, not in base_model
+    convert_ok(seed, tmp_path / "bam", "--method", "bam", "--expert", code, "--expert", local)
+    card = (tmp_path / "bam" / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == ["org/seed", "org/seed-code"]
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", "tiny-license", "LICENSE")
+    assert "upcycle" in meta["tags"] and "bam" in meta["tags"] and meta["pipeline_tag"] == "text-generation"
+    plan = section(card, "Plan")
+    assert "| layers | attention experts (soft) | keys and values | FFN experts | FFN routing | router init |" in plan
+    assert "| 0-1 | 3 | expert K/V | 3 | top-1 | random |" in plan
+    recipe = section(card, "Recipe and data")
+    assert "0. `org/seed`" in recipe and "1. `org/seed-code`" in recipe and "2. `math-expert`" in recipe
+    assert "trust_remote_code=True" in section(card, "How to load")
+    citation = section(card, "Citation")
+    assert "arXiv:2408.08274" in citation and "arXiv:2403.07816" in citation  # BAM, and BTX it builds on
+    assert str(tmp_path) not in card
+
+
+def test_btx_and_local_bam_cards(tmp_path):
+    experts = [build_dense(tmp_path / f"e{i}", "mistral", seed=i) for i in range(2)]
+    convert_ok(experts[0], tmp_path / "btx", "--method", "bam", "--attention", "average", "--expert", experts[1])
+    card = (tmp_path / "btx" / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == ["e0", "e1"] and "btx" in meta["tags"]
+    assert "| 0-1 | averaged | 2 | top-2 | random |" in section(card, "Plan")
+    assert "trust_remote_code" not in card and "arXiv:2403.07816" in section(card, "Citation")
+
+
+def test_clip_moe_card(tmp_path):
+    base = build_clip(snapshot(tmp_path, "openai/tiny-clip"))
+    stages = [build_clip(snapshot(tmp_path, f"me/tiny-clip-stage{i}"), base=base, ffn_noise=0.01, seed=i) for i in (1, 2)]
+    convert_ok(base, tmp_path / "clip-moe", "--method", "clip-moe", *[a for s in stages for a in ("--expert", s)], "--layers", "1")
+    card = (tmp_path / "clip-moe" / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == ["openai/tiny-clip", "me/tiny-clip-stage1", "me/tiny-clip-stage2"]
+    assert meta["pipeline_tag"] == "zero-shot-image-classification" and {"upcycle", "clip-moe"} <= set(meta["tags"])
+    assert "| text | 1 | 3 | top-2 |" in section(card, "Plan") and "| vision | 2 | 3 | top-2 |" in section(card, "Plan")
+    assert 'AutoModel.from_pretrained("clip-moe", trust_remote_code=True)' in card and "import upcycle" in card
+    assert "arXiv:2409.19291" in section(card, "Citation")
+
+
+@pytest.mark.parametrize("args, tag, arxiv, custom", [
+    (["--method", "prune-heads", "--ratio", "0.25", "--importance", "random", "--uniform"], "prune-heads", "1905.10650", False),
+    (["--method", "gqa", "--kv-heads", "1"], "gqa", "2305.13245", False),
+    (["--method", "mhe"], "mhe", "2310.07911", True),
+])
+def test_every_method_has_a_plan_table_and_its_citation(tmp_path, args, tag, arxiv, custom):
+    dense = build_dense(tmp_path / "dense")
+    convert_ok(dense, tmp_path / "out", *args)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert tag in front_matter(card)["tags"]
+    assert section(card, "Plan").lstrip().startswith("| layers |")
+    assert arxiv in section(card, "Citation")
+    assert ("trust_remote_code=True" in card) == custom
+
+
+def test_finetuned_card_has_the_recipe_and_data(tmp_path, calibration_file):
+    from test_finetune import write_recipe
+
+    dense = build_dense(snapshot(tmp_path, "org/tiny-llama"))  # converted by the recipe, with calibration text
+    recipe = write_recipe(tmp_path, dense, calibration_file, convert__method="moh", convert__router="learned",
+                          convert__calibration=str(calibration_file))
+    result = run("finetune", recipe)
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == "org/tiny-llama" and "finetuned" in meta["tags"]
+    tuning = section(card, "Fine-tuning")
+    assert "for 4 steps" in tuning and "Training data: `calibration.txt`, sequences of 16 tokens" in tuning
+    assert "```yaml" in tuning and "global_batch_tokens: 64" in tuning and "calibration: calibration.txt" in tuning
+    assert "Calibration data: `calibration.txt`" in section(card, "Recipe and data")
+    evaluation = section(card, "Evaluation")
+    assert "| before tuning |" in evaluation and "| after tuning |" in evaluation
+    assert str(tmp_path) not in card and "not been fine-tuned" not in card
+
+
+def test_card_errors_are_one_line(tmp_path, dense):
+    assert_one_line_error(run("card", tmp_path / "nope"), "is not a folder")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("card", tmp_path / "empty"), "config.json", "not a model folder")
+    assert_one_line_error(run("card", dense), "upcycle_report.json", "not an upcycle output")
+    assert not (dense / "README.md").exists()
+    convert_ok(dense, tmp_path / "out")
+    (tmp_path / "out" / "eval.json").write_text('{"not": "a list"}')
+    assert_one_line_error(run("card", tmp_path / "out"), "eval.json", "upcycle eval --json")
+    (tmp_path / "out" / "eval.json").write_text("[{")
+    assert_one_line_error(run("card", tmp_path / "out"), "eval.json", "not valid JSON")
+    (tmp_path / "out" / "eval.json").unlink()
+    (tmp_path / "out" / "upcycle_report.json").write_text("[]")
+    assert_one_line_error(run("card", tmp_path / "out"), "upcycle_report.json", "JSON object")
+
+
+def test_render_card_reads_only_the_folder(moh, tmp_path):
+    """A copy of the folder anywhere renders the same card (nothing outside it is consulted)."""
+    copy = shutil.copytree(moh, tmp_path / "elsewhere" / "tiny-moh")
+    shutil.rmtree(tmp_path / "hub")
+    assert render_card(copy) == (moh / "README.md").read_text()
