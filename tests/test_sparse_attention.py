@@ -51,6 +51,7 @@ CASES = [
     dict(length=300, cache=0, kv_heads=2, active=0.75, causal=True, padding=True),  # longer than a chunk, GQA
     dict(length=37, cache=11, kv_heads=2, active=0.3, causal=True, padding=True),  # queries after cached keys
     dict(length=1, cache=20, kv_heads=4, active=1.0, causal=True, padding=False),  # decode step
+    dict(length=1, cache=30, kv_heads=2, active=0.5, causal=True, padding=True, shared=2),  # decode step, padding, part of a group shared
     dict(length=6, cache=9, kv_heads=4, active=0.5, causal=True, padding=False),  # several new tokens after a cache, no mask
     dict(length=33, cache=0, kv_heads=4, active=0.6, causal=False, padding=True),  # bidirectional
     dict(length=17, cache=0, kv_heads=1, active=0.0, causal=True, padding=False),  # no routed head selected

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch
 
+from upcycle.checkpoint.card import HUB_ID  # one definition of a Hub model id
 from upcycle.errors import UpcycleError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -31,7 +31,6 @@ for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "README.md"]  # README: the license for the card
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
