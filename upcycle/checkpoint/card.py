@@ -162,8 +162,9 @@ def source_license(folder: Path) -> dict[str, str]:
 
 def hub_model_id(reference: str, folder: Path, config: dict | None = None) -> str | None:
     """The Hub id a source came from, when one is known: the reference itself, a Hugging Face cache
-    snapshot folder (``models--owner--name/snapshots/...``), or the config's ``_name_or_path``; else None
-    (a local folder: the Hub refuses ``base_model`` values that are not model ids)."""
+    snapshot folder (``models--owner--name/snapshots/...``), the config's ``_name_or_path``, or the one
+    ``base_model`` the folder's own card names; else None (a local folder: the Hub refuses ``base_model``
+    values that are not model ids)."""
     if HUB_ID.match(reference) and not Path(reference).expanduser().exists() and not reference.startswith((".", "~")):
         return reference
     match = HF_CACHE_SNAPSHOT.search(Path(folder).resolve().as_posix())
@@ -172,6 +173,9 @@ def hub_model_id(reference: str, folder: Path, config: dict | None = None) -> st
     candidate = str((config or {}).get("_name_or_path") or "")
     if HUB_ID.match(candidate) and not Path(candidate).exists() and not candidate.startswith((".", "/", "~")):
         return candidate
+    ancestor = card_metadata(folder).get("base_model")  # a local derivative (e.g. a dequantised GGUF) names its Hub model
+    if isinstance(ancestor, str) and HUB_ID.match(ancestor):
+        return ancestor
     return None
 
 
@@ -513,7 +517,10 @@ def render_card(folder: Path, *, name: str | None = None) -> str:
     plan_lines = [_display(line, names) for line in report.get("plan_lines") or []]
     if table or plan_lines:
         body += ["## Plan", ""] + (table + [""] if table else [])
-        if plan_lines:
+        if plan_lines and table:  # the table says it compactly; the full printout stays one click away
+            body += ["<details><summary>The plan as <code>upcycle convert</code> printed it</summary>", "", "```", *plan_lines, "```", "",
+                     "</details>", ""]
+        elif plan_lines:
             body += ["As printed by `upcycle convert`:", "", "```", *plan_lines, "```", ""]
     if report.get("parameters"):
         body += ["## Parameters", ""] + _parameters_lines(report["parameters"])
