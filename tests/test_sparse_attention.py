@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,3 +119,14 @@ def test_eval_paths_give_the_same_perplexity(tmp_path):
     assert masked["tokens"] == sparse["tokens"] == 199
     assert sparse["perplexity"] == pytest.approx(masked["perplexity"], rel=1e-5)
     assert sparse["active_fraction"] == pytest.approx(masked["active_fraction"]) and masked["active_fraction"] < 1
+
+
+def test_remote_code_does_not_require_triton(tmp_path):
+    """transformers refuses trust_remote_code files whose imports are missing: the kernel must not make triton one."""
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    convert_checkpoint(str(build_dense(tmp_path / "dense")), tmp_path / "moh", "moh", MoHOptions(active_heads=0.75))
+    files = [tmp_path / "moh" / "modeling_upcycle.py", *map(Path, get_relative_import_files(tmp_path / "moh" / "modeling_upcycle.py"))]
+    assert tmp_path / "moh" / "sparse_kernel_triton.py" in files  # the kernel travels with the checkpoint
+    required = {module for file in files for module in get_imports(file)}
+    assert "triton" not in required and required <= {"__future__", "copy", "dataclasses", "os", "torch", "transformers"}, required

@@ -6,8 +6,11 @@ are indexed by tile row. Matrix products take the inputs' dtype and accumulate i
 ``PRECISION`` "ieee", as SDPA without TF32).
 """
 
-import triton
-import triton.language as tl
+try:  # inside try: transformers' remote-code import check skips it, so trust_remote_code loads without triton
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("the head-sparse Triton kernel needs triton: pip install triton") from error
 
 
 @triton.jit
