@@ -63,6 +63,31 @@ def masked(query, key, value, gates):
     return dense(query, key, value) * gates[..., None].to(query.dtype)
 
 
+def prototype(query, key, value, gates, shared, routed, chunk: int = 256):
+    """The issue's CPU prototype, re-implemented as described: shared heads through causal SDPA; each
+    routed head's selected queries, in position order, through SDPA in chunks of ``chunk``, each chunk
+    reading the keys up to its last position with an exact causal mask. [B, T, h, d]."""
+    batch, heads, length, dim = query.shape
+    group = heads // key.shape[1]
+    output = query.new_zeros(batch, length, heads, dim)
+    shared_kv = sorted({h // group for h in shared})
+    output[:, :, shared] = F.scaled_dot_product_attention(query[:, shared], key[:, shared_kv], value[:, shared_kv], is_causal=True,
+                                                          enable_gqa=True).transpose(1, 2) * gates[:, :, shared, None]
+    positions = torch.arange(length, device=query.device)
+    for item in range(batch):
+        for head in routed:
+            chosen = gates[item, :, head].nonzero().squeeze(1)
+            for start in range(0, chosen.numel(), chunk):
+                tokens = chosen[start:start + chunk]
+                last = int(tokens[-1]) + 1
+                mask = torch.zeros(tokens.numel(), last, dtype=query.dtype, device=query.device)
+                mask.masked_fill_(positions[:last] > tokens[:, None], float("-inf"))
+                attended = F.scaled_dot_product_attention(query[item, head, tokens][None], key[item, head // group, :last][None],
+                                                          value[item, head // group, :last][None], attn_mask=mask[None])[0]
+                output[item, tokens, head] = attended * gates[item, tokens, head, None]
+    return output
+
+
 def decode(args, dtype: torch.dtype, configs: list[KernelConfig], generator: torch.Generator) -> None:
     """One decode step (a new token per sequence against a KV cache of S positions), forward only."""
     print(f"\ndecode step: batch {args.decode_batch}, one new token per sequence against a cache of S keys")
@@ -202,6 +227,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", nargs="*", default=[], help="extra kernel tile configurations: rows,keys,warps,stages,backward_warps")
     parser.add_argument("--no-torch", action="store_true", help="leave out the torch path column")
+    parser.add_argument("--prototype", action="store_true", help="add a column for the issue's CPU prototype (per-head chunks of 256)")
     parser.add_argument("--check", action="store_true", help="first compare the kernel with the masked reference")
     parser.add_argument("--end-to-end", action="store_true", help="also time training steps of a SmolLM2-135M-shaped model")
     parser.add_argument("--e2e-length", type=int, default=2048)
@@ -221,7 +247,8 @@ def main() -> None:
     if args.check and kernel:
         check(args.device, dtype, configs[0])
     modes = [("forward", False)] + ([("forward+backward", True)] if args.backward else [])
-    columns = ["masked"] + ([] if args.no_torch else ["torch path"]) + [f"kernel {c.rows}x{c.keys}/{c.warps}w/{c.stages}s" for c in configs]
+    columns = (["masked"] + ([] if args.no_torch else ["torch path"]) + (["prototype"] if args.prototype else [])
+               + [f"kernel {c.rows}x{c.keys}/{c.warps}w/{c.stages}s" for c in configs])
     print("\n| T | active | pass | dense s | " + " | ".join(f"{c} / dense" for c in columns) + " |")
     print("|---" * (4 + len(columns)) + "|")
     for length in args.lengths:
@@ -240,6 +267,9 @@ def main() -> None:
                 if not args.no_torch:
                     ratios.append(timed(lambda: head_sparse_attention(query, key, value, gates, None, shared, routed, causal=True),
                                         backward, inputs, args.repeats, args.device) / base)
+                if args.prototype:
+                    ratios.append(timed(lambda: prototype(query, key, value, gates, shared, routed), backward, inputs, args.repeats,
+                                        args.device) / base)
                 for config in configs:
                     ratios.append(timed(lambda: head_sparse_attention_kernel(query, key, value, gates, None, shared, routed, causal=True,
                                                                              config=config), backward, inputs, args.repeats, args.device) / base)
