@@ -209,7 +209,7 @@ def convert(
                 raise UpcycleError(f"--push-to-hub needs the Hub id of {src} for the card's base_model, and a local folder does not say it; "
                                    "pass SRC as its Hub id (owner/name; a downloaded model is read from the cache), or convert without "
                                    "--push-to-hub, then run `upcycle card OUT --base-model OWNER/NAME` and `upcycle push OUT REPO_ID`")
-        target = _push_target(push_to_hub, private) if not dry_run else _push_target(None, private and not push_to_hub)
+        target = _push_target(push_to_hub, private, connect=not dry_run)
         convert_checkpoint(src, out, method.value, settings, shard_size=shard_size, overwrite=overwrite, dry_run=dry_run,
                            card_name=target.repo_id if target else None)
         if target:
@@ -220,11 +220,11 @@ def convert(
     _run(go)
 
 
-def _push_target(repo_id: str | None, private: bool):
-    """Check the token and the repository id of --push-to-hub before the long work starts."""
-    if repo_id is None:
-        if private:
-            raise UpcycleError("--private applies to --push-to-hub; add --push-to-hub OWNER/NAME or drop --private")
+def _push_target(repo_id: str | None, private: bool, *, connect: bool = True):
+    """Check --private and, when ``connect``, the token and the repository id of --push-to-hub before the long work starts."""
+    if repo_id is None and private:
+        raise UpcycleError("--private applies to --push-to-hub; add --push-to-hub OWNER/NAME or drop --private")
+    if repo_id is None or not connect:
         return None
     from .checkpoint.hub import prepare_push
 
@@ -267,7 +267,7 @@ def finetune(
 
         loaded = load_recipe(recipe, overrides or [])
         main_process = process_state().is_main_process
-        target = _push_target(push_to_hub, private) if main_process else _push_target(None, private and not push_to_hub)
+        target = _push_target(push_to_hub, private, connect=main_process)
         if loaded.type != "causal-lm":
             if resume or stop_after is not None:
                 raise UpcycleError(f"--resume and --stop-after apply to causal-LM recipes, not type {loaded.type}; drop them")

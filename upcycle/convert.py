@@ -50,11 +50,7 @@ def source_hub_id(src: str) -> str | None:
 
 def base_model_ids(src: str, folder: Path, config: dict, experts: list[str]) -> list[str]:
     """The Hub ids of the source and of the expert folders (BAM, CLIP-MoE), where known: the card's ``base_model``."""
-    ids = [hub_model_id(src, folder, config)]
-    for expert in experts:
-        config_file = Path(expert) / "config.json"
-        expert_config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        ids.append(hub_model_id(expert, Path(expert), expert_config))
+    ids = [hub_model_id(src, folder, config), *map(source_hub_id, experts)]
     return list(dict.fromkeys(i for i in ids if i))
 
 

@@ -478,14 +478,14 @@ def _load_snippet(auto_class: str, name: str, custom_code: bool) -> str:
             f"model = {auto_class}.from_pretrained(\"{name}\")")
 
 
-def render_card(folder: Path, *, name: str | None = None) -> str:
+def render_card(folder: Path) -> str:
     """The model card of ``folder`` from its config.json, upcycle_report.json and eval.json."""
     folder = Path(folder)
     config = _read_json(folder / "config.json", "it is not a model folder")
     report = _read_json(folder / REPORT_FILE, "it is not an upcycle output (convert and finetune write one)")
     if not isinstance(config, dict) or not isinstance(report, dict):
         raise UpcycleError(f"{folder}: config.json and {REPORT_FILE} must hold JSON objects; fix or re-create them")
-    name = name or report.get("name") or folder.name
+    name = report.get("name") or folder.name
     method = method_key(report)
     info = METHOD_CARDS.get(method)
     names = _local_names(report)

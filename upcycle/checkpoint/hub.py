@@ -185,10 +185,10 @@ def _card_problems(folder: Path) -> list[str]:
     if not card.is_file():
         hint = " run `upcycle card` to write it" if (folder / REPORT_FILE).exists() else " write a model card"
         return [f"{CARD_FILE} (the model card) is missing;{hint}"]
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if text.startswith("---") and not card_metadata(folder):
+    metadata = card_metadata(folder)
+    if not metadata and card.read_text(encoding="utf-8", errors="replace").startswith("---"):
         return [f"{CARD_FILE}: its front matter is not valid YAML"]
-    bases = card_metadata(folder).get("base_model") or []
+    bases = metadata.get("base_model") or []
     bad = [str(b) for b in ([bases] if isinstance(bases, str) else bases if isinstance(bases, list) else [bases]) if not HUB_ID.match(str(b))]
     if bad:
         return [f"{CARD_FILE}: base_model {', '.join(map(repr, bad))} {'is not a Hub model id' if len(bad) == 1 else 'are not Hub model ids'} "

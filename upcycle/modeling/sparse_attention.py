@@ -155,10 +155,10 @@ def _window_mask(keep: torch.Tensor | None, item: int, heads: torch.Tensor, toke
     if keep is None:
         mask = torch.zeros(*tokens.shape, last, dtype=dtype, device=tokens.device)  # [r, n, S']
         visible = key_positions[first:last] <= (tokens + offset)[..., None]  # [r, n, w]
-        mask[..., first:] = torch.where(visible, 0.0, float("-inf")).to(dtype)
+        mask[..., first:] = _additive(visible, dtype)
         return mask, last
     rows = keep[item, 0][tokens] if keep.shape[1] == 1 else keep[item, heads[:, None], tokens]  # [r, n, S]
     visible = rows[..., :last]
     if needs_causal:
         visible = visible & (key_positions[:last] <= (tokens + offset)[..., None])
-    return torch.where(visible, 0.0, float("-inf")).to(dtype), last
+    return _additive(visible, dtype), last
