@@ -11,6 +11,8 @@ reference. Used on the CPU and wherever the Triton kernel is missing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -77,33 +79,66 @@ def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     if length == 1 and routed_heads and (keep is None or keep.shape[1] == 1):
         _decode_step(query, key, value, gates, keep, routed_heads, group, scaling, output)
         return output
+    windows = _routed_windows(gates, routed_heads, group, kv_heads, chunk)
+    if not windows:
+        return output
+    # One gather of every window's queries and one scatter of every output: per-window indexing would make
+    # the backward allocate a full-size gradient of query (and key, value) for each window.
+    items = torch.cat([torch.full((w.tokens.numel(),), w.item, device=query.device) for w in windows])
+    heads_index = torch.cat([w.heads[:, None].expand_as(w.tokens).flatten() for w in windows])
+    tokens = torch.cat([w.tokens.flatten() for w in windows])
+    valid = torch.cat([w.valid.flatten() for w in windows])
+    queries = query[items, heads_index, tokens].split([w.tokens.numel() for w in windows])  # each [r * n, d]
+    key_rows = [item.unbind(0) for item in key.unbind(0)]  # [B][g] -> [S, d]
+    value_rows = [item.unbind(0) for item in value.unbind(0)]
     key_positions = torch.arange(keys, device=query.device)
+    attended = []
+    for window, queries_here in zip(windows, queries):
+        routed, most = window.tokens.shape
+        mask, last = _window_mask(keep, window.item, window.heads, window.tokens, window.start, min(window.start + chunk, length),
+                                  offset, keys, causal, key_positions, query.dtype)
+        attended.append(F.scaled_dot_product_attention(
+            queries_here.view(1, routed, most, dim),
+            key_rows[window.item][window.kv][:last].expand(1, routed, last, dim),
+            value_rows[window.item][window.kv][:last].expand(1, routed, last, dim),
+            attn_mask=None if mask is None else mask[None], scale=scaling).view(-1, dim))  # [r * n, d]
+    items, heads_index, tokens = items[valid], heads_index[valid], tokens[valid]
+    output[items, tokens, heads_index] = torch.cat(attended)[valid] * gates[items, tokens, heads_index, None]
+    return output
+
+
+@dataclass
+class _Window:
+    """One SDPA call of the routed heads of KV head ``kv`` in sequence ``item``, positions from ``start``: the
+    selected token indices per head, padded with the window's first token (tokens, valid: [r, n])."""
+
+    item: int
+    kv: int
+    start: int
+    heads: torch.Tensor  # [r]
+    tokens: torch.Tensor
+    valid: torch.Tensor
+
+
+def _routed_windows(gates: torch.Tensor, routed_heads: list[int], group: int, kv_heads: int, chunk: int) -> list[_Window]:
+    """The routed heads' windows that hold at least one selected token."""
+    windows = []
+    batch, length = gates.shape[:2]
     for kv in range(kv_heads):
-        heads_here = torch.tensor([head for head in routed_heads if head // group == kv], device=query.device, dtype=torch.long)
-        if not heads_here.numel():
+        heads = torch.tensor([head for head in routed_heads if head // group == kv], device=gates.device, dtype=torch.long)
+        if not heads.numel():
             continue
         for item in range(batch):
             for start in range(0, length, chunk):  # position windows: every routed head of this KV head in one call
-                window = gates[item, start:start + chunk][:, heads_here].T != 0  # [r, w]
-                counts = window.sum(dim=1)  # [r]
+                selected = gates[item, start:start + chunk][:, heads].T != 0  # [r, w]
+                counts = selected.sum(dim=1)  # [r]
                 most = int(counts.max())
                 if not most:
                     continue
-                # selected token indices per head, padded with the window's first token (rows dropped below): [r, n]
-                order = torch.sort((~window).to(torch.int8), dim=1, stable=True).indices[:, :most]
-                valid = torch.arange(most, device=query.device)[None, :] < counts[:, None]  # [r, n]
-                tokens = torch.where(valid, order + start, start)  # [r, n]
-                mask, last = _window_mask(keep, item, heads_here, tokens, start, min(start + chunk, length), offset, keys,
-                                          causal, key_positions, query.dtype)
-                attended = F.scaled_dot_product_attention(
-                    query[item, heads_here[:, None], tokens][None],  # [1, r, n, d]
-                    key[item, kv, :last][None, None].expand(1, heads_here.numel(), last, dim),
-                    value[item, kv, :last][None, None].expand(1, heads_here.numel(), last, dim),
-                    attn_mask=None if mask is None else mask[None], scale=scaling)[0]  # [r, n, d]
-                head_index = heads_here[:, None].expand_as(tokens)[valid]
-                token_index = tokens[valid]
-                output[item, token_index, head_index] = attended[valid] * gates[item, token_index, head_index, None]
-    return output
+                order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :most]  # selected first
+                valid = torch.arange(most, device=gates.device)[None, :] < counts[:, None]  # [r, n]
+                windows.append(_Window(item, kv, start, heads, torch.where(valid, order + start, start), valid))
+    return windows
 
 
 def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None,
