@@ -197,7 +197,7 @@ def python_stdlib_files() -> tuple[Path, ...]:
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo", "pydoc_data"}
     files = [path for path in sorted(root.rglob("*.py"))
              if not skip & set(path.relative_to(root).parts) and 0 < path.stat().st_size <= PYTHON_MAX_FILE_BYTES]
     if not files:
@@ -216,13 +216,27 @@ def python_splits() -> tuple[list[str], list[str]]:
     return train, heldout
 
 
-TEXT_ASSETS = ("kjv-train", "kjv-heldout", "python-train", "python-heldout")
+def python_docs() -> list[str]:
+    """English technical prose: the topics of the Python reference manual that ship with this interpreter
+    (``pydoc_data.topics``, about 100k tokens), one document per topic. A held-out corpus only: no training mix
+    and no calibration should read it, so that recovery is also measured on a kind of text no tuning saw."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise UpcycleError("this Python has no pydoc_data module (the reference manual's topics); use a full CPython installation") from None
+    return [text.strip() for _, text in sorted(topics.items()) if text.strip()]
+
+
+TEXT_ASSETS = ("kjv-train", "kjv-heldout", "python-train", "python-heldout", "python-docs")
 
 
 def text_asset(name: str) -> list[str]:
-    """The documents of a text asset (``kjv-train``, ``kjv-heldout``, ``python-train``, ``python-heldout``)."""
+    """The documents of a text asset (``kjv-train``, ``kjv-heldout``, ``python-train``, ``python-heldout``,
+    ``python-docs``: held-out technical prose)."""
     if name not in TEXT_ASSETS:
         raise UpcycleError(f"unknown asset 'asset:{name}': use one of {', '.join('asset:' + a for a in TEXT_ASSETS)}")
+    if name == "python-docs":
+        return python_docs()
     splits = kjv_splits() if name.startswith("kjv") else python_splits()
     return splits[0] if name.endswith("train") else splits[1]
 

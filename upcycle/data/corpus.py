@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from itertools import islice
 from pathlib import Path
@@ -32,7 +32,7 @@ from upcycle.errors import UpcycleError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 ASSETS = TEXT_ASSETS
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: validation.pt holds one tensor per validation corpus
 BATCH_SIZE = 1000  # documents per tokenizer call (map batches, streaming, validation)
 _PARAGRAPH = r"\n[ \t\r\f\v]*\n"
 
@@ -41,9 +41,10 @@ _PARAGRAPH = r"\n[ \t\r\f\v]*\n"
 class DataConfig:
     """Where the text comes from and how it becomes blocks (see the module docstring for sources)."""
 
-    train: str
-    validation: str | None = None  # None: hold out ``validation_fraction`` of the train documents
+    train: str | list[str]  # several sources: their documents interleaved (``train_weights``)
+    validation: str | list[str] | None = None  # None: hold out ``validation_fraction`` of the train documents
     validation_fraction: float = 0.02
+    train_weights: list[float] | None = None  # probability of drawing the next document from each train source
     text_field: str = "text"
     seq_len: int = 512
     max_train_tokens: int | None = None
@@ -53,6 +54,15 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        sources = self.train_sources()
+        if not sources:
+            raise UpcycleError("data.train names no source: give a file, a folder, an asset or a Hub dataset")
+        if self.train_weights is not None and (len(self.train_weights) != len(sources) or min(self.train_weights) <= 0):
+            raise UpcycleError(f"train_weights {self.train_weights} must give one positive weight per train source "
+                               f"({len(sources)}): fix them or drop them for an even mix")
+        names = self.validation_sources()
+        if len(set(names)) != len(names):
+            raise UpcycleError(f"validation lists a source twice ({', '.join(names)}): list each held-out corpus once")
         if self.seq_len < 2:
             raise UpcycleError(f"seq_len must be at least 2, got {self.seq_len}: raise the sequence length")
         if not 0 <= self.validation_fraction < 1:
@@ -64,15 +74,35 @@ class DataConfig:
                     f"{name}={value} is less than one block of seq_len={self.seq_len}: raise {name} or lower seq_len"
                 )
 
+    def train_sources(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+    def validation_sources(self) -> list[str]:
+        if self.validation is None:
+            return []
+        return [self.validation] if isinstance(self.validation, str) else list(self.validation)
+
+
+def corpus_name(source: str) -> str:
+    """How tables and logs name a corpus: the asset's name, a file's or folder's name, or the Hub dataset's name."""
+    if source.startswith("asset:"):
+        return source[6:]
+    return Path(source).name if _is_local(source) else source
+
 
 @dataclass
 class Corpus:
     """Packed train blocks (items ``{"input_ids": LongTensor[seq_len]}``) and an in-memory validation tensor."""
 
     train: torch.utils.data.Dataset | torch.utils.data.IterableDataset
-    validation: torch.LongTensor  # [N, seq_len]; N == 0 when there is no validation
+    validation: torch.LongTensor  # [N, seq_len]: every validation corpus; N == 0 when there is no validation
     train_tokens: int | None  # None when streaming
     fingerprint: str
+    validation_sets: dict[str, torch.LongTensor] = field(default_factory=dict)  # corpus name -> [N_i, seq_len]
+
+
+def _validation_corpus(sets: dict[str, torch.Tensor], config: DataConfig) -> torch.Tensor:
+    return torch.cat(list(sets.values())) if sets else _empty(config)
 
 
 # --- documents -------------------------------------------------------------------------------------------------
@@ -158,6 +188,16 @@ def load_documents(source: str, text_field: str = "text", streaming: bool = Fals
     if isinstance(data, datasets.Dataset) and len(data) == 0:
         raise UpcycleError(f"no text found in {source}: give data with non-empty documents")
     return data.to_iterable_dataset() if streaming and isinstance(data, datasets.Dataset) else data
+
+
+def load_mix(sources: list[str], weights: list[float] | None, text_field: str, streaming: bool, seed: int):
+    """The documents of several sources interleaved: each next document is drawn from source ``i`` with probability
+    ``weights[i] / sum(weights)`` (even by default; seeded), until every source is used up once."""
+    parts = [load_documents(source, text_field, streaming) for source in sources]
+    if len(parts) == 1:
+        return parts[0]
+    probabilities = [w / sum(weights) for w in weights] if weights else [1 / len(parts)] * len(parts)
+    return datasets.interleave_datasets(parts, probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted_without_replacement")
 
 
 # --- tokens and blocks -----------------------------------------------------------------------------------------
@@ -288,7 +328,9 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
 # --- corpus ----------------------------------------------------------------------------------------------------
 
-def _source_identity(source: str | None) -> object:
+def _source_identity(source: str | list[str] | None) -> object:
+    if isinstance(source, list):
+        return [_source_identity(item) for item in source]
     if source is not None and source.startswith("asset:"):
         if source.startswith("asset:python"):
             import sys
@@ -347,13 +389,14 @@ def _empty(config: DataConfig) -> torch.Tensor:
 
 
 def _streaming_corpus(config: DataConfig, tokenizer, fingerprint: str) -> Corpus:
-    documents = load_documents(config.train, config.text_field, streaming=True)
+    documents = load_mix(config.train_sources(), config.train_weights, config.text_field, True, config.seed)
     max_blocks = None if config.max_train_tokens is None else config.max_train_tokens // config.seq_len
     wants_validation = config.validation_tokens != 0
-    skip_documents, validation = 0, _empty(config)
+    skip_documents, sets = 0, {}
     if config.validation is not None and wants_validation:
-        held = load_documents(config.validation, config.text_field, streaming=True)
-        validation = _validation_blocks(held.iter(BATCH_SIZE), tokenizer, config)
+        for source in config.validation_sources():
+            held = load_documents(source, config.text_field, streaming=True)
+            sets[corpus_name(source)] = _validation_blocks(held.iter(BATCH_SIZE), tokenizer, config)
     elif config.validation is None and wants_validation and config.validation_fraction > 0:
         if config.validation_tokens is None:
             raise UpcycleError("streaming cannot hold out a fraction of an unknown number of documents: "
@@ -364,9 +407,9 @@ def _streaming_corpus(config: DataConfig, tokenizer, fingerprint: str) -> Corpus
             needed -= len(_encode(tokenizer, texts[-1:], eos)[0])
             if needed <= 0:
                 break
-        validation, skip_documents = _validation_blocks([{"text": texts}], tokenizer, config), len(texts)
+        sets, skip_documents = {"held-out": _validation_blocks([{"text": texts}], tokenizer, config)}, len(texts)
     train = StreamingBlocks(documents, tokenizer, config.seq_len, skip_documents, max_blocks=max_blocks)
-    return Corpus(train, validation, None, fingerprint)
+    return Corpus(train, _validation_corpus(sets, config), None, fingerprint, sets)
 
 
 def build_corpus(config: DataConfig, tokenizer) -> Corpus:
@@ -377,15 +420,17 @@ def build_corpus(config: DataConfig, tokenizer) -> Corpus:
         return _streaming_corpus(config, tokenizer, fingerprint)
     target = cache_root(config.cache_dir) / "tokenized" / fingerprint
     if not (target / "meta.json").is_file():
-        documents = load_documents(config.train, config.text_field)
+        documents = load_mix(config.train_sources(), config.train_weights, config.text_field, False, config.seed)
         if config.validation is not None:
-            train_docs, held = documents, load_documents(config.validation, config.text_field)
+            train_docs = documents
+            held = {corpus_name(source): load_documents(source, config.text_field) for source in config.validation_sources()}
         elif config.validation_fraction > 0 and config.validation_tokens != 0:
-            train_docs, held = _holdout(documents, config)
+            train_docs, held_docs = _holdout(documents, config)
+            held = {"held-out": held_docs}
         else:
-            train_docs, held = documents, None
-        validation = _empty(config) if held is None or config.validation_tokens == 0 else (
-            _validation_blocks(held.iter(BATCH_SIZE), tokenizer, config))
+            train_docs, held = documents, {}
+        sets = {} if config.validation_tokens == 0 else {
+            name: _validation_blocks(docs.iter(BATCH_SIZE), tokenizer, config) for name, docs in held.items()}
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=target.parent))
         try:
@@ -394,7 +439,7 @@ def build_corpus(config: DataConfig, tokenizer) -> Corpus:
             blocks.save_to_disk(str(tmp / "train"))
             del blocks
             shutil.rmtree(tmp / "work")
-            torch.save(validation, tmp / "validation.pt")
+            torch.save(sets, tmp / "validation.pt")
             (tmp / "meta.json").write_text(json.dumps({"config": asdict(config), "fingerprint": fingerprint}))
             try:
                 tmp.rename(target)
@@ -404,5 +449,5 @@ def build_corpus(config: DataConfig, tokenizer) -> Corpus:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     train = PackedBlocks(datasets.load_from_disk(str(target / "train")))
-    validation = torch.load(target / "validation.pt", weights_only=True)
-    return Corpus(train, validation, len(train) * config.seq_len, fingerprint)
+    sets = torch.load(target / "validation.pt", weights_only=True)  # {name: [N_i, seq_len]}
+    return Corpus(train, _validation_corpus(sets, config), len(train) * config.seq_len, fingerprint, sets)

@@ -54,10 +54,28 @@ def prepare_model(recipe: Recipe, state) -> Path:
             from ..convert import convert_checkpoint, options_class
 
             options = recipe.convert.model_dump(exclude={"method"})
-            options["calibration"] = resolve_text(options["calibration"])
+            if options.get("calibration") is not None:
+                options["calibration"] = Path(resolve_text(str(options["calibration"])))
             method = recipe.convert.method
             convert_checkpoint(str(source), converted, method, options_class(method)(**options), overwrite=False)
     return converted
+
+
+def resolve_references(recipe: Recipe, model_path: Path) -> tuple[Path | None, Path | None]:
+    """(teacher folder, reference folder) of a recipe; ``source`` is the model ``model_path`` was converted from.
+    A teacher must share the student's tokenizer (one line otherwise)."""
+    from .distill import check_same_tokenizer, resolve_reference
+
+    converted_from = str(resolve_model(recipe.model)) if recipe.convert is not None else None
+    teacher = resolve_reference(recipe.teacher, model_path, "teacher", converted_from) if recipe.teacher else None
+    if teacher is not None:
+        check_same_tokenizer(model_path, teacher)
+    reference = recipe.reference()
+    if reference is None:
+        return teacher, None
+    if reference == recipe.teacher:
+        return teacher, teacher
+    return teacher, resolve_reference(reference, model_path, "compare", converted_from)
 
 
 def build_data(recipe: Recipe, tokenizer, state):
@@ -81,10 +99,11 @@ def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None
     if overwrite and not resume and state.is_main_process and (output / "checkpoints").exists():
         shutil.rmtree(output / "checkpoints")
     model_path = prepare_model(recipe, state)
+    teacher, reference = resolve_references(recipe, model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     corpus = build_data(recipe, tokenizer, state)
     started = time.time()
-    trainer = Trainer(recipe, model_path, corpus, resume=resume, stop_after=stop_after)
+    trainer = Trainer(recipe, model_path, corpus, resume=resume, stop_after=stop_after, teacher=teacher, reference=reference)
     final = trainer.run()
     if final is None or not state.is_main_process:
         return final
@@ -119,7 +138,10 @@ def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation: to
         plot_head_usage(results[1]["head_usage"], output / "head_usage.png", title="head usage after tuning (fraction of tokens)")
 
     data = recipe.data
-    held_out = Path(data.validation).name if data.validation else f"held-out {data.validation_fraction:.0%} of {Path(data.train).name}"
+    from ..data.corpus import corpus_name
+
+    held_out = (", ".join(corpus_name(source) for source in data.validation_sources()) if data.validation else
+                f"held-out {data.validation_fraction:.0%} of {', '.join(corpus_name(source) for source in data.train_sources())}")
     evaluation = [{k: r[k] for k in ("name", "perplexity", "tokens", "window", "active_fraction") if k in r} | {"data": held_out} for r in results]
     finetune = {k: v for k, v in summary.items() if k != "recipe_yaml"} | {"recipe": recipe.model_dump(mode="json")}
     record_tuning(final, model_path, recipe.model, name=output.name, finetune=finetune, evaluation=evaluation)

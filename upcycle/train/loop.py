@@ -10,6 +10,7 @@ recipe's weights times the routers' load-balance and z-loss terms, each averaged
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,6 +26,8 @@ from .recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+# metrics.jsonl names of the loss terms: loss is the weighted sum of lm, distill and hidden (router terms apart)
+METRIC_NAMES = {"loss": "loss", "lm": "lm_loss", "aux": "aux_loss", "z": "z_loss", "distill": "distill_loss", "hidden": "hidden_loss"}
 
 
 @dataclass
@@ -147,7 +150,8 @@ def latest_checkpoint(output: Path) -> Path | None:
 class Trainer:
     """Runs a recipe: prepare model and data, train, checkpoint, save the final model."""
 
-    def __init__(self, recipe: Recipe, model_path: Path, corpus, *, resume: bool = False, stop_after: int | None = None):
+    def __init__(self, recipe: Recipe, model_path: Path, corpus, *, resume: bool = False, stop_after: int | None = None,
+                 teacher: Path | None = None, reference: Path | None = None):
         from accelerate import Accelerator
 
         self.recipe = recipe
@@ -179,6 +183,15 @@ class Trainer:
             set_attention_backend(model, recipe.attention)
         except ValueError as error:  # kernel asked for without Triton or CUDA
             raise UpcycleError(str(error)) from None
+        self.teacher = None
+        if teacher is not None:
+            from .distill import Teacher
+
+            # frozen, in the training precision, replicated on every process (each runs its own micro-batches through it)
+            head = model.get_output_embeddings()
+            self.teacher = Teacher(teacher, self.accelerator.device, torch.bfloat16 if mixed == "bf16" else torch.float32,
+                                   head.weight.shape[0])
+        self.reference, self._reference_losses = reference, None
         model = select_trainable(model, recipe)
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -239,55 +252,108 @@ class Trainer:
         ids = plan.step_indices(self.step, len(train), self.recipe.training.seed, rank)
         return [torch.stack([train[int(i)]["input_ids"] for i in micro]) for micro in ids]
 
+    def objective(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch [M, T]: ``lm`` (next-token cross-entropy), and with a teacher
+        ``distill`` (KL over the vocabulary per position, chunked) and ``hidden`` (per-layer state matching)."""
+        from .distill import AttentionOutputs, chunked_kl, state_matching
+
+        losses = self.recipe.losses
+        per_layer = losses.distill_hidden_on if self.teacher is not None and losses.distill_hidden > 0 else None
+        recorder = AttentionOutputs(self.model) if per_layer == "attention_outputs" else nullcontext()
+        with recorder:
+            out = self.model(input_ids=batch, labels=batch if losses.lm > 0 else None,
+                             output_hidden_states=per_layer == "hidden_states")
+        if losses.lm > 0:
+            terms = {"lm": out.loss}
+        else:  # logged, not trained on
+            with torch.no_grad():
+                terms = {"lm": torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())}
+        if self.teacher is not None:
+            last, states = self.teacher.states(batch, per_layer)
+            if losses.distill > 0:
+                terms["distill"] = chunked_kl(out.logits, last, self.teacher.head, temperature=losses.distill_temperature,
+                                              chunk_tokens=losses.distill_chunk_tokens)
+            if per_layer is not None:
+                student = recorder.take() if per_layer == "attention_outputs" else list(out.hidden_states[1:])
+                terms["hidden"] = state_matching(student, states)
+        return terms
+
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns the step's metrics (averaged over processes)."""
         micro_batches = self._micro_batches()
-        weight, z_weight = self.recipe.losses.load_balance, self.recipe.losses.z_loss
-        lm_total = torch.zeros((), device=self.accelerator.device)
-        aux_total = torch.zeros((), device=self.accelerator.device)
-        z_total = torch.zeros((), device=self.accelerator.device)
+        losses = self.recipe.losses
+        weights = {"lm": losses.lm, "distill": losses.distill, "hidden": losses.distill_hidden}
+        totals: dict[str, torch.Tensor] = {}
         self.model.train()
         for index, batch in enumerate(micro_batches):
             batch = batch.to(self.accelerator.device)  # [M, T]
             last = index == len(micro_batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):
                 with self.accelerator.autocast():
-                    out = self.model(input_ids=batch, labels=batch)
-                balance, z = router_balance_loss(self.model), router_z_loss(self.model)
-                loss = out.loss + (weight * balance if balance is not None else 0.0) + (z_weight * z if z is not None else 0.0)
+                    terms = self.objective(batch)
+                terms["aux"], terms["z"] = router_balance_loss(self.model), router_z_loss(self.model)
+                terms = {name: term for name, term in terms.items() if term is not None}
+                objective = sum(weights[name] * term for name, term in terms.items() if name in weights)
+                loss = objective + losses.load_balance * terms.get("aux", 0.0) + losses.z_loss * terms.get("z", 0.0)
                 self.accelerator.backward(loss / len(micro_batches))
-            lm_total += out.loss.detach() / len(micro_batches)
-            if balance is not None:
-                aux_total += balance.detach() / len(micro_batches)
-            if z is not None:
-                z_total += z.detach() / len(micro_batches)
+            for name, term in [("loss", objective), *terms.items()]:
+                totals[name] = totals.get(name, 0.0) + term.detach().float() / len(micro_batches)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.training.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        lm, aux, z = self.accelerator.reduce(torch.stack([lm_total, aux_total, z_total]), reduction="mean").tolist()
-        return {"step": self.step, "loss": lm, "aux_loss": aux, "z_loss": z, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+        names = ["loss", "lm", "aux", "z", *(name for name in ("distill", "hidden") if name in totals)]
+        zero = torch.zeros((), device=self.accelerator.device)
+        values = self.accelerator.reduce(torch.stack([totals.get(name, zero) for name in names]), reduction="mean").tolist()
+        metrics = {"step": self.step} | {METRIC_NAMES[name]: value for name, value in zip(names, values)}
+        return metrics | {"lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+
+    def _block_losses(self, model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean next-token loss of ``model`` on each validation corpus's blocks."""
+        result = {}
+        for name, blocks in sets.items():
+            total = 0.0
+            for start in range(0, len(blocks), self.plan.micro_batch_size):
+                batch = blocks[start:start + self.plan.micro_batch_size].to(self.accelerator.device)
+                with self.accelerator.autocast():
+                    total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
+            result[name] = total / max(len(blocks), 1)
+        return result
+
+    def reference_losses(self) -> dict[str, float]:
+        """The reference model's (``compare``, else the teacher) loss on each validation corpus, computed once."""
+        if self._reference_losses is None:
+            if self.teacher is not None and self.reference == self.teacher.folder:
+                self._reference_losses = self._block_losses(self.teacher.model, self.corpus.validation_sets)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(self.reference, dtype=torch.float32).to(self.accelerator.device).eval()
+                self._reference_losses = self._block_losses(model, self.corpus.validation_sets)
+                del model
+        return self._reference_losses
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Mean token loss and head usage on the validation blocks (every process computes the same)."""
+        """Mean token loss (over every validation corpus, and per corpus), the perplexity ratio to the reference model
+        per corpus when there is one, and head usage (every process computes the same)."""
         from ..eval.experts import ExpertUsage
         from ..eval.usage import HeadUsage
 
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        total, count = 0.0, 0
-        blocks = self.corpus.validation
+        sets = self.corpus.validation_sets or {"validation": self.corpus.validation}
         with HeadUsage(model) as usage, ExpertUsage(model) as experts:
-            for start in range(0, len(blocks), self.plan.micro_batch_size):
-                batch = blocks[start:start + self.plan.micro_batch_size].to(self.accelerator.device)
-                with self.accelerator.autocast():
-                    loss = model(input_ids=batch, labels=batch).loss
-                total += float(loss) * len(batch)
-                count += len(batch)
+            per_corpus = self._block_losses(model, sets)
+        sizes = {name: len(blocks) for name, blocks in sets.items()}
+        metrics = {"val_loss": sum(per_corpus[n] * sizes[n] for n in sets) / max(sum(sizes.values()), 1)}
+        if len(sets) > 1 or self.reference is not None:
+            metrics["val_loss_by_corpus"] = per_corpus
+        if self.reference is not None:
+            reference = self.reference_losses()
+            metrics["recovery"] = {name: math.exp(per_corpus[name] - reference[name]) for name in per_corpus if name in reference}
         fraction = usage.fraction()
-        metrics = {"val_loss": total / max(count, 1)}
         if fraction.numel():
             metrics["head_usage"] = [[round(v, 4) for v in row] for row in fraction.tolist()]
         if experts.routers:
@@ -308,6 +374,11 @@ class Trainer:
         self._print(f"training {self.trainable_parameters:,} parameters ({self.recipe.trainable}) for {training.steps} steps of "
                     f"{tokens_per_step:,} tokens ({self.plan.sequences_per_step} sequences = {self.plan.world_size} process(es) x "
                     f"{self.plan.accumulation} accumulation x {self.plan.micro_batch_size}) on {self.accelerator.device}")
+        if self.step == 0 and training.eval_every:  # the curve's start: before any tuning
+            start = {"step": 0, "tokens": 0} | self.validate()
+            if self.accelerator.is_main_process:
+                with metrics_path.open("a") as log:
+                    log.write(json.dumps(start) + "\n")
         last = training.steps if self.stop_after is None else min(training.steps, self.step + self.stop_after)
         progress = tqdm(total=training.steps, initial=self.step, desc="finetune", unit="step", file=sys.stderr,
                         disable=not self.accelerator.is_main_process)

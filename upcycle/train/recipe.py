@@ -6,11 +6,14 @@ starts; ``key=value`` overrides use dotted keys (``training.lr=3e-4``).
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from ..errors import UpcycleError
 
@@ -18,44 +21,54 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class MoHConvertSection(_Section):
-    """Convert ``model`` to MoH first (into OUTPUT/converted), then tune the result."""
-
-    method: Literal["moh"] = "moh"
-    router: Literal["query-norm", "learned"] = "query-norm"
-    shared_heads: str = "0.5"
-    active_heads: float = Field(0.75, gt=0, le=1)
-    shared_selection: Literal["first", "weight-norm", "contribution"] | None = None
-    calibration: str | None = None
-    calibration_tokens: int = Field(16384, gt=0)
+CONVERT_METHODS = ("moh", "prune-heads", "gqa", "mhe")  # methods whose output is a causal LM to tune
 
 
-class MHEConvertSection(_Section):
-    """Convert ``model`` to MHE first (into OUTPUT/converted), then tune the result."""
+@lru_cache(maxsize=None)
+def convert_section(method: str) -> type[BaseModel]:
+    """The recipe's ``convert:`` section of ``method``: ``method`` plus every field of the method's ``Options``
+    dataclass (the flags of ``upcycle convert``, same names with ``_``), with the same defaults."""
+    from ..methods import method_module
 
-    method: Literal["mhe"]
-    variant: Literal["mul", "add"] = "mul"
-    init: Literal["svd", "calibrated"] = "svd"
-    calibration: str | None = None
-    calibration_tokens: int = Field(16384, gt=0)
+    options = method_module(method).Options
+    hints = typing.get_type_hints(options)
+    fields = {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
+              for f in dataclasses.fields(options)}
+    return create_model(f"{options.__name__}Section", __base__=_Section, __doc__=f"Convert ``model`` with {method} first.",
+                        method=(Literal[method], ...), **fields)
 
 
-ConvertSection = Annotated[MoHConvertSection | MHEConvertSection, Field(discriminator="method")]
-CONVERT_METHODS = ("moh", "mhe")
+def validate_convert(tree: dict) -> BaseModel:
+    """Validate a ``convert:`` mapping against its method's section; errors are located under ``convert``."""
+    method = tree.get("method") if isinstance(tree, dict) else None
+    if method not in CONVERT_METHODS:
+        raise UpcycleError(f"recipe key 'convert.method' must be one of {', '.join(CONVERT_METHODS)} (got {method!r}); "
+                           "set it in the recipe or pass convert.method=NAME")
+    try:
+        return convert_section(method).model_validate(tree)
+    except ValidationError as error:
+        raise UpcycleError(_error_line(error, prefix=("convert",))) from None
 
 
 class DataSection(_Section):
-    train: str
-    validation: str | None = None
-    validation_fraction: float = Field(0.02, gt=0, lt=1)
+    train: str | list[str]
+    train_weights: list[float] | None = None
+    validation: str | list[str] | None = None
+    validation_fraction: float = Field(0.02, ge=0, lt=1)
     text_field: str = "text"
     seq_len: int = Field(512, ge=2)
     max_train_tokens: int | None = Field(None, gt=0)
-    validation_tokens: int | None = Field(65536, gt=0)
+    validation_tokens: int | None = Field(65536, ge=0)
     streaming: bool = False
+
+    def validation_sources(self) -> list[str]:
+        return [] if self.validation is None else [self.validation] if isinstance(self.validation, str) else list(self.validation)
+
+    def train_sources(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
 
 
 class LoraSection(_Section):
@@ -66,8 +79,20 @@ class LoraSection(_Section):
 
 
 class LossSection(_Section):
+    lm: float = Field(1.0, ge=0)  # weight of the next-token cross-entropy on the data
+    distill: float = Field(0.0, ge=0)  # weight of KL(teacher || student) over the vocabulary, per token
+    distill_temperature: float = Field(1.0, gt=0)  # both distributions softened by T; the KL is scaled by T^2
+    distill_hidden: float = Field(0.0, ge=0)  # weight of matching per-layer states to the teacher's
+    distill_hidden_on: Literal["hidden_states", "attention_outputs"] = "hidden_states"
+    distill_chunk_tokens: int | None = Field(None, gt=0)  # positions per KL chunk; None: a 64 MiB fp32 [tokens, vocab] chunk
     load_balance: float = Field(0.01, ge=0)
     z_loss: float = Field(0.001, ge=0)
+
+    @model_validator(mode="after")
+    def _some_objective(self) -> LossSection:
+        if self.lm == 0 and self.distill == 0 and self.distill_hidden == 0:
+            raise ValueError("losses.lm, losses.distill and losses.distill_hidden are all 0, so nothing would train; give one a weight")
+        return self
 
 
 class TrainingSection(_Section):
@@ -101,7 +126,9 @@ class Recipe(_Section):
     description: str = ""
     model: str
     output: str
-    convert: ConvertSection | None = None
+    convert: Any = None  # a method's convert section (validate_convert), or None
+    teacher: str | None = None  # "source" (the model converted from), a folder or a Hub id: frozen, for losses.distill*
+    compare: str | None = None  # evaluated beside the tuned model at the end ("source", a folder or a Hub id); default: teacher
     data: DataSection
     trainable: Literal["all", "routers", "lora"] = "all"
     lora: LoraSection = LoraSection()
@@ -109,6 +136,21 @@ class Recipe(_Section):
     training: TrainingSection
     attention: Literal["auto", "kernel", "torch", "masked"] = "auto"  # head-gated attention; auto: the Triton kernel on CUDA, else masked
     accelerate_config: str | None = None
+
+    @model_validator(mode="after")
+    def _teacher_for_distillation(self) -> Recipe:
+        distills = self.losses.distill > 0 or self.losses.distill_hidden > 0
+        if distills and not self.teacher:
+            raise ValueError("losses.distill and losses.distill_hidden need a teacher; set teacher: source (the model converted from), a folder or a Hub id")
+        if self.teacher and not distills:
+            raise ValueError("teacher is set but losses.distill and losses.distill_hidden are 0; give one a weight, or use compare: for evaluation only")
+        if self.convert is not None:
+            self.convert = validate_convert(self.convert)
+        return self
+
+    def reference(self) -> str | None:
+        """The model the tuned one is compared with at the end: ``compare``, else the teacher."""
+        return self.compare or self.teacher
 
 
 class ClipDataSection(_Section):
@@ -174,14 +216,12 @@ def _set_dotted(tree: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
-def _error_line(error: ValidationError) -> str:
+def _error_line(error: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     first = error.errors()[0]
-    loc = [str(part) for part in first["loc"]]
-    if loc[:1] == ["convert"] and len(loc) > 2 and loc[1] in CONVERT_METHODS:
-        del loc[1]  # the union's tag (the method), not a key of the recipe
+    loc = [*prefix, *(str(part) for part in first["loc"])]
+    if len(loc) > 2 and loc[0] == "data" and loc[1] in ("train", "validation") and loc[2] in ("str", "list[str]"):
+        del loc[2:]  # the union member tried, not a key of the recipe
     key = ".".join(loc) or "(top level)"
-    if first["type"] in ("union_tag_not_found", "union_tag_invalid"):
-        return f"recipe key 'convert.method' must be one of {', '.join(CONVERT_METHODS)}; set it in the recipe or pass convert.method=NAME"
     if first["type"] == "extra_forbidden":
         return f"recipe key {key!r} is unknown; check its spelling against recipes/README or `upcycle finetune --help`"
     if first["type"] == "missing":
@@ -232,10 +272,16 @@ def _is_local_reference(value: str) -> bool:
 
 def check_files(recipe: Recipe) -> None:
     """Every local file a recipe names must exist (assets and Hub names are checked when used)."""
-    checks = [("model", recipe.model), ("data.train", recipe.data.train), ("data.validation", recipe.data.validation),
-              ("accelerate_config", recipe.accelerate_config)]
-    if getattr(recipe, "convert", None):
-        checks.append(("convert.calibration", recipe.convert.calibration))
+    checks = [("model", recipe.model), ("accelerate_config", recipe.accelerate_config)]
+    if isinstance(recipe, Recipe):
+        checks += [("data.train", source) for source in recipe.data.train_sources()]
+        checks += [("data.validation", source) for source in recipe.data.validation_sources()]
+        checks += [(key, value) for key, value in (("teacher", recipe.teacher), ("compare", recipe.compare)) if value != "source"]
+    else:
+        checks += [("data.train", recipe.data.train), ("data.validation", recipe.data.validation)]
+    calibration = getattr(recipe.convert, "calibration", None) if getattr(recipe, "convert", None) else None
+    if calibration:
+        checks.append(("convert.calibration", str(calibration)))
     for key, value in checks:
         if value and _is_local_reference(value) and not Path(value).expanduser().exists():
             raise UpcycleError(f"recipe key {key!r}: {value} does not exist; fix the path or pass {key}=PATH")
