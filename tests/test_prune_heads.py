@@ -114,8 +114,14 @@ NO_UPCYCLE = """
 
 
 def run_without_upcycle(tmp_path: Path, body: str) -> None:
-    script = textwrap.dedent(NO_UPCYCLE) + textwrap.dedent(body)
-    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    """Run ``body`` in a fresh interpreter where ``upcycle`` cannot be imported.
+
+    The child uses this process's intra-op thread count: CPU matmuls split their reductions by thread,
+    so a reference computed here with N threads and a reload computed with 1 differ in the last bits
+    (~1e-7) even with bit-identical weights, and the callers compare logits with atol=0."""
+    threads = torch.get_num_threads()
+    script = textwrap.dedent(NO_UPCYCLE) + f"torch.set_num_threads({threads})\n" + textwrap.dedent(body)
+    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "", "OMP_NUM_THREADS": str(threads)}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ok" in result.stdout
