@@ -80,22 +80,43 @@ def test_moh_card_front_matter_and_every_section(moh, tmp_path):
     assert str(tmp_path) not in card and "upcycle-tmp" not in card  # no local paths published
 
 
-def test_card_command_refreshes_after_an_evaluation(moh, calibration_file):
+def test_card_command_refreshes_after_an_evaluation(moh, calibration_file, tmp_path):
     original = (moh / "README.md").read_text()
     result = run("card", moh)
     assert result.exit_code == 0 and f"wrote {moh / 'README.md'}" in result.stdout
     assert (moh / "README.md").read_text() == original  # the same records give the same card
 
-    result = run("eval", moh, "--data", calibration_file, "--tokens", "600", "--window", "64", "--json", moh / "eval.json")
+    other = tmp_path / "other.txt"
+    other.write_text(calibration_file.read_text().replace("w1", "w2"))
+    result = run("eval", moh, "--data", calibration_file, "--data", other, "--compare", "source", "--tokens", "600", "--window", "64",
+                 "--json", moh / "eval.json")
     assert result.exit_code == 0, result.output
-    perplexity = json.loads((moh / "eval.json").read_text())[0]["perplexity"]
+    evaluation = json.loads((moh / "eval.json").read_text())
+    perplexity = evaluation["results"][0]["perplexity"]
+    ratios = {name: c["ratio"] for name, c in evaluation["recovery"]["corpora"].items()}
     assert run("card", moh).exit_code == 0
     card = (moh / "README.md").read_text()
     evaluation = section(card, "Evaluation")
+    assert "Recovery of `tiny-moh` against `org/tiny-llama` on held-out text" in evaluation  # the source, by its Hub id
+    assert "| corpus | perplexity | reference perplexity | ratio |" in evaluation
+    assert f"| `calibration.txt` | {perplexity:.3f} |" in evaluation and f"| {ratios['other.txt']:.3f} |" in evaluation
+    assert "| geometric mean |" in evaluation
     assert "| model | perplexity | tokens | window | active heads | data |" in evaluation
-    assert f"| tiny-moh | {perplexity:.3f} | 599 | 64 | 0.750 | `calibration.txt` |" in evaluation
-    assert "No evaluation recorded" not in card
+    assert f"| tiny-moh | {perplexity:.3f} | 599 | 64 | 0.750 | `calibration.txt` |" in evaluation and "| org/tiny-llama |" in evaluation
+    assert "No evaluation recorded" not in card and str(tmp_path) not in card
     assert card.replace(section(card, "Evaluation"), "") == original.replace(section(original, "Evaluation"), "")
+
+
+def test_card_reads_old_list_eval_json_and_null_figures(tmp_path, dense):
+    convert_ok(dense, tmp_path / "out")
+    rows = [{"model": str(tmp_path / "out"), "perplexity": 12.3456, "tokens": 599, "window": 64, "active_fraction": 0.75, "data": "/x/heldout.txt"}]
+    (tmp_path / "out" / "eval.json").write_text(json.dumps(rows))
+    assert "| out | 12.346 | 599 | 64 | 0.750 | `heldout.txt` |" in section(render_card(tmp_path / "out"), "Evaluation")
+    block = {"model": str(tmp_path / "out"), "reference": str(dense), "mean_ratio": None,
+             "corpora": {"kjv-heldout": {"perplexity": None, "reference_perplexity": 9.0, "ratio": None, "tokens": 599}}}
+    (tmp_path / "out" / "eval.json").write_text(json.dumps({"results": [rows[0] | {"perplexity": None}], "recovery": block}))
+    evaluation = section(render_card(tmp_path / "out"), "Evaluation")
+    assert "against `dense`" in evaluation and "| `kjv-heldout` | - | 9.000 | - |" in evaluation and "| out | - | 599 |" in evaluation
 
 
 def test_card_name_and_base_model_options_are_remembered(tmp_path):

@@ -155,8 +155,8 @@ def test_eval_compares_two_models_on_the_same_tokens(tmp_path, dense, calibratio
     result = run("eval", tmp_path / "moh", "--data", calibration_file, "--compare", dense, "--tokens", "600",
                  "--window", "64", "--json", tmp_path / "eval.json")
     assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "eval.json").read_text())
+    rows = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["moh", "dense"] and rows[0]["tokens"] == rows[1]["tokens"] == 599
     assert rows[0]["active_fraction"] == 0.75 and rows[1]["active_fraction"] == 1.0
-    assert "perplexity ratio" in result.stdout
+    assert "ratio = perplexity / compare's perplexity" in result.stdout
     assert_one_line_error(run("eval", tmp_path / "nope", "--data", calibration_file), "does not exist")

@@ -9,17 +9,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB, build_dense, tiny_tokenizer
+from test_cli import assert_one_line_error, run
 from transformers import AutoModelForCausalLM
 
 import upcycle  # noqa: F401  (registers the Auto classes)
 from upcycle.convert import convert_checkpoint
 from upcycle.errors import UpcycleError
 from upcycle.eval import HeadUsage, eval_tokens_from_text, evaluate, format_table, perplexity, sliding_window_nll
+from upcycle.eval.cli import corpus_files
+from upcycle.eval.evaluate import evaluate_corpora, evaluation_json, format_recovery_table, recovery
 from upcycle.eval.plots import plot_head_usage, plot_loss_curve
 from upcycle.methods.moh import MoHOptions
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STREAM = torch.randint(3, len(VOCAB), (41,), generator=torch.Generator().manual_seed(0))
+OTHER = torch.randint(3, len(VOCAB), (29,), generator=torch.Generator().manual_seed(5))
 
 
 def load(folder):
@@ -181,3 +185,93 @@ def test_plots_write_png_files(tmp_path, folders):
     (tmp_path / "bad.jsonl").write_text('{"lr": 1}\n')
     with pytest.raises(UpcycleError):
         plot_loss_curve(tmp_path / "bad.jsonl", tmp_path / "bad.png")
+
+
+def test_recovery_scores_each_model_once_on_every_corpus(folders):
+    dense, moh = folders
+    result = recovery(moh, dense, {"a": STREAM, "b": OTHER}, window=8, device="cpu")
+    rows, block = result["results"], result["recovery"]
+    assert [(r["method"], r["data"], r["tokens"]) for r in rows] == [("moh", "a", 40), ("moh", "b", 28), ("dense", "a", 40), ("dense", "b", 28)]
+    assert (block["model"], block["reference"]) == (str(moh), str(dense))
+    for name, ids in (("a", STREAM), ("b", OTHER)):
+        alone = evaluate(moh, ids, window=8, device="cpu")["perplexity"] / evaluate(dense, ids, window=8, device="cpu")["perplexity"]
+        entry = block["corpora"][name]
+        assert entry["ratio"] == pytest.approx(alone, rel=1e-9) and entry["ratio"] == entry["perplexity"] / entry["reference_perplexity"]
+        assert entry["tokens"] == ids.numel() - 1
+    ratios = [c["ratio"] for c in block["corpora"].values()]
+    assert block["mean_ratio"] == pytest.approx(math.sqrt(ratios[0] * ratios[1]))
+    assert rows[0]["head_usage"] != rows[1]["head_usage"] and rows[2]["head_usage"] is None  # counted per corpus
+    table = format_recovery_table(result)
+    assert "ratio = perplexity / compare's perplexity: 1.00 is full recovery, above 1 is worse" in table
+    assert f"{ratios[1]:.3f}" in table and "geometric mean" in table and "head usage of moh (% of tokens per head, all corpora)" in table
+    plain = format_recovery_table({"results": evaluate_corpora(dense, {"a": STREAM}, window=8, device="cpu"), "recovery": None})
+    assert plain.splitlines()[0].split() == ["corpus", "tokens", "perplexity"] and "ratio" not in plain
+
+
+def test_evaluation_json_writes_null_for_non_finite_numbers():
+    text = evaluation_json({"results": [{"perplexity": math.inf, "usage": [[math.nan, 0.5]]}], "recovery": {"mean_ratio": -math.inf}})
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"results": [{"perplexity": None, "usage": [[None, 0.5]]}], "recovery": {"mean_ratio": None}}
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpora")
+    for name, seed in (("bible.txt", 3), ("code.txt", 4)):
+        words = torch.randint(3, len(VOCAB), (300,), generator=torch.Generator().manual_seed(seed)).tolist()
+        (root / name).write_text("\n\n".join(" ".join(VOCAB[w] for w in words[i : i + 50]) for i in range(0, 300, 50)) + "\n")
+    return root / "bible.txt", root / "code.txt"
+
+
+def eval_json(*args) -> dict:
+    out = args[0].parent / "out.json"
+    result = run("eval", *args, "--window", "16", "--json", out)
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    return json.loads(text) | {"stdout": result.stdout}
+
+
+def test_eval_two_corpora_with_compare(folders, corpora):
+    dense, moh = folders
+    evaluation = eval_json(moh, "--data", corpora[0], "--data", corpora[1], "--compare", dense)
+    rows, block = evaluation["results"], evaluation["recovery"]
+    assert [(r["method"], r["data"]) for r in rows] == [("moh", "bible.txt"), ("moh", "code.txt"), ("dense", "bible.txt"), ("dense", "code.txt")]
+    assert list(block["corpora"]) == ["bible.txt", "code.txt"] and block["reference"] == str(dense)
+    for i, name in enumerate(block["corpora"]):
+        assert block["corpora"][name]["ratio"] == rows[i]["perplexity"] / rows[i + 2]["perplexity"]
+    lines = evaluation["stdout"].splitlines()
+    assert lines[1].split() == ["corpus", "tokens", "perplexity", "compare", "ratio"]
+    assert lines[3].split()[:2] == ["bible.txt", str(rows[0]["tokens"])] and "ratio = perplexity / compare's perplexity" in evaluation["stdout"]
+
+    itself = eval_json(moh, "--data", corpora[0], "--data", corpora[1], "--compare", moh)
+    assert [c["ratio"] for c in itself["recovery"]["corpora"].values()] == [1.0, 1.0] and itself["recovery"]["mean_ratio"] == 1.0
+    tokens = sum(r["tokens"] for r in itself["results"][:2])
+    assert [line.split()[:3] for line in itself["stdout"].splitlines() if line.startswith("moh ")] == [["moh", "moh", str(tokens)]] * 2
+
+
+def test_eval_compare_source_resolves_the_conversion_source(tmp_path, corpora):
+    dense = build_dense(tmp_path / "dense")
+    convert_checkpoint(str(dense), tmp_path / "moh", "moh", MoHOptions(active_heads=1.0))
+    block = eval_json(tmp_path / "moh", "--data", corpora[0], "--data", corpora[1], "--compare", "source")["recovery"]
+    assert block["reference"] == str(dense)
+    assert all(c["ratio"] == pytest.approx(1.0, abs=1e-5) for c in block["corpora"].values())
+
+    assert_one_line_error(run("eval", dense, "--data", corpora[0], "--compare", "source"), "no upcycle_report.json", "--compare FOLDER")
+    report = tmp_path / "moh" / "upcycle_report.json"
+    report.write_text(json.dumps(json.loads(report.read_text()) | {"source": str(tmp_path / "gone")}))
+    assert_one_line_error(run("eval", tmp_path / "moh", "--data", corpora[0], "--compare", "source"), "gone", "no longer exists", "--compare FOLDER")
+    report.write_text("{}")
+    assert_one_line_error(run("eval", tmp_path / "moh", "--data", corpora[0], "--compare", "source"), "records no source", "--compare FOLDER")
+
+
+def test_eval_data_errors_and_asset_names(folders, corpora, tmp_path, monkeypatch):
+    dense, _ = folders
+    assert_one_line_error(run("eval", dense, "--data", corpora[0], "--data", tmp_path / "missing.txt"), "--data", "missing.txt", "does not exist")
+    assert_one_line_error(run("eval", dense, "--data", corpora[0], "--data", corpora[0]), "given twice")
+    (tmp_path / "bible.txt").write_text("w1 w2\n")
+    assert_one_line_error(run("eval", dense, "--data", corpora[0], "--data", tmp_path / "bible.txt"), "named bible.txt", "rename one")
+    assert run("eval", dense).exit_code != 0  # --data is required
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path / "cache"))
+    files = corpus_files(["asset:kjv-heldout", str(corpora[1])])
+    assert list(files) == ["kjv-heldout", "code.txt"] and files["kjv-heldout"].exists()

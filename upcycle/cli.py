@@ -337,15 +337,15 @@ def push(
 @app.command(name="eval")
 def evaluate_command(
     path: Annotated[str, typer.Argument(help="A model folder (dense, converted or tuned).")],
-    data: Annotated[Path, typer.Option(help="Held-out text: .txt (blank-line separated documents), .jsonl or a folder.")],
-    compare: Annotated[str | None, typer.Option(help="A second model scored on the same tokens, side by side.", show_default=False)] = None,
-    tokens: Annotated[int, typer.Option(help="Tokens of --data to score.")] = 32768,
+    data: Annotated[list[str], typer.Option(help="Held-out text: .txt (blank-line separated documents), .jsonl, a folder of them, or a text asset (asset:kjv-heldout, asset:python-heldout). Repeat for several corpora.")],
+    compare: Annotated[str | None, typer.Option(help="A model scored on the same tokens, with the ratio of the perplexities per corpus; `source`: the dense model PATH was converted from (its upcycle_report.json).", show_default=False)] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens of each --data corpus to score.")] = 32768,
     window: Annotated[int, typer.Option(help="Context window of the sliding-window perplexity.")] = 512,
     stride: Annotated[int | None, typer.Option(help="Stride of the sliding window (default: the window, i.e. disjoint blocks).", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--json", help="Also write the results (and the recovery with --compare) as JSON to this file.", show_default=False)] = None,
     attention: Annotated[AttentionBackend, typer.Option(help="Head-gated attention: kernel (Triton, only the selected heads; CUDA), torch (only the selected heads, plain torch), masked (all heads times the gates; the reference), auto (kernel on CUDA with Triton, else masked).")] = AttentionBackend.auto,
 ) -> None:
-    """Perplexity (exact token counts), tokens/s and head usage. Example: upcycle eval ./smollm2-moh --data heldout.txt --compare ./SmolLM2"""
+    """Perplexity per corpus (exact token counts), recovery against --compare, tokens/s and head usage. Example: upcycle eval ./smollm2-moh --data asset:kjv-heldout --data asset:python-heldout --compare source"""
     from .eval.cli import run_eval
 
     _run(lambda: run_eval(path, data, compare=compare, tokens=tokens, window=window, stride=stride, output=output, attention=attention.value))

@@ -2,7 +2,7 @@
 
 One generator, :func:`render_card`, reads only the folder's own records: ``config.json``,
 ``upcycle_report.json`` (the conversion, and the fine-tuning when there was one) and
-``eval.json`` (what ``upcycle eval --json`` wrote). ``convert`` and ``finetune`` call
+``eval.json`` (what ``upcycle eval --json`` wrote: rows and a recovery block). ``convert`` and ``finetune`` call
 :func:`write_card` once their report is written, and ``upcycle card PATH`` calls it again, so a
 refreshed card says exactly what a fresh one would, plus any evaluation added since.
 """
@@ -190,16 +190,28 @@ def _read_json(path: Path, what: str):
         raise UpcycleError(f"{path} is not valid JSON ({' '.join(str(error).split())}); fix or delete it") from None
 
 
-def _user_evaluations(folder: Path) -> list[dict]:
-    """Rows of ``eval.json`` (``upcycle eval --json``), named after the models they scored."""
+def _user_evaluations(folder: Path) -> tuple[list[dict], list[dict]]:
+    """(rows, recovery blocks) of ``eval.json``: what ``upcycle eval --json`` writes (``{"results": [...], "recovery": ...}``)
+    or the plain list of rows that earlier versions wrote."""
     path = folder / EVAL_FILE
     if not path.exists():
-        return []
-    results = _read_json(path, "")
-    if not (isinstance(results, list) and all(isinstance(r, dict) and "perplexity" in r and "tokens" in r for r in results)):
-        raise UpcycleError(f"{path} is not the output of `upcycle eval --json` (a list of results with perplexity and tokens); "
+        return [], []
+    records = _evaluation_records(_read_json(path, ""))
+    if not (records and all(isinstance(r, dict) and "perplexity" in r and "tokens" in r for r in records[0])
+            and all(isinstance(b, dict) and isinstance(b.get("corpora"), dict) for b in records[1])):
+        raise UpcycleError(f"{path} is not the output of `upcycle eval --json` (results with perplexity and tokens); "
                            "move it away or write it again with upcycle eval")
-    return [r | {"name": r.get("name") or Path(str(r.get("model", "?"))).name} for r in results]
+    return records
+
+
+def _evaluation_records(value) -> tuple[list, list] | None:
+    """(rows, recovery blocks) of an evaluation record: a list of rows, or an object with ``results`` and ``recovery``
+    (None when it is neither)."""
+    if isinstance(value, list):
+        return value, []
+    if isinstance(value, dict) and isinstance(value.get("results"), list):
+        return value["results"], [] if value.get("recovery") is None else [value["recovery"]]
+    return None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -445,23 +457,48 @@ def _data_name(data: str | None) -> str:
     """A data file by its name (a card does not publish local paths); a description as it is."""
     if not data:
         return "-"
-    return f"`{Path(data).name}`" if " " not in data and ("/" in data or Path(data).suffix) else data
+    return f"`{Path(data).name}`" if " " not in data else data
 
 
-def _evaluation_lines(rows: list[dict], pipeline_tag: str) -> list[str]:
+def _number(value: float | None) -> str:
+    """A figure to three decimals; "-" where it could not be computed (null in the JSON)."""
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _recovery_lines(block: dict) -> list[str]:
+    """A recovery block (``upcycle eval --compare``) as a table: per corpus the perplexity, the reference's, their ratio."""
+    corpora = block["corpora"]
+    model = f" of `{_local_name(str(block['model']))}`" if block.get("model") else ""
+    rows = [(_data_name(name), _number(c.get("perplexity")), _number(c.get("reference_perplexity")), _number(c.get("ratio")))
+            for name, c in corpora.items()]
+    if len(corpora) > 1:
+        rows.append(("geometric mean", "", "", _number(block.get("mean_ratio"))))
+    return [f"Recovery{model} against `{_local_name(str(block.get('reference', '?')))}` on held-out text: ratio = perplexity / the "
+            "reference's perplexity (1.00 is full recovery, above 1 is worse).", "",
+            *_table(("corpus", "perplexity", "reference perplexity", "ratio"), rows), ""]
+
+
+def _row_name(row: dict) -> str:
+    """A result row by its ``name``, else by the model folder's name."""
+    return str(row.get("name") or _local_name(str(row.get("model", "?"))))
+
+
+def _evaluation_lines(rows: list[dict], blocks: list[dict], pipeline_tag: str) -> list[str]:
     lines = ["## Evaluation", ""]
+    for block in blocks:
+        lines += _recovery_lines(block)
     perplexity = [r for r in rows if "perplexity" in r]
     retrieval = [r for r in rows if "image_to_text_r1" in r]
     if perplexity:
         lines += _table(("model", "perplexity", "tokens", "window", "active heads", "data"),
-                        [(r["name"], f"{r['perplexity']:.3f}", f"{r['tokens']:,}", r.get("window", "-"), f"{r.get('active_fraction', 1.0):.3f}",
+                        [(_row_name(r), _number(r["perplexity"]), f"{r['tokens']:,}", r.get("window", "-"), f"{r.get('active_fraction', 1.0):.3f}",
                           _data_name(r.get("data"))) for r in perplexity]) + [""]
     if retrieval:
         lines += _table(("model", "image-to-text recall@1", "text-to-image recall@1"),
-                        [(r["name"], f"{r['image_to_text_r1']:.3f}", f"{r['text_to_image_r1']:.3f}") for r in retrieval]) + [""]
-    if not perplexity and not retrieval:
+                        [(_row_name(r), f"{r['image_to_text_r1']:.3f}", f"{r['text_to_image_r1']:.3f}") for r in retrieval]) + [""]
+    if not perplexity and not retrieval and not blocks:
         if pipeline_tag in ("text-generation", "fill-mask"):
-            lines += ["No evaluation recorded yet. Measure perplexity with `upcycle eval PATH --data heldout.txt --json PATH/eval.json`, "
+            lines += ["No evaluation recorded yet. Measure perplexity with `upcycle eval PATH --data heldout.txt --compare source --json PATH/eval.json`, "
                       "then refresh this card with `upcycle card PATH`.", ""]
         else:
             lines += ["No evaluation recorded yet (a `clip` recipe of `upcycle finetune` records retrieval recall on its held-out pairs).", ""]
@@ -527,7 +564,9 @@ def render_card(folder: Path) -> str:
     body += _conversion_lines(report, method, names)
     if finetune:
         body += _finetune_lines(finetune)
-    body += _evaluation_lines([*(report.get("evaluation") or []), *_user_evaluations(folder)], pipeline_tag)
+    recorded_rows, recorded_blocks = _evaluation_records(report.get("evaluation") or []) or ([], [])
+    user_rows, user_blocks = _user_evaluations(folder)
+    body += _evaluation_lines([*recorded_rows, *user_rows], [*recorded_blocks, *user_blocks], pipeline_tag)
     if report.get("checks"):
         body += ["## Checks run at conversion", ""]
         body += [f"- {'passed' if c['passed'] else 'FAILED'}: {c['name']} ({_display(c['detail'], names)})" for c in report["checks"]] + [""]

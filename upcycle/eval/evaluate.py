@@ -1,14 +1,17 @@
-"""Evaluate saved models (dense or converted) on one token stream: perplexity, speed and head usage."""
+"""Evaluate saved models (dense or converted) on token streams: perplexity, speed, head usage, and recovery against a reference."""
 
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from upcycle.checkpoint.card import _local_name
 from upcycle.errors import UpcycleError
 from upcycle.eval.perplexity import sliding_window_nll
 from upcycle.eval.usage import HeadUsage
@@ -63,6 +66,22 @@ def evaluate(
     ``head_usage`` is [layers][heads] fractions of the N - 1 scored positions that used each head (None for a
     dense model); ``active_fraction`` is their mean (1.0 for dense). ``seconds`` times the scoring only.
     """
+    return _evaluate_streams(model_path, [token_ids], window=window, stride=stride, batch_size=batch_size, device=device, attention=attention)[0]
+
+
+def evaluate_corpora(
+    model_path: str | Path, corpora: Mapping[str, torch.LongTensor], *, window: int = 512, stride: int | None = None,
+    batch_size: int = 1, device: str | None = None, attention: str = "auto",
+) -> list[dict]:
+    """``evaluate`` on every corpus (name -> token stream [N]) with the model loaded once: one row per corpus,
+    in order, each with ``data``: the corpus name."""
+    rows = _evaluate_streams(model_path, list(corpora.values()), window=window, stride=stride, batch_size=batch_size, device=device, attention=attention)
+    return [row | {"data": name} for name, row in zip(corpora, rows)]
+
+
+def _evaluate_streams(model_path: str | Path, streams: list[torch.LongTensor], *, window: int, stride: int | None, batch_size: int,
+                      device: str | None, attention: str) -> list[dict]:
+    """Load the model once and score each token stream [N] on its own (head usage counted per stream)."""
     model = load_model(model_path, device)
     from ..modeling.gated_attention import set_attention_backend
 
@@ -72,28 +91,74 @@ def evaluate(
         raise UpcycleError(str(error)) from None
     try:
         method = (getattr(model.config, "upcycle", None) or {}).get("method", "dense")
-        with HeadUsage(model) as usage:
-            if model.device.type == "cuda":
-                torch.cuda.synchronize(model.device)
-            start = time.perf_counter()
-            nll, tokens = sliding_window_nll(model, token_ids, window, stride or window, batch_size, usage=usage)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize(model.device)
-            seconds = time.perf_counter() - start
-        fraction = usage.fraction()
-        active = usage.active_fraction()
+        rows = [{"model": str(model_path), "method": method} | _score(model, ids, window, stride or window, batch_size) for ids in streams]
     finally:
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return rows
+
+
+def _score(model: torch.nn.Module, token_ids: torch.LongTensor, window: int, stride: int, batch_size: int) -> dict:
+    """One stream's perplexity, speed and head usage with a loaded model (the fields of ``evaluate`` but model and method)."""
+    with HeadUsage(model) as usage:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        start = time.perf_counter()
+        nll, tokens = sliding_window_nll(model, token_ids, window, stride, batch_size, usage=usage)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        seconds = time.perf_counter() - start
+    fraction = usage.fraction()
+    active = usage.active_fraction()
     mean = nll / tokens
     return {
-        "model": str(model_path), "method": method, "perplexity": math.exp(mean) if mean < 709 else math.inf,
-        "nll": nll, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds if seconds > 0 else math.inf,
+        "perplexity": math.exp(mean) if mean < 709 else math.inf, "nll": nll, "tokens": tokens, "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else math.inf,
         "head_usage": fraction.tolist() if fraction.numel() else None, "active_fraction": 1.0 if active is None else active,
-        "window": window, "stride": stride or window,
+        "window": window, "stride": stride,
     }
+
+
+def recovery(
+    model_path: str | Path, reference_path: str | Path, corpora: Mapping[str, torch.LongTensor], *, window: int = 512,
+    stride: int | None = None, batch_size: int = 1, device: str | None = None, attention: str = "auto",
+) -> dict:
+    """How much of ``reference_path``'s quality ``model_path`` keeps: each model loaded once (one at a time) and
+    scored on every corpus (name -> token stream [N], e.g. held-out text of kinds the tuning never saw).
+
+    Returns ``{"results": rows, "recovery": block}``, the format of ``upcycle eval --json`` (write it with
+    ``evaluation_json``): ``rows`` are ``evaluate_corpora``'s rows of the model, then of the reference;
+    ``block`` is ``{"model": model_path, "reference": reference_path, "corpora": {name: {"perplexity",
+    "reference_perplexity", "ratio", "tokens"}}, "mean_ratio"}``, where ratio = perplexity / reference
+    perplexity (1.0: full recovery, above 1: worse) and mean_ratio is the ratios' geometric mean.
+    """
+    if not corpora:
+        raise UpcycleError("recovery needs at least one corpus: give a name -> token stream mapping")
+    kwargs = {"window": window, "stride": stride, "batch_size": batch_size, "device": device, "attention": attention}
+    rows = evaluate_corpora(model_path, corpora, **kwargs)
+    reference_rows = evaluate_corpora(reference_path, corpora, **kwargs)
+    block = {name: {"perplexity": a["perplexity"], "reference_perplexity": b["perplexity"], "ratio": a["perplexity"] / b["perplexity"], "tokens": a["tokens"]}
+             for name, a, b in zip(corpora, rows, reference_rows)}
+    ratios = [entry["ratio"] for entry in block.values()]
+    mean_ratio = math.nan if any(math.isnan(r) or r <= 0 for r in ratios) else math.exp(math.fsum(map(math.log, ratios)) / len(ratios))
+    return {"results": rows + reference_rows,
+            "recovery": {"model": str(model_path), "reference": str(reference_path), "corpora": block, "mean_ratio": mean_ratio}}
+
+
+def evaluation_json(evaluation: dict | list) -> str:
+    """``evaluation`` as indented JSON, every non-finite float (inf, nan) written as null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(evaluation), indent=2, allow_nan=False) + "\n"
 
 
 def compare(model_paths: list[str | Path], token_ids: torch.LongTensor, **kwargs) -> list[dict]:
@@ -102,25 +167,73 @@ def compare(model_paths: list[str | Path], token_ids: torch.LongTensor, **kwargs
 
 
 def _name(result: dict) -> str:
-    """A row label: the result's ``name`` if set, else the model folder's name."""
-    return str(result.get("name") or Path(result["model"]).name or result["model"])
+    """A row label: the result's ``name`` if set, else the model folder's name (its Hub id in the Hugging Face cache)."""
+    return str(result.get("name") or _local_name(str(result["model"])))
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _columns(rows: list[tuple[str, ...]], left: int) -> list[str]:
+    """``rows`` (the header first) as aligned text columns: the first ``left`` left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
+
+
+def _head_usage_lines(name: str, usage: list[list[float]], scope: str = "") -> list[str]:
+    """Per-layer head usage [layers][heads] in % of tokens."""
+    lines = [f"\nhead usage of {name} (% of tokens per head{scope})", "layer " + " ".join(f"{h:>3}" for h in range(len(usage[0])))]
+    return lines + [f"{i:>5} " + " ".join(f"{round(100 * f):>3}" for f in layer) for i, layer in enumerate(usage)]
 
 
 def format_table(results: list[dict]) -> str:
     """Plain-text table (one row per model), the perplexity ratio when there are two, and per-layer head usage in %."""
     rows = [("model", "method", "perplexity", "tokens", "tok/s", "active")]
-    rows += [(_name(r), r["method"], f"{r['perplexity']:.3f}", str(r["tokens"]), f"{r['tokens_per_second']:.1f}", f"{r['active_fraction']:.3f}") for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    rows += [(_name(r), r["method"], _number(r["perplexity"]), str(r["tokens"]), f"{r['tokens_per_second']:.1f}", f"{r['active_fraction']:.3f}") for r in results]
+    lines = _columns(rows, 2)
     if len(results) == 2:
         a, b = results
         ratio = b["perplexity"] / a["perplexity"] if a["perplexity"] else math.inf
         lines.append(f"\nperplexity ratio {_name(b)} / {_name(a)}: {ratio:.3f}x")
     for r in results:
         if r.get("head_usage"):
-            heads = len(r["head_usage"][0])
-            lines.append(f"\nhead usage of {_name(r)} (% of tokens per head)")
-            lines.append("layer " + " ".join(f"{h:>3}" for h in range(heads)))
-            lines += [f"{i:>5} " + " ".join(f"{round(100 * f):>3}" for f in layer) for i, layer in enumerate(r["head_usage"])]
+            lines += _head_usage_lines(_name(r), r["head_usage"])
     return "\n".join(lines)
+
+
+def format_recovery_table(evaluation: dict) -> str:
+    """``evaluation`` (``recovery``'s result, or ``{"results": rows, "recovery": None}`` from ``evaluate_corpora``) as text:
+    one row per corpus (corpus, tokens, perplexity; with a recovery block also the reference's perplexity and the
+    ratio, and their geometric mean over several corpora), then tokens/s, active heads and head usage per model,
+    pooled over the corpora."""
+    rows, block = evaluation["results"], evaluation.get("recovery")
+    if block:
+        corpora = block["corpora"]
+        table = [("corpus", "tokens", "perplexity", "compare", "ratio")]
+        table += [(name, str(c["tokens"]), _number(c["perplexity"]), _number(c["reference_perplexity"]), _number(c["ratio"])) for name, c in corpora.items()]
+        if len(corpora) > 1:
+            table.append(("geometric mean", "", "", "", _number(block["mean_ratio"])))
+        lines = [f"perplexity of {_local_name(block['model'])}; compare: {_local_name(block['reference'])}", *_columns(table, 1),
+                 "ratio = perplexity / compare's perplexity: 1.00 is full recovery, above 1 is worse"]
+    else:
+        lines = _columns([("corpus", "tokens", "perplexity"), *((str(r["data"]), str(r["tokens"]), _number(r["perplexity"])) for r in rows)], 1)
+    groups: list[list[dict]] = []  # one per model: consecutive rows of one model, each corpus once (a model compared with itself twice)
+    for row in rows:
+        if groups and groups[-1][0]["model"] == row["model"] and all(r.get("data") != row.get("data") for r in groups[-1]):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    summary, usage_lines = [("model", "method", "tokens", "tok/s", "active")], []
+    for group in groups:
+        tokens = torch.tensor([r["tokens"] for r in group], dtype=torch.float64)  # [C]
+        seconds = sum(r["seconds"] for r in group)
+        active = sum(r["active_fraction"] * r["tokens"] for r in group) / tokens.sum().item()
+        speed = f"{tokens.sum().item() / seconds:.1f}" if seconds > 0 else "inf"
+        summary.append((_name(group[0]), group[0]["method"], str(int(tokens.sum())), speed, f"{active:.3f}"))
+        if group[0].get("head_usage"):
+            usage = torch.tensor([r["head_usage"] for r in group], dtype=torch.float64)  # [C, layers, heads]
+            pooled = (usage * tokens[:, None, None]).sum(0) / tokens.sum()  # [layers, heads]
+            usage_lines += _head_usage_lines(_name(group[0]), pooled.tolist(), ", all corpora" if len(group) > 1 else "")
+    return "\n".join([*lines, "", *_columns(summary, 2), *usage_lines])
