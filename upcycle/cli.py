@@ -83,6 +83,7 @@ class Variant(str, Enum):
 class Init(str, Enum):
     svd = "svd"
     calibrated = "calibrated"
+    sequential = "sequential"
 
 
 class AttentionMix(str, Enum):
@@ -127,7 +128,7 @@ def convert(
     uniform: Annotated[bool, typer.Option(rich_help_panel="Head pruning", help="prune-heads: remove the same number of units in every layer (decoders: a plain base-architecture checkpoint).")] = False,
     kv_heads: Annotated[int | None, typer.Option(rich_help_panel="GQA", help="gqa: new number of key/value heads, a divisor of the current count (1: MQA).", show_default=False)] = None,
     variant: Annotated[Variant | None, typer.Option(rich_help_panel="MHE", help="mhe: head embeddings multiply (mul, default) or add to the shared projection.", show_default=False)] = None,
-    init: Annotated[Init | None, typer.Option(rich_help_panel="MHE", help="mhe: svd (default; best fit on the weights, no data) or calibrated (least squares on --calibration activations).", show_default=False)] = None,
+    init: Annotated[Init | None, typer.Option(rich_help_panel="MHE", help="mhe: svd (default; best fit on the weights, no data), calibrated (least squares on --calibration activations) or sequential (calibrated, each layer fitted on the already-compressed layers' outputs against the dense model's).", show_default=False)] = None,
     expert: Annotated[list[str] | None, typer.Option(rich_help_panel="BAM / BTX and CLIP-MoE", help="bam: a model branched from SRC (the seed, expert 0) and trained further; clip-moe: an MCL stage checkpoint. Repeat for each expert.", show_default=False)] = None,
     attention: Annotated[AttentionMix | None, typer.Option(rich_help_panel="BAM / BTX", help="bam: expert-kv (default; per-expert Q, K, V, O), shared-kv (per-expert Q, O; K, V averaged) or average (BTX).", show_default=False)] = None,
     ffn_top_k: Annotated[int | None, typer.Option(rich_help_panel="BAM / BTX", help="bam: FFN experts per token (default 1; 2 with --attention average, as in BTX).", show_default=False)] = None,

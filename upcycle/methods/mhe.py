@@ -16,18 +16,39 @@ the identity (``--init svd``, no data). Then:
 - add: for any ``C`` the best shared row is the mean ``w~ = mean_i w~_i``, and the best offset is
   ``e_i = E[x~] . (w~_i - w~)`` (no data: ``E[x] = 0``, so ``e_i = b_i - mean b``).
 
-The fit uses the dense model's activations at every layer (not those of a model whose earlier
-layers are already compressed). Reported per layer: the relative error ``||XW_i - approx||/||XW_i||``
-of each projection (on calibration activations when ``--calibration`` is given, else on the
-weights) and, with calibration text, of the attention module's output.
+``--init calibrated`` fits every layer on the dense model's activations. ``--init sequential``
+(GPTQ-style) fits layer l on the inputs ``x~`` of the model whose layers below l are already MHE,
+against the dense target ``x~_d . w~_i`` (``x~_d``: the dense model's input), so each layer
+corrects the drift ``v = x~ - x~_d`` from below. With ``A = E[x~ x~^T] = L L^T``,
+``R = E[x~ v^T]``, ``V = E[v v^T]`` (so ``B = E[x~ x~_d^T] = A - R``):
+
+- mul: ``sum_i E[(x~ . e_i w~ - x~_d . w~_i)^2] = sum_i ||e_i L^T w~ - L^-1 B w~_i||^2 + const``
+  (expand both sides; the constant ``sum_i w~_i^T (E[x~_d x~_d^T] - B^T A^-1 B) w~_i`` is the
+  error of the best unconstrained map from ``x~`` to the target). So it is the same rank-1 fit of
+  the ``[H, d]`` rows ``t_i = L^-1 B w~_i = L^T w~_i - L^-1 R w~_i``, mapped back with ``L^-T``.
+- add: for a fixed ``w~`` the best ``e_i = E[x~_d] . w~_i - E[x~] . w~``; what is left is
+  ``sum_i Var(x~ . w~ - x~_d . w~_i)``, minimised by ``w~ = mean_i w~_i - Cov(x~)^-1 Cov(x~, v) mean_i w~_i``
+  (least squares of the mean head's target on ``x~``).
+
+The damping that keeps ``A`` (or ``Cov(x~)``) invertible is added to ``B`` too, which pulls the
+fit toward the dense rows in directions the data does not cover. Without drift (``v = 0``) both
+reduce exactly to the calibrated fit, so an MHE-form model still converts exactly. The drift's
+moments are accumulated from ``v`` itself, not as differences of moments, so they stay accurate
+when ``v`` is tiny. Reported per layer: the relative error ``||XW_i - approx||/||XW_i||`` of
+each projection (on calibration activations when ``--calibration`` is given, else on the
+weights; for sequential, of the compressed model's projections against the dense model's) and,
+with calibration text, of the attention module's output (for sequential, against the dense
+model's attention output on the dense input, so it includes the error from the layers below).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -39,16 +60,18 @@ from ..errors import UpcycleError
 from ..modeling.mhe_projection import MHE_VARIANTS, MHEProjection
 from .base import Conversion, SourceTensor, runtime_config
 
-INITS = ("svd", "calibrated")
+INITS = ("svd", "calibrated", "sequential")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+FITS = {"svd": "on the weights", "calibrated": "each layer on the dense model's activations",
+        "sequential": "each layer on the outputs of the converted layers below it, against the dense model's"}
 
 
 @dataclass
 class MHEOptions:
     """The MHE flags of ``upcycle convert``."""
 
-    variant: str = "mul"
-    init: str = "svd"
+    variant: Literal[MHE_VARIANTS] = "mul"  # Literal types: a recipe's convert section checks them when it loads
+    init: Literal[INITS] = "svd"
     calibration: Path | None = None
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
@@ -65,6 +88,15 @@ class ProjectionFit:
     bias: torch.Tensor | None
     head_embedding: torch.Tensor
     error: float  # relative reconstruction error (calibration activations, or weights without data)
+
+
+@dataclass
+class Drift:
+    """Moments of the drift ``v = x~ - x~_d`` of a projection's input (compressed model) from the dense model's."""
+
+    cross: torch.Tensor  # [k, k] E[x~ v^T]
+    second: torch.Tensor  # [k, k] E[v v^T]
+    mean: torch.Tensor  # [k] E[v]
 
 
 def stack_heads(weight: torch.Tensor, bias: torch.Tensor | None, head_dim: int) -> torch.Tensor:
@@ -87,18 +119,21 @@ def whitening_factor(second_moment: torch.Tensor) -> torch.Tensor:
 
 
 def fit_projection(stacked: torch.Tensor, variant: str, second_moment: torch.Tensor | None,
-                   mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+                   mean: torch.Tensor, drift: Drift | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Fit the MHE form to per-head rows ``stacked [d_h, H, k]``.
 
     ``second_moment [k, k]`` and ``mean [k]`` are E[x~ x~^T] and E[x~] of the projection's
     input; without data, ``second_moment`` is None (the identity) and ``mean`` is
-    :func:`data_free_mean`. Returns the shared rows ``[d_h, k]`` (bias last when k = d + 1),
-    the head embeddings ``[H, d_h]`` and the relative reconstruction error.
+    :func:`data_free_mean`. With ``drift`` (sequential fit) the target is the dense model's
+    ``x~_d . w~_i`` (see the module docstring). Returns the shared rows ``[d_h, k]`` (bias last
+    when k = d + 1), the head embeddings ``[H, d_h]`` and the relative reconstruction error.
     """
     heads = stacked.shape[1]
     if variant == "mul":
         factor = whitening_factor(second_moment) if second_moment is not None else None
         whitened = stacked @ factor if factor is not None else stacked  # [d_h, H, k]: rows (L^T w~_i)^T
+        if drift is not None:  # rows (L^-1 B w~_i)^T = (L^T w~_i - L^-1 R w~_i)^T
+            whitened = whitened - stacked @ torch.linalg.solve_triangular(factor, drift.cross, upper=False).T
         left, singular, right = torch.linalg.svd(whitened, full_matrices=False)  # [d_h, H, r], [d_h, r], [d_h, r, k]
         coefficients = left[:, :, 0]  # [d_h, H]
         row = singular[:, :1] * right[:, 0]  # [d_h, k]
@@ -107,9 +142,15 @@ def fit_projection(stacked: torch.Tensor, variant: str, second_moment: torch.Ten
         shared = torch.linalg.solve_triangular(factor, row, upper=False, left=False) if factor is not None else row  # X L = row
     else:
         shared = stacked.mean(dim=1)  # [d_h, k]
+        if drift is not None:  # w~ = mean w~_i - Cov(x~)^-1 Cov(x~, v) mean w~_i
+            covariance = whitening_factor(second_moment - torch.outer(mean, mean))  # [k, k]
+            correction = torch.cholesky_solve((drift.cross - torch.outer(mean, drift.mean)) @ shared.T, covariance)  # [k, d_h]
+            shared = shared - correction.T
         coefficients = (stacked - shared.unsqueeze(1)) @ mean  # [d_h, H]: e_i = E[x~] . (w~_i - w~)
+        if drift is not None:  # e_i = E[x~_d] . w~_i - E[x~] . w~
+            coefficients = coefficients - stacked @ drift.mean
     embedding = coefficients.T.contiguous()  # [H, d_h]
-    return shared, embedding, relative_error(stacked, shared, embedding, variant, second_moment, mean)
+    return shared, embedding, relative_error(stacked, shared, embedding, variant, second_moment, mean, drift)
 
 
 def data_free_mean(k: int, bias: bool) -> torch.Tensor:
@@ -121,10 +162,11 @@ def data_free_mean(k: int, bias: bool) -> torch.Tensor:
 
 
 def relative_error(stacked: torch.Tensor, shared: torch.Tensor, embedding: torch.Tensor, variant: str,
-                   second_moment: torch.Tensor | None, mean: torch.Tensor) -> float:
-    """sqrt(E sum (x~.w~_i - approx_i(x))^2 / E sum (x~.w~_i)^2) over coordinates and heads (C = I without data).
+                   second_moment: torch.Tensor | None, mean: torch.Tensor, drift: Drift | None = None) -> float:
+    """sqrt(E sum (x~_d.w~_i - approx_i(x~))^2 / E sum (x~_d.w~_i)^2) over coordinates and heads (C = I without data).
 
-    ``stacked [d_h, H, k]``: the dense rows; ``shared [d_h, k]`` and ``embedding [H, d_h]``: the MHE form.
+    ``stacked [d_h, H, k]``: the dense rows; ``shared [d_h, k]`` and ``embedding [H, d_h]``: the MHE form;
+    ``x~_d = x~`` unless ``drift`` gives the moments of ``v = x~ - x~_d``.
     """
     coefficients = embedding.T  # [d_h, H]
     if variant == "mul":  # approx_i = x~ . (e_i w~)
@@ -137,6 +179,10 @@ def relative_error(stacked: torch.Tensor, shared: torch.Tensor, embedding: torch
         quadratic = torch.einsum("chi,ij,chj->", delta, second_moment, delta)
         norm = torch.einsum("chi,ij,chj->", stacked, second_moment, stacked)
     error = quadratic - 2 * (offsets * (delta @ mean)).sum() + offsets.pow(2).sum()
+    if drift is not None:  # the residual gains -v . w~_i: E[(-x~.delta + v.w~_i + offset)^2], target norm E[((x~ - v).w~_i)^2]
+        drifted = torch.einsum("chi,ij,chj->", stacked, drift.second, stacked)
+        error = error - 2 * torch.einsum("chi,ij,chj->", delta, drift.cross, stacked) + drifted + 2 * (offsets * (stacked @ drift.mean)).sum()
+        norm = norm - 2 * torch.einsum("chi,ij,chj->", stacked, drift.cross, stacked) + drifted
     return math.sqrt(max(error.item(), 0.0) / max(norm.item(), 1e-300))
 
 
@@ -147,11 +193,16 @@ def read_stacked(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, laye
     return stack_heads(reader.get(spec.attention(layer, proj)), bias, spec.head_dim), bias is not None
 
 
-def input_moments(second_moment: torch.Tensor | None, k: int, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(E[x~ x~^T], E[x~]) restricted to the k inputs a projection sees; the bias input (last) is dropped without bias."""
-    if second_moment is None:
-        return None, data_free_mean(k, bias)
-    return second_moment[:k, :k], second_moment[-1, :k]
+def input_moments(moment: torch.Tensor | None, k: int, bias: bool, drift: bool = False
+                  ) -> tuple[torch.Tensor | None, torch.Tensor, Drift | None]:
+    """(E[x~ x~^T], E[x~], the drift's moments or None) restricted to the k inputs a projection sees
+    (the bias input, last of x~, is dropped without bias). ``moment``: E[x~ x~^T] [d+1, d+1], or with
+    ``drift`` the joint second moment [2d+2, 2d+2] of ``[x~, v]`` (see :meth:`CalibrationPass.run_sequential`)."""
+    if moment is None:
+        return None, data_free_mean(k, bias), None
+    n = moment.shape[0] // 2 if drift else moment.shape[0]  # x~ is z[:n]; its constant 1 is z[n - 1]
+    moments = Drift(moment[:k, n:n + k], moment[n:n + k, n:n + k], moment[n - 1, n:n + k]) if drift else None
+    return moment[:k, :k], moment[n - 1, :k], moments
 
 
 class CalibrationPass:
@@ -229,6 +280,109 @@ class CalibrationPass:
         output_errors = (errors[:, 0] / errors[:, 1].clamp_min(1e-300)).sqrt().tolist() if replacements is not None else None
         return second_moments, output_errors
 
+    def layer_inputs(self, first_layer: nn.Module) -> tuple[torch.Tensor, tuple, dict]:
+        """The hidden states ``[N, T, D]`` entering the first layer for every block, and the other arguments
+        it is called with (the same for every block: blocks have one length and no padding)."""
+        states, call = [], {}
+
+        def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            states.append(args[0])  # [1, T, D]
+            call.setdefault("rest", (args[1:], kwargs))
+            raise _Stop
+
+        handle = first_layer.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for block in self.blocks:
+                try:
+                    self.model(input_ids=block.unsqueeze(0).to(self.model.device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        return torch.cat(states), *call["rest"]
+
+    @torch.no_grad()
+    def run_sequential(self, fit: Callable[[int, torch.Tensor], dict[str, ProjectionFit]], variant: str
+                       ) -> tuple[list[dict[str, ProjectionFit]], list[float]]:
+        """Fit layer by layer on the compressed model's inputs; returns the fits and per-layer attention output errors.
+
+        Keeps the hidden states ``[N, T, D]`` entering layer l of the compressed model and of the
+        dense one (and the dense attention outputs), and runs only layer l on them: dense, for the
+        target and the next dense states; up to q_proj on the compressed states, for ``[x~, v]``
+        (``v = x~ - x~_d``); then, with ``fit``'s projections swapped in for good, compressed, for
+        the next compressed states. About two forward passes of the model in all.
+        """
+        from ..modeling.surgery import attention_of, layers_of, projections_of
+
+        layers = layers_of(self.model)
+        compressed, rest, kwargs = self.layer_inputs(layers[0])  # [N, T, D]
+        dense, references = compressed.clone(), [None] * len(compressed)
+        fits, output_errors = [], []
+        for index, layer in enumerate(layers):
+            print(f"\rMHE sequential fit: layer {index + 1}/{len(layers)}", end="", file=sys.stderr, flush=True)
+            query, attention, seen = getattr(*projections_of(layer)["q_proj"]), attention_of(layer), {}
+            joint = torch.zeros(2 * compressed.shape[-1] + 2, 2 * compressed.shape[-1] + 2, dtype=torch.float64)  # E[z z^T] (summed)
+            for block in range(len(compressed)):
+                dense[block] = run_layer(layer, dense[block:block + 1], rest, kwargs, [(query.register_forward_pre_hook, take_input(seen, "target")),
+                                                                                        (attention.register_forward_hook, take_output(seen, "reference"))])[0]
+                references[block] = seen["reference"]  # [T, D]
+                run_layer(layer, compressed[block:block + 1], rest, kwargs, [(query.register_forward_pre_hook, take_input(seen, "input", stop=True))])
+                inputs = seen["input"].float()  # [T, d]
+                ones = inputs.new_ones(len(inputs), 1)
+                joint_inputs = torch.cat([inputs, ones, inputs - seen["target"].float(), 0 * ones], dim=1)  # [T, 2d+2]: z = [x~, v]
+                joint += (joint_inputs.T @ joint_inputs).double().cpu()
+            layer_fits = fit(index, joint / (len(compressed) * len(seen["input"])))
+            for proj, module in mhe_modules([layer_fits], variant, compressed.device)[0].items():
+                setattr(*projections_of(layer)[proj], module)
+            error = torch.zeros(2, dtype=torch.float64)  # (squared error, squared norm)
+            for block in range(len(compressed)):
+                compressed[block] = run_layer(layer, compressed[block:block + 1], rest, kwargs, [(attention.register_forward_hook, take_output(seen, "output"))])[0]
+                reference = references[block].double()
+                error += torch.stack([(seen["output"].double() - reference).pow(2).sum(), reference.pow(2).sum()]).cpu()
+            fits.append(layer_fits)
+            output_errors.append(math.sqrt(error[0].item() / max(error[1].item(), 1e-300)))
+        print(file=sys.stderr)
+        return fits, output_errors
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs."""
+
+
+def _first(output):
+    """The tensor of a module's output (modules may return a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def take_input(seen: dict, key: str, stop: bool = False):
+    """A forward pre-hook keeping a copy of its module's input as ``seen[key]`` ``[T, d]`` (and ending the pass with ``stop``).
+
+    A copy: the input may be a view of the hidden-state buffer the layer's output overwrites (BERT)."""
+    def hook(_module: nn.Module, args: tuple) -> None:
+        seen[key] = args[0].reshape(-1, args[0].shape[-1]).clone()
+        if stop:
+            raise _Stop
+    return hook
+
+
+def take_output(seen: dict, key: str):
+    """A forward hook keeping its module's output as ``seen[key]`` ``[T, D]``."""
+    def hook(_module: nn.Module, _args: tuple, output) -> None:
+        seen[key] = _first(output).reshape(-1, _first(output).shape[-1])
+    return hook
+
+
+def run_layer(layer: nn.Module, states: torch.Tensor, rest: tuple, kwargs: dict, hooks: list) -> torch.Tensor | None:
+    """``layer`` on ``states [1, T, D]`` with ``hooks`` ((register method, hook) pairs) attached; None when a hook ended it."""
+    handles = [register(hook) for register, hook in hooks]
+    try:
+        return _first(layer(states, *rest, **kwargs))
+    except _Stop:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+
 
 def load_calibration(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: MHEOptions) -> CalibrationPass:
     """Tokenise the calibration text and load the dense base model (no LM head) for the passes."""
@@ -238,27 +392,34 @@ def load_calibration(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, 
     blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens,
                                 options.calibration_seq_len, encoder=isinstance(spec, EncoderSpec))  # [N, T]
     num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
-    moments = spec.num_layers * (spec.hidden_size + 1) ** 2 * 8
+    activations = spec.num_layers * (spec.hidden_size + 1) ** 2 * 8  # the per-layer moments
+    if options.init == "sequential":  # compressed and dense hidden states, dense attention outputs; one layer's joint moment
+        activations = 3 * blocks.numel() * spec.hidden_size * 4 + (2 * spec.hidden_size + 2) ** 2 * 8
     model = load_for_analysis(reader.folder, num_parameters, f"MHE calibration ({blocks.numel()} tokens)",
-                              auto_class="AutoModel", activation_bytes=moments)
+                              auto_class="AutoModel", activation_bytes=activations)
     model.requires_grad_(False)
     return CalibrationPass(model, blocks)
 
 
+def fit_layer(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, variant: str, layer: int,
+              moment: torch.Tensor | None, drift: bool = False) -> dict[str, ProjectionFit]:
+    """Fit one layer's Q, K and V in float64 (``moment``: see :func:`input_moments`; None for the data-free fit)."""
+    layer_fits = {}
+    for proj in PROJECTIONS:
+        stacked, bias = read_stacked(reader, spec, layer, proj)
+        shared, embedding, error = fit_projection(stacked, variant, *input_moments(moment, stacked.shape[-1], bias, drift))
+        layer_fits[proj] = ProjectionFit(shared[:, :spec.hidden_size].float(), shared[:, spec.hidden_size].float() if bias else None,
+                                         embedding.float(), error)
+    return layer_fits
+
+
 def fit_layers(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, variant: str,
                second_moments: list[torch.Tensor] | None) -> list[dict[str, ProjectionFit]]:
-    """Fit every layer's Q, K and V (in float64; ``second_moments``: per layer, or None for the data-free fit)."""
+    """Fit every layer's Q, K and V (``second_moments``: per layer, or None for the data-free fit)."""
     fits = []
     for layer in range(spec.num_layers):
         print(f"\rMHE fit: layer {layer + 1}/{spec.num_layers}", end="", file=sys.stderr, flush=True)
-        layer_fits = {}
-        for proj in PROJECTIONS:
-            stacked, bias = read_stacked(reader, spec, layer, proj)
-            moment = second_moments[layer] if second_moments is not None else None
-            shared, embedding, error = fit_projection(stacked, variant, *input_moments(moment, stacked.shape[-1], bias))
-            layer_fits[proj] = ProjectionFit(shared[:, :spec.hidden_size].float(), shared[:, spec.hidden_size].float() if bias else None,
-                                             embedding.float(), error)
-        fits.append(layer_fits)
+        fits.append(fit_layer(reader, spec, variant, layer, second_moments[layer] if second_moments is not None else None))
     print(file=sys.stderr)
     return fits
 
@@ -304,8 +465,8 @@ def validate(options: MHEOptions) -> None:
         raise UpcycleError(f"--variant {options.variant!r} is unknown; choose one of: {', '.join(MHE_VARIANTS)}")
     if options.init not in INITS:
         raise UpcycleError(f"--init {options.init!r} is unknown; choose one of: {', '.join(INITS)}")
-    if options.init == "calibrated" and not options.calibration:
-        raise UpcycleError("--init calibrated fits on activations and needs calibration text; pass --calibration FILE or use --init svd")
+    if options.init in ("calibrated", "sequential") and not options.calibration:
+        raise UpcycleError(f"--init {options.init} fits on activations and needs calibration text; pass --calibration FILE or use --init svd")
     if options.calibration and not Path(options.calibration).exists():
         raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file, or a folder of them")
     if options.calibration_tokens < 1:
@@ -321,17 +482,20 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
 
     calibration = load_calibration(reader, spec, options) if options.calibration else None
     second_moments = output_errors = None
-    if options.init == "calibrated":
+    if options.init == "sequential":
+        fits, output_errors = calibration.run_sequential(
+            lambda layer, moment: fit_layer(reader, spec, options.variant, layer, moment, drift=True), options.variant)
+    elif options.init == "calibrated":
         second_moments, _ = calibration.run("MHE calibration: attention inputs", moments=True)
         fits = fit_layers(reader, spec, options.variant, second_moments)
     else:
         fits = fit_layers(reader, spec, options.variant, None)
-    if calibration is not None:
+    if calibration is not None and options.init != "sequential":
         replacements = mhe_modules(fits, options.variant, calibration.model.device)
         measured, output_errors = calibration.run("MHE calibration: attention output error", moments=second_moments is None, replacements=replacements)
         if second_moments is None:  # svd init: the projection errors on the same activations as the calibrated fit's
             measure_errors(reader, spec, options.variant, fits, measured)
-        del calibration
+    del calibration
 
     dtype = reader.info(spec.attention(0, "q_proj")).dtype
     edited = {spec.attention(layer, proj, kind): (layer, proj, kind) for layer in range(spec.num_layers)
@@ -368,6 +532,8 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
     before = attention_parameters({name: reader.info(name).shape for name in names}, spec)
     after = attention_parameters({item.name: item.shape for item in layout}, spec)
     space = "calibration activations" if options.calibration else "weights"
+    if options.init == "sequential":
+        space = "calibration activations: the compressed model's, against the dense model's (errors from the layers below included)"
     per_layer = [{"layer": layer, **{proj: fit.error for proj, fit in layer_fits.items()},
                   "attention_output": output_errors[layer] if output_errors else None} for layer, layer_fits in enumerate(fits)]
     attention = {"before": before, "after": after, "saved_percent": round(100 * (1 - after / before), 2)}
@@ -378,7 +544,8 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
         layout=layout,
         tensors=tensors,
         plan_lines=plan_table(spec, options, attention, per_layer, space),
-        report={"options": settings, "attention_parameters": attention, "reconstruction_error": {"measured_on": space, "layers": per_layer}},
+        report={"options": settings, "attention_parameters": attention,
+                "reconstruction_error": {"measured_on": space, "fit": f"{options.init}: {FITS[options.init]}", "layers": per_layer}},
         tags=["mhe", "multi-head-embedding"],
         description=(
             f"MHE-{options.variant.upper()} attention ({options.init} init): in every layer Q ({spec.num_heads} heads) and K, V "
@@ -395,7 +562,7 @@ def plan_table(spec: DecoderSpec | EncoderSpec, options: MHEOptions, attention: 
     """Header, parameter saving and one line per layer of reconstruction errors."""
     lines = [
         f"MHE plan: {spec.num_layers} layers; Q over {spec.num_heads} heads, K and V over {spec.num_kv_heads} heads, head_dim {spec.head_dim}; "
-        f"variant {options.variant}, init {options.init}; o_proj unchanged",
+        f"variant {options.variant}, init {options.init} (fitted {FITS[options.init]}); o_proj unchanged",
         f"attention parameters: {attention['before']:,} -> {attention['after']:,} ({attention['saved_percent']}% fewer)",
         f"relative reconstruction error (on {space}):",
         f"{'layer':>5}  {'q_proj':>8}  {'k_proj':>8}  {'v_proj':>8}  {'attn out':>8}",
