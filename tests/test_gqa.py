@@ -1,4 +1,4 @@
-"""MHA to GQA/MQA: identity at G = current, exact on duplicated KV heads, plain native output, bad inputs."""
+"""MHA to GQA/MQA: identity at G = current, exact on duplicated KV heads, plain native output, bad inputs, o_proj refit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from conftest import FAMILIES, build_dense
 from safetensors.torch import load_file, save_file
 from test_cli import assert_one_line_error, leftovers, run
+from test_prune_heads import attention_errors, calibration_tokens, kl_to_dense
 from transformers import AutoModelForCausalLM
 
 from upcycle.convert import convert_checkpoint
@@ -18,8 +19,8 @@ from upcycle.methods.gqa import GQAOptions
 IDS = torch.randint(3, 128, (2, 17), generator=torch.Generator().manual_seed(0))
 
 
-def gqa(src: Path, out: Path, kv_heads: int) -> dict:
-    return convert_checkpoint(str(src), out, "gqa", GQAOptions(kv_heads=kv_heads))
+def gqa(src: Path, out: Path, kv_heads: int, **options) -> dict:
+    return convert_checkpoint(str(src), out, "gqa", GQAOptions(kv_heads=kv_heads, **options))
 
 
 def logits(folder: Path) -> torch.Tensor:
@@ -77,6 +78,8 @@ def test_new_kv_heads_are_means(tmp_path):
     (["--kv-heads", "3"], ["--kv-heads 3 does not divide the 2 KV heads", "1, 2"]),
     (["--kv-heads", "0"], ["--kv-heads 0"]),
     ([], ["--kv-heads G"]),
+    (["--kv-heads", "1", "--refit", "rescale"], ["--refit rescale", "needs calibration text", "--calibration FILE"]),
+    (["--kv-heads", "1", "--refit", "lstsq", "--calibration", "missing.txt"], ["--calibration missing.txt does not exist"]),
 ])
 def test_bad_kv_heads(tmp_path, dense, args, needles):
     assert_one_line_error(run("convert", dense, tmp_path / "out", "--method", "gqa", *args), *needles)
@@ -86,3 +89,33 @@ def test_bad_kv_heads(tmp_path, dense, args, needles):
 def test_kv_heads_with_another_method(tmp_path, dense):
     assert_one_line_error(run("convert", dense, tmp_path / "out", "--kv-heads", "1"), "--kv-heads applies to --method gqa")
     assert leftovers(tmp_path) == []
+
+
+def test_refit_with_another_method(tmp_path, dense):
+    assert_one_line_error(run("convert", dense, tmp_path / "out", "--refit", "lstsq"), "--refit applies to --method prune-heads or --method gqa")
+    assert leftovers(tmp_path) == []
+
+
+def test_refit_lstsq_lowers_the_attention_error_and_the_loss(tmp_path, calibration_file):
+    dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
+    common = dict(calibration=calibration_file, calibration_tokens=1024)
+    gqa(dense, tmp_path / "none", 1)
+    report = gqa(dense, tmp_path / "lstsq", 1, refit="lstsq", **common)["refit"]
+    assert [e["layer"] for e in report["per_layer"]] == [0, 1] and all(e["error_after"] < e["error_before"] for e in report["per_layer"])
+    blocks = calibration_tokens(dense, calibration_file)
+    assert kl_to_dense(dense, tmp_path / "lstsq", blocks) < kl_to_dense(dense, tmp_path / "none", blocks)
+    measured = attention_errors(dense, tmp_path / "lstsq", blocks)
+    torch.testing.assert_close(torch.tensor(measured), torch.tensor([e["error_after"] for e in report["per_layer"]]), atol=1e-4, rtol=0)
+    config = json.loads((tmp_path / "lstsq" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 1 and "upcycle" not in config
+    rescaled = gqa(dense, tmp_path / "rescale", 1, refit="rescale", **common)
+    assert rescaled["refit"]["mode"] == "rescale" and len(rescaled["refit"]["per_layer"]) == 2
+    assert "refit rescale of o_proj on 1024 calibration tokens" in rescaled["plan_lines"][-1]
+
+
+def test_refit_with_the_same_kv_count_keeps_every_byte(tmp_path, calibration_file):
+    dense = build_dense(tmp_path / "dense")
+    report = gqa(dense, tmp_path / "gqa", 2, refit="lstsq", calibration=calibration_file)
+    assert report["refit"]["per_layer"] == []
+    before, after = load_file(dense / "model.safetensors"), load_file(tmp_path / "gqa" / "model.safetensors")
+    assert all(torch.equal(before[n], after[n]) for n in before)

@@ -1,4 +1,4 @@
-"""Head pruning: null setting, slicing = zero gates (every family), native and upcycle outputs, importance."""
+"""Head pruning: null setting, slicing = zero gates (every family), native and upcycle outputs, importance, o_proj refit."""
 
 from __future__ import annotations
 
@@ -239,6 +239,7 @@ def test_report_and_card(tmp_path):
     (["--ratio", "0.25"], ["--importance gradient needs calibration text", "--calibration FILE"]),
     (["--ratio", "0.25", "--calibration", "missing.txt"], ["--calibration missing.txt does not exist"]),
     (["--ratio", "0.25", "--importance", "random", "--iterative", "0"], ["--iterative 0"]),
+    (["--ratio", "0.25", "--importance", "random", "--refit", "lstsq"], ["--refit lstsq", "needs calibration text", "--calibration FILE"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
     dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
@@ -256,9 +257,10 @@ def test_gqa_ratio_that_empties_a_layer(tmp_path):
 def test_cli_prunes_and_inspect_shows_the_plan(tmp_path, calibration_file):
     dense = build_dense(tmp_path / "dense")
     result = run("convert", dense, tmp_path / "out", "--method", "prune-heads", "--ratio", "0.25", "--calibration", calibration_file,
-                 "--calibration-tokens", "512")
+                 "--calibration-tokens", "512", "--refit", "lstsq")
     assert result.exit_code == 0, result.output
     assert "upcycle checkpoint with per-layer head counts" in result.stdout and "fewer" in result.stdout
+    assert "refit lstsq of o_proj on 512 calibration tokens, 1 layer: mean attention-output error" in result.stdout
     info = json.loads(run("inspect", tmp_path / "out", "--json").stdout)
     assert info["method"] == "prune-heads" and sorted(len(layer["attention_heads"]["kept_heads"]) for layer in info["plan"]) == [4, 8]
     assert "query heads kept" in run("inspect", tmp_path / "out").stdout
@@ -272,3 +274,81 @@ def test_normalize_modes():
     assert normalize_per_layer("layer", 3) is True and normalize_per_layer("none", 12) is False
     with pytest.raises(UpcycleError, match="--normalize"):
         normalize_per_layer("global", 3)
+
+
+def calibration_tokens(folder: Path, text: Path, tokens: int = 1024) -> torch.Tensor:
+    """The blocks [N, T] the refit saw."""
+    from upcycle.data.calibration import calibration_blocks
+
+    return calibration_blocks(folder, json.loads((folder / "config.json").read_text()), text, tokens, 512, encoder=False)
+
+
+def kl_to_dense(dense: Path, converted: Path, blocks: torch.Tensor) -> float:
+    """KL(dense || converted) of the next-token distributions on ``blocks``: the excess calibration-text
+    loss of ``converted`` on text drawn from the dense model (a random model's own LM loss on random
+    words is ln(vocab) whatever its attention does, so it cannot tell conversions apart)."""
+    dense_logp, converted_logp = (outputs(load(folder), blocks).log_softmax(-1) for folder in (dense, converted))
+    return (dense_logp.exp() * (dense_logp - converted_logp)).sum(-1).mean().item()
+
+
+def attention_errors(dense: Path, converted: Path, blocks: torch.Tensor) -> list[float]:
+    """Per layer ||Y - Y_dense|| / ||Y_dense|| of the o_proj outputs of two written models on ``blocks``."""
+    outputs = []
+    for folder in (dense, converted):
+        model, seen = load(folder), []
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.register_forward_hook(lambda _m, _a, out: seen.append(out))
+        with torch.no_grad():
+            model(blocks)
+        outputs.append(seen)
+    return [((y - ref).norm() / ref.norm()).item() for ref, y in zip(*outputs)]
+
+
+def test_refit_lstsq_lowers_the_attention_error_and_the_loss(tmp_path, calibration_file):
+    dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
+    common = dict(ratio=0.5, uniform=True, importance="random", seed=2, calibration=calibration_file, calibration_tokens=1024)
+    prune(dense, tmp_path / "none", **common)
+    report = prune(dense, tmp_path / "lstsq", refit="lstsq", **common)["refit"]
+    assert report["mode"] == "lstsq" and report["calibration_tokens"] == 1024 and [e["layer"] for e in report["per_layer"]] == [0, 1]
+    assert all(e["error_after"] < e["error_before"] for e in report["per_layer"])
+    blocks = calibration_tokens(dense, calibration_file)
+    assert kl_to_dense(dense, tmp_path / "lstsq", blocks) < kl_to_dense(dense, tmp_path / "none", blocks) / 2
+    # the reported errors are those of the written models (before: the conversion without refit)
+    measured_before, measured_after = (attention_errors(dense, tmp_path / name, blocks) for name in ("none", "lstsq"))
+    torch.testing.assert_close(torch.tensor(measured_before), torch.tensor([e["error_before"] for e in report["per_layer"]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(measured_after), torch.tensor([e["error_after"] for e in report["per_layer"]]), atol=1e-4, rtol=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lstsq")  # still a plain llama
+    assert type(model).__module__.startswith("transformers.models.llama") and model.config.num_attention_heads == 4
+
+
+def test_refit_rescale_scales_o_proj_rows(tmp_path, calibration_file):
+    dense = build_dense(tmp_path / "dense")  # GQA: units are KV groups
+    common = dict(ratio=0.25, importance="random", calibration=calibration_file, calibration_tokens=1024)
+    prune(dense, tmp_path / "none", **common)
+    report = prune(dense, tmp_path / "rescale", refit="rescale", **common)
+    changed = [i for i, kept in enumerate(report["heads_kept_per_layer"]) if kept < 8]
+    assert [e["layer"] for e in report["refit"]["per_layer"]] == changed and "refit rescale" in report["plan_lines"][-1]
+    sliced, scaled = (load_file(tmp_path / name / "model.safetensors") for name in ("none", "rescale"))
+    for layer in range(2):
+        name = f"model.layers.{layer}.self_attn.o_proj.weight"
+        scale = scaled[name].norm(dim=1) / sliced[name].norm(dim=1)  # [D]
+        torch.testing.assert_close(scaled[name], scale[:, None] * sliced[name])
+        assert (layer in changed) != torch.equal(scaled[name], sliced[name])
+
+
+def test_refit_at_ratio_zero_keeps_every_byte(tmp_path, calibration_file):
+    dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
+    report = prune(dense, tmp_path / "pruned", ratio=0.0, refit="lstsq", calibration=calibration_file)
+    assert report["refit"]["per_layer"] == []
+    before, after = load_file(dense / "model.safetensors"), load_file(tmp_path / "pruned" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_bert_refit_lstsq(tmp_path, calibration_file):
+    dense = build_bert(tmp_path / "dense")
+    report = prune(dense, tmp_path / "pruned", ratio=0.3125, importance="random", refit="lstsq", calibration=calibration_file, calibration_tokens=1024)
+    assert all(e["error_after"] < e["error_before"] for e in report["refit"]["per_layer"]) and len(report["refit"]["per_layer"]) == 2
+    pruned = load(tmp_path / "pruned", AutoModel)
+    written = load_file(tmp_path / "pruned" / "model.safetensors")["encoder.layer.0.attention.output.dense.weight"]
+    assert torch.equal(pruned.encoder.layer[0].attention.output.dense.weight, written)
+    assert outputs(pruned).isfinite().all()

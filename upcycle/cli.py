@@ -75,6 +75,12 @@ class Normalize(str, Enum):
     none = "none"
 
 
+class Refit(str, Enum):
+    none = "none"
+    rescale = "rescale"
+    lstsq = "lstsq"
+
+
 class Variant(str, Enum):
     mul = "mul"
     add = "add"
@@ -127,6 +133,7 @@ def convert(
     min_heads_per_layer: Annotated[int, typer.Option(rich_help_panel="Head pruning", help="prune-heads: query heads every layer keeps at least.")] = 1,
     uniform: Annotated[bool, typer.Option(rich_help_panel="Head pruning", help="prune-heads: remove the same number of units in every layer (decoders: a plain base-architecture checkpoint).")] = False,
     kv_heads: Annotated[int | None, typer.Option(rich_help_panel="GQA", help="gqa: new number of key/value heads, a divisor of the current count (1: MQA).", show_default=False)] = None,
+    refit: Annotated[Refit | None, typer.Option(rich_help_panel="Head pruning and GQA", help="prune-heads, gqa: refit each changed layer's o_proj on --calibration text so its attention output matches the dense one: none (default), rescale (per-channel RMS) or lstsq (least squares, sequential).", show_default=False)] = None,
     variant: Annotated[Variant | None, typer.Option(rich_help_panel="MHE", help="mhe: head embeddings multiply (mul, default) or add to the shared projection.", show_default=False)] = None,
     init: Annotated[Init | None, typer.Option(rich_help_panel="MHE", help="mhe: svd (default; best fit on the weights, no data), calibrated (least squares on --calibration activations) or sequential (calibrated, each layer fitted on the already-compressed layers' outputs against the dense model's).", show_default=False)] = None,
     expert: Annotated[list[str] | None, typer.Option(rich_help_panel="BAM / BTX and CLIP-MoE", help="bam: a model branched from SRC (the seed, expert 0) and trained further; clip-moe: an MCL stage checkpoint. Repeat for each expert.", show_default=False)] = None,
@@ -148,7 +155,7 @@ def convert(
     """Convert a dense checkpoint. Example: upcycle convert ./SmolLM2-135M ./smollm2-moh --active-heads 0.75
 
     Head pruning: upcycle convert SRC OUT --method prune-heads --ratio 0.25 --calibration text.txt [--uniform].
-    MHA to GQA/MQA: upcycle convert SRC OUT --method gqa --kv-heads 1
+    MHA to GQA/MQA: upcycle convert SRC OUT --method gqa --kv-heads 1 [--refit lstsq --calibration text.txt]
     MHE: upcycle convert SRC OUT --method mhe --variant mul --init calibrated --calibration text.txt
     BAM: upcycle convert SEED OUT --method bam --expert ./code-branch --expert ./law-branch --attention expert-kv
     CLIP-MoE: upcycle convert ./clip ./clip-moe --method clip-moe --expert ./mcl/stage-1 --expert ./mcl/stage-2 --expert ./mcl/stage-3
@@ -162,10 +169,10 @@ def convert(
             raise UpcycleError(f"--kv-heads applies to --method gqa, not {method.value}; drop it or pass --method gqa")
         if method is not Method.mhe and (variant or init):
             raise UpcycleError(f"--{'variant' if variant else 'init'} applies to --method mhe, not {method.value}; drop it or pass --method mhe")
-        owners = {"--expert": (Method.bam, Method.clip_moe), "--attention": (Method.bam,), "--ffn-top-k": (Method.bam,),
+        owners = {"--refit": (Method.prune_heads, Method.gqa), "--expert": (Method.bam, Method.clip_moe), "--attention": (Method.bam,), "--ffn-top-k": (Method.bam,),
                   "--router-init": (Method.bam,), "--parallel-block": (Method.bam,), "--layers": (Method.clip_moe,),
                   "--top-k": (Method.clip_moe,), "--upcycle-copies": (Method.clip_moe,)}
-        values = {"--expert": expert, "--attention": attention, "--ffn-top-k": ffn_top_k, "--router-init": router_init,
+        values = {"--refit": refit, "--expert": expert, "--attention": attention, "--ffn-top-k": ffn_top_k, "--router-init": router_init,
                   "--parallel-block": parallel_block, "--layers": layers, "--top-k": top_k, "--upcycle-copies": upcycle_copies}
         for flag, value in values.items():
             if value not in (None, False, []) and method not in owners[flag]:
@@ -190,11 +197,11 @@ def convert(
             from .methods.prune_heads import PruneHeadsOptions
 
             return PruneHeadsOptions(ratio=ratio, importance=importance.value, seed=seed, iterative=iterative, normalize=normalize.value, min_heads_per_layer=min_heads_per_layer,
-                                     uniform=uniform, calibration=calibration, calibration_tokens=calibration_tokens)
+                                     uniform=uniform, calibration=calibration, calibration_tokens=calibration_tokens, refit=(refit or Refit.none).value)
         if method is Method.gqa:
             from .methods.gqa import GQAOptions
 
-            return GQAOptions(kv_heads=kv_heads)
+            return GQAOptions(kv_heads=kv_heads, refit=(refit or Refit.none).value, calibration=calibration, calibration_tokens=calibration_tokens)
         from .methods.moh import MoHOptions
 
         return MoHOptions(router=router.value, shared_heads=shared_heads, active_heads=active_heads,

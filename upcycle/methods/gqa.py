@@ -5,20 +5,24 @@ Each new KV head is the mean of the ``g / G`` consecutive original KV heads it r
 mean of the KV heads it read before, since ``i // (h / G) == (i // (h / g)) // (g / G)``.
 G = 1 is multi-query attention. The output is a plain checkpoint of the base architecture
 (``num_key_value_heads = G``, explicit ``head_dim``); the paper uptrains it for about 5%
-of the pre-training steps.
+of the pre-training steps. ``--refit rescale|lstsq`` refits every layer's o_proj on calibration
+text so that its attention output matches the dense layer's (see ``refit.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..arch import DecoderSpec, decoder_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from .base import Conversion, SourceTensor
+from .refit import check_refit, refit_conversion, refit_plan_line
 
 
 @dataclass
@@ -26,6 +30,10 @@ class GQAOptions:
     """The GQA flags of ``upcycle convert``."""
 
     kv_heads: int | None = None
+    refit: str = "none"  # none | rescale | lstsq: refit o_proj on the calibration text after pooling
+    calibration: Path | None = None
+    calibration_tokens: int = 16384
+    calibration_seq_len: int = 512
 
 
 Options = GQAOptions
@@ -35,6 +43,22 @@ def mean_kv_heads(tensor: torch.Tensor, kv_heads: int, head_dim: int) -> torch.T
     """[g*d, ...] k/v weight or bias -> [G*d, ...], each new head the mean of the g/G heads it replaces."""
     grouped = tensor.float().unflatten(0, (kv_heads, -1, head_dim))  # [G, g/G, d, ...]
     return grouped.mean(dim=1).flatten(0, 1).to(tensor.dtype).contiguous()
+
+
+def pool_in_memory(model: nn.Module, kv_heads: int, head_dim: int) -> None:
+    """Mean-pool the k/v projections of a loaded dense model in memory as the files are pooled (for the refit)."""
+    from ..modeling.surgery import attention_of, layers_of
+
+    for layer in layers_of(model):
+        attention = attention_of(layer)
+        for proj in ("k_proj", "v_proj"):
+            old = getattr(attention, proj)
+            new = nn.Linear(old.in_features, kv_heads * head_dim, bias=old.bias is not None, device="meta")
+            new.weight = nn.Parameter(mean_kv_heads(old.weight.detach(), kv_heads, head_dim), requires_grad=False)
+            if old.bias is not None:
+                new.bias = nn.Parameter(mean_kv_heads(old.bias.detach(), kv_heads, head_dim), requires_grad=False)
+            setattr(attention, proj, new)
+        attention.num_key_value_groups = model.config.num_attention_heads // kv_heads
 
 
 def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
@@ -47,11 +71,19 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         divisors = [d for d in range(1, spec.num_kv_heads + 1) if spec.num_kv_heads % d == 0]
         raise UpcycleError(f"--kv-heads {target} does not divide the {spec.num_kv_heads} KV heads of {reader.folder}; "
                            f"choose one of: {', '.join(map(str, divisors))}")
+    check_refit(options.refit, options.calibration)
+    if options.calibration_tokens < 1:
+        raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
     names = set(reader.names())
     edits = set()
     if target != spec.num_kv_heads:
         edits = {spec.attention(layer, proj, kind) for layer in range(spec.num_layers) for proj in ("k_proj", "v_proj")
                  for kind in ("weight", "bias")} & names
+    refits, refit_report = {}, None
+    if options.refit != "none":
+        changed = list(range(spec.num_layers)) if target != spec.num_kv_heads else []
+        refits, refit_report = refit_conversion(reader, spec, options.refit, changed, lambda model: pool_in_memory(model, target, spec.head_dim),
+                                                options.calibration, options.calibration_tokens, options.calibration_seq_len)
     layout = []
     for name in reader.names():
         info = reader.info(name)
@@ -60,7 +92,9 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
 
     def tensors():
         for item in layout:
-            if item.name in edits:
+            if item.name in refits:
+                yield item.name, refits[item.name]
+            elif item.name in edits:
                 yield item.name, mean_kv_heads(reader.get(item.name), target, spec.head_dim)
             else:
                 yield item.name, SourceTensor(item.name)
@@ -72,12 +106,15 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_table(spec, target),
-        report={"options": asdict(options), "kv_heads": {"before": spec.num_kv_heads, "after": target, "query_heads": spec.num_heads}},
+        plan_lines=plan_table(spec, target) + ([refit_plan_line(refit_report)] if refit_report else []),
+        report={"options": asdict(options) | {"calibration": str(options.calibration) if options.calibration else None},
+                "kv_heads": {"before": spec.num_kv_heads, "after": target, "query_heads": spec.num_heads}}
+               | ({"refit": refit_report} if refit_report else {}),
         tags=["gqa", "mqa"] if target == 1 else ["gqa"],
         description=(
             f"{kind}: the {spec.num_kv_heads} key/value heads of every layer were mean-pooled into {target} "
-            f"({spec.num_kv_heads // target} per new head); the {spec.num_heads} query heads are unchanged. "
+            f"({spec.num_kv_heads // target} per new head); the {spec.num_heads} query heads are unchanged"
+            f"{f', o_proj refitted ({options.refit}) on calibration text' if refits else ''}. "
             "A plain checkpoint of the base architecture; uptrain it briefly to recover quality."
         ),
         uses_runtime=False,

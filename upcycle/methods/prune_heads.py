@@ -28,6 +28,10 @@ family (fewer heads, explicit ``head_dim``). BERT's config derives the head size
 hidden_size / num_attention_heads, so plain BERT cannot express fewer heads of the same size:
 a pruned BERT is always an upcycle checkpoint, like a non-uniformly pruned decoder
 (per-layer ``attention_heads`` plan entries applied by the runtime's surgery).
+
+``--refit rescale|lstsq`` then refits the o_proj of every layer that lost heads on the
+calibration text, so that its attention output matches the dense layer's (see ``refit.py``);
+the refitted o_proj is written instead of the sliced one.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from .base import Conversion, SourceTensor, native_refusal, runtime_config
+from .refit import check_refit, refit_conversion, refit_plan_line
 
 IMPORTANCES = ("gradient", "random")
 ATTENTION_TENSORS = (("q_proj", "weight"), ("q_proj", "bias"), ("k_proj", "weight"), ("k_proj", "bias"),
@@ -68,6 +73,7 @@ class PruneHeadsOptions:
     calibration_seq_len: int = 512
     normalize: str = "auto"  # auto | layer | none
     encoder_batch: int = 8  # blocks per backward pass for encoders (the contrastive proxy needs >= 2)
+    refit: str = "none"  # none | rescale | lstsq: refit o_proj on the calibration text after pruning
 
 
 Options = PruneHeadsOptions
@@ -283,6 +289,14 @@ def kept_heads(spec: DecoderSpec | EncoderSpec, removed: list[set[int]]) -> list
     return plans
 
 
+def apply_plans(model: nn.Module, plans: list[dict], layers: list[int]) -> None:
+    """Slice the ``layers`` of a loaded dense model in memory as the files are sliced (for the refit)."""
+    from ..modeling.surgery import _apply_attention_heads, layers_of
+
+    for layer in layers:
+        _apply_attention_heads(layers_of(model)[layer], plans[layer]["attention_heads"])
+
+
 def head_rows(tensor: torch.Tensor, kept: list[int], head_dim: int, dim: int) -> torch.Tensor:
     """Keep the heads ``kept`` of a projection: rows (dim 0: q/k/v weight or bias) or columns (dim 1: o_proj)."""
     return tensor.unflatten(dim, (-1, head_dim)).index_select(dim, torch.tensor(kept)).flatten(dim, dim + 1).contiguous()
@@ -326,8 +340,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
     """Plan the head pruning of the dense decoder or BERT encoder behind ``reader``."""
     if options.importance not in IMPORTANCES:
         raise UpcycleError(f"--importance {options.importance!r} is unknown; choose one of: {', '.join(IMPORTANCES)}")
-    if options.calibration and not Path(options.calibration).exists():
-        raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file")
+    check_refit(options.refit, options.calibration)
     normalize_per_layer(options.normalize, 0)  # validate the flag before any work
     spec = attention_spec(reader.config, reader.names(), str(reader.folder))
     total, min_units = removal_targets(spec, options)
@@ -352,6 +365,11 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
     config, uses_runtime, auto_class, why = output_config(reader, spec, plans)
 
     edits = sliced_tensors(reader, spec, plans)
+    refits, refit_report = {}, None
+    if options.refit != "none":
+        changed = [layer for layer, plan in enumerate(plans) if len(plan["attention_heads"]["kept_heads"]) < spec.num_heads]
+        refits, refit_report = refit_conversion(reader, spec, options.refit, changed, lambda model: apply_plans(model, plans, changed),
+                                                options.calibration, options.calibration_tokens, options.calibration_seq_len)
     layout = []
     for name in reader.names():
         info = reader.info(name)
@@ -363,7 +381,9 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
 
     def tensors():
         for item in layout:
-            if item.name in edits:
+            if item.name in refits:
+                yield item.name, refits[item.name]
+            elif item.name in edits:
                 kept, dim = edits[item.name]
                 yield item.name, head_rows(reader.get(item.name), kept, spec.head_dim, dim)
             else:
@@ -377,7 +397,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_table(spec, plans, options, unit_name, why),
+        plan_lines=plan_table(spec, plans, options, unit_name, why) + ([refit_plan_line(refit_report)] if refit_report else []),
         report={
             "options": settings,
             "units": {"kind": unit_name, "per_layer": units, "heads_per_unit": heads_per_unit, "removed": sum(map(len, removed))},
@@ -386,12 +406,13 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
             "kv_heads_kept_per_layer": [len(p["attention_heads"]["kept_kv_heads"]) for p in plans],
             "head_scores": scores.tolist(),
             "output_format": "native" if not uses_runtime else f"upcycle ({why})",
-        },
+        } | ({"refit": refit_report} if refit_report else {}),
         tags=["pruned", "head-pruning"],
         description=(
             f"Attention-head pruning ({options.importance} importance{', ' + str(options.iterative) + ' steps' if options.iterative > 1 else ''}): "
             f"{sum(map(len, removed))} of {units * spec.num_layers} {unit_name} removed ({'the same number in every layer' if len(set(kept_per_layer)) == 1 else 'per-layer counts'}), "
-            f"{sum(kept_per_layer)} of {spec.num_heads * spec.num_layers} query heads kept; written as {form}."
+            f"{sum(kept_per_layer)} of {spec.num_heads * spec.num_layers} query heads kept"
+            f"{f'; o_proj refitted ({options.refit}) on calibration text' if refits else ''}; written as {form}."
         ),
         uses_runtime=uses_runtime,
         auto_class=auto_class,
