@@ -1,4 +1,4 @@
-"""MoH conversion: null setting, active fraction, cache, bundled runtime, head selection."""
+"""MoH conversion: null setting, active fraction, cache, bundled runtime, head selection, calibration fits."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM
 
 import upcycle  # noqa: F401  (registers the Auto classes)
 from upcycle.convert import convert_checkpoint
+from upcycle.errors import UpcycleError
 from upcycle.methods.moh import MoHOptions, head_counts
-from upcycle.modeling.routers import LearnedRouter, QueryNormRouter
+from upcycle.modeling.routers import FittedRouter, LearnedRouter, QueryNormRouter
 
 
 def convert(src: Path, out: Path, **options) -> dict:
@@ -30,10 +31,11 @@ def load(folder: Path):
 
 
 def routers(model) -> list:
-    return [m for m in model.modules() if isinstance(m, (QueryNormRouter, LearnedRouter))]
+    return [m for m in model.modules() if isinstance(m, (QueryNormRouter, LearnedRouter, FittedRouter))]
 
 
 IDS = torch.randint(3, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+FIT = {"calibration_tokens": 2048, "calibration_seq_len": 64}  # small calibration fits
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -81,9 +83,11 @@ def test_cached_greedy_generation_equals_uncached(tmp_path, family):
     assert torch.equal(cached, uncached)
 
 
-def test_bundled_runtime_loads_without_upcycle(tmp_path):
+@pytest.mark.parametrize("router", ["learned", "fitted"])
+def test_bundled_runtime_loads_without_upcycle(tmp_path, calibration_file, router):
     dense = build_dense(tmp_path / "dense")
-    convert(dense, tmp_path / "moh", router="learned", active_heads=0.75)
+    fit = {"calibration": calibration_file, **FIT} if router == "fitted" else {}
+    convert(dense, tmp_path / "moh", router=router, active_heads=0.75, **fit)
     with torch.no_grad():
         expected = load(tmp_path / "moh")(IDS).logits
     torch.save({"ids": IDS, "logits": expected}, tmp_path / "expected.pt")
@@ -210,3 +214,54 @@ def test_load_balance_loss_and_straight_through_gradients(tmp_path, dense, route
         assert attention.q_proj.weight.grad.abs().sum() > 0
     else:
         assert attention.head_router.routed_proj.weight.grad.abs().sum() > 0
+
+
+def test_fitted_router_picks_the_oracle_heads_more_often_and_round_trips(tmp_path, dense, calibration_file):
+    report = convert(dense, tmp_path / "moh", router="fitted", calibration=calibration_file, **FIT)
+    fit = report["calibration_fit"]
+    assert len(fit["layers"]) == 2
+    for layer in fit["layers"]:
+        assert layer["oracle_match"]["fitted"] > layer["oracle_match"]["query-norm"]
+        assert layer["attention_error"]["fitted"] < layer["attention_error"]["query-norm"]
+    weights = load_file(tmp_path / "moh" / "model.safetensors")
+    new = sorted(name for name in weights if ".head_router." in name)
+    assert new == sorted(f"model.layers.{i}.self_attn.head_router.score_proj.{p}" for i in range(2) for p in ["bias", "weight"])
+    assert all(weights[name].abs().sum() > 0 for name in new)
+    moh = load(tmp_path / "moh")
+    gates = []
+    moh.model.layers[0].self_attn.head_router.register_forward_hook(lambda module, args, out: gates.append(out))
+    with torch.no_grad():
+        logits = moh(IDS).logits
+    assert set(gates[0].unique().tolist()) == {0.0, 1.0} and ((gates[0] != 0).sum(-1) == 6).all()
+    moh.save_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "again")(IDS).logits, logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rescale", ["layer", "channel"])
+def test_rescale_lowers_the_attention_error_and_rewrites_only_o_proj(tmp_path, dense, calibration_file, rescale):
+    report = convert(dense, tmp_path / "moh", rescale=rescale, calibration=calibration_file, **FIT)
+    for layer in report["calibration_fit"]["layers"]:
+        assert layer["attention_error"]["rescaled"] < layer["attention_error"]["query-norm"]
+    before, after = load_file(dense / "model.safetensors"), load_file(tmp_path / "moh" / "model.safetensors")
+    assert set(after) == set(before)
+    changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
+    assert changed == [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)]
+
+
+def test_fits_with_every_head_active_equal_dense(tmp_path, dense, calibration_file):
+    report = convert(dense, tmp_path / "moh", router="fitted", rescale="channel", active_heads=1.0, calibration=calibration_file, **FIT)
+    assert "calibration_fit" not in report  # no routed head is ever off: nothing to fit
+    before, after = load_file(dense / "model.safetensors"), load_file(tmp_path / "moh" / "model.safetensors")
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "moh")(IDS).logits, load(dense)(IDS).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"router": "fitted"}, {"rescale": "layer"}])
+def test_fits_need_calibration_and_dry_run_skips_them(tmp_path, dense, calibration_file, options):
+    with pytest.raises(UpcycleError, match="calibration") as error:
+        convert(dense, tmp_path / "moh", **options)
+    assert "\n" not in str(error.value)
+    assert convert_checkpoint(str(dense), tmp_path / "moh", "moh", MoHOptions(calibration=calibration_file, **options), dry_run=True) is None
+    assert not (tmp_path / "moh").exists()

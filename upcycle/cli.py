@@ -62,6 +62,13 @@ class Method(str, Enum):
 class Router(str, Enum):
     query_norm = "query-norm"
     learned = "learned"
+    fitted = "fitted"
+
+
+class Rescale(str, Enum):
+    none = "none"
+    layer = "layer"
+    channel = "channel"
 
 
 class Importance(str, Enum):
@@ -121,10 +128,11 @@ def convert(
     src: Annotated[str, typer.Argument(help="Dense checkpoint: a local folder (safetensors or .bin) or a Hub model id.")],
     out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
     method: Annotated[Method, typer.Option(help="Conversion method.")] = Method.moh,
-    router: Annotated[Router, typer.Option(rich_help_panel="MoH", help="MoH router: query-norm (parameter-free, MoH-LLaMA3) or learned (two-stage, zero-initialised).")] = Router.query_norm,
+    router: Annotated[Router, typer.Option(rich_help_panel="MoH", help="MoH router: query-norm (parameter-free, MoH-LLaMA3), learned (two-stage, zero-initialised) or fitted (a linear scorer fitted on --calibration text to pick the heads that contribute most; binary gates).")] = Router.query_norm,
     shared_heads: Annotated[str, typer.Option(rich_help_panel="MoH", help="MoH: query heads always on, as a fraction (0.5) or a count (4).")] = "0.5",
     active_heads: Annotated[float, typer.Option(rich_help_panel="MoH", help="MoH: fraction of query heads active per token, in (shared fraction, 1].")] = 0.75,
     shared_selection: Annotated[SharedSelection | None, typer.Option(rich_help_panel="MoH", help="MoH: which heads are shared. Default: contribution with --calibration, else weight-norm.", show_default=False)] = None,
+    rescale: Annotated[Rescale, typer.Option(rich_help_panel="MoH", help="MoH: scale o_proj by one factor per layer (layer) or per output channel (channel), fitted layer after layer by least squares so the attention output best matches dense on --calibration text; none keeps o_proj.")] = Rescale.none,
     ratio: Annotated[float | None, typer.Option(rich_help_panel="Head pruning", help="prune-heads: fraction of prunable units removed, 0 <= R < 1 (units: heads for MHA, KV groups for GQA models).", show_default=False)] = None,
     importance: Annotated[Importance, typer.Option(rich_help_panel="Head pruning", help="prune-heads: gradient (E|dL/dgate| per unit on --calibration text) or random (the control, with --seed).")] = Importance.gradient,
     seed: Annotated[int, typer.Option(rich_help_panel="Seeds and calibration data", help="prune-heads: seed of --importance random and of the masked-LM masking; bam, clip-moe: seed of the random routers.")] = 0,
@@ -206,7 +214,7 @@ def convert(
 
         return MoHOptions(router=router.value, shared_heads=shared_heads, active_heads=active_heads,
                           shared_selection=shared_selection.value if shared_selection else None,
-                          calibration=calibration, calibration_tokens=calibration_tokens)
+                          calibration=calibration, calibration_tokens=calibration_tokens, rescale=rescale.value)
 
     def go():
         settings = options()

@@ -2,8 +2,10 @@
 
 Per layer, ``shared`` query heads are always on and ``top_k`` of the ``routed`` ones
 are chosen per token by a router (query-norm: parameter-free; learned: the paper's
-two-stage router, zero-initialised). Every existing tensor passes through unchanged;
-the learned router adds three small zero matrices per layer.
+two-stage router, zero-initialised; fitted: a linear scorer fitted on calibration text to
+pick the heads that contribute most). Every existing tensor passes through unchanged, except
+o_proj with ``rescale``; the learned router adds three small zero matrices per layer, the
+fitted one a scorer per layer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from ..modeling.routers import ROUTERS
 from .base import Conversion, SourceTensor, runtime_config
 
 SELECTIONS = ("first", "weight-norm", "contribution")
+RESCALES = ("none", "layer", "channel")
+FIT_STEPS = 300  # Adam steps of the fitted router's scorer, per layer
+FIT_CHUNK = 256  # tokens per chunk when expanding per-head outputs [chunk, heads, D]
 
 
 @dataclass
@@ -36,6 +41,7 @@ class MoHOptions:
     calibration: Path | None = None
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
+    rescale: str = "none"  # o_proj scaled so the attention output best matches dense on calibration text: none, layer or channel
 
 
 Options = MoHOptions
@@ -117,6 +123,207 @@ def contribution_scores(reader: CheckpointReader, spec: DecoderSpec, options: Mo
     return (sums / blocks.numel()).tolist()
 
 
+@dataclass
+class LayerFit:
+    """What the calibration fit made for one layer."""
+
+    router: dict[str, torch.Tensor]  # the fitted router's tensors by name under head_router. (empty for other routers)
+    o_scale: torch.Tensor | None  # factor on o_proj's rows: [D] (channel) or [1] (layer); None: o_proj unchanged
+    report: dict
+
+
+class _Stop(Exception):
+    """Ends a forward once layer 0's input is captured."""
+
+
+def _layer_inputs(model: torch.nn.Module, blocks: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """Layer 0's input for every block [N, T, D], and each decoder layer's keyword arguments
+    (mask, positions: the same for every block of T tokens)."""
+    layers = model.model.layers
+    kwargs: list[dict] = [{} for _ in layers]
+
+    def keep(index: int):
+        return lambda module, args, kw: kwargs[index].update(kw)
+
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(blocks[:1].to(model.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inputs = []
+
+    def stop(module, args, kw):
+        inputs.append(args[0])
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for block in blocks:
+            try:
+                model(block[None].to(model.device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(inputs), kwargs
+
+
+def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The decoder layer's output for every block: [N, T, D] -> [N, T, D]."""
+    return torch.cat([layer(block[None], **kwargs) for block in hidden])
+
+
+def _record_dense(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
+    """Run the layer over every block with every head on, recording per token (M = N*T) the router's input
+    ``x`` [M, D] and its ``gates`` [M, h] (what it would choose), o_proj's input ``heads`` [M, h*d] and output ``o`` [M, D]."""
+    attention = layer.self_attn
+    seen: dict[str, list[torch.Tensor]] = {"x": [], "gates": [], "heads": [], "o": []}
+
+    def router_hook(module, args, gates):
+        seen["x"].append(args[0].flatten(0, 1).float())
+        seen["gates"].append(gates.flatten(0, 1))
+        return torch.ones_like(gates)
+
+    handles = [
+        attention.head_router.register_forward_hook(router_hook),
+        attention.o_proj.register_forward_pre_hook(lambda module, args: seen["heads"].append(args[0].flatten(0, 1).float())),
+        attention.o_proj.register_forward_hook(lambda module, args, out: seen["o"].append(out.flatten(0, 1).float())),
+    ]
+    try:
+        _run_layer(layer, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(values) for name, values in seen.items()}
+
+
+def _routed_contributions(heads: torch.Tensor, o_weight: torch.Tensor, routed: list[int], head_dim: int) -> torch.Tensor:
+    """||H_i W_o^i|| per token of each routed head: heads [M, h*d], o_weight [D, h*d] -> [M, hr]."""
+    index = torch.tensor(routed)
+    weight = o_weight.float().unflatten(1, (-1, head_dim))[:, index]  # [D, hr, d]
+    norms = []
+    for chunk in heads.split(FIT_CHUNK):
+        per_head = chunk.unflatten(1, (-1, head_dim))[:, index]  # [m, hr, d]
+        norms.append(torch.einsum("mhd,Dhd->mhD", per_head, weight).norm(dim=-1))
+    return torch.cat(norms)
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask [M, hr] of each token's k largest scores."""
+    return torch.zeros_like(scores).scatter(-1, scores.topk(k, dim=-1).indices, 1.0)
+
+
+def fit_scorer(x: torch.Tensor, contributions: torch.Tensor, steps: int = FIT_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit ``s = W x + b`` so that softmax(s) matches each token's distribution of routed-head contributions
+    (cross-entropy, full-batch Adam); x [M, D], contributions [M, hr] -> (W [hr, D], b [hr])."""
+    target = contributions / contributions.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # [M, hr]
+    scale = x.pow(2).mean().sqrt().clamp_min(1e-6)  # fit on x / scale, so one learning rate suits every model
+    with torch.enable_grad():
+        weight = torch.zeros(contributions.shape[1], x.shape[1], requires_grad=True)
+        bias = torch.zeros(contributions.shape[1], requires_grad=True)
+        optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
+        for _ in range(steps):
+            logits = (x / scale) @ weight.T + bias  # [M, hr]
+            loss = -(target * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return weight.detach() / scale, bias.detach()
+
+
+def _rescale(o_moh: torch.Tensor, o_dense: torch.Tensor, mode: str) -> torch.Tensor:
+    """o_proj row factors a, [1] (layer) or [D] (channel), minimising ||a o_moh - o_dense|| (least squares).
+
+    Matching the RMS instead (LLaMA-MoE-v2's criterion) overshoots where the skipped heads' output is not
+    along the kept heads' one; the least-squares factor never raises the error (a = 1 is a candidate).
+    """
+    dims = (0, 1) if mode == "layer" else (0,)
+    return ((o_moh * o_dense).sum(dims) / o_moh.pow(2).sum(dims).clamp_min(1e-12)).reshape(-1)
+
+
+def _relative_error(o_moh: torch.Tensor, o_dense: torch.Tensor) -> float:
+    """||o_moh - o_dense|| / ||o_dense|| over all calibration tokens."""
+    return ((o_moh - o_dense).norm() / o_dense.norm().clamp_min(1e-12)).item()
+
+
+@torch.no_grad()
+def calibration_fit(reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions, plans: list[dict]) -> list[LayerFit]:
+    """Fit, layer after layer on calibration text, the fitted router's scorer and/or the o_proj scale (``rescale``).
+
+    Layer l is measured on the hidden states of the converted layers < l (routers and scales already in
+    place), against the same layer with every head on.
+    """
+    from ..checkpoint.load import load_for_analysis
+    from ..data.calibration import calibration_blocks
+    from ..modeling.gated_attention import ATTENTION_NAME, attach_head_router, register_attention
+    from ..modeling.routers import build_router
+
+    blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens,
+                                options.calibration_seq_len, encoder=False)  # [N, T]
+    num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
+    model = load_for_analysis(reader.folder, num_parameters, "MoH calibration fit")
+    register_attention()
+    model.config._attn_implementation = ATTENTION_NAME  # attention without a head_router stays plain SDPA
+    hidden, layer_kwargs = _layer_inputs(model, blocks)
+    fits = []
+    for index, (layer, plan) in enumerate(zip(model.model.layers, plans)):
+        print(f"\rMoH calibration fit: layer {index + 1}/{len(plans)}", end="", file=sys.stderr, flush=True)
+        gate = plan["head_gate"]
+        heads = (spec.hidden_size, spec.num_heads, gate["shared_heads"], gate["routed_heads"], gate["top_k"])
+        attention = layer.self_attn
+        attach_head_router(attention, build_router("query-norm", *heads))
+        dense = _record_dense(layer, hidden, layer_kwargs[index])
+        routed = torch.tensor(gate["routed_heads"])
+        contributions = _routed_contributions(dense["heads"], attention.o_proj.weight, gate["routed_heads"], spec.head_dim)
+        oracle = _top_k(contributions, gate["top_k"])  # [M, hr]
+
+        def agreement(gates: torch.Tensor) -> float:
+            return (gates[:, routed] == oracle).all(dim=-1).float().mean().item()
+
+        def gated_output(gates: torch.Tensor) -> torch.Tensor:  # [M, h] -> [M, D]: the output of the gated heads only
+            skipped = (dense["heads"].unflatten(1, (spec.num_heads, spec.head_dim)) * (1 - gates)[..., None]).flatten(1)  # [M, h*d]
+            return dense["o"] - skipped @ attention.o_proj.weight.float().T
+
+        o_moh = gated_output(dense["gates"])
+        report = {"layer": index, "oracle_match": {"query-norm": agreement(dense["gates"])},
+                  "attention_error": {"query-norm": _relative_error(o_moh, dense["o"])}}
+        tensors = {}
+        if options.router == "fitted":
+            weight, bias = fit_scorer(dense["x"], contributions)
+            tensors = {"score_proj.weight": weight, "score_proj.bias": bias}
+            router = build_router("fitted", *heads)
+            router.load_state_dict(tensors)
+            gates = router(dense["x"][None])[0]  # [M, h]
+            o_moh = gated_output(gates)
+            report["oracle_match"]["fitted"] = agreement(gates)
+            report["attention_error"]["fitted"] = _relative_error(o_moh, dense["o"])
+            attach_head_router(attention, router.to(attention.o_proj.weight))
+        scale = None
+        if options.rescale != "none":
+            scale = _rescale(o_moh, dense["o"], options.rescale)
+            report["attention_error"]["rescaled"] = _relative_error(o_moh * scale, dense["o"])
+            report["o_scale_mean"] = scale.mean().item()
+            attention.o_proj.weight.mul_(scale[:, None].to(attention.o_proj.weight))
+            if attention.o_proj.bias is not None:
+                attention.o_proj.bias.mul_(scale.to(attention.o_proj.bias))
+        fits.append(LayerFit(tensors, scale, report))
+        hidden = _run_layer(layer, hidden, layer_kwargs[index])
+    print(file=sys.stderr)
+    return fits
+
+
+def fit_summary(fits: list[LayerFit]) -> dict:
+    """The report's ``calibration_fit``: per-layer figures and their means over layers."""
+    mean = {}
+    for key in ("oracle_match", "attention_error"):
+        names = fits[0].report[key]
+        mean[key] = {name: sum(f.report[key][name] for f in fits) / len(fits) for name in names}
+    print("MoH calibration fit, mean over layers: " + "; ".join(
+        f"{key.replace('_', ' ')} " + ", ".join(f"{name} {value:.3f}" for name, value in values.items()) for key, values in mean.items()), file=sys.stderr)
+    return {"mean": mean, "layers": [f.report for f in fits]}
+
+
 def layer_plans(spec: DecoderSpec, router: str, shared_count: int, top_k: int, scores: list[list[float]] | None) -> list[dict]:
     """Per-layer ``head_gate`` entries: the top-scored heads shared (or the first ones)."""
     plans = []
@@ -133,14 +340,17 @@ def layer_plans(spec: DecoderSpec, router: str, shared_count: int, top_k: int, s
 
 
 def router_tensors(spec: DecoderSpec, plans: list[dict], dtype: torch.dtype) -> list[TensorSpec]:
-    """The new tensors of the learned router (none for query-norm)."""
+    """The new tensors of the learned and fitted routers (none for query-norm)."""
     new = []
     for layer, plan in enumerate(plans):
         gate = plan["head_gate"]
+        prefix = f"{spec.layer_prefix(layer)}self_attn.head_router."
+        routed = len(gate["routed_heads"])
+        if gate["router"] == "fitted" and routed:
+            new += [TensorSpec(f"{prefix}score_proj.weight", dtype, (routed, spec.hidden_size)), TensorSpec(f"{prefix}score_proj.bias", dtype, (routed,))]
         if gate["router"] != "learned":
             continue
-        prefix = f"{spec.layer_prefix(layer)}self_attn.head_router."
-        sizes = {"shared_proj": len(gate["shared_heads"]), "routed_proj": len(gate["routed_heads"])}
+        sizes = {"shared_proj": len(gate["shared_heads"]), "routed_proj": routed}
         if sizes["shared_proj"] and sizes["routed_proj"]:
             sizes["mix_proj"] = 2
         new += [TensorSpec(f"{prefix}{proj}.weight", dtype, (rows, spec.hidden_size)) for proj, rows in sizes.items() if rows]
@@ -156,6 +366,12 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
         raise UpcycleError(f"--shared-selection {selection!r} is unknown; choose one of: {', '.join(SELECTIONS)}")
     if selection == "contribution" and not options.calibration:
         raise UpcycleError("--shared-selection contribution needs calibration text; pass --calibration FILE or choose weight-norm")
+    if options.rescale not in RESCALES:
+        raise UpcycleError(f"--rescale {options.rescale!r} is unknown; choose one of: {', '.join(RESCALES)}")
+    for flag, needed, other in (("--router fitted", options.router == "fitted", "--router query-norm"),
+                                (f"--rescale {options.rescale}", options.rescale != "none", "--rescale none")):
+        if needed and not options.calibration:
+            raise UpcycleError(f"{flag} is fitted on calibration text; pass --calibration FILE or use {other}")
     if options.calibration and not Path(options.calibration).exists():
         raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file")
     spec = decoder_spec(reader.config, str(reader.folder))
@@ -173,32 +389,47 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     passthrough = [TensorSpec(name, reader.info(name).dtype, reader.info(name).shape) for name in reader.names()]
     new = router_tensors(spec, plans, dtype)
 
-    def tensors():
-        for item in passthrough:
-            yield item.name, SourceTensor(item.name)
-        for item in new:
-            yield item.name, torch.zeros(item.shape, dtype=item.dtype)
-
-    config, _, _ = runtime_config(reader.config, spec, "moh", plans)
+    fit = top_k < spec.num_heads - shared_count and (options.router == "fitted" or options.rescale != "none")
     active = shared_count + top_k
     settings = asdict(options) | {"shared_selection": selection, "calibration": str(options.calibration) if options.calibration else None}
+    report = {
+        "options": settings,
+        "heads": {"total": spec.num_heads, "shared": shared_count, "routed": spec.num_heads - shared_count, "top_k": top_k, "active_fraction": active / spec.num_heads},
+        "head_scores": scores,
+    }
+
+    def tensors():
+        # the fit runs here, when the output is written (not for --dry-run); with every head active it is skipped:
+        # no routed head is ever off, so the fitted router is all ties and o_proj keeps the dense output's scale
+        fits = calibration_fit(reader, spec, options, plans) if fit else []
+        scales = {spec.attention(i, "o_proj", part): f.o_scale for i, f in enumerate(fits) if f.o_scale is not None for part in ("weight", "bias")}
+        fitted = {f"{spec.layer_prefix(i)}self_attn.head_router.{name}": tensor for i, f in enumerate(fits) for name, tensor in f.router.items()}
+        if fits:
+            report["calibration_fit"] = fit_summary(fits)
+        for item in passthrough:
+            if item.name in scales:
+                original = reader.get(item.name).float()  # o_proj weight [D, h*d] or bias [D]
+                yield item.name, (original * scales[item.name].view(-1, *[1] * (original.dim() - 1))).to(item.dtype)
+            else:
+                yield item.name, SourceTensor(item.name)
+        for item in new:
+            yield item.name, fitted[item.name].to(item.dtype) if item.name in fitted else torch.zeros(item.shape, dtype=item.dtype)
+
+    config, _, _ = runtime_config(reader.config, spec, "moh", plans)
     return Conversion(
         method="moh",
         config=config,
         layout=passthrough + new,
         tensors=tensors,
         plan_lines=plan_table(spec, plans, selection),
-        report={
-            "options": settings,
-            "heads": {"total": spec.num_heads, "shared": shared_count, "routed": spec.num_heads - shared_count, "top_k": top_k, "active_fraction": active / spec.num_heads},
-            "head_scores": scores,
-        },
+        report=report,
         tags=["moh", "mixture-of-heads"],
         description=(
             f"Mixture-of-Head attention: in every layer {shared_count} of {spec.num_heads} query heads are shared (always on) "
             f"and each token uses the top {top_k} of the other {spec.num_heads - shared_count} ({options.router} router), "
             f"so {active}/{spec.num_heads} = {active / spec.num_heads:.1%} of the heads are active per token. "
             f"Shared heads chosen by {selection}."
+            + (f" o_proj rescaled per {options.rescale} to match the dense attention output on calibration text." if options.rescale != "none" else "")
         ),
     )
 

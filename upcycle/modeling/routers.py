@@ -1,7 +1,7 @@
 """Gate producers: small modules that turn a block's input into per-(token, head) gates.
 
 A router returns ``gates[B, T, h]`` over all query heads of its layer. Shared heads
-get gate 1 (query-norm) or a learned weight (learned router); routed heads that a
+get gate 1 (query-norm, fitted) or a learned weight (learned router); routed heads that a
 token did not select get exactly 0, which is what lets a kernel skip them.
 During training each router keeps ``aux_loss`` (its load-balance term) from the
 latest forward, for the trainer to collect.
@@ -128,13 +128,43 @@ class LearnedRouter(_HeadRouter):
         return self._assemble(shared, routed)
 
 
-ROUTERS = {"query-norm": QueryNormRouter, "learned": LearnedRouter}
+class FittedRouter(_HeadRouter):
+    """Routed heads ranked by a linear score of the block input, ``s = W_s x + b_s``, fitted at conversion
+    (on calibration text) to pick the heads whose output matters most for each token.
+
+    Like query-norm, the gates are binary: shared heads and the top-k routed heads get exactly 1, the others
+    0, and training goes through a straight-through estimator (forward: the 0/1 mask, gradient: the softmax of
+    the scores). Its tensors are zero-initialised: unfitted, every routed head ties.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, shared_heads: list[int], routed_heads: list[int], top_k: int):
+        super().__init__(num_heads, shared_heads, routed_heads, top_k)
+        self.score_proj = nn.Linear(hidden_size, len(routed_heads)) if routed_heads else None
+        if self.score_proj is not None:
+            nn.init.zeros_(self.score_proj.weight)
+            nn.init.zeros_(self.score_proj.bias)
+
+    def forward(self, hidden_states: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden_states: [B, T, D] -> gates [B, T, h]
+        batch, seq, _ = hidden_states.shape
+        shared = hidden_states.new_ones(batch, seq, len(self.shared_heads), dtype=torch.float32)
+        self.aux_loss = None
+        if self.score_proj is None:
+            return self._assemble(shared, shared[..., :0])
+        probs = self.score_proj(hidden_states).float().softmax(dim=-1)  # [B, T, hr]
+        hard = self._top_k_mask(probs)
+        routed = hard + (probs - probs.detach())  # value: exactly `hard`; gradient: softmax's
+        self.aux_loss = _load_balance(probs, hard) if self.training else None
+        return self._assemble(shared, routed)
+
+
+ROUTERS = {"query-norm": QueryNormRouter, "learned": LearnedRouter, "fitted": FittedRouter}
 
 
 def build_router(kind: str, hidden_size: int, num_heads: int, shared_heads: list[int], routed_heads: list[int], top_k: int) -> _HeadRouter:
     """Build the router named in a layer's plan."""
-    if kind == "learned":
-        return LearnedRouter(hidden_size, num_heads, shared_heads, routed_heads, top_k)
+    if kind in ("learned", "fitted"):
+        return ROUTERS[kind](hidden_size, num_heads, shared_heads, routed_heads, top_k)
     if kind == "query-norm":
         return QueryNormRouter(num_heads, shared_heads, routed_heads, top_k)
     raise ValueError(f"unknown router {kind!r}; expected one of {sorted(ROUTERS)}")
