@@ -204,3 +204,40 @@ def test_errors_name_the_problem(tmp_path, monkeypatch):
         build_corpus(DataConfig("someone/corpus"), tk)
     with pytest.raises(UpcycleError, match="seq_len"):
         DataConfig("x.txt", seq_len=1)
+
+
+def test_training_mix_interleaves_sources_by_weight(tmp_path):
+    kjv, code, tk = make_docs(60), make_docs(60, seed=2), tiny_tokenizer()
+    first, second = write_txt(tmp_path / "a.txt", kjv), write_jsonl(tmp_path / "b.jsonl", code)
+    mixed = corpus.load_mix([str(first), str(second)], [0.8, 0.2], "text", False, seed=0)
+    texts = mixed["text"]
+    assert sorted(texts) == sorted(kjv + code)  # every document once, nothing dropped or repeated
+    assert texts[:60].count(next(d for d in code)) <= 1 and sum(t in set(kjv) for t in texts[:40]) > 25  # mostly the heavier source first
+    both = [str(first), str(second)]
+    even = build_corpus(DataConfig(both, validation_fraction=0.0, seq_len=8), tk)
+    weighted = build_corpus(DataConfig(both, validation_fraction=0.0, seq_len=8, train_weights=[0.8, 0.2]), tk)
+    assert even.fingerprint != weighted.fingerprint and len(even.train) == len(weighted.train)
+    with pytest.raises(UpcycleError, match="one positive weight per train source"):
+        DataConfig(both, train_weights=[1.0])
+
+
+def test_several_validation_corpora_are_kept_apart(tmp_path):
+    docs, tk = make_docs(40), tiny_tokenizer()
+    train, a, b = write_txt(tmp_path / "t.txt", docs), write_txt(tmp_path / "a.txt", make_docs(12, 3)), write_jsonl(tmp_path / "b.jsonl", make_docs(12, 4))
+    data = build_corpus(config(train, validation=[str(a), str(b)], validation_tokens=24), tk)
+    assert list(data.validation_sets) == ["a.txt", "b.jsonl"]
+    assert torch.equal(data.validation_sets["a.txt"], pack_tokens(make_docs(12, 3), tk, 8)[:3])
+    assert torch.equal(data.validation, torch.cat([data.validation_sets["a.txt"], data.validation_sets["b.jsonl"]]))
+    again = build_corpus(config(train, validation=[str(a), str(b)], validation_tokens=24), tk)  # from the cache
+    assert list(again.validation_sets) == ["a.txt", "b.jsonl"]
+    with pytest.raises(UpcycleError, match="lists a source twice"):
+        config(train, validation=[str(a), str(a)])
+
+
+def test_python_docs_asset_is_prose_held_out_of_the_python_splits():
+    from upcycle.assets import python_docs, python_stdlib_files
+
+    docs = python_docs()
+    assert len(docs) > 50 and all(isinstance(d, str) and d for d in docs)
+    assert not any("pydoc_data" in path.parts for path in python_stdlib_files())
+    assert load_documents("asset:python-docs")["text"][0] == docs[0]

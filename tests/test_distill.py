@@ -224,3 +224,44 @@ def test_two_processes_equal_one_with_a_teacher(moh):
     expected, got = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+# ---- recovery at the end, conversion sections ---------------------------------------------------
+
+def test_finetune_reports_recovery_on_every_validation_corpus(moh):
+    tmp_path, dense, data = moh
+    documents = data.read_text().split("\n\n")
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("\n\n".join(documents[:5])), second.write_text("\n\n".join(documents[5:10]))
+    path = write_recipe(tmp_path, tmp_path / "moh", data, compare="source", data__validation=[str(first), str(second)],
+                        data__validation_tokens=64)
+    final = run_finetune(load_recipe(str(path)))
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    after, before = evaluation["recovery"]
+    assert set(after["corpora"]) == set(before["corpora"]) == {"first.txt", "second.txt"}
+    rows = {(r["name"], r["data"]): r["perplexity"] for r in evaluation["results"]}
+    for corpus in ("first.txt", "second.txt"):
+        assert after["corpora"][corpus]["ratio"] == pytest.approx(rows["after tuning", corpus] / rows["reference", corpus])
+    assert Path(after["reference"]) == dense
+    start = read_metrics(tmp_path / "run")[0]
+    assert start["step"] == 0 and set(start["recovery"]) == {"first.txt", "second.txt"}
+    assert "Recovery of" in (final / "README.md").read_text()
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"method": "gqa", "kv_heads": 1}, {"num_key_value_heads": 1}),
+    ({"method": "prune-heads", "ratio": 0.5, "importance": "random", "uniform": True}, {"num_key_value_heads": 1}),
+])
+def test_recipe_convert_sections_of_gqa_and_prune_heads(tmp_path, calibration_file, section, expected):
+    from upcycle.train.finetune import prepare_model
+    from upcycle.train.loop import process_state
+
+    dense = build_dense(tmp_path / "dense")
+    path = write_recipe(tmp_path, dense, calibration_file, convert=section)
+    converted = prepare_model(load_recipe(str(path)), process_state())
+    config = json.loads((converted / "config.json").read_text())
+    assert {key: config[key] for key in expected} == expected
+    assert resolve_reference("source", converted, "teacher") == dense
+    bad = write_recipe(tmp_path, dense, calibration_file, convert=section | {"kv_head": 2})
+    with pytest.raises(UpcycleError, match="'convert.kv_head' is unknown"):
+        load_recipe(str(bad))

@@ -122,15 +122,18 @@ def test_finetune_outputs_load_and_report(workspace):
     final = run_finetune(load_recipe(str(write_recipe(tmp_path, tmp_path / "moh", data))))
     run = tmp_path / "run"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    assert all({"loss", "aux_loss", "lr", "tokens_per_second", "tokens"} <= m.keys() for m in lines)
+    assert [m["step"] for m in lines] == [0, 1, 2, 3, 4]  # step 0: the evaluation before tuning
+    assert "val_loss" in lines[0] and "loss" not in lines[0]
+    lines = lines[1:]
+    assert all({"loss", "lm_loss", "aux_loss", "lr", "tokens_per_second", "tokens"} <= m.keys() for m in lines)
+    assert all(m["loss"] == m["lm_loss"] for m in lines)  # the LM loss alone is the objective by default
     assert lines[-1]["tokens"] == 4 * 64 and "val_loss" in lines[1] and lines[0]["aux_loss"] > 0
     usage = torch.tensor(lines[1]["head_usage"])  # [layers, heads] on the validation blocks
     assert usage.shape == (2, 8) and abs(usage.mean().item() - 0.75) < 1e-3
     for png in ["loss.png", "head_usage.png"]:
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run / "eval.json").read_text())
-    assert [r["name"] for r in results] == ["before tuning", "after tuning"]
+    assert [r["name"] for r in results["results"]] == ["before tuning", "after tuning"] and results["recovery"] is None
     card = (final / "README.md").read_text()
     assert "## Fine-tuning" in card and "## Evaluation" in card
     import upcycle  # noqa: F401

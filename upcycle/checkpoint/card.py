@@ -210,7 +210,8 @@ def _evaluation_records(value) -> tuple[list, list] | None:
     if isinstance(value, list):
         return value, []
     if isinstance(value, dict) and isinstance(value.get("results"), list):
-        return value["results"], [] if value.get("recovery") is None else [value["recovery"]]
+        blocks = value.get("recovery")
+        return value["results"], [] if blocks is None else list(blocks) if isinstance(blocks, list) else [blocks]
     return None
 
 

@@ -139,12 +139,17 @@ def recovery(
     kwargs = {"window": window, "stride": stride, "batch_size": batch_size, "device": device, "attention": attention}
     rows = evaluate_corpora(model_path, corpora, **kwargs)
     reference_rows = evaluate_corpora(reference_path, corpora, **kwargs)
+    return {"results": rows + reference_rows, "recovery": recovery_block(model_path, reference_path, list(corpora), rows, reference_rows)}
+
+
+def recovery_block(model_path: str | Path, reference_path: str | Path, names: list[str], rows: list[dict],
+                   reference_rows: list[dict]) -> dict:
+    """The ``recovery`` entry from ``evaluate_corpora``'s rows of a model and of its reference (same corpora, in order)."""
     block = {name: {"perplexity": a["perplexity"], "reference_perplexity": b["perplexity"], "ratio": a["perplexity"] / b["perplexity"], "tokens": a["tokens"]}
-             for name, a, b in zip(corpora, rows, reference_rows)}
+             for name, a, b in zip(names, rows, reference_rows)}
     ratios = [entry["ratio"] for entry in block.values()]
     mean_ratio = math.nan if any(math.isnan(r) or r <= 0 for r in ratios) else math.exp(math.fsum(map(math.log, ratios)) / len(ratios))
-    return {"results": rows + reference_rows,
-            "recovery": {"model": str(model_path), "reference": str(reference_path), "corpora": block, "mean_ratio": mean_ratio}}
+    return {"model": str(model_path), "reference": str(reference_path), "corpora": block, "mean_ratio": mean_ratio}
 
 
 def evaluation_json(evaluation: dict | list) -> str:

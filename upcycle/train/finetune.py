@@ -118,37 +118,44 @@ def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None
         "seconds": seconds,
         "recipe_yaml": yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
     }
-    finish_outputs(recipe, model_path, final, corpus.validation, summary)
+    sets = corpus.validation_sets or {"validation": corpus.validation}
+    finish_outputs(recipe, model_path, final, sets, summary, reference)
     return final
 
 
-def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation: torch.Tensor, summary: dict) -> None:
-    """Evaluate tuned vs untuned on the validation tokens, draw the plots, write the card and report."""
-    from ..eval.evaluate import evaluate
+def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation_sets: dict[str, torch.Tensor], summary: dict,
+                   reference: Path | None = None) -> None:
+    """Evaluate tuned vs untuned on every validation corpus (and the reference model, ``compare`` or the teacher,
+    when there is one: the recovery before and after tuning), draw the plots, write the card and report."""
+    from ..eval.evaluate import evaluate_corpora, evaluation_json, format_recovery_table, recovery_block
     from ..eval.plots import plot_head_usage, plot_loss_curve
 
     output = Path(recipe.output)
-    tokens = validation.reshape(-1)
+    corpora = {name: blocks.reshape(-1) for name, blocks in validation_sets.items()}  # name -> token stream [N]
     window = recipe.data.seq_len
-    results = [evaluate(model_path, tokens, window=window) | {"name": "before tuning"},
-               evaluate(final, tokens, window=window) | {"name": "after tuning"}]
-    (output / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    before = [row | {"name": "before tuning"} for row in evaluate_corpora(model_path, corpora, window=window)]
+    after = [row | {"name": "after tuning"} for row in evaluate_corpora(final, corpora, window=window)]
+    rows, blocks = before + after, None
+    if reference is not None:
+        reference_rows = [row | {"name": "reference"} for row in evaluate_corpora(reference, corpora, window=window)]
+        blocks = [recovery_block(final, reference, list(corpora), after, reference_rows),
+                  recovery_block(model_path, reference, list(corpora), before, reference_rows)]
+        rows += reference_rows
+        print(format_recovery_table({"results": after + reference_rows, "recovery": blocks[0]}))
+    (output / "eval.json").write_text(evaluation_json({"results": rows, "recovery": blocks}))
     plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
-    if results[1].get("head_usage"):
-        plot_head_usage(results[1]["head_usage"], output / "head_usage.png", title="head usage after tuning (fraction of tokens)")
+    if after[0].get("head_usage"):
+        plot_head_usage(after[0]["head_usage"], output / "head_usage.png", title="head usage after tuning (fraction of tokens)")
 
-    data = recipe.data
-    from ..data.corpus import corpus_name
-
-    held_out = (", ".join(corpus_name(source) for source in data.validation_sources()) if data.validation else
-                f"held-out {data.validation_fraction:.0%} of {', '.join(corpus_name(source) for source in data.train_sources())}")
-    evaluation = [{k: r[k] for k in ("name", "perplexity", "tokens", "window", "active_fraction") if k in r} | {"data": held_out} for r in results]
+    keep = ("name", "perplexity", "tokens", "window", "active_fraction", "data")
+    evaluation = {"results": [{k: r[k] for k in keep if k in r} for r in rows],
+                  "recovery": None if blocks is None else [b | {"model": name} for b, name in zip(blocks, ("after tuning", "before tuning"))]}
     finetune = {k: v for k, v in summary.items() if k != "recipe_yaml"} | {"recipe": recipe.model_dump(mode="json")}
     record_tuning(final, model_path, recipe.model, name=output.name, finetune=finetune, evaluation=evaluation)
     print(f"wrote {final}")
 
 
-def record_tuning(final: Path, source: Path, reference: str, *, name: str, finetune: dict, evaluation: list[dict]) -> None:
+def record_tuning(final: Path, source: Path, reference: str, *, name: str, finetune: dict, evaluation: dict | list[dict]) -> None:
     """Write the tuned folder's ``upcycle_report.json`` (the source's conversion record, or a dense one, plus the
     fine-tuning and its evaluation) and its model card. ``reference``: the model as the recipe names it."""
     from ..checkpoint.card import REPORT_FILE, hub_model_id, source_license, write_card, write_text_atomic
