@@ -121,12 +121,16 @@ def test_teacher_source_resolves_for_every_method(tmp_path, calibration_file):
     from upcycle.methods.mhe import MHEOptions
     from upcycle.methods.prune_heads import PruneHeadsOptions
 
+    from upcycle.methods.bam import BAMOptions
+
     dense = build_dense(tmp_path / "dense")
+    branch = build_dense(tmp_path / "branch", seed=1)
     outputs = {
         "moh": MoHOptions(),
         "prune-heads": PruneHeadsOptions(ratio=0.5, importance="random", uniform=True),
         "gqa": GQAOptions(kv_heads=1),
         "mhe": MHEOptions(),
+        "bam": BAMOptions(experts=[str(branch)]),  # the seed is the source
     }
     for method, options in outputs.items():
         out = tmp_path / method

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ class GQAOptions:
     """The GQA flags of ``upcycle convert``."""
 
     kv_heads: int | None = None
-    refit: str = "none"  # none | rescale | lstsq: refit o_proj on the calibration text after pooling
+    refit: Literal["none", "rescale", "lstsq"] = "none"  # refit o_proj on the calibration text after pooling
     calibration: Path | None = None
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512

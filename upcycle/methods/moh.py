@@ -14,6 +14,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -24,8 +25,9 @@ from ..errors import UpcycleError
 from ..modeling.routers import ROUTERS
 from .base import Conversion, SourceTensor, runtime_config
 
-SELECTIONS = ("first", "weight-norm", "contribution")
-RESCALES = ("none", "layer", "channel")
+Selection = Literal["first", "weight-norm", "contribution"]
+Rescale = Literal["none", "layer", "channel"]
+SELECTIONS, RESCALES = get_args(Selection), get_args(Rescale)
 FIT_STEPS = 300  # Adam steps of the fitted router's scorer, per layer
 FIT_CHUNK = 256  # tokens per chunk when expanding per-head outputs [chunk, heads, D]
 
@@ -34,14 +36,14 @@ FIT_CHUNK = 256  # tokens per chunk when expanding per-head outputs [chunk, head
 class MoHOptions:
     """The MoH flags of ``upcycle convert``."""
 
-    router: str = "query-norm"
+    router: Literal["query-norm", "learned", "fitted"] = "query-norm"
     shared_heads: str = "0.5"
     active_heads: float = 0.75
-    shared_selection: str | None = None  # None: contribution with calibration text, else weight-norm
+    shared_selection: Selection | None = None  # None: contribution with calibration text, else weight-norm
     calibration: Path | None = None
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
-    rescale: str = "none"  # o_proj scaled so the attention output best matches dense on calibration text: none, layer or channel
+    rescale: Rescale = "none"  # o_proj scaled so the attention output best matches dense on calibration text: none, layer or channel
 
 
 Options = MoHOptions

@@ -41,6 +41,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,8 @@ from ..errors import UpcycleError
 from .base import Conversion, SourceTensor, native_refusal, runtime_config
 from .refit import check_refit, refit_conversion, refit_plan_line
 
-IMPORTANCES = ("gradient", "random")
+Importance = Literal["gradient", "random"]
+IMPORTANCES = get_args(Importance)
 ATTENTION_TENSORS = (("q_proj", "weight"), ("q_proj", "bias"), ("k_proj", "weight"), ("k_proj", "bias"),
                      ("v_proj", "weight"), ("v_proj", "bias"), ("o_proj", "weight"))
 
@@ -63,7 +65,7 @@ class PruneHeadsOptions:
     """The head-pruning flags of ``upcycle convert``."""
 
     ratio: float | None = None
-    importance: str = "gradient"
+    importance: Importance = "gradient"
     seed: int = 0
     iterative: int = 1
     min_heads_per_layer: int = 1
@@ -71,9 +73,9 @@ class PruneHeadsOptions:
     calibration: Path | None = None
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
-    normalize: str = "auto"  # auto | layer | none
+    normalize: Literal["auto", "layer", "none"] = "auto"
     encoder_batch: int = 8  # blocks per backward pass for encoders (the contrastive proxy needs >= 2)
-    refit: str = "none"  # none | rescale | lstsq: refit o_proj on the calibration text after pruning
+    refit: Literal["none", "rescale", "lstsq"] = "none"  # refit o_proj on the calibration text after pruning
 
 
 Options = PruneHeadsOptions
