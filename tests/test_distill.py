@@ -164,7 +164,9 @@ def test_distillation_alone_moves_the_student_towards_its_teacher(moh):
     student = build_dense(tmp_path / "student", seed=1, initializer_range=0.3)
     path = write_recipe(tmp_path, student, data, teacher=str(teacher), losses__distill=1.0, losses__lm=0.0,
                         training__steps=16, training__lr=1e-2, training__min_lr=1e-3, training__eval_every=16)
-    run_finetune(load_recipe(str(path)))
+    final = run_finetune(load_recipe(str(path)))
+    card = (final / "README.md").read_text()
+    assert "Distilled from `teacher`: the objective is 1 x KL to the teacher (T = 1)." in card
     metrics = [m for m in read_metrics(tmp_path / "run") if m["step"] > 0]
     assert all({"loss", "lm_loss", "distill_loss", "aux_loss"} <= set(m) for m in metrics)
     first, last = metrics[0]["distill_loss"], metrics[-1]["distill_loss"]

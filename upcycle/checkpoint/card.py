@@ -434,10 +434,21 @@ def _finetune_lines(finetune: dict) -> list[str]:
                  + (f", {finetune['trainable_parameters']:,} parameters trainable" if finetune.get("trainable_parameters") else "") + ".")
     lines = ["## Fine-tuning", "", first, ""]
     if data.get("train"):
-        held_out = f"`{Path(str(data['validation'])).name}`" if data.get("validation") else (
-            f"the last {data['validation_fraction']:.0%} of the training text" if data.get("validation_fraction") else "none")
-        lines += [f"Training data: `{Path(str(data['train'])).name}`" + (f", sequences of {data['seq_len']} tokens" if data.get("seq_len") else "")
+        def names(sources) -> str:  # one source or a list of them, by file or asset name
+            return ", ".join(f"`{Path(str(source)).name.removeprefix('asset:')}`" for source in (sources if isinstance(sources, list) else [sources]))
+
+        held_out = names(data["validation"]) if data.get("validation") else (
+            f"{data['validation_fraction']:.0%} of the training documents" if data.get("validation_fraction") else "none")
+        lines += [f"Training data: {names(data['train'])}" + (f", sequences of {data['seq_len']} tokens" if data.get("seq_len") else "")
                   + f"; held out: {held_out}.", ""]
+    losses = recipe.get("losses") or {}
+    if recipe.get("teacher") and (losses.get("distill") or losses.get("distill_hidden")):
+        terms = [f"{losses.get('lm', 1.0):g} x LM loss" if losses.get("lm", 1.0) else None,
+                 f"{losses['distill']:g} x KL to the teacher (T = {losses.get('distill_temperature', 1.0):g})" if losses.get("distill") else None,
+                 f"{losses['distill_hidden']:g} x per-layer {losses.get('distill_hidden_on', 'hidden_states').replace('_', ' ')} matched to the teacher's"
+                 if losses.get("distill_hidden") else None]
+        teacher = "the model it was converted from" if recipe["teacher"] == "source" else f"`{_local_name(str(recipe['teacher']))}`"
+        lines += [f"Distilled from {teacher}: the objective is {' + '.join(t for t in terms if t)}.", ""]
     if recipe:
         lines += ["Recipe:", "", "```yaml", yaml.safe_dump(_without_paths(recipe), sort_keys=False).rstrip(), "```", ""]
     return lines
