@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from upcycle.assets import KJV_HELDOUT_EVERY, PYTHON_HELDOUT_EVERY, TEXT_ASSETS, cache_root, text_asset
+from upcycle.data.text import as_sources
 from upcycle.errors import UpcycleError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -75,12 +76,10 @@ class DataConfig:
                 )
 
     def train_sources(self) -> list[str]:
-        return [self.train] if isinstance(self.train, str) else list(self.train)
+        return as_sources(self.train)
 
     def validation_sources(self) -> list[str]:
-        if self.validation is None:
-            return []
-        return [self.validation] if isinstance(self.validation, str) else list(self.validation)
+        return as_sources(self.validation)
 
 
 def corpus_name(source: str) -> str:

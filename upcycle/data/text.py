@@ -98,3 +98,8 @@ def pack_tokens(documents: list[str], tokenizer, seq_len: int, max_tokens: int |
             "give more text or lower seq_len"
         )
     return torch.tensor(tokens[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+def as_sources(value: str | list[str] | None) -> list[str]:
+    """A data key that names one source or a list of them (``data.train``, ``data.validation``) as a list."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)

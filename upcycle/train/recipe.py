@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from ..data.text import as_sources
 from ..errors import UpcycleError
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -63,12 +64,6 @@ class DataSection(_Section):
     max_train_tokens: int | None = Field(None, gt=0)
     validation_tokens: int | None = Field(65536, ge=0)
     streaming: bool = False
-
-    def validation_sources(self) -> list[str]:
-        return [] if self.validation is None else [self.validation] if isinstance(self.validation, str) else list(self.validation)
-
-    def train_sources(self) -> list[str]:
-        return [self.train] if isinstance(self.train, str) else list(self.train)
 
 
 class LoraSection(_Section):
@@ -274,8 +269,8 @@ def check_files(recipe: Recipe) -> None:
     """Every local file a recipe names must exist (assets and Hub names are checked when used)."""
     checks = [("model", recipe.model), ("accelerate_config", recipe.accelerate_config)]
     if isinstance(recipe, Recipe):
-        checks += [("data.train", source) for source in recipe.data.train_sources()]
-        checks += [("data.validation", source) for source in recipe.data.validation_sources()]
+        checks += [("data.train", source) for source in as_sources(recipe.data.train)]
+        checks += [("data.validation", source) for source in as_sources(recipe.data.validation)]
         checks += [(key, value) for key, value in (("teacher", recipe.teacher), ("compare", recipe.compare)) if value != "source"]
     else:
         checks += [("data.train", recipe.data.train), ("data.validation", recipe.data.validation)]
