@@ -90,7 +90,7 @@ def test_recipe_overrides_and_missing_key(workspace):
 
 
 def test_bundled_recipes_validate_and_are_listed():
-    names = [p.stem for p in (ROOT / "recipes").glob("*.yaml") if not p.stem.startswith("fsdp")]
+    names = [p.stem for p in (ROOT / "upcycle" / "recipes").glob("*.yaml") if not p.stem.startswith("fsdp")]
     assert {"moh-llama3-8b", "smollm2-moh-cpu", "smollm2-dense-cpu"} <= set(names)
     paper = load_recipe("moh-llama3-8b")
     assert paper.training.global_batch_tokens == 16 * 2**20 and paper.data.seq_len == 8192

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -171,6 +172,9 @@ def convert(
     from .convert import convert_checkpoint
 
     def options():
+        for flag, value, example in (("--active-heads", active_heads, "0.75"), ("--ratio", ratio, "0.25")):
+            if value is not None and not math.isfinite(value):
+                raise UpcycleError(f"{flag} {value} is not a finite number; give a fraction like {example}")
         if method is not Method.prune_heads and ratio is not None:
             raise UpcycleError(f"--ratio applies to --method prune-heads, not {method.value}; drop it or pass --method prune-heads")
         if method is not Method.gqa and kv_heads is not None:
@@ -231,9 +235,23 @@ def convert(
         if target:
             from .checkpoint.hub import push_folder
 
+            written.append(out)
             push_folder(out, target.repo_id, private=private, target=target)
 
-    _run(go)
+    def terminable():
+        """SIGTERM (a job scheduler, `kill`) cleans up like Ctrl-C, then exits 143 with one line."""
+        from .checkpoint.writer import Terminated, sigterm_as_interrupt
+
+        try:
+            with sigterm_as_interrupt():
+                go()
+        except Terminated:
+            done = f"{out} was written, the push to {push_to_hub} did not finish" if written else "nothing was written"
+            typer.echo(f"terminated (SIGTERM): {done}", err=True)
+            raise typer.Exit(143) from None
+
+    written: list[Path] = []
+    _run(terminable)
 
 
 def _push_target(repo_id: str | None, private: bool, *, connect: bool = True):
@@ -265,7 +283,7 @@ def finetune(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides with dotted keys, e.g. training.steps=20 training.lr=3e-4.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the recipe's output folder.")] = False,
     stop_after: Annotated[int | None, typer.Option(help="Stop after this many steps in this run (checkpointed; continue with --resume).", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Start again in an output folder that already has checkpoints or a final model.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder (one holding only what finetune writes; never an input's folder).")] = False,
     push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="Then push OUTPUT/final (a clip-mcl recipe: its last stage) to this Hub repository. The token is checked before training.", show_default=False)] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repository private.")] = False,
 ) -> None:
@@ -275,10 +293,13 @@ def finetune(
 
     Several processes: accelerate launch --multi_gpu --num_processes 2 -m upcycle finetune RECIPE
     """
-    from .train.finetune import run_finetune
+    from .train.finetune import interruption_report, run_finetune
     from .train.recipe import load_recipe
 
+    loaded = None
+
     def go():
+        nonlocal loaded
         from .train.loop import process_state
 
         loaded = load_recipe(recipe, overrides or [])
@@ -301,12 +322,31 @@ def finetune(
             write_card(final, name=target.repo_id)
             push_folder(final, target.repo_id, private=private, target=target)
 
-    _run(go)
+    def interruptible():
+        """Ctrl-C or SIGTERM: one line saying what the output folder keeps and the command that continues."""
+        from .checkpoint.writer import Terminated, sigterm_as_interrupt
+
+        try:
+            with sigterm_as_interrupt():
+                go()
+        except KeyboardInterrupt as interrupt:
+            terminated = isinstance(interrupt, Terminated)
+            from .train.loop import process_state
+
+            state = process_state()
+            if state.is_main_process:
+                command = ["upcycle", "finetune", recipe, *(overrides or []), *(["--push-to-hub", push_to_hub] if push_to_hub else []),
+                           *(["--private"] if private else [])]
+                line = interruption_report(loaded, command, signal_name="terminated (SIGTERM)" if terminated else "interrupted")
+                typer.echo(line + (" (under the same accelerate launch)" if state.num_processes > 1 and "with:" in line else ""), err=True)
+            raise typer.Exit(143 if terminated else 130) from None
+
+    _run(interruptible)
 
 
 @app.command()
 def recipes() -> None:
-    """List the bundled recipes (recipes/*.yaml)."""
+    """List the bundled recipes (the YAML files shipped in the package: upcycle/recipes/*.yaml)."""
     from .train.recipe import RECIPES_DIR, bundled_recipes
 
     found = bundled_recipes()
@@ -356,7 +396,7 @@ def evaluate_command(
     data: Annotated[list[str], typer.Option(help="Held-out text: .txt (blank-line separated documents), .jsonl, a folder of them, or a text asset (asset:kjv-heldout, asset:python-heldout). Repeat for several corpora.")],
     compare: Annotated[str | None, typer.Option(help="A model scored on the same tokens, with the ratio of the perplexities per corpus; `source`: the dense model PATH was converted from (its upcycle_report.json).", show_default=False)] = None,
     tokens: Annotated[int, typer.Option(help="Tokens of each --data corpus to score.")] = 32768,
-    window: Annotated[int, typer.Option(help="Context window of the sliding-window perplexity.")] = 512,
+    window: Annotated[int | None, typer.Option(help="Context window of the sliding-window perplexity, at most the model's max_position_embeddings. Default: 512, or max_position_embeddings when smaller.", show_default=False)] = None,
     stride: Annotated[int | None, typer.Option(help="Stride of the sliding window (default: the window, i.e. disjoint blocks).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--json", help="Also write the results (and the recovery with --compare) as JSON to this file.", show_default=False)] = None,
     attention: Annotated[AttentionBackend, typer.Option(help="Head-gated attention: kernel (Triton, only the selected heads; CUDA), torch (only the selected heads, plain torch), masked (all heads times the gates; the reference), auto (kernel on CUDA with Triton, else masked).")] = AttentionBackend.auto,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -15,9 +16,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint.card import hub_model_id, source_license, write_card
 from .checkpoint.reader import CheckpointReader, resolve_source
-from .checkpoint.writer import ShardedWriter, atomic_output, copy_support_files, parse_size
+from .checkpoint.writer import (
+    SUPPORT_FILES, ShardedWriter, atomic_output, check_output_location, copy_support_files, output_parent, parse_size, recover_output,
+)
 from .errors import UpcycleError
 from .methods import ChunkedTensor, Conversion, SourceTensor, method_module
+from .paths import refuse_inputs_inside
 
 RUNTIME_DIR = Path(__file__).parent / "modeling"
 
@@ -54,9 +58,47 @@ def base_model_ids(src: str, folder: Path, config: dict, experts: list[str]) -> 
     return list(dict.fromkeys(i for i in ids if i))
 
 
+def input_paths(folder: Path, options) -> dict[str, Path | str | None]:
+    """Every local path a conversion reads, by flag: SRC, each --expert, --calibration and any other path option
+    (what OUT must not hold, since --overwrite deletes OUT)."""
+    inputs: dict[str, Path | str | None] = {"SRC": folder}
+    for field in dataclasses.fields(options) if dataclasses.is_dataclass(options) else []:
+        value = getattr(options, field.name)
+        flag = "--expert" if field.name == "experts" else f"--{field.name.replace('_', '-')}"
+        if isinstance(value, Path) or (field.name == "calibration" and isinstance(value, str)):
+            inputs[flag] = Path(value).expanduser()
+        elif field.name == "experts":
+            for index, expert in enumerate(value or []):
+                inputs[f"--expert #{index + 1}" if len(value) > 1 else "--expert"] = Path(str(expert)).expanduser()
+    return inputs
+
+
+def output_bytes(conversion: Conversion, folder: Path) -> int:
+    """What OUT will take on disk: the tensors, the shard headers, the copied support and runtime files, a few small files."""
+    tensors = sum(spec.nbytes for spec in conversion.layout)
+    support = {path for pattern in SUPPORT_FILES for path in folder.glob(pattern) if path.is_file()}
+    runtime = set(RUNTIME_DIR.glob("*.py")) if conversion.uses_runtime else set()
+    return tensors + sum(path.stat().st_size for path in support | runtime) + 64 * len(conversion.layout) + 2**20
+
+
 def options_class(method: str) -> type:
     """The options dataclass of a method (what ``upcycle convert``'s flags fill in)."""
     return method_module(method).Options
+
+
+def refuse_no_routed_head(reader: CheckpointReader, options) -> None:
+    """MoH with every query head shared routes nothing (with --active-heads 1.0 the output is the dense model in MoH
+    form): say so before any planning work. ``methods.moh.head_counts`` itself allows it."""
+    from .arch import decoder_spec
+    from .methods.moh import head_counts
+
+    spec = decoder_spec(reader.config, str(reader.folder))
+    shared, _ = head_counts(spec.num_heads, options.shared_heads, options.active_heads)
+    if shared >= spec.num_heads:
+        raise UpcycleError(
+            f"--shared-heads {options.shared_heads} makes all {spec.num_heads} heads shared, which leaves no routed head "
+            f"(the output would only be the dense model); share fewer heads, e.g. --shared-heads {spec.num_heads // 2} or 0.5"
+        )
 
 
 def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversion:
@@ -135,10 +177,15 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
     if not dry_run:
         if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
             raise UpcycleError(f"OUT {out} is (inside) the source folder; write the conversion to a new folder")
-        if out.exists() and not overwrite:
+        refuse_inputs_inside(out, input_paths(folder, options), what="OUT")
+        check_output_location(out)
+        recover_output(out)
+        if (out.exists() or out.is_symlink()) and not overwrite:
             raise UpcycleError(f"OUT {out} already exists; pass --overwrite to replace it")
     reader = CheckpointReader(folder)
     refuse_converted(reader.config, src)
+    if method == "moh":
+        refuse_no_routed_head(reader, options)
     conversion = plan_conversion(reader, method, options)
 
     before = count_parameters([reader.info(n) for n in reader.names()])
@@ -152,8 +199,10 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
         print("dry run: nothing written")
         return None
 
+    needed = output_bytes(conversion, folder)
+    check_output_location(out, needed)
     started = time.time()
-    with atomic_output(out, overwrite) as tmp:
+    with output_parent(out), atomic_output(out, overwrite, needed_bytes=needed) as tmp:
         with ShardedWriter(tmp, conversion.layout, max_shard, metadata={"upcycle_method": method}) as writer:
             progress = tqdm(total=out_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr, disable=None)
             passed_through = {}

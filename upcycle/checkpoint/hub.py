@@ -211,6 +211,32 @@ def validate_folder(folder: Path) -> list[str]:
     return problems
 
 
+def runtime_files() -> dict[str, bytes]:
+    """File name -> content of upcycle's model runtime, the ``.py`` files a conversion copies into a checkpoint
+    (``upcycle/modeling/*.py`` of the installed package, ``__init__.py`` aside)."""
+    runtime_dir = Path(__file__).resolve().parents[1] / "modeling"  # upcycle.convert.RUNTIME_DIR, without importing torch
+    return {file.name: file.read_bytes() for file in sorted(runtime_dir.glob("*.py")) if file.name != "__init__.py"}
+
+
+def foreign_python(folder: Path, files: list[tuple[str, int]]) -> list[str]:
+    """One warning per ``.py`` file among ``files`` (paths in ``folder``) that is not upcycle's runtime, by name and content:
+    code that anyone loading the model with ``trust_remote_code`` runs."""
+    from upcycle import __version__
+
+    runtime, warnings = runtime_files(), []
+    for name, _ in files:
+        if not name.endswith(".py"):
+            continue
+        if name not in runtime:
+            warnings.append(f"warning: {name} is Python code that is not upcycle's runtime; anyone who loads the model with "
+                            "trust_remote_code runs it: check it, or remove it before publishing")
+        elif (Path(folder) / name).read_bytes() != runtime[name]:
+            warnings.append(f"warning: {name} differs from the runtime file of the installed upcycle {__version__} (edited, or "
+                            "written by another version); anyone who loads the model with trust_remote_code runs it: check it, "
+                            "or convert again to get the current runtime")
+    return warnings
+
+
 def check_folder(folder: Path) -> list[tuple[str, int]]:
     """Refuse an invalid folder with the list of its problems; return the files to upload."""
     problems = validate_folder(folder)
@@ -251,13 +277,23 @@ def _is_transient(error: BaseException) -> bool:
 
 def hub_error(error: BaseException, action: str, target: PushTarget) -> UpcycleError:
     """One clear line for a failed Hub call (``action``: what was being done), without the token."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     token = target.token
     if isinstance(error, LocalTokenNotFoundError):
         return UpcycleError(f"no Hugging Face token; {LOGIN_HINT}")
     status = _status(error)
     detail = _scrub(getattr(error, "server_message", None) or str(error).split("\n")[0], token)
+    if isinstance(error, RevisionNotFoundError):
+        return UpcycleError(f"the Hub found no such branch of {target.repo_id} while {action} (HTTP {status}: {detail}); "
+                            "check --revision, or push without it to main")
+    if isinstance(error, RepositoryNotFoundError) or (isinstance(error, HfHubHTTPError) and status == 404):
+        if action == "checking the token":
+            return UpcycleError(f"{target.endpoint} answered HTTP 404 while {action} ({detail}), so it is not a Hugging Face Hub "
+                                "API; check HF_ENDPOINT (unset it for huggingface.co)")
+        return UpcycleError(f"the Hub refused {target.repo_id} while {action}: repository not found, or the token's account may "
+                            f"not see it (HTTP {status}: {detail}); check the owner/name spelling and that the namespace is yours "
+                            f"or an organisation you may write to, or {LOGIN_HINT} for it")
     if status == 401:
         return UpcycleError(f"the Hugging Face token was rejected (HTTP 401) by {target.endpoint}; {LOGIN_HINT}")
     if status == 403:
@@ -265,6 +301,12 @@ def hub_error(error: BaseException, action: str, target: PushTarget) -> UpcycleE
     if isinstance(error, ValueError) and "Invalid metadata in README.md" in str(error):
         reasons = "; ".join(line.lstrip("- ").strip() for line in str(error).splitlines()[1:] if line.strip())
         return UpcycleError(f"the Hub refused README.md's metadata ({_scrub(reasons, token)}); fix the card (or refresh it with `upcycle card`) and push again")
+    if isinstance(error, HfHubHTTPError) and status == 400 and action == "creating the repository":
+        return UpcycleError(f"the Hub refused to create {target.repo_id} (HTTP 400: {detail}): the repository id is invalid; "
+                            "use owner/name with letters, digits, '-', '_' and '.' (at most 96 characters, no '--' or '..')")
+    if isinstance(error, HfHubHTTPError) and status is not None and 400 <= status < 500 and status not in TRANSIENT_STATUS:
+        return UpcycleError(f"the Hub refused the request while {action} (HTTP {status}: {detail}); running again will not help: "
+                            "fix what the Hub names, then push again")
     if isinstance(error, HfHubHTTPError):
         again = " (after retries)" if status in TRANSIENT_STATUS else ""
         return UpcycleError(f"the Hub answered HTTP {status}{again} while {action} ({detail}); run the same command again to resume")
@@ -352,6 +394,8 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: 
     ``target``: from :func:`prepare_push`, when the token was checked earlier. Returns None on a dry run."""
     folder = Path(folder)
     files = check_folder(folder)
+    for warning in foreign_python(folder, files):
+        print(warning, file=sys.stderr, flush=True)
     if dry_run:
         where = f"{repo_id}" + (f" (branch {revision})" if revision else "")
         print(f"dry run: would upload to {where}:")

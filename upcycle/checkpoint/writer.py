@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import secrets
 import shutil
+import signal
+import socket
 import struct
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,34 +220,276 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         offset += len(chunk)
 
 
+OWNER_FILE = ".upcycle-owner"  # in a temp folder: {"pid", "host"} of the process writing it (removed before the rename)
+ABANDONED_AFTER_S = 3600  # a temp folder without an owner file (older upcycle) whose files are this old is abandoned
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (and every ``except KeyboardInterrupt`` sees it)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 @contextmanager
-def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp folder beside `out` that replaces `out` only if the block finishes without error."""
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) instead of killing the process at once,
+    so temp folders are removed. Only in the main thread, and only where SIGTERM still has its default action."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (then act on them as usual), so that a rename pair or a
+    clean-up is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in saved:
+        signal.signal(signum, lambda number, frame: pending.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if pending:
+            handler = saved[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _owner_state(folder: Path) -> str:
+    """"alive", "dead" (its process is gone: safe to remove) or "unknown" (no readable owner, or another host)."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        pid, host = int(owner["pid"]), owner["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+    if host != socket.gethostname():
+        return "unknown"
+    if pid == os.getpid():
+        return "alive"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:
+        return "alive"
+    except (OSError, OverflowError):
+        return "unknown"
+    return "alive"
+
+
+def _last_change(folder: Path) -> float:
+    """The newest modification time of the folder and the files in it."""
+    times = [folder.lstat().st_mtime]
+    for path in folder.rglob("*"):
+        try:
+            times.append(path.lstat().st_mtime)
+        except OSError:
+            pass
+    return max(times)
+
+
+def recover_output(out: Path, log=None) -> list[str]:
+    """Clean up what killed runs left beside ``out``, and say what was done (one line each, also passed to ``log``;
+    default: printed to stderr).
+
+    - ``.OUT.upcycle-tmp-*`` temp folders whose owning process is gone (or, without an owner file, unchanged for an
+      hour) are removed; those of a live process are left alone.
+    - ``.OUT.upcycle-old-*``, the previous OUT moved aside just before the new one takes its place: when OUT is
+      missing (a kill between the two renames) the newest is renamed back to OUT; otherwise it is removed.
+    """
     out = Path(out)
+    parent = out.parent
+    notes: list[str] = []
+    try:
+        entries = list(parent.iterdir()) if parent.is_dir() else []
+    except OSError:
+        return notes
+    temp_prefix, old_prefix = f".{out.name}.upcycle-tmp-", f".{out.name}.upcycle-old-"
+    writer_alive = False
+    with _signals_held():
+        for entry in sorted(e for e in entries if e.name.startswith(temp_prefix)):
+            state = _owner_state(entry)
+            if state == "unknown" and not (entry / OWNER_FILE).exists() and time.time() - _last_change(entry) > ABANDONED_AFTER_S:
+                state = "dead"
+            if state == "dead":
+                _remove(entry)
+                notes.append(f"removed {entry}, the temp folder of an earlier run that was stopped before it finished")
+            elif state == "alive":
+                writer_alive = True
+            else:
+                notes.append(f"left {entry} alone: it may belong to a run still writing {out} (on another host or an older upcycle); "
+                             "delete it if none is")
+        olds = [e for e in entries if e.name.startswith(old_prefix)]
+        if olds and not writer_alive:
+            olds.sort(key=lambda e: e.lstat().st_mtime, reverse=True)
+            if not (out.exists() or out.is_symlink()):
+                os.replace(olds[0], out)
+                notes.append(f"recovered {out} from {olds[0].name}: an earlier run was stopped while replacing it")
+                olds = olds[1:]
+            for old in olds:
+                _remove(old)
+                notes.append(f"removed {old}, a previous {out.name} that an earlier run had already replaced")
+    for note in notes:
+        (log or (lambda line: print(f"note: {line}", file=sys.stderr)))(note)
+    return notes
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not (path.exists() or path.is_symlink()) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def space_margin(needed: int) -> int:
+    """What the free-space check asks for beyond ``needed`` bytes (file-system overhead, small files)."""
+    return needed // 20 + 16 * 2**20
+
+
+def check_output_location(out: Path, needed_bytes: int | None = None) -> None:
+    """One line, before anything is written, when OUT cannot be created: the nearest existing folder above it is a file,
+    is read-only or not writable, or (``needed_bytes``) has less free space than the output plus a margin."""
+    out = Path(out)
+    base = _nearest_existing(out.parent)
+    if not base.is_dir():
+        raise UpcycleError(f"cannot create {out}: {base} is a file, not a folder; pick an OUT whose parent folders are folders")
+    if not os.access(base, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        reason = "is on a read-only file system" if read_only else "is not writable by you (permission denied)"
+        raise UpcycleError(f"cannot create {out}: {base} {reason}; write OUT to a folder you can write to")
+    if needed_bytes is not None:
+        free = shutil.disk_usage(base).free
+        required = needed_bytes + space_margin(needed_bytes)
+        if free < required:
+            raise UpcycleError(f"not enough free space for {out}: it needs about {format_bytes(required)} (with a margin) but "
+                               f"{base} has {format_bytes(free)} free; free some space or write OUT to another disk")
+
+
+@contextmanager
+def output_parent(out: Path) -> Iterator[Path]:
+    """Create OUT's missing parent folders (``mkdir -p``) and remove the ones created here if the block fails."""
+    parent = Path(out).absolute().parent
+    created = []
+    folder = parent
+    while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _remove_empty(created)
+        raise UpcycleError(_disk_message(error, Path(out), None)) from None
+    try:
+        yield parent
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _disk_message(error: OSError, out: Path, needed_bytes: int | None) -> str:
+    where = error.filename or out
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = f" (the output needs about {format_bytes(needed_bytes)})" if needed_bytes else ""
+        return (f"{error.strerror or 'no space left on device'} while writing {where}; nothing was written to {out}{need}: "
+                "free some space or write OUT to another disk")
+    if error.errno == errno.EROFS:
+        return f"{where} is on a read-only file system; nothing was written to {out}: write OUT to a writable folder"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"cannot create {out}: a parent of it is a file, not a folder ({where}); pick an OUT whose parent folders are folders"
+    return f"{error.strerror or error} ({where}); nothing was written to {out}: check its permissions or write OUT to a folder you can write to"
+
+
+@contextmanager
+def atomic_output(out: Path, overwrite: bool, *, needed_bytes: int | None = None) -> Iterator[Path]:
+    """Yield a temp folder beside `out` that replaces `out` only if the block finishes without error.
+
+    The temp folder ``.OUT.upcycle-tmp-*`` holds an owner file (this process's pid) until the rename, so a later run
+    can remove it if this process is killed; the previous OUT is moved to ``.OUT.upcycle-old-*`` for the instant between
+    the two renames (a later run renames it back if a kill lands there). SIGTERM cleans up like Ctrl-C; a full disk, a
+    read-only or unwritable folder become one line (``needed_bytes``: the output's size, for the message)."""
+    out = Path(out)
+    recover_output(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise UpcycleError(f"output {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = _fresh_sibling(out, "tmp")
     try:
-        yield temp
-        old = None
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.upcycle-old-{secrets.token_hex(4)}"
-            os.replace(out, old)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UpcycleError(_disk_message(error, out, needed_bytes)) from None
+    with sigterm_as_interrupt():
         try:
-            os.replace(temp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
+            with _signals_held():
+                temp = _fresh_sibling(out, "tmp")
+                try:
+                    (temp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+                except BaseException:
+                    shutil.rmtree(temp, ignore_errors=True)
+                    raise
+        except OSError as error:
+            raise UpcycleError(_disk_message(error, out, needed_bytes)) from None
+        try:
+            yield temp
+            with _signals_held():
+                (temp / OWNER_FILE).unlink(missing_ok=True)
+                old = None
+                if out.exists() or out.is_symlink():
+                    old = out.parent / f".{out.name}.upcycle-old-{secrets.token_hex(4)}"
+                    os.replace(out, old)
+                try:
+                    os.replace(temp, out)
+                except BaseException:
+                    if old is not None:
+                        os.replace(old, out)
+                    raise
+                if old is not None:
+                    _remove(old)
+        except BaseException as error:
+            with _signals_held():
+                shutil.rmtree(temp, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+                raise UpcycleError(_disk_message(error, out, needed_bytes)) from None
             raise
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
 
 
 def _fresh_sibling(out: Path, tag: str) -> Path:

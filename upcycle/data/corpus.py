@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from upcycle.assets import KJV_HELDOUT_EVERY, PYTHON_HELDOUT_EVERY, TEXT_ASSETS, cache_root, text_asset
-from upcycle.data.text import as_sources
+from upcycle.data.text import as_sources, check_text_file
 from upcycle.errors import UpcycleError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -134,14 +134,48 @@ def _load_local(path: Path, streaming: bool) -> tuple[datasets.Dataset | dataset
     if len(builders) > 1:
         raise UpcycleError(f"{path} mixes {' and '.join(sorted(builders))} files: keep one kind of file per folder")
     builder = builders.pop()
+    for file in files:  # an empty or binary file: one line naming it, not a vague error from datasets
+        if builder == "parquet":
+            if file.stat().st_size == 0:
+                raise UpcycleError(f"{file} is empty (no data in it): write the data into it, or leave it out of the data")
+        else:
+            check_text_file(file)
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
         data = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                      streaming=streaming, **kwargs)
     except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
-        raise UpcycleError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+        if _caused_by(e, UnicodeDecodeError):  # past the first bytes that check_text_file read
+            name = files[0] if len(files) == 1 else f"a file in {path}"
+            raise UpcycleError(f"{name} is not UTF-8 text: convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) or "
+                               "leave it out of the data") from None
+        raise UpcycleError(f"cannot read {path} ({type(e).__name__}: {_first_line(e)}): "
                            f"give valid {'/'.join(BUILDERS)} data") from e
     return (data.map(_split_paragraphs, batched=True), True) if builder == "text" else (data, False)
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``error`` or an exception in its cause/context chain is a ``kind``."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or of the first message in its cause chain (datasets wraps them)."""
+    first = " ".join(str(error).split())
+    for _ in range(8):  # a bounded walk: chains are short, and may loop
+        text = str(error).strip() if error is not None else ""
+        if text and not text.startswith("An error occurred while generating the dataset"):
+            return text.splitlines()[0][:200]
+        if error is None:
+            break
+        error = error.__cause__ or error.__context__
+    return first[:200] or "unreadable"
 
 
 def _load_hub(name: str, split: str, streaming: bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator
@@ -25,11 +26,43 @@ def json_lines(path: Path, raw: str) -> Iterator[tuple[int, object]]:
             raise UpcycleError(f"{path}:{number} is not valid JSON ({e.msg}): write one JSON object per line") from e
 
 
+SAMPLE_BYTES = 1 << 20  # how much of a large data file check_text_file reads
+
+
+def check_text_bytes(path: Path | str, data: bytes, complete: bool = True) -> None:
+    """Refuse a data file that is empty (or only whitespace) or is not UTF-8 text, from its bytes ``data`` (the whole
+    file when ``complete``, else its first bytes): one clear line naming the file and the fix."""
+    if not data.strip() and complete:
+        raise UpcycleError(f"{path} is empty (no text in it): put text in it, or leave it out of the data")
+    if b"\0" in data:
+        raise UpcycleError(f"{path} is not UTF-8 text (it holds NUL bytes: a binary file, or UTF-16 text): convert it to "
+                           "UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) or leave it out of the data")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=complete)
+    except UnicodeDecodeError as e:
+        raise UpcycleError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid): convert "
+                           "it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) or leave it out of the data") from None
+
+
+def check_text_file(path: Path | str) -> None:
+    """:func:`check_text_bytes` on a file's first ``SAMPLE_BYTES`` bytes; an unreadable file too is one line."""
+    sample = SAMPLE_BYTES
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(sample + 1)
+    except OSError as e:
+        raise UpcycleError(f"cannot read {path} ({e.strerror or e}): give a readable UTF-8 text file") from None
+    complete = len(data) <= sample
+    check_text_bytes(path, data if complete else data[:sample], complete)
+
+
 def _read_file(path: Path) -> list[str]:
     try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UpcycleError(f"cannot read {path} ({e}): give a readable UTF-8 .txt or .jsonl file") from e
+        data = path.read_bytes()
+    except OSError as e:
+        raise UpcycleError(f"cannot read {path} ({e.strerror or e}): give a readable UTF-8 .txt or .jsonl file") from None
+    check_text_bytes(path, data)
+    raw = data.decode("utf-8")
     if path.suffix.lower() == ".txt":
         return [doc.strip() for doc in re.split(r"\n[ \t\r\f\v]*\n", raw) if doc.strip()]
     documents = []

@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from ..errors import UpcycleError
 
 SOURCE = "source"  # --compare source: the dense model PATH was converted from
+DEFAULT_WINDOW = 512  # --window when not given (or the model's max_position_embeddings, when smaller)
 
 
-def run_eval(path: str, data: list[str], *, compare: str | None, tokens: int, window: int, stride: int | None, output: Path | None,
-             attention: str = "auto") -> dict:
+def run_eval(path: str, data: list[str], *, compare: str | None, tokens: int, window: int | None, stride: int | None,
+             output: Path | None, attention: str = "auto") -> dict:
     """Score PATH (and ``compare``; ``source``: PATH's recorded source) on every ``--data`` corpus, each tokenised with
-    PATH's tokenizer and cut to ``tokens``; print the table, write ``output`` (JSON) when given; returns the evaluation."""
-    from transformers import AutoTokenizer
-
+    PATH's tokenizer and cut to ``tokens``; print the table, write ``output`` (JSON) when given; returns the evaluation.
+    ``window`` None: 512, or the models' ``max_position_embeddings`` when smaller. Every input and the output's folder
+    are checked before any model is scored."""
     from ..train.finetune import resolve_model
-    from .evaluate import eval_tokens_from_text, evaluate_corpora, evaluation_json, format_recovery_table, recovery
+    from .evaluate import eval_tokens_from_text, evaluate_corpora, evaluation_json, format_recovery_table, load_tokenizer, recovery
 
+    if output is not None:
+        check_writable(output)
     folder = resolve_model(path)
     reference = recorded_source(folder) if compare == SOURCE else resolve_model(compare) if compare else None
     for model in [folder, reference]:
         if model is not None and not (model / "config.json").exists():
             raise UpcycleError(f"{model} is not a model folder: no config.json; pass the folder that holds the model")
+    window = check_window(window, [model for model in [folder, reference] if model is not None])
     files = corpus_files(data)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     corpora = {name: eval_tokens_from_text(file, tokenizer, tokens) for name, file in files.items()}
     kwargs = {"window": window, "stride": stride, "attention": attention}
     if reference is None:
@@ -34,8 +40,64 @@ def run_eval(path: str, data: list[str], *, compare: str | None, tokens: int, wi
         evaluation = recovery(folder, reference, corpora, **kwargs)
     print(format_recovery_table(evaluation))
     if output:  # for the model card (upcycle card)
-        output.write_text(evaluation_json(evaluation))
+        from ..checkpoint.card import write_text_atomic
+
+        try:
+            write_text_atomic(output.expanduser(), evaluation_json(evaluation))
+        except OSError as error:
+            raise UpcycleError(f"--json {output}: cannot write it ({error.strerror or error}); free space or pick another path "
+                               "(the results are printed above)") from None
     return evaluation
+
+
+def check_writable(output: Path) -> None:
+    """Refuse ``--json PATH`` up front when PATH cannot be written: a folder, a missing folder above it, a parent that
+    is a file, or a folder this user may not write in (tried with a temporary file, so it also holds for root)."""
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise UpcycleError(f"--json {output} is a folder; give a file path, e.g. {Path(output) / 'eval.json'}")
+    parent = path.absolute().parent
+    if not parent.exists():
+        above = next((p for p in parent.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UpcycleError(f"--json {output}: {above} is a file, not a folder; give a path in an existing folder")
+        raise UpcycleError(f"--json {output}: the folder {parent} does not exist; create it first or give a path in an existing folder")
+    if not parent.is_dir():
+        raise UpcycleError(f"--json {output}: {parent} is a file, not a folder; give a path in an existing folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as error:
+        raise UpcycleError(f"--json {output}: cannot write in {parent} ({error.strerror or error}); give a path in a folder you may write to") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def max_positions(folder: Path) -> int | None:
+    """The ``max_position_embeddings`` of a model folder's config.json (or of its ``text_config``), when it says one."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    value = config.get("max_position_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_window(window: int | None, folders: list[Path]) -> int:
+    """``window``, refused above a model's ``max_position_embeddings``; None: 512, or the smallest of them when below."""
+    limits = [(limit, folder) for folder in folders if (limit := max_positions(folder)) is not None]
+    if window is None:
+        return min([DEFAULT_WINDOW, *(limit for limit, _ in limits)])
+    if window < 1:
+        raise UpcycleError(f"--window {window} must be at least 1; give a positive number of tokens")
+    for limit, folder in limits:
+        if window > limit:
+            raise UpcycleError(f"--window {window} is above the max_position_embeddings ({limit}) of {folder}; "
+                               f"pass --window {limit} or less")
+    return window
 
 
 def corpus_files(data: list[str]) -> dict[str, Path]:

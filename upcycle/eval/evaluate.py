@@ -23,9 +23,7 @@ def eval_tokens_from_text(path: str | Path, tokenizer, max_tokens: int | None = 
     from upcycle.data.text import _token_stream, read_documents
 
     if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = load_tokenizer(tokenizer)
     if max_tokens is not None and max_tokens < 2:
         raise UpcycleError(f"max_tokens={max_tokens} leaves nothing to predict: give at least 2")
     if tokenizer.eos_token_id is None:
@@ -38,6 +36,25 @@ def eval_tokens_from_text(path: str | Path, tokenizer, max_tokens: int | None = 
     if len(tokens) < 2:
         raise UpcycleError(f"{path} gives {len(tokens)} token(s), too few to evaluate: give more text")
     return torch.tensor(tokens[:max_tokens], dtype=torch.long)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved in a model folder; one clear error when the folder has none or it does not load."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder).expanduser()
+    fix = ("copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) of the model it was made from into it, "
+           "e.g. AutoTokenizer.from_pretrained(SOURCE).save_pretrained(FOLDER)")
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UpcycleError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); {fix}")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise UpcycleError(f"cannot load the tokenizer of {folder} ({reason}); {fix}") from None
 
 
 def load_model(model_path: str | Path, device: str | None = None) -> torch.nn.Module:

@@ -55,7 +55,9 @@ def head_counts(num_heads: int, shared_heads: str, active_heads: float) -> tuple
     try:
         value = float(text)
     except ValueError:
-        raise UpcycleError(f"--shared-heads {text!r} is not a number; give a fraction like 0.5 or a head count like 4") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise UpcycleError(f"--shared-heads {text!r} is not a finite number; give a fraction like 0.5 or a head count like 4") from None
     if "." in text or value < 1:
         if not 0 <= value <= 1:
             raise UpcycleError(f"--shared-heads {text} is not a fraction in [0, 1]; give a fraction or a head count")

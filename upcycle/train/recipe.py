@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -18,11 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ..data.text import as_sources
 from ..errors import UpcycleError
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # upcycle/recipes/*.yaml, shipped as package data
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan anywhere: one line naming the key
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam beta: in [0, 1)
 
 
 CONVERT_METHODS = ("moh", "prune-heads", "gqa", "mhe")  # methods whose output is a causal LM to tune
@@ -98,7 +101,7 @@ class TrainingSection(_Section):
     min_lr: float = Field(1e-5, ge=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
@@ -143,6 +146,16 @@ class Recipe(_Section):
             self.convert = validate_convert(self.convert)
         return self
 
+    @model_validator(mode="after")
+    def _batch_splits(self) -> Recipe:
+        """A step's tokens must be whole micro-batches of whole sequences (the process count is checked at launch)."""
+        seq_len, training = self.data.seq_len, self.training
+        per_micro_batch = training.micro_batch_size * seq_len
+        if training.global_batch_tokens % per_micro_batch:
+            raise ValueError(f"training.global_batch_tokens {training.global_batch_tokens} is not a multiple of training.micro_batch_size "
+                             f"x data.seq_len = {training.micro_batch_size} x {seq_len} = {per_micro_batch}; make it one")
+        return self
+
     def reference(self) -> str | None:
         """The model the tuned one is compared with at the end: ``compare``, else the teacher."""
         return self.compare or self.teacher
@@ -172,7 +185,7 @@ class ClipTrainingSection(_Section):
     lr: float = Field(1e-5, gt=0)
     warmup_steps: int = Field(200, ge=0)
     weight_decay: float = Field(0.2, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.98)
     grad_clip: float = Field(1.0, gt=0)
     logit_scale_init: float | None = 4.605170185988092  # log 100; None keeps the model's
     seed: int = 0
@@ -283,7 +296,7 @@ def check_files(recipe: Recipe) -> None:
 
 
 def bundled_recipes() -> list[tuple[str, str]]:
-    """(name, description) of every recipe in recipes/."""
+    """(name, description) of every bundled recipe (upcycle/recipes/*.yaml)."""
     found = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         tree = yaml.safe_load(path.read_text()) or {}
