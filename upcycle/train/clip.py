@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UpcycleError
+from .loop import MAX_SKIPPED_STEPS, json_line, json_safe
 from .recipe import ClipRecipe
 
 
@@ -159,20 +160,14 @@ class ClipRunner:
         from transformers import AutoProcessor
 
         from ..data.image_text import ImageTextCollator, load_pairs
-        from .finetune import resolve_model
+        from .finetune import claim_output, resolve_model
         from .loop import use_cpu
 
         self.recipe, self.output = recipe, Path(recipe.output)
         self.accelerator = Accelerator(cpu=use_cpu())
-        done = [p for p in (self.output / "final", *self.output.glob("stage-*")) if p.exists()]
-        if done and not overwrite:
-            raise UpcycleError(f"{self.output} already holds {done[0].name}; pass --overwrite to start again or choose another output")
-        if overwrite and self.accelerator.is_main_process:
-            for path in done:
-                shutil.rmtree(path)
-            (self.output / "metrics.jsonl").unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
         self.base = resolve_model(recipe.model)
+        # the same rule as causal-LM recipes: no input inside the output; an existing output needs --overwrite
+        claim_output(recipe, self.accelerator, resume=False, overwrite=overwrite, inputs={"model": self.base})
         try:
             self.processor = AutoProcessor.from_pretrained(self.base)
         except (OSError, ValueError) as error:
@@ -194,7 +189,7 @@ class ClipRunner:
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
             with open(self.output / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json_line(record))
 
     def evaluate(self, model) -> dict | None:
         if self.validation is None:
@@ -218,7 +213,7 @@ class ClipRunner:
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(training.warmup_steps, steps // 2), steps)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         model.train()
-        started, last = time.time(), {}
+        started, last, skipped = time.time(), {}, []
         for step, batch in enumerate(plan, 1):
             local = batch[rank::world]  # every process the same cluster (the same global batch), its share of it
             sizes = [len(batch[r::world]) for r in range(world)]
@@ -230,9 +225,22 @@ class ClipRunner:
             balance = tower_balance_loss(self.accelerator.unwrap_model(model))
             total = loss + (losses.load_balance * balance if balance is not None else 0.0)
             self.accelerator.backward(total)
-            self.accelerator.clip_grad_norm_(params, training.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = float(self.accelerator.clip_grad_norm_(params, training.grad_clip))
+            # the loss (over the gathered batch) and the gradient norm are the same on every process: all skip together
+            if math.isfinite(total.item()) and math.isfinite(grad_norm):
+                optimizer.step()
+                skipped = []
+            else:
+                skipped.append(step)
+                if self.accelerator.is_main_process:
+                    print(f"\nwarning: {label} step {step}: the loss or gradient is not finite; the step was skipped", file=sys.stderr)
+                if len(skipped) >= MAX_SKIPPED_STEPS:
+                    raise UpcycleError(f"{label}: training stopped at step {step}: the loss or gradient was not finite at steps "
+                                       f"{', '.join(map(str, skipped))} (each skipped); lower training.lr or check the data, "
+                                       "then start again with --overwrite")
+            with warnings.catch_warnings():  # a skipped first step: torch warns that the scheduler steps before the optimizer
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             last = {"stage": label, "step": step, "pairs": len(batch), "loss": loss.item(), "aux_loss": balance.item() if balance is not None else 0.0,
                     "lr": scheduler.get_last_lr()[0], "logit_scale": scale.item(), "seconds": round(time.time() - started, 1)}
@@ -254,8 +262,14 @@ class ClipRunner:
             record_tuning(folder, self.base, self.recipe.model, name=name or self.output.name, finetune=finetune, evaluation=evaluation)
 
     def save(self, model, folder: Path) -> None:
-        """save_pretrained plus the processor (and the runtime files of upcycled models), atomically."""
+        """save_pretrained plus the processor (and the runtime files of upcycled models), atomically; never
+        non-finite weights."""
         self.accelerator.wait_for_everyone()
+        bad = next((name for name, tensor in self.accelerator.unwrap_model(model).state_dict().items()
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        if bad is not None:  # every process holds the same replica, so all raise together
+            raise UpcycleError(f"the tuned weights are not finite ({bad}), so {folder} was not written; lower training.lr "
+                               "and start again with --overwrite")
         if self.accelerator.is_main_process:
             from ..checkpoint.writer import atomic_output, copy_support_files
             from .loop import copy_runtime
@@ -285,7 +299,7 @@ def run_clip_recipe(recipe: ClipRecipe, overwrite: bool = False) -> Path:
     else:
         final = run_mcl(runner, report)
     if runner.accelerator.is_main_process:
-        (runner.output / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        (runner.output / "eval.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     return final
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -12,8 +14,13 @@ import torch
 import yaml
 
 from ..errors import UpcycleError
-from .loop import Trainer, process_state
-from .recipe import Recipe
+from ..paths import refuse_inputs_inside
+from .loop import CHECKPOINTS, FINAL, BatchPlan, Trainer, json_safe, latest_checkpoint, process_state, recover_checkpoints
+from .recipe import ClipRecipe, Recipe
+
+# what finetune (and a CLIP recipe) writes into its output folder; --overwrite replaces only a folder holding nothing else
+OUTPUT_ENTRIES = (CHECKPOINTS, FINAL, "converted", "metrics.jsonl", "eval.json", "loss.png", "head_usage.png", "stage-*",
+                  ".*.tmp", ".*.upcycle-tmp-*", ".*.upcycle-old-*")
 
 
 def resolve_model(reference: str) -> Path:
@@ -43,9 +50,86 @@ def resolve_text(reference: str | None) -> str | None:
     return reference
 
 
-def prepare_model(recipe: Recipe, state) -> Path:
-    """The folder to tune: the recipe's model, converted first into OUTPUT/converted when asked."""
-    source = resolve_model(recipe.model)
+def recipe_inputs(recipe: Recipe | ClipRecipe) -> dict[str, str | None]:
+    """The local files and folders a recipe reads (label -> path; Hub ids and assets are skipped by the checks)."""
+    from ..data.text import as_sources
+
+    inputs: dict[str, str | None] = {"model": recipe.model, "accelerate_config": recipe.accelerate_config}
+    for key in ("train", "validation"):
+        sources = as_sources(getattr(recipe.data, key))
+        inputs |= {f"data.{key}" if len(sources) == 1 else f"data.{key}[{i}]": source for i, source in enumerate(sources)}
+    for key in ("teacher", "compare"):
+        value = getattr(recipe, key, None)
+        inputs[key] = None if value == "source" else value
+    calibration = getattr(getattr(recipe, "convert", None), "calibration", None)
+    inputs["convert.calibration"] = None if calibration is None else str(calibration)
+    return inputs
+
+
+def claim_output(recipe: Recipe | ClipRecipe, state, *, resume: bool, overwrite: bool,
+                 inputs: dict[str, Path | str | None] | None = None) -> None:
+    """The output rule: no input inside it; a new folder, or an existing one with ``--overwrite`` (replaced now, if it
+    holds only what finetune writes) or ``--resume`` (a complete upcycle checkpoint in it). Checked on every
+    process before any of them changes anything."""
+    output = Path(recipe.output)
+    refuse_inputs_inside(output, recipe_inputs(recipe) | (inputs or {}), what="output")
+    if resume and overwrite:
+        raise UpcycleError("--resume continues the run in the output folder and --overwrite replaces it; pass one of them")
+    if output.exists() and not output.is_dir():
+        raise UpcycleError(f"output {output} is a file; choose a folder")
+    checkpoint = latest_checkpoint(output)
+    if resume and checkpoint is None:
+        where = "interrupted save only" if any((output / CHECKPOINTS).glob(".step-*")) else "none"
+        raise UpcycleError(f"--resume: no complete checkpoint in {output / CHECKPOINTS} ({where}); start again with --overwrite"
+                           if output.exists() else f"--resume: output {output} does not exist; start without --resume")
+    if not resume and (output.exists() or output.is_symlink()):
+        if not overwrite and checkpoint is not None:
+            raise UpcycleError(f"output {output} has checkpoints (last: {checkpoint.name}); pass --resume to continue, "
+                               "--overwrite to start again, or choose another output")
+        if not overwrite:
+            raise UpcycleError(f"output {output} already exists; pass --overwrite to replace it, or choose another output")
+        foreign = sorted(e.name for e in output.iterdir() if not any(fnmatch.fnmatch(e.name, p) for p in OUTPUT_ENTRIES))
+        if foreign:
+            raise UpcycleError(f"output {output} holds files finetune does not write ({', '.join(foreign[:3])}), which --overwrite "
+                               "would delete; move them away or choose another output")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if overwrite and output.exists():
+            shutil.rmtree(output)
+        if resume:
+            recover_checkpoints(output)
+    state.wait_for_everyone()
+
+
+def check_model_folder(recipe: Recipe, source: Path):
+    """The model's tokenizer loads and ``data.seq_len`` fits its positions; returns the tokenizer."""
+    config_file = Path(source) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config = config.get("text_config") or config
+        limit = next((config[key] for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                      if isinstance(config.get(key), int)), None)
+        if limit is not None and recipe.data.seq_len > limit:
+            raise UpcycleError(f"data.seq_len {recipe.data.seq_len} is above the model's max_position_embeddings {limit}; "
+                               f"pass data.seq_len={limit} or less")
+    return load_tokenizer(source)
+
+
+def load_tokenizer(folder: Path, role: str = "model"):
+    """The folder's tokenizer; a folder without tokenizer files is one line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise UpcycleError(f"{role} {folder} has no usable tokenizer ({reason}); copy the tokenizer files (tokenizer.json, "
+                           "tokenizer_config.json, ...) of the model it came from into it") from None
+
+
+def prepare_model(recipe: Recipe, state, source: Path | None = None) -> Path:
+    """The folder to tune: the recipe's model (``source``: already resolved), converted first into OUTPUT/converted when asked."""
+    source = source or resolve_model(recipe.model)
     if recipe.convert is None:
         return source
     converted = Path(recipe.output) / "converted"
@@ -61,14 +145,14 @@ def prepare_model(recipe: Recipe, state) -> Path:
     return converted
 
 
-def resolve_references(recipe: Recipe, model_path: Path) -> tuple[Path | None, Path | None]:
+def resolve_references(recipe: Recipe, model_path: Path, *, check_tokenizer: bool = True) -> tuple[Path | None, Path | None]:
     """(teacher folder, reference folder) of a recipe; ``source`` is the model ``model_path`` was converted from.
-    A teacher must share the student's tokenizer (one line otherwise)."""
+    A teacher must share the student's tokenizer (one line otherwise; ``check_tokenizer=False``: checked later)."""
     from .distill import check_same_tokenizer, resolve_reference
 
     converted_from = str(resolve_model(recipe.model)) if recipe.convert is not None else None
     teacher = resolve_reference(recipe.teacher, model_path, "teacher", converted_from) if recipe.teacher else None
-    if teacher is not None:
+    if teacher is not None and check_tokenizer:
         check_same_tokenizer(model_path, teacher)
     reference = recipe.reference()
     if reference is None:
@@ -88,19 +172,21 @@ def build_data(recipe: Recipe, tokenizer, state):
 
 def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> Path | None:
     """Run a whole recipe; returns OUTPUT/final, or None when stopped early by ``stop_after``."""
-    from transformers import AutoTokenizer
+    from .distill import check_same_tokenizer
 
     state = process_state()
     output = Path(recipe.output)
-    if not resume and not overwrite and (output / "checkpoints").exists():
-        raise UpcycleError(f"{output} already has checkpoints; pass --resume to continue, --overwrite to start again, or choose another output")
-    if not resume and not overwrite and (output / "final").exists():
-        raise UpcycleError(f"{output}/final already exists; pass --overwrite to replace it or choose another output")
-    if overwrite and not resume and state.is_main_process and (output / "checkpoints").exists():
-        shutil.rmtree(output / "checkpoints")
-    model_path = prepare_model(recipe, state)
-    teacher, reference = resolve_references(recipe, model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    BatchPlan.from_recipe(recipe, state.num_processes)  # the step splits over these processes: before any work
+    source = resolve_model(recipe.model)
+    check_model_folder(recipe, source)
+    # a converting recipe tunes OUTPUT/converted (written below); the teacher and compare models resolve without it
+    teacher, reference = resolve_references(recipe, source if recipe.convert is None else output / "converted", check_tokenizer=False)
+    claim_output(recipe, state, resume=resume, overwrite=overwrite, inputs={"model": source, "teacher": teacher, "compare": reference})
+    model_path = prepare_model(recipe, state, source)
+    tokenizer = load_tokenizer(model_path)
+    if teacher is not None:
+        load_tokenizer(teacher, "teacher")
+        check_same_tokenizer(model_path, teacher)
     corpus = build_data(recipe, tokenizer, state)
     started = time.time()
     trainer = Trainer(recipe, model_path, corpus, resume=resume, stop_after=stop_after, teacher=teacher, reference=reference)
@@ -174,5 +260,23 @@ def record_tuning(final: Path, source: Path, reference: str, *, name: str, finet
                   "base_license": source_license(source), "parameters": {"before": total, "after": total},
                   "description": "A dense model continue-tuned with upcycle."}
     report |= {"name": name, "finetune": finetune, "evaluation": evaluation}
-    write_text_atomic(final / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(final / REPORT_FILE, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     write_card(final)
+
+
+def interruption_report(recipe: Recipe | ClipRecipe | None, command: list[str], *, signal_name: str = "interrupted") -> str:
+    """One line after Ctrl-C or SIGTERM: what the output folder keeps and the exact command that continues."""
+    if recipe is None or not Path(recipe.output).exists():
+        return f"{signal_name}: nothing was written"
+    output = Path(recipe.output)
+    kept = []
+    checkpoint = latest_checkpoint(output) if isinstance(recipe, Recipe) else None
+    if checkpoint is not None:
+        kept.append(f"checkpoint step {int(checkpoint.name.split('-')[1])} ({checkpoint})")
+    kept += [str(output / name) for name in ("final", "converted", "metrics.jsonl") if (output / name).exists()]
+    kept += [str(p) for p in sorted(output.glob("stage-*"))]
+    if not kept:
+        return f"{signal_name}: nothing was kept in {output}; start again with: {shlex.join([*command, '--overwrite'])}"
+    flag = "--resume" if checkpoint is not None else "--overwrite"
+    action = "continue" if checkpoint is not None else "start again"
+    return f"{signal_name}: kept {', '.join(kept)}; {action} with: {shlex.join([*command, flag])}"

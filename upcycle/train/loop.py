@@ -5,6 +5,11 @@ drawn from a seeded permutation (so the order depends only on the seed and the
 step, which makes resuming exact), split across processes and then into
 micro-batches with gradient accumulation. The loss is the LM loss plus the
 recipe's weights times the routers' load-balance and z-loss terms, each averaged over routers.
+
+Checkpoints are upcycle's own files, never pickles: ``trainer_state.json`` (step, scheduler state, the file list),
+``model.safetensors``, ``optimizer.pt`` (read back with ``torch.load(weights_only=True)``), ``rng-RANK.safetensors``;
+under FSDP accelerate's per-rank ``.bin`` shards (also read with ``weights_only=True``) instead of the model and
+optimizer files. Each is written into ``checkpoints/.step-N.tmp`` and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +35,12 @@ from .recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_FORMAT = 2  # 1: accelerate's save_state (pickles), no longer read
+MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
+FSDP_MODEL, FSDP_OPTIMIZER = "fsdp_model", "fsdp_optimizer"  # folders of accelerate's FSDP state (per-rank .bin, weights only)
+FSDP_FILE = re.compile(rf"({FSDP_MODEL}|{FSDP_OPTIMIZER})/[A-Za-z0-9_.-]+\.bin")
+MAX_SKIPPED_STEPS = 3  # consecutive steps with a non-finite loss or gradient, skipped, before training stops
 # metrics.jsonl names of the loss terms: loss is the weighted sum of lm, distill and hidden (router terms apart)
 METRIC_NAMES = {"loss": "loss", "lm": "lm_loss", "aux": "aux_loss", "z": "z_loss", "distill": "distill_loss", "hidden": "hidden_loss"}
 
@@ -142,9 +157,105 @@ def router_z_loss(model) -> torch.Tensor | None:
     return router_term(model, "z_loss")
 
 
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.safetensors"
+
+
 def latest_checkpoint(output: Path) -> Path | None:
-    found = sorted((output / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+    """The last complete checkpoint (``checkpoints/step-N`` with its ``trainer_state.json``); temp folders of an
+    interrupted save (``.step-N.tmp``) never count."""
+    found = [p for p in (Path(output) / CHECKPOINTS).glob("step-*")
+             if re.fullmatch(r"step-\d+", p.name) and p.is_dir() and (p / TRAINER_STATE).is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+
+
+def recover_checkpoints(output: Path) -> None:
+    """Clean up after a save that was killed: remove ``checkpoints/.step-N.tmp`` (never complete), and put back a
+    ``.step-N.old`` whose replacement never arrived (else remove it)."""
+    for leftover in sorted((Path(output) / CHECKPOINTS).glob(".step-*")):
+        whole = leftover.with_name(leftover.name.removeprefix(".").removesuffix(".old"))
+        if leftover.name.endswith(".old") and not whole.exists() and (leftover / TRAINER_STATE).is_file():
+            os.replace(leftover, whole)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (inf, nan) as None: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps up to ``step`` (the checkpoint a run resumes from, which logs the later steps again),
+    and drop a line torn by a kill."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text("".join(kept))
+    os.replace(temp, path)
+
+
+def read_checkpoint_state(checkpoint: Path, *, processes: int, sharded: bool) -> dict:
+    """The checkpoint's ``trainer_state.json``, after checking that the folder holds exactly the files upcycle
+    writes for this run's layout (nothing else is ever read: a planted file is refused, not loaded)."""
+    def refuse(problem: str, fix: str = "start again with --overwrite") -> UpcycleError:
+        return UpcycleError(f"checkpoint {checkpoint} {problem}; {fix}")
+
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise refuse(f"has an unreadable {TRAINER_STATE} ({type(error).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise refuse("was not written by this version of upcycle (an older format, or not upcycle's)")
+    step, files = state.get("step"), state.get("files")
+    if not isinstance(step, int) or isinstance(step, bool) or step != int(checkpoint.name.split("-")[1]):
+        raise refuse(f"records step {step!r}, not the step of its name")
+    if state.get("processes") != processes:
+        raise refuse(f"was written by {state.get('processes')} process(es), this run has {processes}",
+                     f"resume with {state.get('processes')} process(es)")
+    if bool(state.get("sharded")) != sharded:
+        raise refuse("was written " + ("with" if state.get("sharded") else "without") + " FSDP",
+                     "resume with the accelerate configuration it was written with")
+    if not isinstance(state.get("scheduler"), dict) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise refuse(f"has an incomplete {TRAINER_STATE}")
+    expected = {rng_file(rank) for rank in range(processes)}
+    if sharded:
+        shards = {f for f in files if FSDP_FILE.fullmatch(f)}
+        expected |= shards
+        if not any(f.startswith(FSDP_MODEL + "/") for f in shards) or not any(f.startswith(FSDP_OPTIMIZER + "/") for f in shards):
+            raise refuse("lacks its FSDP model or optimizer shards")
+    else:
+        expected |= {MODEL_FILE, OPTIMIZER_FILE}
+    if set(files) != expected:
+        raise refuse(f"lists files upcycle does not write ({', '.join(sorted(set(files) ^ expected)[:3])})")
+    folders = {str(Path(f).parent) for f in expected} - {"."}
+    present = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*")}
+    extra = sorted(present - expected - folders - {TRAINER_STATE})
+    missing = sorted(expected - present)
+    if extra:
+        raise refuse(f"holds files upcycle does not write ({', '.join(extra[:3])}), so it was changed after it was written",
+                     "remove them, or start again with --overwrite")
+    if missing:
+        raise refuse(f"lacks {', '.join(missing[:3])}")
+    return state
 
 
 class Trainer:
@@ -201,42 +312,122 @@ class Trainer:
             lr=recipe.training.lr, betas=recipe.training.adam_betas)
         self.scheduler = lr_schedule(optimizer, recipe)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        # the scheduler is not registered with accelerate: its state goes into trainer_state.json (accelerate pickles it)
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        self._sharded = kind == DistributedType.FSDP
+        checkpoints = resume or stop_after is not None or recipe.training.save_every > 0
+        if checkpoints and kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
+            raise UpcycleError(f"upcycle checkpoints support one process, several (DDP) and FSDP, not {kind.value}; "
+                               "train without save_every, --stop-after and --resume, or use DDP or FSDP")
         self.trainable_parameters = sum(p.numel() for p in params)
         self.step = 0
         self._stream = None
+        self._skipped: list[int] = []  # the current run of consecutive skipped (non-finite) steps
         if resume:
             self._resume()
 
     # ---- checkpoints -------------------------------------------------------------------
     def _resume(self) -> None:
+        """Load the last complete checkpoint: only the files upcycle writes, tensors only (no pickle is executed)."""
         checkpoint = latest_checkpoint(self.output)
         if checkpoint is None:
-            raise UpcycleError(f"--resume: no checkpoint in {self.output / CHECKPOINTS}; start without --resume")
-        self.accelerator.load_state(str(checkpoint))
-        self.step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+            raise UpcycleError(f"--resume: no complete checkpoint in {self.output / CHECKPOINTS}; "
+                               "start again with --overwrite (or without --resume in a new output)")
+        from safetensors import SafetensorError
+
+        accelerator = self.accelerator
+        state = read_checkpoint_state(checkpoint, processes=accelerator.num_processes, sharded=self._sharded)
+        fresh = self.scheduler.state_dict()
+        if set(state["scheduler"]) != set(fresh):
+            raise UpcycleError(f"checkpoint {checkpoint} holds another scheduler state ({', '.join(sorted(set(state['scheduler']) ^ set(fresh)))}); "
+                               "start again with --overwrite")
+        try:
+            if self._sharded:
+                from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
+
+                plugin = accelerator.state.fsdp_plugin
+                load_fsdp_model(plugin, accelerator, self.model, str(checkpoint / FSDP_MODEL), use_dcp=False)
+                load_fsdp_optimizer(plugin, accelerator, self.optimizer, self.model, str(checkpoint / FSDP_OPTIMIZER), use_dcp=False)
+            else:
+                from safetensors.torch import load_model
+
+                device = accelerator.device
+                load_model(accelerator.unwrap_model(self.model), str(checkpoint / MODEL_FILE), strict=True,
+                           device="cpu" if device.type == "cpu" else str(device))  # safetensors refuses "cpu:0"
+                self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+            self.scheduler.load_state_dict(state["scheduler"])
+            from safetensors.torch import load_file
+
+            rng = load_file(checkpoint / rng_file(accelerator.process_index))
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and accelerator.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, OSError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise UpcycleError(f"checkpoint {checkpoint} does not load into this run ({type(error).__name__}: {reason}); "
+                               "resume with the recipe and model it was written with, or start again with --overwrite") from None
+        self.step = state["step"]
+        if accelerator.is_main_process:
+            recover_checkpoints(self.output)
+            truncate_metrics(self.output / "metrics.jsonl", self.step)
+        accelerator.wait_for_everyone()
         self._print(f"resumed from {checkpoint} at step {self.step}")
 
     def save_checkpoint(self) -> Path:
-        """accelerate state (model, optimizer, scheduler, RNG) into checkpoints/step-N, atomically."""
+        """Model, optimizer, scheduler and RNG states into checkpoints/step-N: written into ``.step-N.tmp`` and
+        renamed into place once complete, so a kill mid-save never leaves a checkpoint that looks whole."""
+        accelerator = self.accelerator
         final = self.output / CHECKPOINTS / f"step-{self.step:07d}"
         temp = final.with_name(f".{final.name}.tmp")
-        if self.accelerator.is_main_process and temp.exists():
-            shutil.rmtree(temp)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(temp))
-        if self.accelerator.is_main_process:
-            (temp / "trainer_state.json").write_text(json.dumps({"step": self.step, "recipe": self.recipe.model_dump()}, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temp, final)
-        self.accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if temp.exists():
+                shutil.rmtree(temp)
+            for folder in (temp / FSDP_MODEL, temp / FSDP_OPTIMIZER) if self._sharded else (temp,):
+                folder.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        if self._sharded:  # per-rank files read back with weights_only=True (DCP's metadata would be unpickled)
+            from accelerate.utils import save_fsdp_model, save_fsdp_optimizer
+
+            plugin = accelerator.state.fsdp_plugin
+            save_fsdp_model(plugin, accelerator, self.model, str(temp / FSDP_MODEL), use_dcp=False)
+            save_fsdp_optimizer(plugin, accelerator, self.optimizer, self.model, str(temp / FSDP_OPTIMIZER), use_dcp=False)
+        elif accelerator.is_main_process:  # every process holds the same replica
+            from safetensors.torch import save_model
+
+            save_model(accelerator.unwrap_model(self.model), str(temp / MODEL_FILE), force_contiguous=True)
+            torch.save(self.optimizer.state_dict(), temp / OPTIMIZER_FILE)
+        from safetensors.torch import save_file
+
+        rng = {"cpu": torch.get_rng_state()}
+        if accelerator.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(accelerator.device)
+        save_file(rng, str(temp / rng_file(accelerator.process_index)))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if p.is_file())
+            state = {"format": CHECKPOINT_FORMAT, "step": self.step, "processes": accelerator.num_processes, "sharded": self._sharded,
+                     "files": files, "scheduler": self.scheduler.state_dict(), "recipe": self.recipe.model_dump(mode="json")}
+            (temp / TRAINER_STATE).write_text(json.dumps(json_safe(state), indent=2, allow_nan=False) + "\n")
+            if final.exists():  # the same step saved again (a resumed run stopped at once): swap, never delete first
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(temp, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(temp, final)
+        accelerator.wait_for_everyone()
         return final
 
     # ---- training ----------------------------------------------------------------------
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
-            print(text, file=sys.stderr, flush=True)
+            if getattr(self, "_progress", None) is not None:  # above the progress bar, not inside it
+                self._progress.write(text, file=sys.stderr)
+            else:
+                print(text, file=sys.stderr, flush=True)
 
     def _micro_batches(self) -> list[torch.Tensor]:
         """This process's micro-batches for the current step: [accumulation] x [M, T]."""
@@ -298,16 +489,36 @@ class Trainer:
                 self.accelerator.backward(loss / len(micro_batches))
             for name, term in [("loss", objective), *terms.items()]:
                 totals[name] = totals.get(name, 0.0) + term.detach().float() / len(micro_batches)
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.training.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.training.grad_clip))
         names = ["loss", "lm", "aux", "z", *(name for name in ("distill", "hidden") if name in totals)]
         zero = torch.zeros((), device=self.accelerator.device)
         values = self.accelerator.reduce(torch.stack([totals.get(name, zero) for name in names]), reduction="mean").tolist()
+        # the reduced losses and the (all-reduced) gradient norm are the same on every process: all skip together
+        finite = all(math.isfinite(v) for v in values) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        with warnings.catch_warnings():  # a skipped first step: torch warns that the scheduler steps before the optimizer
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
         metrics = {"step": self.step} | {METRIC_NAMES[name]: value for name, value in zip(names, values)}
-        return metrics | {"lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+        return metrics | {"lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm} | ({} if finite else {"skipped": True})
+
+    def _check_finite(self, metrics: dict) -> None:
+        """A skipped step (non-finite loss or gradient) is a warning; ``MAX_SKIPPED_STEPS`` in a row stop training."""
+        if not metrics.get("skipped"):
+            self._skipped = []
+            return
+        self._skipped.append(self.step)
+        self._print(f"warning: step {self.step}: the loss or gradient is not finite (loss {metrics['loss']}, grad norm "
+                    f"{metrics['grad_norm']}); the step was skipped, weights unchanged")
+        if len(self._skipped) >= MAX_SKIPPED_STEPS:
+            kept = latest_checkpoint(self.output)
+            raise UpcycleError(f"training stopped at step {self.step}: the loss or gradient was not finite at steps "
+                               f"{', '.join(map(str, self._skipped))} (each skipped) and no final model was written; lower "
+                               f"training.lr or check the data, then start again with --overwrite"
+                               + (f" or --resume from {kept.name}" if kept is not None else ""))
 
     def _block_losses(self, model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean next-token loss of ``model`` on each validation corpus's blocks."""
@@ -352,7 +563,7 @@ class Trainer:
             metrics["val_loss_by_corpus"] = per_corpus
         if self.reference is not None:
             reference = self.reference_losses()
-            metrics["recovery"] = {name: math.exp(per_corpus[name] - reference[name]) for name in per_corpus if name in reference}
+            metrics["recovery"] = {name: _ratio(per_corpus[name] - reference[name]) for name in per_corpus if name in reference}
         fraction = usage.fraction()
         if fraction.numel():
             metrics["head_usage"] = [[round(v, 4) for v in row] for row in fraction.tolist()]
@@ -378,34 +589,63 @@ class Trainer:
             start = {"step": 0, "tokens": 0} | self.validate()
             if self.accelerator.is_main_process:
                 with metrics_path.open("a") as log:
-                    log.write(json.dumps(start) + "\n")
+                    log.write(json_line(start))
         last = training.steps if self.stop_after is None else min(training.steps, self.step + self.stop_after)
         progress = tqdm(total=training.steps, initial=self.step, desc="finetune", unit="step", file=sys.stderr,
                         disable=not self.accelerator.is_main_process)
-        while self.step < last:
-            started = time.perf_counter()
-            metrics = self.train_step()
-            seconds = time.perf_counter() - started
-            metrics |= {"tokens": self.step * tokens_per_step, "tokens_per_second": tokens_per_step / seconds}
-            if training.eval_every and (self.step % training.eval_every == 0 or self.step == training.steps):
-                metrics |= self.validate()
-            if self.accelerator.is_main_process and (self.step % training.log_every == 0 or "val_loss" in metrics):
-                with metrics_path.open("a") as log:
-                    log.write(json.dumps(metrics) + "\n")
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
-            progress.update(1)
-            if training.save_every and self.step % training.save_every == 0 and self.step < training.steps:
-                self.save_checkpoint()
-        progress.close()
+        self._progress = progress
+        try:  # closed on any exit, so that an error or interrupt line starts a line of its own
+            while self.step < last:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                seconds = time.perf_counter() - started
+                metrics |= {"tokens": self.step * tokens_per_step, "tokens_per_second": tokens_per_step / seconds}
+                if training.eval_every and (self.step % training.eval_every == 0 or self.step == training.steps):
+                    metrics |= self.validate()
+                if self.accelerator.is_main_process and (self.step % training.log_every == 0 or "val_loss" in metrics or "skipped" in metrics):
+                    with metrics_path.open("a") as log:
+                        log.write(json_line(metrics))
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+                progress.update(1)
+                self._check_finite(metrics)
+                if training.save_every and self.step % training.save_every == 0 and self.step < training.steps:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            self._progress = None
         if self.step < training.steps:
             self.save_checkpoint()
             self._print(f"stopped after step {self.step} of {training.steps}; continue with --resume")
             return None
         return self.save_final()
 
+    def _nonfinite_weight(self) -> str | None:
+        """The first weight that is not finite, or would not be once cast to the source dtype; checked on every
+        process (its own shards under FSDP) so that all stop together."""
+        model = self.accelerator.unwrap_model(self.model)
+        limit = torch.finfo(self.source_dtype).max if self.source_dtype.is_floating_point else None
+        found = None
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+                if not local.is_floating_point() or not local.numel():
+                    continue
+                if not torch.isfinite(local).all() or (limit is not None and local.abs().max() > limit):
+                    found = name
+                    break
+        flag = torch.tensor([float(found is not None)], device=self.accelerator.device)
+        elsewhere = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        return found or ("a weight on another process" if elsewhere else None)
+
     def save_final(self) -> Path | None:
-        """The tuned model in the same self-describing format as ``convert`` output (LoRA merged)."""
+        """The tuned model in the same self-describing format as ``convert`` output (LoRA merged); never one with
+        non-finite weights."""
         self.accelerator.wait_for_everyone()
+        bad = self._nonfinite_weight()
+        if bad is not None:
+            kept = latest_checkpoint(self.output)
+            raise UpcycleError(f"the tuned weights are not finite in {self.source_dtype} ({bad}), so {self.output / FINAL} was not written; "
+                               "lower training.lr and start again with --overwrite" + (f" or --resume from {kept.name}" if kept else ""))
         final = self.output / FINAL
         if self.accelerator.is_main_process:
             from ..checkpoint.writer import atomic_output, copy_support_files
@@ -423,6 +663,11 @@ class Trainer:
                     shutil.copyfile(report, temp / "upcycle_report.json")
         self.accelerator.wait_for_everyone()
         return final
+
+
+def _ratio(log_ratio: float) -> float:
+    """exp(log_ratio), inf where it overflows (a diverged model) rather than an OverflowError."""
+    return math.exp(log_ratio) if log_ratio < 709 else math.inf
 
 
 def _config_dtype(folder: Path) -> torch.dtype:

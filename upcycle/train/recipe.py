@@ -118,7 +118,7 @@ class TrainingSection(_Section):
 
 
 class Recipe(_Section):
-    """A fine-tuning recipe for causal LMs (see recipes/*.yaml); CLIP recipes are :class:`ClipRecipe`."""
+    """A fine-tuning recipe for causal LMs (the bundled ones: upcycle/recipes/*.yaml); CLIP recipes are :class:`ClipRecipe`."""
 
     type: Literal["causal-lm"] = "causal-lm"
     description: str = ""
@@ -231,7 +231,7 @@ def _error_line(error: ValidationError, prefix: tuple[str, ...] = ()) -> str:
         del loc[2:]  # the union member tried, not a key of the recipe
     key = ".".join(loc) or "(top level)"
     if first["type"] == "extra_forbidden":
-        return f"recipe key {key!r} is unknown; check its spelling against recipes/README or `upcycle finetune --help`"
+        return f"recipe key {key!r} is unknown; check its spelling against the README's recipe keys or `upcycle finetune --help`"
     if first["type"] == "missing":
         return f"recipe key {key!r} is required; add it to the recipe or pass {key}=VALUE"
     if first["type"] == "value_error":  # a check across keys (model validators)
