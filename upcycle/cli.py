@@ -160,6 +160,7 @@ def convert(
     dry_run: Annotated[bool, typer.Option(help="Print the plan, parameters and output size; write nothing.")] = False,
     push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", rich_help_panel="Publishing", help="Then push OUT to this Hub repository (owner/name; created when missing). The token is checked before converting.", show_default=False)] = None,
     private: Annotated[bool, typer.Option("--private", rich_help_panel="Publishing", help="With --push-to-hub: create the repository private.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert SRC (and experts) although the auto_map of its config.json or tokenizer_config.json names code of its own; that code is never run nor copied into OUT.")] = False,
 ) -> None:
     """Convert a dense checkpoint. Example: upcycle convert ./SmolLM2-135M ./smollm2-moh --active-heads 0.75
 
@@ -222,6 +223,7 @@ def convert(
 
     def go():
         settings = options()
+        settings.trust_remote_code = trust_remote_code
         if push_to_hub and not dry_run:
             from .convert import source_hub_id
 

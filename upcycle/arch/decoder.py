@@ -40,21 +40,40 @@ class DecoderSpec(AttentionShape):
         return int(tensor_name.split(".")[2])
 
 
+def config_int(config: dict, key: str, source: str, default: int | None = None) -> int:
+    """A positive integer of config.json (``default`` when the key is absent or null), or one line naming the key."""
+    value = config.get(key)
+    if value is None:
+        if default is not None:
+            return default
+        raise UpcycleError(f"{source}: config.json has no {key}; fix config.json or re-download the checkpoint")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise UpcycleError(f"{source}: config.json's {key} is {value!r}, not a positive whole number; fix config.json or re-download the checkpoint")
+    return int(value)
+
+
 def decoder_spec(config: dict, source: str = "the model") -> DecoderSpec:
-    """Read a supported decoder's spec, or fail naming the supported families."""
+    """Read a supported decoder's spec, or fail naming the supported families (or the config value that is wrong)."""
     model_type = config.get("model_type")
     if model_type not in DECODER_FAMILIES:
         raise UpcycleError(
             f"{source} has model_type {model_type!r}, which upcycle cannot convert yet; supported: {', '.join(DECODER_FAMILIES)}"
         )
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
+    heads = config_int(config, "num_attention_heads", source)
+    hidden = config_int(config, "hidden_size", source)
+    kv_heads = config_int(config, "num_key_value_heads", source, default=heads)
+    if heads % kv_heads:
+        raise UpcycleError(f"{source}: config.json's num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}; "
+                           "fix config.json or re-download the checkpoint")
+    if config.get("head_dim") is None and hidden % heads:
+        raise UpcycleError(f"{source}: config.json's hidden_size {hidden} is not a multiple of num_attention_heads {heads} and there is no "
+                           "head_dim; fix config.json or re-download the checkpoint")
     return DecoderSpec(
         model_type=model_type,
-        num_layers=int(config["num_hidden_layers"]),
+        num_layers=config_int(config, "num_hidden_layers", source),
         num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or hidden // heads),
+        num_kv_heads=kv_heads,
+        head_dim=config_int(config, "head_dim", source, default=hidden // heads),
         hidden_size=hidden,
         qk_norm=model_type == "qwen3",
     )

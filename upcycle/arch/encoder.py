@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UpcycleError
-from .decoder import AttentionShape
+from .decoder import AttentionShape, config_int
 
 ENCODER_FAMILIES = ("bert",)
 PROJECTIONS = {"q_proj": "attention.self.query", "k_proj": "attention.self.key", "v_proj": "attention.self.value",
@@ -47,11 +47,14 @@ def encoder_spec(config: dict, names: list[str], source: str = "the model") -> E
     prefix = "bert." if any(name.startswith("bert.encoder.layer.") for name in names) else ""
     if not any(name.startswith(f"{prefix}encoder.layer.") for name in names):
         raise UpcycleError(f"{source} is a bert config without encoder.layer.* tensors; pass a BERT checkpoint saved with save_pretrained")
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
+    heads = config_int(config, "num_attention_heads", source)
+    hidden = config_int(config, "hidden_size", source)
+    if hidden % heads:
+        raise UpcycleError(f"{source}: config.json's hidden_size {hidden} is not a multiple of num_attention_heads {heads}; "
+                           "fix config.json or re-download the checkpoint")
     return EncoderSpec(
         model_type=model_type,
-        num_layers=int(config["num_hidden_layers"]),
+        num_layers=config_int(config, "num_hidden_layers", source),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=hidden // heads,

@@ -12,6 +12,21 @@ import torch
 from ..errors import UpcycleError
 
 
+def check_pickled_weights(folder: Path | str) -> None:
+    """Before transformers loads ``folder``: when its weights are pickled ``pytorch_model*.bin`` files (no safetensors),
+    one line for a file in torch's legacy format or one that ``torch.load(weights_only=True)`` refuses, saying how to
+    convert it to safetensors (what ``upcycle eval`` and the data-driven methods call; the headers and a memory-mapped
+    weights-only load, nothing unpickled beyond tensors)."""
+    from .reader import load_pickled_weights
+
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    for file in sorted(folder.glob("pytorch_model*.bin")):
+        if file.is_file():
+            load_pickled_weights(file)
+
+
 def available_memory_bytes() -> int:
     """Memory this process may still use (MemAvailable, or total pages as a fallback)."""
     try:
@@ -34,12 +49,13 @@ def load_for_analysis(folder: Path, num_parameters: int, purpose: str, dtype: to
     """
     import transformers
 
+    check_pickled_weights(folder)
     weights = num_parameters * torch.finfo(dtype).bits // 8
     need = weights + activation_bytes
     have = available_memory_bytes()
     detail = f" ({weights / 2**30:.2f} GiB {dtype} weights + {activation_bytes / 2**30:.2f} GiB activations)" if activation_bytes else f" ({dtype})"
     print(f"{purpose}: loading the model needs about {need / 2**30:.2f} GiB{detail}; {have / 2**30:.1f} GiB available", file=sys.stderr)
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": False}  # never a model folder's own code (auto_map): the family's classes
     if need > 0.85 * have:
         offload = tempfile.mkdtemp(prefix="upcycle-offload-")
         print(f"{purpose}: it does not fit; offloading the rest to {offload}", file=sys.stderr)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +143,120 @@ def _read_json(file: Path, what: str) -> Any:
         raise UpcycleError(f"{file} is not valid JSON ({_one_line(error)}); fix or re-download {what}") from None
 
 
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # pickle protocol 2 of torch's legacy magic number 0x1950a86a20f9469cfc6c
+TO_SAFETENSORS = ("load it yourself where you trust it (state_dict = torch.load(path, weights_only=False): a pickle can run code), "
+                  "save it with safetensors.torch.save_file({{k: v.contiguous() for k, v in state_dict.items()}}, "
+                  "'{folder}/model.safetensors'), then remove the pytorch_model*.bin files (and their index)")
+
+
+def load_pickled_weights(file: Path) -> Any:
+    """``torch.load`` of a pytorch_model*.bin with ``weights_only=True`` (memory-mapped): never unpickles code. A file in
+    torch's legacy format, one that holds more than tensors, or one that is not a torch file is one line saying so."""
+    file = Path(file)
+    fix = TO_SAFETENSORS.format(folder=file.parent)
+    with open(file, "rb") as handle:
+        head = handle.read(len(LEGACY_TORCH_MAGIC))
+    if head.startswith(LEGACY_TORCH_MAGIC):
+        raise UpcycleError(f"{file} is in torch's legacy serialization format (torch before 1.6, not a zip archive), which upcycle does "
+                           f"not read; {fix}")
+    if not head.startswith(b"PK\x03\x04"):
+        raise UpcycleError(f"{file} could not be unpickled (it is not a torch zip archive: truncated, corrupted or not a torch file); "
+                           "re-download it or use a safetensors checkpoint")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        needs = re.search(r"Unsupported (?:global|operand)[^.]*?(GLOBAL [\w.]+|\w+)", str(error))
+        what = f"it needs {needs.group(1).removeprefix('GLOBAL ')}" if needs else _one_line(error)[:120]
+        raise UpcycleError(f"{file} is a pickle that holds more than tensors ({what}), and upcycle loads only what "
+                           f"torch.load(weights_only=True) accepts, never pickled code; convert it to safetensors: {fix}") from None
+    except Exception as error:
+        raise UpcycleError(f"{file} could not be unpickled ({_one_line(error)}); re-download it or use a safetensors checkpoint") from None
+
+
+RUNTIME_DIR = Path(__file__).resolve().parents[1] / "modeling"  # upcycle's model runtime: what methods/base.py's auto_map names
+RUNTIME_MODULES = ("configuration_upcycle", "modeling_upcycle")
+
+
+def _runtime_classes() -> dict[str, set[str]]:
+    """Module -> the classes upcycle's runtime defines (read from the installed files, without importing them)."""
+    import ast
+
+    classes = {}
+    for module in RUNTIME_MODULES:
+        tree = ast.parse((RUNTIME_DIR / f"{module}.py").read_text(encoding="utf-8"))
+        classes[module] = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    return classes
+
+
+def auto_map_references(auto_map: Any) -> list[Any]:
+    """Every "module.Class" reference of an ``auto_map`` (a value may be one reference or a list, e.g. tokenizers')."""
+    if not isinstance(auto_map, dict):
+        return [auto_map]
+    references = []
+    for value in auto_map.values():
+        references += [r for r in value if r is not None] if isinstance(value, (list, tuple)) else [value]
+    return references
+
+
+def is_upcycle_runtime(auto_map: Any) -> bool:
+    """Whether an ``auto_map`` names only classes of upcycle's own runtime (configuration_upcycle.X, modeling_upcycle.Y
+    of the installed package; no other repository's code, no other module)."""
+    references = auto_map_references(auto_map)
+    if not references:
+        return False
+    classes = _runtime_classes()
+    for reference in references:
+        if not isinstance(reference, str) or "--" in reference or reference.count(".") != 1:
+            return False
+        module, name = reference.split(".")
+        if name not in classes.get(module, ()):
+            return False
+    return True
+
+
+def foreign_code(config: dict) -> str | None:
+    """What names code that is not upcycle's runtime in a config (its ``auto_map``), or None."""
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map or is_upcycle_runtime(auto_map):
+        return None
+    files = []
+    for reference in auto_map_references(auto_map):
+        text = str(reference)
+        files.append(text if "--" in text else f"{text.rsplit('.', 1)[0]}.py")
+    return ", ".join(dict.fromkeys(files))
+
+
+CODE_CONFIGS = ("config.json", "tokenizer_config.json")  # the files whose auto_map makes transformers import a folder's code
+
+
+def folder_foreign_code(folder: Path | str, config: dict | None = None) -> tuple[str, str] | None:
+    """(file, what it names) for the first of config.json (``config`` when given) and tokenizer_config.json whose
+    ``auto_map`` names code that is not upcycle's runtime; None when neither does."""
+    for name in CODE_CONFIGS:
+        found = config if name == "config.json" and config is not None else None
+        if found is None:
+            try:
+                found = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+        code = foreign_code(found) if isinstance(found, dict) else None
+        if code:
+            return name, code
+    return None
+
+
+def refuse_remote_code(folder: Path | str, config: dict | None = None, trust_remote_code: bool = False, *, fix: str | None = None) -> None:
+    """A model folder whose config.json or tokenizer_config.json has an ``auto_map`` naming code other than upcycle's runtime
+    is refused, in one line, unless ``trust_remote_code``. Even then upcycle never runs that code, nor copies it into an output."""
+    found = folder_foreign_code(folder, config)
+    if found and not trust_remote_code:
+        name, code = found
+        fix = fix or ("pass --trust-remote-code to convert its weights anyway (the output loads with the family's standard classes, "
+                      f"without that code), or remove auto_map from its {name}")
+        raise UpcycleError(f"{folder}: {name}'s auto_map names code that is not upcycle's runtime ({code}); upcycle never runs "
+                           f"a model folder's own code nor copies it into an output: {fix}")
+
+
 class CheckpointReader:
     """Random access to the tensors of a local Hugging Face model folder."""
 
@@ -223,10 +339,7 @@ class CheckpointReader:
         if self._bin_file != file:
             self._bin_tensors = {}
             self._bin_file = None
-            try:
-                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as error:
-                raise UpcycleError(f"{file} could not be unpickled ({_one_line(error)}); re-download it or use a safetensors checkpoint") from None
+            loaded = load_pickled_weights(file)
             if not isinstance(loaded, dict):
                 raise UpcycleError(f"{file} does not hold a state dict; pass a checkpoint saved with save_pretrained")
             self._bin_tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}

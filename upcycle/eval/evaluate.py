@@ -66,6 +66,9 @@ def load_model(model_path: str | Path, device: str | None = None) -> torch.nn.Mo
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if not Path(model_path).expanduser().is_dir():
         raise UpcycleError(f"model folder {model_path} does not exist: give a saved or converted model folder")
+    from ..checkpoint.load import check_pickled_weights
+
+    check_pickled_weights(Path(model_path).expanduser())  # a .bin that weights_only refuses: one line, never unpickled
     try:
         model = AutoModelForCausalLM.from_pretrained(Path(model_path).expanduser(), dtype=dtype)
     except (OSError, ValueError, KeyError) as e:

@@ -35,7 +35,7 @@ from ..checkpoint.reader import CheckpointReader, resolve_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.experts import head_expert_order
-from .base import ChunkedTensor, Conversion, SourceTensor, native_refusal, runtime_config
+from .base import ChunkedTensor, Conversion, SourceTensor, check_source, native_refusal, runtime_config
 
 ATTENTION_MODES = ("expert-kv", "shared-kv", "average")
 ROUTER_INITS = ("random", "zero")
@@ -57,6 +57,7 @@ class BAMOptions:
     router_init: str = "random"
     parallel_block: bool = False
     seed: int = 0
+    trust_remote_code: bool = False  # use the checkpoints although their config names code of their own (never run nor copied)
 
 
 Options = BAMOptions
@@ -70,6 +71,7 @@ def open_experts(reader: CheckpointReader, options: BAMOptions) -> list[Checkpoi
     for path in options.experts:
         expert = CheckpointReader(resolve_source(path))
         refuse_converted(expert.config, path)
+        check_source(expert, decoder_spec(expert.config, path), options)
         readers.append(expert)
     return readers
 
@@ -179,6 +181,7 @@ def mixtral_file_shapes(shapes: dict[str, tuple]) -> dict[str, tuple]:
 def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
     """Plan the BAM (or BTX) mix of the seed behind ``reader`` and the ``--expert`` models."""
     spec = decoder_spec(reader.config, str(reader.folder))
+    check_source(reader, spec, options)
     top_k = validate(options, len(options.experts) + 1)
     readers = open_experts(reader, options)
     labels = ["seed"] + [f"expert {i} ({path})" for i, path in enumerate(options.experts, 1)]

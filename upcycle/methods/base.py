@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.reader import CheckpointReader, refuse_remote_code
 from ..checkpoint.writer import TensorSpec
 
 
@@ -52,6 +52,47 @@ class Conversion:
     uses_runtime: bool = True
     auto_class: str = "AutoModelForCausalLM"  # how the output loads (model card)
     pipeline_tag: str = "text-generation"
+
+
+def check_source(reader: CheckpointReader, spec, options=None) -> None:
+    """What every method runs at plan time on each checkpoint it reads (SRC, each expert), before reading a weight.
+
+    A config.json or tokenizer_config.json whose ``auto_map`` names code other than upcycle's runtime is refused unless the options say
+    ``trust_remote_code`` (the code is never run, nor copied into the output); every standard tensor must have the shape
+    config.json implies, and every layer the tensors it must have (``arch.shapes.check_shapes``), so that a corrupted
+    tensor or an edited config is one line naming the tensor and both shapes instead of a silently wrong model.
+    """
+    from ..arch.shapes import check_shapes
+
+    refuse_remote_code(reader.folder, reader.config, bool(getattr(options, "trust_remote_code", False)))
+    check_shapes(reader, spec)
+
+
+def recorded_options(options) -> dict:
+    """The options as the report (and the card) record them: the method's settings, not the permission flags."""
+    from dataclasses import asdict
+
+    return {key: value for key, value in asdict(options).items() if key != "trust_remote_code"}
+
+
+AUTO_MAPPINGS = {"AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                 "AutoModel": "MODEL_MAPPING_NAMES"}
+
+
+def plain_config(config: dict, auto_class: str = "AutoModelForCausalLM") -> dict:
+    """The config of a plain checkpoint of the base family (loads with transformers alone): no ``auto_map``, which would
+    name code the output does not have, and ``architectures`` a transformers class (the family's, when the source named
+    its own)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    config = {key: value for key, value in config.items() if key != "auto_map"}
+    names = config.get("architectures") or []
+    if any(not hasattr(transformers, str(name)) for name in names):
+        mapping = getattr(modeling_auto, AUTO_MAPPINGS.get(auto_class, "MODEL_MAPPING_NAMES"), {})
+        family = mapping.get(config.get("model_type"))
+        config["architectures"] = [family] if isinstance(family, str) else [name for name in names if hasattr(transformers, str(name))]
+    return config
 
 
 def runtime_config(config: dict, spec, method: str, layers: list[dict] | dict[str, list[dict]]) -> tuple[dict, str, str]:

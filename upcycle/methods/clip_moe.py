@@ -21,7 +21,7 @@ from ..checkpoint.compare import checkpoint_differences
 from ..checkpoint.reader import CheckpointReader, resolve_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from .base import Conversion, SourceTensor, runtime_config
+from .base import Conversion, SourceTensor, check_source, runtime_config
 
 FFN_TENSORS = (("fc1", "weight"), ("fc1", "bias"), ("fc2", "weight"), ("fc2", "bias"))
 
@@ -35,6 +35,7 @@ class ClipMoEOptions:
     top_k: int = 2
     upcycle_copies: int | None = None
     seed: int = 0
+    trust_remote_code: bool = False  # use the checkpoints although their config names code of their own (never run nor copied)
 
 
 Options = ClipMoEOptions
@@ -52,7 +53,9 @@ def expert_readers(reader: CheckpointReader, spec: ClipSpec, options: ClipMoEOpt
         raise UpcycleError("--method clip-moe needs --expert STAGE (an MCL stage checkpoint; repeat for each) or --upcycle-copies E")
     readers, labels = [reader], ["base"]
     for index, path in enumerate(options.experts, 1):
-        readers.append(CheckpointReader(resolve_source(path)))
+        expert = CheckpointReader(resolve_source(path))
+        check_source(expert, clip_spec(expert.config, path), options)
+        readers.append(expert)
         labels.append(f"expert {index} ({path})")
     problems = checkpoint_differences(readers, labels, clip_architecture)
     if problems:
@@ -69,6 +72,7 @@ def tower_plans(spec: ClipSpec, experts: int, top_k: int, layers: int | None) ->
 def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
     """Plan the CLIP-MoE assembly of the CLIP behind ``reader`` and its stage experts."""
     spec = clip_spec(reader.config, str(reader.folder))
+    check_source(reader, spec, options)
     readers, labels = expert_readers(reader, spec, options)
     experts = len(readers)
     if not 1 <= options.top_k <= experts:

@@ -11,7 +11,7 @@ text so that its attention output matches the dense layer's (see ``refit.py``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +22,7 @@ from ..arch import DecoderSpec, decoder_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from .base import Conversion, SourceTensor
+from .base import Conversion, SourceTensor, check_source, plain_config, recorded_options
 from .refit import check_refit, refit_conversion, refit_plan_line
 
 
@@ -35,6 +35,7 @@ class GQAOptions:
     calibration: Path | None = None
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
+    trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
 Options = GQAOptions
@@ -65,6 +66,7 @@ def pool_in_memory(model: nn.Module, kv_heads: int, head_dim: int) -> None:
 def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
     """Plan the GQA conversion of the dense decoder behind ``reader``."""
     spec = decoder_spec(reader.config, str(reader.folder))
+    check_source(reader, spec, options)
     target = options.kv_heads
     if target is None:
         raise UpcycleError("--method gqa needs --kv-heads G, the new number of key/value heads (1 for MQA)")
@@ -100,7 +102,7 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
             else:
                 yield item.name, SourceTensor(item.name)
 
-    config = dict(reader.config) | {"num_key_value_heads": target, "head_dim": spec.head_dim}
+    config = plain_config(reader.config) | {"num_key_value_heads": target, "head_dim": spec.head_dim}
     kind = "MQA" if target == 1 else "GQA"
     return Conversion(
         method="gqa",
@@ -108,7 +110,7 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         layout=layout,
         tensors=tensors,
         plan_lines=plan_table(spec, target) + ([refit_plan_line(refit_report)] if refit_report else []),
-        report={"options": asdict(options) | {"calibration": str(options.calibration) if options.calibration else None},
+        report={"options": recorded_options(options) | {"calibration": str(options.calibration) if options.calibration else None},
                 "kv_heads": {"before": spec.num_kv_heads, "after": target, "query_heads": spec.num_heads}}
                | ({"refit": refit_report} if refit_report else {}),
         tags=["gqa", "mqa"] if target == 1 else ["gqa"],

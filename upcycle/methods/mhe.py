@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -58,7 +58,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.mhe_projection import MHE_VARIANTS, MHEProjection
-from .base import Conversion, SourceTensor, runtime_config
+from .base import Conversion, SourceTensor, check_source, recorded_options, runtime_config
 
 INITS = ("svd", "calibrated", "sequential")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -75,6 +75,7 @@ class MHEOptions:
     calibration: Path | None = None
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
+    trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
 Options = MHEOptions
@@ -477,6 +478,7 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
     """Plan the MHE conversion of the dense decoder or BERT encoder behind ``reader``."""
     validate(options)
     spec = attention_spec(reader.config, reader.names(), str(reader.folder))
+    check_source(reader, spec, options)
     names = set(reader.names())
     heads = {"q_proj": spec.num_heads, "k_proj": spec.num_kv_heads, "v_proj": spec.num_kv_heads}
 
@@ -537,7 +539,7 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
     per_layer = [{"layer": layer, **{proj: fit.error for proj, fit in layer_fits.items()},
                   "attention_output": output_errors[layer] if output_errors else None} for layer, layer_fits in enumerate(fits)]
     attention = {"before": before, "after": after, "saved_percent": round(100 * (1 - after / before), 2)}
-    settings = asdict(options) | {"calibration": str(options.calibration) if options.calibration else None}
+    settings = recorded_options(options) | {"calibration": str(options.calibration) if options.calibration else None}
     return Conversion(
         method="mhe",
         config=config,

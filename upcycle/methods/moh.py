@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -23,7 +23,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.routers import ROUTERS
-from .base import Conversion, SourceTensor, runtime_config
+from .base import Conversion, SourceTensor, check_source, recorded_options, runtime_config
 
 Selection = Literal["first", "weight-norm", "contribution"]
 Rescale = Literal["none", "layer", "channel"]
@@ -44,6 +44,7 @@ class MoHOptions:
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
     rescale: Rescale = "none"  # o_proj scaled so the attention output best matches dense on calibration text: none, layer or channel
+    trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
 Options = MoHOptions
@@ -379,6 +380,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     if options.calibration and not Path(options.calibration).exists():
         raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file")
     spec = decoder_spec(reader.config, str(reader.folder))
+    check_source(reader, spec, options)
     shared_count, top_k = head_counts(spec.num_heads, options.shared_heads, options.active_heads)
 
     if selection == "first":
@@ -395,7 +397,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
 
     fit = top_k < spec.num_heads - shared_count and (options.router == "fitted" or options.rescale != "none")
     active = shared_count + top_k
-    settings = asdict(options) | {"shared_selection": selection, "calibration": str(options.calibration) if options.calibration else None}
+    settings = recorded_options(options) | {"shared_selection": selection, "calibration": str(options.calibration) if options.calibration else None}
     report = {
         "options": settings,
         "heads": {"total": spec.num_heads, "shared": shared_count, "routed": spec.num_heads - shared_count, "top_k": top_k, "active_fraction": active / spec.num_heads},

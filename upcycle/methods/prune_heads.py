@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -51,7 +51,7 @@ from ..arch import DecoderSpec, EncoderSpec, attention_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from .base import Conversion, SourceTensor, native_refusal, runtime_config
+from .base import Conversion, SourceTensor, check_source, native_refusal, plain_config, recorded_options, runtime_config
 from .refit import check_refit, refit_conversion, refit_plan_line
 
 Importance = Literal["gradient", "random"]
@@ -76,6 +76,7 @@ class PruneHeadsOptions:
     normalize: Literal["auto", "layer", "none"] = "auto"
     encoder_batch: int = 8  # blocks per backward pass for encoders (the contrastive proxy needs >= 2)
     refit: Literal["none", "rescale", "lstsq"] = "none"  # refit o_proj on the calibration text after pruning
+    trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
 Options = PruneHeadsOptions
@@ -320,7 +321,7 @@ def sliced_tensors(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, pl
 
 def output_config(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]) -> tuple[dict, bool, str, str]:
     """(config, uses the runtime, Auto class, why): native for uniform decoders that transformers accepts, else the upcycle format."""
-    config = dict(reader.config)
+    config = plain_config(reader.config)  # runtime_config below replaces what it drops
     heads = {len(p["attention_heads"]["kept_heads"]) for p in plans}
     kv_heads = {len(p["attention_heads"]["kept_kv_heads"]) for p in plans}
     if isinstance(spec, DecoderSpec):
@@ -345,6 +346,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
     check_refit(options.refit, options.calibration)
     normalize_per_layer(options.normalize, 0)  # validate the flag before any work
     spec = attention_spec(reader.config, reader.names(), str(reader.folder))
+    check_source(reader, spec, options)
     total, min_units = removal_targets(spec, options)
     units, heads_per_unit, unit_name = units_of(spec)
     if total and options.importance == "gradient" and not options.calibration:
@@ -392,7 +394,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
                 yield item.name, SourceTensor(item.name)
 
     kept_per_layer = [len(p["attention_heads"]["kept_heads"]) for p in plans]
-    settings = asdict(options) | {"calibration": str(options.calibration) if options.calibration else None}
+    settings = recorded_options(options) | {"calibration": str(options.calibration) if options.calibration else None}
     form = "a plain checkpoint of the base architecture" if not uses_runtime else "an upcycle checkpoint with per-layer head counts"
     return Conversion(
         method="prune-heads",

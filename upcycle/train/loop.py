@@ -676,7 +676,26 @@ def _config_dtype(folder: Path) -> torch.dtype:
     return getattr(torch, name, torch.float32)
 
 
-def copy_runtime(source: Path, target: Path) -> None:
-    """Upcycled models carry their runtime files (auto_map); copy them from the source folder."""
-    for file in Path(source).glob("*.py"):
-        shutil.copyfile(file, target / file.name)
+def copy_runtime(source: Path, target: Path, trust_remote_code: bool = False) -> None:
+    """Give ``target`` (final/, its config.json already saved) upcycle's runtime when its auto_map names it, and no other code.
+
+    The runtime files are the installed package's (upcycle/modeling, what convert writes), never the source folder's .py
+    files. A source whose config.json or tokenizer_config.json has an auto_map naming code of its own is refused in one
+    line unless ``trust_remote_code``; even then that code is not copied, and the auto_map that would point at it is
+    dropped from target's config.json and tokenizer_config.json (the tuned model loads with its family's standard classes)."""
+    from ..checkpoint.reader import RUNTIME_DIR, foreign_code, is_upcycle_runtime, refuse_remote_code
+
+    source, target = Path(source), Path(target)
+    refuse_remote_code(source, trust_remote_code=trust_remote_code,
+                       fix=f"{target.parent / FINAL} was not written; remove that auto_map from the source "
+                           "(the model loads with its family's standard classes) and run the finetune again")
+    for name in ("config.json", "tokenizer_config.json"):
+        file = target / name
+        config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if name == "config.json" and auto_map and is_upcycle_runtime(auto_map):
+            for runtime in sorted(RUNTIME_DIR.glob("*.py")):
+                if runtime.name != "__init__.py":
+                    shutil.copyfile(runtime, target / runtime.name)
+        elif auto_map and foreign_code(config):
+            file.write_text(json.dumps({key: value for key, value in config.items() if key != "auto_map"}, indent=2, sort_keys=True) + "\n")
