@@ -17,7 +17,7 @@ from upcycle.convert import convert_checkpoint
 from upcycle.errors import UpcycleError
 from upcycle.eval import HeadUsage, eval_tokens_from_text, evaluate, format_table, perplexity, sliding_window_nll
 from upcycle.eval.cli import corpus_files
-from upcycle.eval.evaluate import evaluate_corpora, evaluation_json, format_recovery_table, recovery
+from upcycle.eval.evaluate import evaluate_corpora, json_text, format_recovery_table, recovery
 from upcycle.eval.plots import plot_head_usage, plot_loss_curve
 from upcycle.methods.moh import MoHOptions
 
@@ -208,8 +208,8 @@ def test_recovery_scores_each_model_once_on_every_corpus(folders):
     assert plain.splitlines()[0].split() == ["corpus", "tokens", "perplexity"] and "ratio" not in plain
 
 
-def test_evaluation_json_writes_null_for_non_finite_numbers():
-    text = evaluation_json({"results": [{"perplexity": math.inf, "usage": [[math.nan, 0.5]]}], "recovery": {"mean_ratio": -math.inf}})
+def test_json_text_writes_null_for_non_finite_numbers():
+    text = json_text({"results": [{"perplexity": math.inf, "usage": [[math.nan, 0.5]]}], "recovery": {"mean_ratio": -math.inf}})
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"results": [{"perplexity": None, "usage": [[None, 0.5]]}], "recovery": {"mean_ratio": None}}
 

@@ -20,7 +20,7 @@ def run_eval(path: str, data: list[str], *, compare: str | None, tokens: int, wi
     ``window`` None: 512, or the models' ``max_position_embeddings`` when smaller. Every input and the output's folder
     are checked before any model is scored."""
     from ..train.finetune import resolve_model
-    from .evaluate import eval_tokens_from_text, evaluate_corpora, evaluation_json, format_recovery_table, load_tokenizer, recovery
+    from .evaluate import eval_tokens_from_text, evaluate_corpora, json_text, format_recovery_table, load_tokenizer, recovery
 
     if output is not None:
         check_writable(output)
@@ -43,7 +43,7 @@ def run_eval(path: str, data: list[str], *, compare: str | None, tokens: int, wi
         from ..checkpoint.card import write_text_atomic
 
         try:
-            write_text_atomic(output.expanduser(), evaluation_json(evaluation))
+            write_text_atomic(output.expanduser(), json_text(evaluation))
         except OSError as error:
             raise UpcycleError(f"--json {output}: cannot write it ({error.strerror or error}); free space or pick another path "
                                "(the results are printed above)") from None

@@ -149,7 +149,7 @@ def recovery(
     scored on every corpus (name -> token stream [N], e.g. held-out text of kinds the tuning never saw).
 
     Returns ``{"results": rows, "recovery": block}``, the format of ``upcycle eval --json`` (write it with
-    ``evaluation_json``): ``rows`` are ``evaluate_corpora``'s rows of the model, then of the reference;
+    ``json_text``): ``rows`` are ``evaluate_corpora``'s rows of the model, then of the reference;
     ``block`` is ``{"model": model_path, "reference": reference_path, "corpora": {name: {"perplexity",
     "reference_perplexity", "ratio", "tokens"}}, "mean_ratio"}``, where ratio = perplexity / reference
     perplexity (1.0: full recovery, above 1: worse) and mean_ratio is the ratios' geometric mean.
@@ -172,18 +172,20 @@ def recovery_block(model_path: str | Path, reference_path: str | Path, names: li
     return {"model": str(model_path), "reference": str(reference_path), "corpora": block, "mean_ratio": mean_ratio}
 
 
-def evaluation_json(evaluation: dict | list) -> str:
-    """``evaluation`` as indented JSON, every non-finite float (inf, nan) written as null."""
-    def finite(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [finite(item) for item in value]
-        return value
+def json_safe(value):
+    """``value`` with every non-finite float (inf, nan) as None: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
-    return json.dumps(finite(evaluation), indent=2, allow_nan=False) + "\n"
+
+def json_text(value: dict | list) -> str:
+    """``value`` as indented JSON, every non-finite float (inf, nan) written as null."""
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
 
 
 def compare(model_paths: list[str | Path], token_ids: torch.LongTensor, **kwargs) -> list[dict]:

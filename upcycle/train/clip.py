@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UpcycleError
-from .loop import MAX_SKIPPED_STEPS, json_line, json_safe
+from ..eval.evaluate import json_text
+from .loop import MAX_SKIPPED_STEPS, json_line
 from .recipe import ClipRecipe
 
 
@@ -299,7 +300,7 @@ def run_clip_recipe(recipe: ClipRecipe, overwrite: bool = False) -> Path:
     else:
         final = run_mcl(runner, report)
     if runner.accelerator.is_main_process:
-        (runner.output / "eval.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+        (runner.output / "eval.json").write_text(json_text(report))
     return final
 
 

@@ -15,7 +15,8 @@ import yaml
 
 from ..errors import UpcycleError
 from ..paths import refuse_inputs_inside
-from .loop import CHECKPOINTS, FINAL, BatchPlan, Trainer, json_safe, latest_checkpoint, process_state, recover_checkpoints
+from ..eval.evaluate import json_text
+from .loop import CHECKPOINTS, FINAL, BatchPlan, Trainer, latest_checkpoint, process_state, recover_checkpoints
 from .recipe import ClipRecipe, Recipe
 
 # what finetune (and a CLIP recipe) writes into its output folder; --overwrite replaces only a folder holding nothing else
@@ -213,7 +214,7 @@ def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation_set
                    reference: Path | None = None) -> None:
     """Evaluate tuned vs untuned on every validation corpus (and the reference model, ``compare`` or the teacher,
     when there is one: the recovery before and after tuning), draw the plots, write the card and report."""
-    from ..eval.evaluate import evaluate_corpora, evaluation_json, format_recovery_table, recovery_block
+    from ..eval.evaluate import evaluate_corpora, format_recovery_table, recovery_block
     from ..eval.plots import plot_head_usage, plot_loss_curve
 
     output = Path(recipe.output)
@@ -228,7 +229,7 @@ def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation_set
                   recovery_block(model_path, reference, list(corpora), before, reference_rows)]
         rows += reference_rows
         print(format_recovery_table({"results": after + reference_rows, "recovery": blocks[0]}))
-    (output / "eval.json").write_text(evaluation_json({"results": rows, "recovery": blocks}))
+    (output / "eval.json").write_text(json_text({"results": rows, "recovery": blocks}))
     plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
     if after[0].get("head_usage"):
         plot_head_usage(after[0]["head_usage"], output / "head_usage.png", title="head usage after tuning (fraction of tokens)")
@@ -260,7 +261,7 @@ def record_tuning(final: Path, source: Path, reference: str, *, name: str, finet
                   "base_license": source_license(source), "parameters": {"before": total, "after": total},
                   "description": "A dense model continue-tuned with upcycle."}
     report |= {"name": name, "finetune": finetune, "evaluation": evaluation}
-    write_text_atomic(final / REPORT_FILE, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(final / REPORT_FILE, json_text(report))
     write_card(final)
 
 

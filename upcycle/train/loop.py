@@ -32,6 +32,7 @@ import torch
 
 from ..errors import UpcycleError
 from .recipe import Recipe
+from ..eval.evaluate import json_safe, json_text
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -178,17 +179,6 @@ def recover_checkpoints(output: Path) -> None:
             os.replace(leftover, whole)
         else:
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float (inf, nan) as None: JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def json_line(record: dict) -> str:
@@ -409,7 +399,7 @@ class Trainer:
             files = sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if p.is_file())
             state = {"format": CHECKPOINT_FORMAT, "step": self.step, "processes": accelerator.num_processes, "sharded": self._sharded,
                      "files": files, "scheduler": self.scheduler.state_dict(), "recipe": self.recipe.model_dump(mode="json")}
-            (temp / TRAINER_STATE).write_text(json.dumps(json_safe(state), indent=2, allow_nan=False) + "\n")
+            (temp / TRAINER_STATE).write_text(json_text(state))
             if final.exists():  # the same step saved again (a resumed run stopped at once): swap, never delete first
                 old = final.with_name(f".{final.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
