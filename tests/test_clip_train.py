@@ -121,6 +121,13 @@ def test_clip_recipe_errors(clip_workspace):
     with pytest.raises(UpcycleError, match="selects no parameter"):
         run_clip_recipe(load_recipe(str(recipe)))
 
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "modeling_evil.EvilModel"}}))
+    recipe = write_recipe(tmp_path / "bad.yaml", type="clip", model=str(base), output=str(tmp_path / "o2"), data={"train": str(train)})
+    with pytest.raises(UpcycleError, match=r"^model .*modeling_evil\.py.*trust_remote_code: true"):
+        run_clip_recipe(load_recipe(str(recipe)))
+    assert not (tmp_path / "o2").exists()
+
 
 @pytest.mark.slow
 def test_two_process_mcl_matches_one_process(clip_workspace):

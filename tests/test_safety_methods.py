@@ -217,6 +217,21 @@ def test_trusted_foreign_code_is_not_copied(tmp_path, key):
     assert not (dense / "RAN").exists() and not (out / "RAN").exists()
 
 
+def test_trusted_foreign_tokenizer_code_is_not_pointed_at(tmp_path):
+    dense = with_tokenizer_code(build_dense(tmp_path / "dense"))
+    result = convert(tmp_path, dense, "--method", "moh", "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert "auto_map" not in tokenizer_config and not (out / "tokenization_evil.py").exists()
+    assert tokenizer_config["eos_token"] == json.loads((dense / "tokenizer_config.json").read_text())["eos_token"]
+    from transformers import AutoTokenizer
+
+    plain = build_dense(tmp_path / "plain")  # the same tokenizer, without the auto_map
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(plain).get_vocab()
+    assert not (dense / "RAN").exists() and not (out / "RAN").exists()
+
+
 def test_trusted_foreign_code_never_runs_for_gradient_importance(tmp_path, calibration_file):
     dense = with_remote_code(build_dense(tmp_path / "dense"))
     result = convert(tmp_path, dense, "--method", "prune-heads", "--ratio", "0.5", "--uniform", "--calibration", calibration_file,
@@ -265,6 +280,48 @@ def test_finetune_copy_refuses_foreign_tokenizer_code(tmp_path):
     dense = with_tokenizer_code(build_dense(tmp_path / "dense"))
     with pytest.raises(UpcycleError, match=r"tokenizer_config\.json's auto_map.*tokenization_evil\.py"):
         copy_runtime(dense, final_folder(tmp_path, dense))
+
+
+def finetune_recipe(tmp_path: Path, model: Path, data: Path, **changes) -> Path:
+    from test_finetune import write_recipe
+
+    return write_recipe(tmp_path, model, data, training__steps=2, training__eval_every=0, **changes)
+
+
+@pytest.mark.parametrize("role", ["model", "teacher", "compare"])
+def test_finetune_refuses_foreign_code_before_anything_is_written(tmp_path, calibration_file, role):
+    dense = build_dense(tmp_path / "dense")
+    evil = dense if role == "model" else with_remote_code(build_dense(tmp_path / "other"))
+    if role == "model":
+        with_remote_code(dense)
+    extra = {"teacher": str(evil), "losses__distill": 1.0} if role == "teacher" else {"compare": str(evil)} if role == "compare" else {}
+    recipe = finetune_recipe(tmp_path, dense, calibration_file, **extra)
+    result = run("finetune", recipe)
+    assert_one_line_error(result, f"error: {role} ", "modeling_evil.py", "trust_remote_code: true", "nothing was written")
+    assert not (tmp_path / "run").exists() and not (evil / "RAN").exists()
+
+
+def test_finetune_trusted_foreign_code_tunes_without_it(tmp_path, calibration_file):
+    dense = with_tokenizer_code(with_remote_code(build_dense(tmp_path / "dense")))
+    recipe = finetune_recipe(tmp_path, dense, calibration_file, trust_remote_code=True)
+    result = run("finetune", recipe)
+    assert result.exit_code == 0, result.output
+    final = tmp_path / "run" / "final"
+    assert runtime_py(final) == {} and not (dense / "RAN").exists() and not (final / "RAN").exists()
+    assert all("auto_map" not in json.loads((final / name).read_text()) for name in ("config.json", "tokenizer_config.json"))
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(final)).__name__ == "LlamaForCausalLM"
+
+
+def test_finetune_trusted_converting_recipe_passes_the_flag_to_convert(tmp_path, calibration_file):
+    dense = with_remote_code(build_dense(tmp_path / "dense"))
+    recipe = finetune_recipe(tmp_path, dense, calibration_file, trust_remote_code=True, convert={"method": "moh"})
+    result = run("finetune", recipe)
+    assert result.exit_code == 0, result.output
+    final = tmp_path / "run" / "final"
+    assert runtime_py(final) == INSTALLED and is_upcycle_runtime(json.loads((final / "config.json").read_text())["auto_map"])
+    assert not (dense / "RAN").exists()
 
 
 def test_finetune_copy_carries_only_installed_runtime(tmp_path):

@@ -503,10 +503,23 @@ def _fresh_sibling(out: Path, tag: str) -> Path:
 
 
 def copy_support_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer files and generation_config.json from src to dst; return the names copied."""
+    """Copy tokenizer files and generation_config.json from src to dst; return the names copied. A tokenizer_config.json
+    whose auto_map names code of its own (accepted with --trust-remote-code) is copied without that auto_map: the code
+    is never copied, and the tokenizer loads with the class its tokenizer_class / tokenizer.json give."""
+    from .reader import foreign_code
+
     src, dst = Path(src), Path(dst)
     names = sorted({path.name for pattern in SUPPORT_FILES for path in src.glob(pattern) if path.is_file()})
     dst.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copyfile(src / name, dst / name)
+    tokenizer_config = dst / "tokenizer_config.json"
+    if "tokenizer_config.json" in names:
+        try:
+            config = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            config = None
+        if isinstance(config, dict) and foreign_code(config):
+            del config["auto_map"]
+            tokenizer_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return names

@@ -161,12 +161,13 @@ class ClipRunner:
         from transformers import AutoProcessor
 
         from ..data.image_text import ImageTextCollator, load_pairs
-        from .finetune import claim_output, resolve_model
+        from .finetune import claim_output, refuse_folder_code, resolve_model
         from .loop import use_cpu
 
         self.recipe, self.output = recipe, Path(recipe.output)
         self.accelerator = Accelerator(cpu=use_cpu())
         self.base = resolve_model(recipe.model)
+        refuse_folder_code(recipe, "model", self.base)
         # the same rule as causal-LM recipes: no input inside the output; an existing output needs --overwrite
         claim_output(recipe, self.accelerator, resume=False, overwrite=overwrite, inputs={"model": self.base})
         try:
@@ -278,7 +279,7 @@ class ClipRunner:
             with atomic_output(folder, overwrite=True) as temp:
                 self.accelerator.unwrap_model(model).save_pretrained(temp)
                 copy_support_files(self.base, temp)
-                copy_runtime(self.base, temp)
+                copy_runtime(self.base, temp, trust_remote_code=self.recipe.trust_remote_code)
         self.accelerator.wait_for_everyone()
 
 

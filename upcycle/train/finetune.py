@@ -102,6 +102,19 @@ def claim_output(recipe: Recipe | ClipRecipe, state, *, resume: bool, overwrite:
     state.wait_for_everyone()
 
 
+def refuse_folder_code(recipe: Recipe | ClipRecipe, role: str, folder: Path) -> None:
+    """A model, teacher or compare folder whose auto_map names code of its own is refused before anything is written,
+    unless the recipe sets ``trust_remote_code`` (that code is still never run: the family's standard classes load it)."""
+    from ..checkpoint.reader import refuse_remote_code
+
+    try:
+        refuse_remote_code(folder, trust_remote_code=recipe.trust_remote_code,
+                           fix="set trust_remote_code: true in the recipe (or --set trust_remote_code=true) to tune it anyway with "
+                               "the family's standard classes, or remove that auto_map; nothing was written")
+    except UpcycleError as error:
+        raise UpcycleError(f"{role} {error}") from None
+
+
 def check_model_folder(recipe: Recipe, source: Path):
     """The model's tokenizer loads and ``data.seq_len`` fits its positions; returns the tokenizer."""
     config_file = Path(source) / "config.json"
@@ -179,9 +192,13 @@ def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None
     output = Path(recipe.output)
     BatchPlan.from_recipe(recipe, state.num_processes)  # the step splits over these processes: before any work
     source = resolve_model(recipe.model)
+    refuse_folder_code(recipe, "model", source)
     check_model_folder(recipe, source)
     # a converting recipe tunes OUTPUT/converted (written below); the teacher and compare models resolve without it
     teacher, reference = resolve_references(recipe, source if recipe.convert is None else output / "converted", check_tokenizer=False)
+    for role, folder in (("teacher", teacher), ("compare", reference)):
+        if folder is not None:
+            refuse_folder_code(recipe, role, folder)
     claim_output(recipe, state, resume=resume, overwrite=overwrite, inputs={"model": source, "teacher": teacher, "compare": reference})
     model_path = prepare_model(recipe, state, source)
     tokenizer = load_tokenizer(model_path)

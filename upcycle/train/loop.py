@@ -647,7 +647,7 @@ class Trainer:
             with atomic_output(final, overwrite=True) as temp:
                 model.save_pretrained(temp)
                 copy_support_files(self.model_path, temp)
-                copy_runtime(self.model_path, temp)
+                copy_runtime(self.model_path, temp, trust_remote_code=self.recipe.trust_remote_code)
                 report = self.model_path / "upcycle_report.json"
                 if report.exists():
                     shutil.copyfile(report, temp / "upcycle_report.json")

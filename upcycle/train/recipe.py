@@ -133,6 +133,7 @@ class Recipe(_Section):
     losses: LossSection = LossSection()
     training: TrainingSection
     attention: Literal["auto", "kernel", "torch", "masked"] = "auto"  # head-gated attention; auto: the Triton kernel on CUDA, else masked
+    trust_remote_code: bool = False  # tune model/teacher/compare folders whose auto_map names code of their own (never run nor copied)
     accelerate_config: str | None = None
 
     @model_validator(mode="after")
@@ -143,6 +144,8 @@ class Recipe(_Section):
         if self.teacher and not distills:
             raise ValueError("teacher is set but losses.distill and losses.distill_hidden are 0; give one a weight, or use compare: for evaluation only")
         if self.convert is not None:
+            if self.trust_remote_code and isinstance(self.convert, dict):
+                self.convert.setdefault("trust_remote_code", True)
             self.convert = validate_convert(self.convert)
         return self
 
@@ -204,6 +207,7 @@ class ClipRecipe(_Section):
     mcl: MCLSection = MCLSection()
     losses: ClipLossSection = ClipLossSection()
     training: ClipTrainingSection = ClipTrainingSection()
+    trust_remote_code: bool = False  # tune a model folder whose auto_map names code of its own (never run nor copied)
     accelerate_config: str | None = None
 
     @model_validator(mode="after")
