@@ -182,6 +182,19 @@ def test_a_lasting_server_error_ends_in_one_line(hub, model):
     assert hub.paths().count("/api/repos/create") == hub_module.RETRY_ATTEMPTS and hub.repos == {}
 
 
+def test_ctrl_c_during_the_upload_says_nothing_was_committed(hub, model, monkeypatch):
+    import huggingface_hub
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", interrupted)
+    result = push(model, "org/tiny-moh")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1].startswith("interrupted: nothing was committed")
+    assert "run the same command again" in result.stderr and not hub.files("org/tiny-moh")
+
+
 def test_unreachable_endpoint_is_one_line(hub, model, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     result = push(model, "org/tiny-moh")

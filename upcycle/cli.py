@@ -24,15 +24,16 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
-def _run(action: Callable[[], T]) -> T:
-    """Run a command body; an UpcycleError or Ctrl-C becomes one line on stderr and a non-zero exit."""
+def _run(action: Callable[[], T], interrupted: str = "nothing was written") -> T:
+    """Run a command body; an UpcycleError or Ctrl-C becomes one line on stderr and a non-zero exit (``interrupted``:
+    what a Ctrl-C leaves behind)."""
     try:
         return action()
     except UpcycleError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted: nothing was written", err=True)
+        typer.echo(f"interrupted: {interrupted}", err=True)
         raise typer.Exit(130) from None
 
 
@@ -389,7 +390,9 @@ def push(
     """
     from .checkpoint.hub import push_folder
 
-    _run(lambda: push_folder(path, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run))
+    _run(lambda: push_folder(path, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run),
+         interrupted="nothing was committed (the upload is one commit; the repository or branch may have been created, empty "
+                     "or unchanged); run the same command again to push")
 
 
 @app.command(name="eval")
