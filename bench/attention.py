@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from upcycle.modeling.sparse_attention import head_sparse_attention
-from upcycle.modeling.sparse_kernel import KernelConfig, default_config, head_sparse_attention_kernel, kernel_available
+from upcycle.modeling.sparse_kernel import (
+    KernelConfig, default_config, head_sparse_attention_kernel, kernel_unavailable_reason,
+)
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -239,7 +241,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
     probe = torch.empty(1, 1, 1, DIM, device=args.device)
-    kernel = kernel_available(probe) is None  # CUDA with Triton (or TRITON_INTERPRET=1: a slow dry run of this script)
+    # CUDA with Triton (or TRITON_INTERPRET=1: a slow dry run of this script)
+    kernel = kernel_unavailable_reason(probe) is None
     configs = ([default_config(probe.device)] + [parse_config(text) for text in args.configs]) if kernel else []
     print(f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, {args.dtype}, {HEADS} query heads, "
           f"{KV_HEADS} KV heads, head width {DIM}, half the heads shared; B*T = {args.tokens}; median of {args.repeats}; "

@@ -7,7 +7,8 @@ it), then runs ``upcycle finetune`` once per arm on that conversion: each arm is
 (``losses.distill=0``, ``data.train=asset:kjv-train``, ...), so every arm sees the same token budget. Prints one
 markdown table: perplexity / the dense source's on each held-out corpus of the recipe (its ``data.validation``), for the
 conversion before healing (the step-0 evaluation) and for each arm after it, plus the ratio against tokens of each arm
-(the evaluations every ``training.eval_every`` steps). Writes WORKDIR/RECIPE/results.json.
+(the evaluations every ``training.eval_every`` steps). Writes WORKDIR/RECIPE/results.json, keeping the arms an earlier
+run of the same conversion measured there.
 
 The default arms: ``lm-kjv`` (the LM loss on KJV alone, as the older ``smollm2-moh-cpu`` recipe tuned), ``lm`` (the LM
 loss on the recipe's mix), ``distill`` (KL to the dense model only) and ``lm+distill`` (both, the recipe's own losses).
@@ -65,6 +66,11 @@ def main() -> None:
         recipe = load_recipe(args.recipe, [f"output={work}", *[f"convert.{item}" for item in args.convert]])
         prepare_model(recipe, process_state())
     results = {"recipe": name, "convert": args.convert, "arms": {}}
+    previous = work / "results.json"
+    if previous.is_file():  # arms measured earlier on the same conversion are kept beside the new ones
+        earlier = json.loads(previous.read_text())
+        if earlier.get("convert") == args.convert:
+            results["arms"] = {arm: result for arm, result in earlier.get("arms", {}).items() if arm not in arms}
     for arm, overrides in arms.items():
         output = work / arm
         started = time.time()

@@ -118,8 +118,8 @@ def test_explicit_validation_source_and_max_train_tokens(tmp_path, monkeypatch):
     assert torch.equal(blocks(data.train), pack_tokens(docs, tk, 8))
     encoded = []
     monkeypatch.setattr(corpus, "BATCH_SIZE", 2)
-    monkeypatch.setattr(corpus, "_encode", lambda tok, texts, eos, real=corpus._encode: encoded.extend(texts) or
-                        real(tok, texts, eos))
+    monkeypatch.setattr(corpus, "encode_documents", lambda tok, texts, eos, real=corpus.encode_documents:
+                        encoded.extend(texts) or real(tok, texts, eos))
     limited = build_corpus(config(path, max_train_tokens=20), tk)
     assert limited.train_tokens == 16 and torch.equal(blocks(limited.train), pack_tokens(docs, tk, 8, max_tokens=20))
     assert len(encoded) < len(docs)  # only the documents the budget needs were tokenised
@@ -128,8 +128,8 @@ def test_explicit_validation_source_and_max_train_tokens(tmp_path, monkeypatch):
 def test_second_call_loads_the_cache_without_tokenising(tmp_path, monkeypatch):
     tk, path = tiny_tokenizer(), write_txt(tmp_path / "d.txt", make_docs(50))
     calls = []
-    monkeypatch.setattr(corpus, "_encode", lambda tok, texts, eos, real=corpus._encode: calls.append(1) or
-                        real(tok, texts, eos))
+    monkeypatch.setattr(corpus, "encode_documents", lambda tok, texts, eos, real=corpus.encode_documents:
+                        calls.append(1) or real(tok, texts, eos))
     cfg = config(path, validation_fraction=0.1)
     first = build_corpus(cfg, tk)
     assert calls and (tmp_path / "cache" / "tokenized" / first.fingerprint / "meta.json").is_file()

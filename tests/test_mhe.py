@@ -179,7 +179,7 @@ def test_sequential_fit_tracks_the_dense_model(tmp_path, family, calibration_fil
     sequential = mhe(dense, tmp_path / "sequential", init="sequential", calibration=calibration_file, calibration_tokens=1024)
     captured = capsys.readouterr()
     assert "init sequential (fitted each layer on the outputs of the converted layers below it, against the dense model's)" in captured.out
-    assert "MHE sequential fit: layer 2/2" in captured.err
+    assert "MHE sequential fit: 100%" in captured.err and "| 2/2 [" in captured.err
     assert sequential["reconstruction_error"]["fit"].startswith("sequential") and sequential["options"]["init"] == "sequential"
     assert sequential["reconstruction_error"]["layers"][0] == pytest.approx(calibrated["reconstruction_error"]["layers"][0], rel=1e-6)
     calibrated_error, calibrated_loss = end_to_end(dense, tmp_path / "calibrated", family, calibration_file)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect as pyinspect
 import json
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -27,9 +29,11 @@ T = TypeVar("T")
 def _run(action: Callable[[], T], interrupted: str = "nothing was written") -> T:
     """Run a command body; an UpcycleError or Ctrl-C becomes one line on stderr and a non-zero exit (``interrupted``:
     what a Ctrl-C leaves behind)."""
+    from .modeling.plan import PlanError
+
     try:
         return action()
-    except UpcycleError as error:
+    except (UpcycleError, PlanError) as error:  # PlanError: a checkpoint's plan this runtime does not know
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -52,66 +56,6 @@ def _options(
     """Rewrite dense Hugging Face checkpoints (LLaMA family) into more efficient or capable forms."""
 
 
-class Method(str, Enum):
-    moh = "moh"
-    prune_heads = "prune-heads"
-    gqa = "gqa"
-    mhe = "mhe"
-    bam = "bam"
-    clip_moe = "clip-moe"
-
-
-class Router(str, Enum):
-    query_norm = "query-norm"
-    learned = "learned"
-    fitted = "fitted"
-
-
-class Rescale(str, Enum):
-    none = "none"
-    layer = "layer"
-    channel = "channel"
-
-
-class Importance(str, Enum):
-    gradient = "gradient"
-    random = "random"
-
-
-class Normalize(str, Enum):
-    auto = "auto"
-    layer = "layer"
-    none = "none"
-
-
-class Refit(str, Enum):
-    none = "none"
-    rescale = "rescale"
-    lstsq = "lstsq"
-
-
-class Variant(str, Enum):
-    mul = "mul"
-    add = "add"
-
-
-class Init(str, Enum):
-    svd = "svd"
-    calibrated = "calibrated"
-    sequential = "sequential"
-
-
-class AttentionMix(str, Enum):
-    expert_kv = "expert-kv"
-    shared_kv = "shared-kv"
-    average = "average"
-
-
-class RouterInit(str, Enum):
-    random = "random"
-    zero = "zero"
-
-
 class AttentionBackend(str, Enum):
     auto = "auto"
     kernel = "kernel"
@@ -119,142 +63,189 @@ class AttentionBackend(str, Enum):
     masked = "masked"
 
 
-class SharedSelection(str, Enum):
-    first = "first"
-    weight_norm = "weight-norm"
-    contribution = "contribution"
+class ConvertCommand:
+    """``upcycle convert``: the common flags below plus every method's own, derived from the methods' specs
+    (``methods/<method>.py``'s ``SPEC``) each time the command line is built, so a method registered later has its
+    flags, its ``--help`` group and the check that they go with ``--method`` like any other."""
+
+    __name__ = "convert"
+
+    @staticmethod
+    def common(
+        src: Annotated[str, typer.Argument(help="Dense checkpoint: a local folder (safetensors or .bin) or a Hub model id.")],
+        out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+        shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB or 500MB.")] = "5GB",
+        overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+        dry_run: Annotated[bool, typer.Option(help="Print the plan, parameters and output size; write nothing.")] = False,
+        push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", rich_help_panel="Publishing", help="Then push OUT to this Hub repository (owner/name; created when missing). The token is checked before converting.", show_default=False)] = None,
+        private: Annotated[bool, typer.Option("--private", rich_help_panel="Publishing", help="With --push-to-hub: create the repository private.")] = False,
+        trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert SRC (and experts) although the auto_map of its config.json or tokenizer_config.json names code of its own; that code is never run nor copied into OUT.")] = False,
+    ) -> None:
+        """The flags every method has (the signature typer reads; the call goes to ``__call__``)."""
+
+    @property
+    def __doc__(self) -> str:  # type: ignore[override]
+        from .methods import all_specs
+
+        specs = all_specs()
+        lines = [f"{spec.name}: {spec.example}" for spec in specs]
+        return (f"Convert a dense checkpoint. Example: {specs[0].example}\n\n" + "\n\n".join(lines[1:])
+                + "\n\nMethods: " + "; ".join(f"{spec.name}: {spec.summary.rstrip('.')}" for spec in specs) + ".")
+
+    @property
+    def __signature__(self) -> pyinspect.Signature:
+        common = list(pyinspect.signature(self.common, eval_str=True).parameters.values())
+        return pyinspect.Signature([pyinspect.Parameter("ctx", pyinspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+                                  *(parameter.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for parameter in common[:2]),
+                                  self._method_parameter(), *self._flag_parameters(), *(
+                                      parameter.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for parameter in common[2:])])
+
+    @property
+    def __annotations__(self) -> dict:  # type: ignore[override]
+        return {name: parameter.annotation for name, parameter in self.__signature__.parameters.items()}
+
+    @staticmethod
+    def _method_parameter() -> pyinspect.Parameter:
+        from .methods import method_names
+
+        names = method_names()
+        choice = Enum("Method", {name: name for name in names}, type=str)
+        return pyinspect.Parameter("method", pyinspect.Parameter.KEYWORD_ONLY, default=choice(names[0]),
+                                 annotation=Annotated[choice, typer.Option(help="Conversion method.")])
+
+    @staticmethod
+    def _flag_parameters() -> list[pyinspect.Parameter]:
+        return [pyinspect.Parameter(flag.name, pyinspect.Parameter.KEYWORD_ONLY, default=flag.default, annotation=flag.annotation)
+                for flag in method_flags().values()]
+
+    def __call__(self, ctx: typer.Context, src: str, out: Path, method: Enum, shard_size: str, overwrite: bool,
+                 dry_run: bool, push_to_hub: str | None, private: bool, trust_remote_code: bool, **values) -> None:
+        from .convert import convert_checkpoint
+        from .methods import method_spec
+
+        # typer's own click: compare the parameter source by name
+        given = {name: value for name, value in values.items()
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+        def go():
+            spec = method_spec(method.value)
+            settings = method_options(spec, given, method_flags())
+            if spec.has_option("trust_remote_code"):
+                settings.trust_remote_code = trust_remote_code
+            if push_to_hub and not dry_run:
+                from .checkpoint.source import source_hub_id
+
+                if source_hub_id(src) is None:
+                    raise UpcycleError(f"--push-to-hub needs the Hub id of {src} for the card's base_model, and a local folder does not say it; "
+                                       "pass SRC as its Hub id (owner/name; a downloaded model is read from the cache), or convert without "
+                                       "--push-to-hub, then run `upcycle card OUT --base-model OWNER/NAME` and `upcycle push OUT REPO_ID`")
+            target = _push_target(push_to_hub, private, connect=not dry_run)
+            convert_checkpoint(src, out, spec.name, settings, shard_size=shard_size, overwrite=overwrite, dry_run=dry_run,
+                               card_name=target.repo_id if target else None)
+            if target:
+                from .checkpoint.hub import push_folder
+
+                written.append(out)
+                push_folder(out, target.repo_id, private=private, target=target)
+
+        def terminable():
+            """SIGTERM (a job scheduler, `kill`) cleans up like Ctrl-C, then exits 143 with one line."""
+            from .checkpoint.writer import Terminated, sigterm_as_interrupt
+
+            try:
+                with sigterm_as_interrupt():
+                    go()
+            except Terminated:
+                done = f"{out} was written, the push to {push_to_hub} did not finish" if written else "nothing was written"
+                typer.echo(f"terminated (SIGTERM): {done}", err=True)
+                raise typer.Exit(143) from None
+
+        written: list[Path] = []
+        _run(terminable)
 
 
-@app.command()
-def convert(
-    src: Annotated[str, typer.Argument(help="Dense checkpoint: a local folder (safetensors or .bin) or a Hub model id.")],
-    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
-    method: Annotated[Method, typer.Option(help="Conversion method.")] = Method.moh,
-    router: Annotated[Router, typer.Option(rich_help_panel="MoH", help="MoH router: query-norm (parameter-free, MoH-LLaMA3), learned (two-stage, zero-initialised) or fitted (a linear scorer fitted on --calibration text to pick the heads that contribute most; binary gates).")] = Router.query_norm,
-    shared_heads: Annotated[str, typer.Option(rich_help_panel="MoH", help="MoH: query heads always on, as a fraction (0.5) or a count (4).")] = "0.5",
-    active_heads: Annotated[float, typer.Option(rich_help_panel="MoH", help="MoH: fraction of query heads active per token, in (shared fraction, 1].")] = 0.75,
-    shared_selection: Annotated[SharedSelection | None, typer.Option(rich_help_panel="MoH", help="MoH: which heads are shared. Default: contribution with --calibration, else weight-norm.", show_default=False)] = None,
-    rescale: Annotated[Rescale, typer.Option(rich_help_panel="MoH", help="MoH: scale o_proj by one factor per layer (layer) or per output channel (channel), fitted layer after layer by least squares so the attention output best matches dense on --calibration text; none keeps o_proj.")] = Rescale.none,
-    ratio: Annotated[float | None, typer.Option(rich_help_panel="Head pruning", help="prune-heads: fraction of prunable units removed, 0 <= R < 1 (units: heads for MHA, KV groups for GQA models).", show_default=False)] = None,
-    importance: Annotated[Importance, typer.Option(rich_help_panel="Head pruning", help="prune-heads: gradient (E|dL/dgate| per unit on --calibration text) or random (the control, with --seed).")] = Importance.gradient,
-    seed: Annotated[int, typer.Option(rich_help_panel="Seeds and calibration data", help="prune-heads: seed of --importance random and of the masked-LM masking; bam, clip-moe: seed of the random routers.")] = 0,
-    normalize: Annotated[Normalize, typer.Option(rich_help_panel="Head pruning", help="prune-heads: L2-normalise gradient importance per layer: layer (the paper), none, or auto (layer only with >= 8 units per layer).")] = Normalize.auto,
-    iterative: Annotated[int, typer.Option(rich_help_panel="Head pruning", help="prune-heads: prune in N cumulative steps, recomputing importance before each (1: score once).")] = 1,
-    min_heads_per_layer: Annotated[int, typer.Option(rich_help_panel="Head pruning", help="prune-heads: query heads every layer keeps at least.")] = 1,
-    uniform: Annotated[bool, typer.Option(rich_help_panel="Head pruning", help="prune-heads: remove the same number of units in every layer (decoders: a plain base-architecture checkpoint).")] = False,
-    kv_heads: Annotated[int | None, typer.Option(rich_help_panel="GQA", help="gqa: new number of key/value heads, a divisor of the current count (1: MQA).", show_default=False)] = None,
-    refit: Annotated[Refit | None, typer.Option(rich_help_panel="Head pruning and GQA", help="prune-heads, gqa: refit each changed layer's o_proj on --calibration text so its attention output matches the dense one: none (default), rescale (per-channel RMS) or lstsq (least squares, sequential).", show_default=False)] = None,
-    variant: Annotated[Variant | None, typer.Option(rich_help_panel="MHE", help="mhe: head embeddings multiply (mul, default) or add to the shared projection.", show_default=False)] = None,
-    init: Annotated[Init | None, typer.Option(rich_help_panel="MHE", help="mhe: svd (default; best fit on the weights, no data), calibrated (least squares on --calibration activations) or sequential (calibrated, each layer fitted on the already-compressed layers' outputs against the dense model's).", show_default=False)] = None,
-    expert: Annotated[list[str] | None, typer.Option(rich_help_panel="BAM / BTX and CLIP-MoE", help="bam: a model branched from SRC (the seed, expert 0) and trained further; clip-moe: an MCL stage checkpoint. Repeat for each expert.", show_default=False)] = None,
-    attention: Annotated[AttentionMix | None, typer.Option(rich_help_panel="BAM / BTX", help="bam: expert-kv (default; per-expert Q, K, V, O), shared-kv (per-expert Q, O; K, V averaged) or average (BTX).", show_default=False)] = None,
-    ffn_top_k: Annotated[int | None, typer.Option(rich_help_panel="BAM / BTX", help="bam: FFN experts per token (default 1; 2 with --attention average, as in BTX).", show_default=False)] = None,
-    router_init: Annotated[RouterInit | None, typer.Option(rich_help_panel="BAM / BTX", help="bam: random (default, the paper; normal with the model's initializer_range, --seed) or zero (uniform mixture at first).", show_default=False)] = None,
-    parallel_block: Annotated[bool, typer.Option("--parallel-block", rich_help_panel="BAM / BTX", help="bam: parallel attention+FFN blocks, x + A(LN x) + F(LN x) (changes a sequential seed's function).")] = False,
-    layers: Annotated[int | None, typer.Option(rich_help_panel="CLIP-MoE", help="clip-moe: experts in the last L layers of both towers (default: all).", show_default=False)] = None,
-    top_k: Annotated[int | None, typer.Option(rich_help_panel="CLIP-MoE", help="clip-moe: experts per token (default 2).", show_default=False)] = None,
-    upcycle_copies: Annotated[int | None, typer.Option(rich_help_panel="CLIP-MoE", help="clip-moe: the sparse-upcycling baseline, E copies of the base FFN (instead of --expert).", show_default=False)] = None,
-    calibration: Annotated[Path | None, typer.Option(rich_help_panel="Seeds and calibration data", help="Calibration text (.txt, .jsonl or a folder) for data-driven choices.")] = None,
-    calibration_tokens: Annotated[int, typer.Option(rich_help_panel="Seeds and calibration data", help="Tokens of calibration text to use.")] = 16384,
-    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB or 500MB.")] = "5GB",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print the plan, parameters and output size; write nothing.")] = False,
-    push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", rich_help_panel="Publishing", help="Then push OUT to this Hub repository (owner/name; created when missing). The token is checked before converting.", show_default=False)] = None,
-    private: Annotated[bool, typer.Option("--private", rich_help_panel="Publishing", help="With --push-to-hub: create the repository private.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert SRC (and experts) although the auto_map of its config.json or tokenizer_config.json names code of its own; that code is never run nor copied into OUT.")] = False,
-) -> None:
-    """Convert a dense checkpoint. Example: upcycle convert ./SmolLM2-135M ./smollm2-moh --active-heads 0.75
+@dataclass(frozen=True)
+class MethodFlag:
+    """One ``upcycle convert`` flag, merged over the methods whose options have the field: ``owners`` are those
+    methods, ``annotation`` and ``default`` what typer reads (the default shown is theirs when they agree)."""
 
-    Head pruning: upcycle convert SRC OUT --method prune-heads --ratio 0.25 --calibration text.txt [--uniform].
-    MHA to GQA/MQA: upcycle convert SRC OUT --method gqa --kv-heads 1 [--refit lstsq --calibration text.txt]
-    MHE: upcycle convert SRC OUT --method mhe --variant mul --init calibrated --calibration text.txt
-    BAM: upcycle convert SEED OUT --method bam --expert ./code-branch --expert ./law-branch --attention expert-kv
-    CLIP-MoE: upcycle convert ./clip ./clip-moe --method clip-moe --expert ./mcl/stage-1 --expert ./mcl/stage-2 --expert ./mcl/stage-3
-    """
-    from .convert import convert_checkpoint
+    name: str
+    flag: str
+    owners: tuple[str, ...]
+    annotation: object
+    default: object
+    example: str | None
 
-    def options():
-        for flag, value, example in (("--active-heads", active_heads, "0.75"), ("--ratio", ratio, "0.25")):
-            if value is not None and not math.isfinite(value):
-                raise UpcycleError(f"{flag} {value} is not a finite number; give a fraction like {example}")
-        if method is not Method.prune_heads and ratio is not None:
-            raise UpcycleError(f"--ratio applies to --method prune-heads, not {method.value}; drop it or pass --method prune-heads")
-        if method is not Method.gqa and kv_heads is not None:
-            raise UpcycleError(f"--kv-heads applies to --method gqa, not {method.value}; drop it or pass --method gqa")
-        if method is not Method.mhe and (variant or init):
-            raise UpcycleError(f"--{'variant' if variant else 'init'} applies to --method mhe, not {method.value}; drop it or pass --method mhe")
-        owners = {"--refit": (Method.prune_heads, Method.gqa), "--expert": (Method.bam, Method.clip_moe), "--attention": (Method.bam,), "--ffn-top-k": (Method.bam,),
-                  "--router-init": (Method.bam,), "--parallel-block": (Method.bam,), "--layers": (Method.clip_moe,),
-                  "--top-k": (Method.clip_moe,), "--upcycle-copies": (Method.clip_moe,)}
-        values = {"--refit": refit, "--expert": expert, "--attention": attention, "--ffn-top-k": ffn_top_k, "--router-init": router_init,
-                  "--parallel-block": parallel_block, "--layers": layers, "--top-k": top_k, "--upcycle-copies": upcycle_copies}
-        for flag, value in values.items():
-            if value not in (None, False, []) and method not in owners[flag]:
-                allowed = " or ".join(f"--method {m.value}" for m in owners[flag])
-                raise UpcycleError(f"{flag} applies to {allowed}, not {method.value}; drop it or pass {allowed}")
-        if method is Method.clip_moe:
-            from .methods.clip_moe import ClipMoEOptions
 
-            return ClipMoEOptions(experts=list(expert or []), layers=layers, top_k=2 if top_k is None else top_k,
-                                  upcycle_copies=upcycle_copies, seed=seed)
-        if method is Method.bam:
-            from .methods.bam import BAMOptions
+def method_flags() -> dict[str, MethodFlag]:
+    """Every method's flags, by field name, in registry and field order; a field several methods share is one flag
+    (help: each method's, grouped where it is the same; panel: theirs, joined)."""
+    import dataclasses
+    import typing
 
-            return BAMOptions(experts=list(expert or []), attention=(attention or AttentionMix.expert_kv).value, ffn_top_k=ffn_top_k,
-                              router_init=(router_init or RouterInit.random).value, parallel_block=parallel_block, seed=seed)
-        if method is Method.mhe:
-            from .methods.mhe import MHEOptions
+    from .methods import all_specs
 
-            return MHEOptions(variant=(variant or Variant.mul).value, init=(init or Init.svd).value, calibration=calibration,
-                              calibration_tokens=calibration_tokens)
-        if method is Method.prune_heads:
-            from .methods.prune_heads import PruneHeadsOptions
+    fields: dict[str, list] = {}
+    for spec in all_specs():
+        hints = typing.get_type_hints(spec.options)
+        for name, field in spec.flags().items():
+            fields.setdefault(name, []).append((spec, field, hints[name]))
+    flags = {}
+    for name, entries in fields.items():
+        spec, field, hint = entries[0]
+        flag = field.metadata.get("flag") or f"--{name.replace('_', '-')}"
+        helps: dict[str, list[str]] = {}
+        for owner, owner_field, _ in entries:
+            helps.setdefault(owner_field.metadata["help"], []).append(owner.name)
+        text = " ".join(f"{', '.join(owners)}: {help_text}" for help_text, owners in helps.items())
+        panels = list(dict.fromkeys(owner_field.metadata.get("panel") or owner.panel for owner, owner_field, _ in entries))
+        defaults = {repr(owner_field.default if owner_field.default is not dataclasses.MISSING else owner_field.default_factory())
+                    for _, owner_field, _ in entries}
+        value_type, choices, repeated = _flag_type(hint)
+        shared_default = field.default if len(defaults) == 1 and field.default is not dataclasses.MISSING else None
+        if choices:
+            value_type = Enum(f"{name.title().replace('_', '')}Choice", {choice: choice for choice in choices}, type=str)
+            shared_default = value_type(shared_default) if shared_default is not None else None
+        show = shared_default is not None and shared_default is not False
+        option = typer.Option(flag, rich_help_panel=" and ".join(panels), help=text, show_default=show)
+        annotation = Annotated[(list[value_type] if repeated else value_type) | None if value_type is not bool else bool, option]
+        flags[name] = MethodFlag(name, flag, tuple(owner.name for owner, _, _ in entries), annotation,
+                                 False if value_type is bool else None if repeated else shared_default,
+                                 field.metadata.get("example"))
+    return flags
 
-            return PruneHeadsOptions(ratio=ratio, importance=importance.value, seed=seed, iterative=iterative, normalize=normalize.value, min_heads_per_layer=min_heads_per_layer,
-                                     uniform=uniform, calibration=calibration, calibration_tokens=calibration_tokens, refit=(refit or Refit.none).value)
-        if method is Method.gqa:
-            from .methods.gqa import GQAOptions
 
-            return GQAOptions(kv_heads=kv_heads, refit=(refit or Refit.none).value, calibration=calibration, calibration_tokens=calibration_tokens)
-        from .methods.moh import MoHOptions
+def _flag_type(hint) -> tuple[type, tuple[str, ...], bool]:
+    """(value type, choices of a Literal, whether repeated) of an option's type hint (``X | None`` is X)."""
+    import types
+    import typing
 
-        return MoHOptions(router=router.value, shared_heads=shared_heads, active_heads=active_heads,
-                          shared_selection=shared_selection.value if shared_selection else None,
-                          calibration=calibration, calibration_tokens=calibration_tokens, rescale=rescale.value)
+    arguments = [argument for argument in typing.get_args(hint) if argument is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(arguments) == 1:
+        hint = arguments[0]
+    if typing.get_origin(hint) is typing.Literal:
+        return str, tuple(typing.get_args(hint)), False
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], (), True
+    return hint, (), False
 
-    def go():
-        settings = options()
-        settings.trust_remote_code = trust_remote_code
-        if push_to_hub and not dry_run:
-            from .convert import source_hub_id
 
-            if source_hub_id(src) is None:
-                raise UpcycleError(f"--push-to-hub needs the Hub id of {src} for the card's base_model, and a local folder does not say it; "
-                                   "pass SRC as its Hub id (owner/name; a downloaded model is read from the cache), or convert without "
-                                   "--push-to-hub, then run `upcycle card OUT --base-model OWNER/NAME` and `upcycle push OUT REPO_ID`")
-        target = _push_target(push_to_hub, private, connect=not dry_run)
-        convert_checkpoint(src, out, method.value, settings, shard_size=shard_size, overwrite=overwrite, dry_run=dry_run,
-                           card_name=target.repo_id if target else None)
-        if target:
-            from .checkpoint.hub import push_folder
+def method_options(spec, given: dict, flags: dict[str, MethodFlag]):
+    """The method's options from the flags given on the command line; a flag of another method, or a number that is
+    not finite, is one line."""
+    for name, value in given.items():
+        flag = flags[name]
+        if spec.name not in flag.owners:
+            allowed = " or ".join(f"--method {owner}" for owner in flag.owners)
+            raise UpcycleError(f"{flag.flag} applies to {allowed}, not {spec.name}; drop it or pass {allowed}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UpcycleError(f"{flag.flag} {value} is not a finite number; give a fraction like {flag.example or 0.5}")
+    values = {name: [getattr(item, "value", item) for item in value] if isinstance(value, list) else getattr(value, "value", value)
+              for name, value in given.items()}
+    return spec.options(**values)
 
-            written.append(out)
-            push_folder(out, target.repo_id, private=private, target=target)
 
-    def terminable():
-        """SIGTERM (a job scheduler, `kill`) cleans up like Ctrl-C, then exits 143 with one line."""
-        from .checkpoint.writer import Terminated, sigterm_as_interrupt
-
-        try:
-            with sigterm_as_interrupt():
-                go()
-        except Terminated:
-            done = f"{out} was written, the push to {push_to_hub} did not finish" if written else "nothing was written"
-            typer.echo(f"terminated (SIGTERM): {done}", err=True)
-            raise typer.Exit(143) from None
-
-    written: list[Path] = []
-    _run(terminable)
+app.command(name="convert")(ConvertCommand())
 
 
 def _push_target(repo_id: str | None, private: bool, *, connect: bool = True):

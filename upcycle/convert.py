@@ -14,47 +14,24 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint.card import hub_model_id, source_license, write_card
-from .checkpoint.reader import CheckpointReader, resolve_source
+from .checkpoint.card import write_card
+from .checkpoint.reader import CheckpointReader
+from .checkpoint.source import Source, open_source, source_hub_id, source_license
 from .checkpoint.writer import (
     SUPPORT_FILES, ShardedWriter, atomic_output, check_output_location, copy_support_files, output_parent, parse_size, recover_output,
 )
 from .errors import UpcycleError
-from .methods import ChunkedTensor, Conversion, SourceTensor, method_module
+from .methods import ChunkedTensor, Conversion, SourceTensor, method_spec
 from .paths import refuse_inputs_inside
 
 RUNTIME_DIR = Path(__file__).parent / "modeling"
 
 
-def refuse_converted(config: dict, source: str) -> None:
-    """An upcycled model is not a dense input: say what it is."""
-    block = config.get("upcycle")
-    if block or str(config.get("model_type", "")).startswith("upcycle_"):
-        method = (block or {}).get("method", "unknown")
-        base = (block or {}).get("base_model_type", config.get("model_type"))
-        raise UpcycleError(f"{source} is already an upcycle {method} model (converted from a {base} checkpoint); convert the original dense checkpoint instead")
-
-
-def base_model_id(src: str, config: dict, folder: Path | None = None) -> str:
-    """What the model card calls the base model: a Hub id when one is known, else the folder name."""
-    return hub_model_id(src, folder if folder is not None else Path(src), config) or Path(src).name
-
-
-def source_hub_id(src: str) -> str | None:
-    """The Hub id of SRC when it is known without downloading anything (an id, a Hugging Face cache snapshot,
-    or a config whose ``_name_or_path`` is one): what a pushed card can name as its ``base_model``."""
-    path = Path(src).expanduser()
-    config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        config = {}
-    return hub_model_id(src, path, config if isinstance(config, dict) else {})
-
-
-def base_model_ids(src: str, folder: Path, config: dict, experts: list[str]) -> list[str]:
-    """The Hub ids of the source and of the expert folders (BAM, CLIP-MoE), where known: the card's ``base_model``."""
-    ids = [hub_model_id(src, folder, config), *map(source_hub_id, experts)]
+def base_model_ids(source: Source, experts: list[str]) -> list[str]:
+    """The Hub ids of the source and of the expert folders (BAM, CLIP-MoE), where known: the card's ``base_model``.
+    Each is resolved once; an expert that is the source's own folder reuses the source's id."""
+    others = [expert for expert in dict.fromkeys(experts) if expert != str(source.folder)]
+    ids = [source.hub_id, *map(source_hub_id, others)]
     return list(dict.fromkeys(i for i in ids if i))
 
 
@@ -83,27 +60,12 @@ def output_bytes(conversion: Conversion, folder: Path) -> int:
 
 def options_class(method: str) -> type:
     """The options dataclass of a method (what ``upcycle convert``'s flags fill in)."""
-    return method_module(method).Options
-
-
-def refuse_no_routed_head(reader: CheckpointReader, options) -> None:
-    """MoH with every query head shared routes nothing (with --active-heads 1.0 the output is the dense model in MoH
-    form): say so before any planning work. ``methods.moh.head_counts`` itself allows it."""
-    from .arch import decoder_spec
-    from .methods.moh import head_counts
-
-    spec = decoder_spec(reader.config, str(reader.folder))
-    shared, _ = head_counts(spec.num_heads, options.shared_heads, options.active_heads)
-    if shared >= spec.num_heads:
-        raise UpcycleError(
-            f"--shared-heads {options.shared_heads} makes all {spec.num_heads} heads shared, which leaves no routed head "
-            f"(the output would only be the dense model); share fewer heads, e.g. --shared-heads {spec.num_heads // 2} or 0.5"
-        )
+    return method_spec(method).options
 
 
 def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversion:
     """Dispatch to the method's own ``convert``."""
-    return method_module(method).convert(reader, options)
+    return method_spec(method).convert(reader, options)
 
 
 def count_parameters(layout) -> int:
@@ -172,7 +134,8 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
 
     ``card_name``: the model's name in its card (a Hub repo id when it will be pushed; default: OUT's name)."""
     max_shard = parse_size(shard_size)
-    folder = resolve_source(src)
+    opened = open_source(src)  # resolved, read, and refused in one line when upcycle already converted it
+    folder, reader = opened.folder, opened.reader
     out = Path(out)
     if not dry_run:
         if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
@@ -182,10 +145,6 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
         recover_output(out)
         if (out.exists() or out.is_symlink()) and not overwrite:
             raise UpcycleError(f"OUT {out} already exists; pass --overwrite to replace it")
-    reader = CheckpointReader(folder)
-    refuse_converted(reader.config, src)
-    if method == "moh":
-        refuse_no_routed_head(reader, options)
     conversion = plan_conversion(reader, method, options)
 
     before = count_parameters([reader.info(n) for n in reader.names()])
@@ -230,7 +189,6 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
         if not all(check["passed"] for check in checks):
             failed = "; ".join(c["name"] for c in checks if not c["passed"])
             raise UpcycleError(f"conversion checks failed ({failed}); nothing was written, please report this as a bug")
-        base_model = base_model_id(src, reader.config, folder)
         report = {
             "upcycle_version": __version__,
             "method": method,
@@ -242,8 +200,8 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
             "plan_lines": conversion.plan_lines,
             "description": conversion.description,
             "tags": conversion.tags,
-            "base_model": base_model,
-            "base_models": base_model_ids(src, folder, reader.config, conversion.report.get("experts", [])),
+            "base_model": opened.base_model,
+            "base_models": base_model_ids(opened, conversion.report.get("experts", [])),
             "base_license": source_license(folder),
             "name": card_name or out.name,
             "auto_class": conversion.auto_class,

@@ -7,6 +7,8 @@ from collections import Counter
 
 from .arch import ATTENTION_FAMILIES, attention_spec
 from .checkpoint.reader import CheckpointReader, resolve_source
+from .errors import UpcycleError
+from .modeling.plan import MoEFFN, PlanError, parse_layers, plan_layers
 
 
 def describe(path: str) -> dict:
@@ -30,6 +32,10 @@ def describe(path: str) -> dict:
         info.update(layers=spec.num_layers, heads=spec.num_heads, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                     hidden_size=spec.hidden_size)
     if plan:
+        try:
+            plan_layers(plan)
+        except PlanError as error:
+            raise UpcycleError(f"{reader.folder}: {error}") from None
         info["method"] = plan.get("method")
         info["plan"] = plan.get("layers")
         if plan.get("towers"):
@@ -37,29 +43,20 @@ def describe(path: str) -> dict:
     return info
 
 
-def _plan_summary(layers: list[dict]) -> list[str]:
+def plan_summary(layers: list[dict]) -> list[str]:
+    """One line per changed layer, each change described by its typed plan class (``modeling.plan``)."""
+    described = ((index, layer.describe()) for index, layer in enumerate(parse_layers(layers)))
+    return [f"  layer {index:>3}: {text}" for index, text in described if text]
+
+
+def tower_summary(towers: dict[str, list[dict]]) -> list[str]:
+    """One line per CLIP tower with MoE FFNs: experts, top-k and the layers that have them."""
     lines = []
-    for index, layer in enumerate(layers):
-        gate, heads, mhe = layer.get("head_gate"), layer.get("attention_heads"), layer.get("mhe")
-        moe, experts = layer.get("moe_ffn"), layer.get("attention_experts")
-        if moe or experts:
-            parts = [f"FFN {moe['experts']} experts, top-{moe['top_k']}"] if moe else []
-            if experts:
-                parts.append(f"attention {experts['experts']} soft experts ({experts['kv']} KV)")
-            if layer.get("parallel_block"):
-                parts.append("parallel block")
-            lines.append(f"  layer {index:>3}: {'; '.join(parts)}")
-        if mhe:
-            counts = ", ".join(f"{proj[0].upper()} over {mhe['heads'][proj]} heads" for proj in ("q_proj", "k_proj", "v_proj") if proj in mhe["heads"])
-            lines.append(f"  layer {index:>3}: MHE-{mhe['variant']}, one shared projection each: {counts}")
-        if heads:
-            lines.append(f"  layer {index:>3}: {len(heads['kept_heads'])} query heads kept {heads['kept_heads']}, "
-                         f"{len(heads['kept_kv_heads'])} KV heads {heads['kept_kv_heads']}")
-        if gate:
-            active = len(gate["shared_heads"]) + gate["top_k"]
-            total = active - gate["top_k"] + len(gate["routed_heads"])
-            lines.append(f"  layer {index:>3}: {gate['router']} router, shared {gate['shared_heads']}, "
-                         f"top-{gate['top_k']} of {gate['routed_heads']} ({active}/{total} active)")
+    for tower, layers in plan_layers({"towers": towers}).items():
+        moe = [index for index, layer in enumerate(layers) if layer.get(MoEFFN)]
+        if moe:
+            first = layers[moe[0]].get(MoEFFN)
+            lines.append(f"  {tower} tower: {first.describe()}, in layers {moe} of {len(layers)}")
     return lines
 
 
@@ -76,11 +73,7 @@ def format_description(info: dict) -> str:
     lines += [f"  {s['file']}  {s['bytes'] / 1e6:.1f} MB" for s in info["shards"]]
     if "method" in info:
         lines.append(f"method:      {info['method']}")
-        lines += _plan_summary(info["plan"] or [])
-        for tower, layers in (info.get("towers") or {}).items():
-            moe = [index for index, layer in enumerate(layers) if layer.get("moe_ffn")]
-            if moe:
-                spec = layers[moe[0]]["moe_ffn"]
-                lines.append(f"  {tower} tower: FFN {spec['experts']} experts, top-{spec['top_k']}, in layers {moe} of {len(layers)}")
+        lines += plan_summary(info["plan"] or [])
+        lines += tower_summary(info.get("towers") or {})
     return "\n".join(lines)
 

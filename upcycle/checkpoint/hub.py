@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from upcycle.checkpoint.card import CARD_FILE, HUB_ID, REPORT_FILE, card_metadata
+from upcycle.checkpoint.card import REPORT_FILE
+from upcycle.checkpoint.source import CARD_FILE, HUB_ID, card_metadata
 from upcycle.errors import UpcycleError
 
 T = TypeVar("T")

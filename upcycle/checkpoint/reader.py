@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from upcycle.checkpoint.card import HUB_ID  # one definition of a Hub model id
+from upcycle.checkpoint.source import names_hub_repo
 from upcycle.errors import UpcycleError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -58,7 +58,7 @@ def resolve_source(src: str) -> Path:
         if not path.is_dir():
             raise UpcycleError(f"{src} is a file, not a model folder; pass the folder that holds config.json")
         return path
-    if HUB_ID.match(src) and not src.startswith((".", "~")):
+    if names_hub_repo(src):
         return _download(src)
     raise UpcycleError(f"{src} does not exist; pass an existing model folder or a Hub id like owner/name")
 

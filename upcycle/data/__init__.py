@@ -1,9 +1,10 @@
-"""Text data: reading documents and packing them into token blocks; the ``datasets`` corpus layer (lazy)."""
+"""Text data: reading documents and packing them into token blocks (the one pipeline of :mod:`upcycle.data.text`,
+with the ``data:`` schema :class:`DataSettings`); the ``datasets`` corpus layer (lazy)."""
 
-from upcycle.data.text import pack_tokens, read_documents
+from upcycle.data.text import DataSettings, pack_tokens, read_documents
 
 _CORPUS = ("Corpus", "DataConfig", "build_corpus", "load_documents")
-__all__ = ["pack_tokens", "read_documents", *_CORPUS]
+__all__ = ["DataSettings", "pack_tokens", "read_documents", *_CORPUS]
 
 
 def __getattr__(name: str):

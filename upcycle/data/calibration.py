@@ -1,4 +1,8 @@
-"""Calibration text as token blocks for the methods that look at data (decoders and BERT-style encoders)."""
+"""Calibration text as token blocks for the methods that look at data (decoders and BERT-style encoders).
+
+:func:`calibration_blocks` is the one entry point (prune-heads, moh, mhe, and the o_proj refit of gqa and prune-heads
+use it): the text pipeline of :mod:`upcycle.data.text` on the checkpoint's own tokenizer, capped at its context length.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +51,15 @@ def encoder_tokenizer(folder: Path):
     if tokenizer.sep_token_id is None or tokenizer.cls_token_id is None:
         raise UpcycleError(f"the tokenizer of {folder} has no [CLS]/[SEP] tokens; pass a BERT checkpoint with its tokenizer")
     return tokenizer
+
+
+def contrastive_pairs(blocks: torch.Tensor) -> torch.Tensor:
+    """Encoder calibration blocks [N, T] (``[CLS] tokens [SEP]``) -> [2N, 2 + (T - 2) // 2]: the first halves of the
+    tokens, then the second halves, each again between [CLS] and [SEP] (row i and row N + i are a text and its
+    continuation: a positive pair)."""
+    cls, sep, tokens = blocks[:, :1], blocks[:, -1:], blocks[:, 1:-1]
+    half = tokens.shape[1] // 2
+    return torch.cat([torch.cat([cls, part, sep], dim=1) for part in (tokens[:, :half], tokens[:, half : 2 * half])])
 
 
 def calibration_blocks(folder: Path, config: dict, text: Path | str, tokens: int, seq_len: int, encoder: bool) -> torch.Tensor:

@@ -4,9 +4,11 @@ A *source* is a local ``.txt``/``.jsonl``/``.json``/``.parquet`` file or a folde
 ``asset:kjv-heldout`` / ``asset:python-train`` / ``asset:python-heldout`` (the offline KJV and Python
 standard-library splits of :mod:`upcycle.assets`), or a Hub dataset ``name`` (``name:config``
 picks a config). Documents are joined with the tokenizer's EOS token *between* them (none before the first or
-after the last) and the stream is cut into ``seq_len`` blocks, the tail dropped, exactly like
-:func:`upcycle.data.text.pack_tokens`. The map-style path and the streaming path give the same blocks for the
-same documents.
+after the last) and the stream is cut into ``seq_len`` blocks, the tail dropped: the pipeline of
+:mod:`upcycle.data.text` (``.txt`` files split by :func:`~upcycle.data.text.split_paragraphs`, the EOS rule of
+:func:`~upcycle.data.text.encode_documents`), so the blocks are those of :func:`~upcycle.data.text.pack_tokens`. The
+map-style path (tokenised and packed with ``datasets.map`` into a memory-mapped cache) and the streaming path give
+the same blocks for the same documents.
 """
 
 from __future__ import annotations
@@ -14,72 +16,48 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from upcycle.assets import KJV_HELDOUT_EVERY, PYTHON_HELDOUT_EVERY, TEXT_ASSETS, cache_root, text_asset
-from upcycle.data.text import as_sources, check_text_file
+from upcycle.data.text import (DataSettings, check_text_file, document_eos, encode_documents, iter_blocks,
+                               split_paragraphs, token_stream)
 from upcycle.errors import UpcycleError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 ASSETS = TEXT_ASSETS
 FORMAT_VERSION = 2  # 2: validation.pt holds one tensor per validation corpus
 BATCH_SIZE = 1000  # documents per tokenizer call (map batches, streaming, validation)
-_PARAGRAPH = r"\n[ \t\r\f\v]*\n"
 
 
-@dataclass
-class DataConfig:
-    """Where the text comes from and how it becomes blocks (see the module docstring for sources)."""
+class DataConfig(DataSettings):
+    """The recipe's ``data:`` settings (:class:`~upcycle.data.text.DataSettings`: the same keys, defaults and checks)
+    plus the cache root and the seed: ``DataConfig(train, **settings)``; a bad setting is one :class:`UpcycleError`."""
 
-    train: str | list[str]  # several sources: their documents interleaved (``train_weights``)
-    validation: str | list[str] | None = None  # None: hold out ``validation_fraction`` of the train documents
-    validation_fraction: float = 0.02
-    train_weights: list[float] | None = None  # probability of drawing the next document from each train source
-    text_field: str = "text"
-    seq_len: int = 512
-    max_train_tokens: int | None = None
-    validation_tokens: int | None = 65536  # None: all validation documents; 0: no validation
-    streaming: bool = False
     cache_dir: str | None = None  # root of the cache; packed sets go to <root>/tokenized/<fingerprint>
-    seed: int = 0
+    seed: int = 0  # of the held-out documents and of the train mix
 
-    def __post_init__(self) -> None:
-        sources = self.train_sources()
-        if not sources:
-            raise UpcycleError("data.train names no source: give a file, a folder, an asset or a Hub dataset")
-        if self.train_weights is not None and (len(self.train_weights) != len(sources) or min(self.train_weights) <= 0):
-            raise UpcycleError(f"train_weights {self.train_weights} must give one positive weight per train source "
-                               f"({len(sources)}): fix them or drop them for an even mix")
-        names = self.validation_sources()
-        if len(set(names)) != len(names):
-            raise UpcycleError(f"validation lists a source twice ({', '.join(names)}): list each held-out corpus once")
-        if self.seq_len < 2:
-            raise UpcycleError(f"seq_len must be at least 2, got {self.seq_len}: raise the sequence length")
-        if not 0 <= self.validation_fraction < 1:
-            raise UpcycleError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}: fix it")
-        for name in ("max_train_tokens", "validation_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < self.seq_len and not (name == "validation_tokens" and value == 0):
-                raise UpcycleError(
-                    f"{name}={value} is less than one block of seq_len={self.seq_len}: raise {name} or lower seq_len"
-                )
-
-    def train_sources(self) -> list[str]:
-        return as_sources(self.train)
-
-    def validation_sources(self) -> list[str]:
-        return as_sources(self.validation)
+    def __init__(self, train: str | list[str] | None = None, /, **settings: Any) -> None:
+        if train is not None:
+            settings["train"] = train
+        try:
+            super().__init__(**settings)
+        except ValidationError as error:
+            first = error.errors()[0]
+            key = str(first["loc"][0]) if first["loc"] else "(all)"
+            raise UpcycleError(f"data setting {key!r}: {first['msg'].lower()} (got {first.get('input')!r}): "
+                               "fix it") from None
 
 
 def corpus_name(source: str) -> str:
@@ -124,7 +102,7 @@ def _is_local(source: str) -> bool:
 
 def _split_paragraphs(batch: dict[str, list[str]]) -> dict[str, list[str]]:
     """Re-split the text builder's paragraphs on blank lines holding whitespace too, as ``read_documents`` does."""
-    return {"text": [doc.strip() for text in batch["text"] for doc in re.split(_PARAGRAPH, text) if doc.strip()]}
+    return {"text": [doc for text in batch["text"] for doc in split_paragraphs(text)]}
 
 
 def _load_local(path: Path, streaming: bool) -> tuple[datasets.Dataset | datasets.IterableDataset, bool]:
@@ -235,33 +213,14 @@ def load_mix(sources: list[str], weights: list[float] | None, text_field: str, s
 
 # --- tokens and blocks -----------------------------------------------------------------------------------------
 
-def _eos(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise UpcycleError("the tokenizer has no EOS token to separate documents: set tokenizer.eos_token")
-    return tokenizer.eos_token_id
-
-
-def _encode(tokenizer, texts: list[str], eos: int) -> list[list[int]]:
-    """``[eos, *ids]`` per document (``[]`` for one without tokens); the stream drops its very first token."""
-    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    return [[eos, *ids] if ids else [] for ids in encoded]
-
-
 def _iter_blocks(documents: Iterable[dict], tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
     """Blocks of ``seq_len`` tokens from documents given as batches ``{"text": [...]}``, tail dropped."""
-    eos, buffer, offset = _eos(tokenizer), [], 1
-    for batch in documents:
-        for ids in _encode(tokenizer, batch["text"], eos):
-            buffer.extend(ids)
-        n = (len(buffer) - offset) // seq_len
-        if n > 0:
-            yield from torch.tensor(buffer[offset : offset + n * seq_len], dtype=torch.long).view(n, seq_len)
-            del buffer[: offset + n * seq_len]
-            offset = 0
+    texts = (text for batch in documents for text in batch["text"])
+    return iter_blocks(token_stream(texts, tokenizer, document_eos(tokenizer), BATCH_SIZE), seq_len)
 
 
 def _tokenize_batch(batch: dict[str, list[str]], tokenizer, eos: int) -> dict[str, list]:
-    ids = _encode(tokenizer, batch["text"], eos)
+    ids = encode_documents(tokenizer, batch["text"], eos)
     return {"input_ids": ids, "length": [len(x) for x in ids]}
 
 
@@ -282,7 +241,7 @@ def _pack_batch(_batch, indices: list[int], tokens: datasets.Dataset, offsets: n
 def _pack_dataset(documents: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | None, work: Path,
                   fingerprint: str) -> datasets.Dataset:
     """Tokenise (batched ``map``, only as many documents as ``max_tokens`` needs) and pack into blocks."""
-    eos, features = _eos(tokenizer), datasets.Features(
+    eos, features = document_eos(tokenizer), datasets.Features(
         {"input_ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int64")})
     parts, total, start, step = [], 0, 0, 4 * BATCH_SIZE
     while start < len(documents) and (max_tokens is None or total - 1 < max_tokens):
@@ -389,8 +348,8 @@ def _tokenizer_identity(tokenizer) -> str:
 
 def corpus_fingerprint(config: DataConfig, tokenizer) -> str:
     """Hash of the tokenizer, the data (local files by path, size and mtime) and every setting that shapes blocks."""
-    settings = asdict(config) | {"train": _source_identity(config.train),
-                                 "validation": _source_identity(config.validation), "cache_dir": None}
+    settings = config.model_dump() | {"train": _source_identity(config.train),
+                                      "validation": _source_identity(config.validation), "cache_dir": None}
     if config.validation is not None:
         settings |= {"validation_fraction": None, "seed": None}
     key = json.dumps([FORMAT_VERSION, _tokenizer_identity(tokenizer), settings], sort_keys=True)
@@ -434,10 +393,11 @@ def _streaming_corpus(config: DataConfig, tokenizer, fingerprint: str) -> Corpus
         if config.validation_tokens is None:
             raise UpcycleError("streaming cannot hold out a fraction of an unknown number of documents: "
                                "set validation_tokens or pass a validation source")
-        eos, needed, texts = _eos(tokenizer), config.validation_tokens // config.seq_len * config.seq_len + 1, []
+        eos, texts = document_eos(tokenizer), []
+        needed = config.validation_tokens // config.seq_len * config.seq_len + 1
         for row in documents:  # the first documents that give validation_tokens tokens
             texts.append(row["text"])
-            needed -= len(_encode(tokenizer, texts[-1:], eos)[0])
+            needed -= len(encode_documents(tokenizer, texts[-1:], eos)[0])
             if needed <= 0:
                 break
         sets, skip_documents = {"held-out": _validation_blocks([{"text": texts}], tokenizer, config)}, len(texts)
@@ -473,7 +433,7 @@ def build_corpus(config: DataConfig, tokenizer) -> Corpus:
             del blocks
             shutil.rmtree(tmp / "work")
             torch.save(sets, tmp / "validation.pt")
-            (tmp / "meta.json").write_text(json.dumps({"config": asdict(config), "fingerprint": fingerprint}))
+            (tmp / "meta.json").write_text(json.dumps({"config": config.model_dump(), "fingerprint": fingerprint}))
             try:
                 tmp.rename(target)
             except OSError:  # another process finished first: use its copy

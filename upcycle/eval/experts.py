@@ -9,9 +9,13 @@ that computes the same quantities from its logits, so tuning and usage treat bot
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from upcycle.eval.hooks import forward_hooks
 
 
 def _is_mixtral_router(module: nn.Module) -> bool:
@@ -42,9 +46,14 @@ def instrument_mixtral_routers(model: nn.Module) -> int:
     return count
 
 
+def is_expert_router(name: str, module: nn.Module) -> bool:
+    """Whether ``module`` routes tokens to experts (has ``expert_weights`` and ``num_experts``)."""
+    return hasattr(module, "expert_weights") and hasattr(module, "num_experts")
+
+
 def expert_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module that routes tokens to experts (FFN or attention), in model order."""
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "expert_weights") and hasattr(m, "num_experts")]
+    return [(name, m) for name, m in model.named_modules() if is_expert_router(name, m)]
 
 
 class ExpertUsage:
@@ -56,10 +65,11 @@ class ExpertUsage:
 
     def __init__(self, model: nn.Module):
         instrument_mixtral_routers(model)
+        self.model = model
         self.routers = expert_routers(model)
         self.sums = [torch.zeros(m.num_experts, dtype=torch.float64) for _, m in self.routers]
         self.tokens = [0] * len(self.routers)
-        self._handles: list = []
+        self._hooks: ExitStack | None = None
 
     def _hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output) -> None:
@@ -71,13 +81,16 @@ class ExpertUsage:
         return hook
 
     def __enter__(self) -> ExpertUsage:
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.routers)]
+        with ExitStack() as hooks:
+            hooks.enter_context(forward_hooks(self.model, is_expert_router,
+                                              lambda index, _name, _module: self._hook(index)))
+            self._hooks = hooks.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._hooks is not None:
+            self._hooks.close()
+        self._hooks = None
 
     def fraction(self) -> dict[str, list[float]]:
         """Router name -> mean weight per expert over the counted tokens."""

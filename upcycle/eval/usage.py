@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError
+from upcycle.eval.hooks import forward_hooks
+
+
+def is_head_router(name: str, module: nn.Module) -> bool:
+    """Whether ``module`` routes tokens to attention heads (has ``shared_heads`` and ``routed_heads``)."""
+    return hasattr(module, "shared_heads") and hasattr(module, "routed_heads")
 
 
 def routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every head router in ``model`` (modules with ``shared_heads`` and ``routed_heads``), in layer order."""
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "shared_heads") and hasattr(m, "routed_heads")]
+    return [(name, m) for name, m in model.named_modules() if is_head_router(name, m)]
 
 
 class HeadUsage:
@@ -27,7 +35,7 @@ class HeadUsage:
         self.model = model
         self.names = [name for name, _ in routers(model)]
         self._routers = [m for _, m in routers(model)]
-        self._handles: list = []
+        self._hooks: ExitStack | None = None
         self._mask: torch.Tensor | None = None
         self._call_mask: torch.Tensor | None = None
         self.reset()
@@ -62,14 +70,18 @@ class HeadUsage:
         return hook
 
     def __enter__(self) -> HeadUsage:
-        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self._routers)]
-        self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        with ExitStack() as hooks:
+            hooks.enter_context(forward_hooks(self.model, is_head_router,
+                                              lambda index, _name, _module: self._hook(index)))
+            hooks.enter_context(forward_hooks(self.model, lambda _name, module: module is self.model,
+                                              lambda *_: self._pre_hook, pre=True, with_kwargs=True))
+            self._hooks = hooks.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._hooks is not None:
+            self._hooks.close()
+        self._hooks = None
         self._call_mask = None
 
     def fraction(self) -> torch.Tensor:

@@ -24,21 +24,25 @@ averages are computed in row chunks and expert FFN tensors are copied file to fi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
 from ..arch import DecoderSpec, decoder_spec
 from ..checkpoint.compare import checkpoint_differences
-from ..checkpoint.reader import CheckpointReader, resolve_source
+from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.source import open_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.experts import head_expert_order
 from .base import ChunkedTensor, Conversion, SourceTensor, check_source, native_refusal, runtime_config
+from .spec import DATA_PANEL, MethodCard, MethodSpec, option
 
-ATTENTION_MODES = ("expert-kv", "shared-kv", "average")
-ROUTER_INITS = ("random", "zero")
+AttentionMode = Literal["expert-kv", "shared-kv", "average"]
+RouterInit = Literal["random", "zero"]
+ATTENTION_MODES, ROUTER_INITS = get_args(AttentionMode), get_args(RouterInit)
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -51,12 +55,17 @@ CHUNK_BYTES = 64 * 2**20
 class BAMOptions:
     """The BAM/BTX flags of ``upcycle convert``."""
 
-    experts: list[str] = field(default_factory=list)
-    attention: str = "expert-kv"
-    ffn_top_k: int | None = None  # None: 1 (BAM), or 2 with --attention average (BTX)
-    router_init: str = "random"
-    parallel_block: bool = False
-    seed: int = 0
+    experts: list[str] = option(flag="--expert", default_factory=list,
+                                help="a model branched from SRC (the seed, expert 0) and trained further. Repeat for each "
+                                "expert.")
+    attention: AttentionMode = option("expert-kv", help="expert-kv (per-expert Q, K, V, O), shared-kv (per-expert Q, O; "
+                                      "K, V averaged) or average (BTX).")
+    ffn_top_k: int | None = option(None, help="FFN experts per token (default 1; 2 with --attention average, as in BTX).")
+    router_init: RouterInit = option("random", help="random (the paper; normal with the model's initializer_range, "
+                                     "--seed) or zero (uniform mixture at first).")
+    parallel_block: bool = option(False, help="parallel attention+FFN blocks, x + A(LN x) + F(LN x) (changes a "
+                                  "sequential seed's function).")
+    seed: int = option(0, panel=DATA_PANEL, help="seed of the random routers.")
     trust_remote_code: bool = False  # use the checkpoints although their config names code of their own (never run nor copied)
 
 
@@ -64,13 +73,10 @@ Options = BAMOptions
 
 
 def open_experts(reader: CheckpointReader, options: BAMOptions) -> list[CheckpointReader]:
-    """The seed's reader followed by one reader per ``--expert``."""
-    from ..convert import refuse_converted
-
+    """The seed's reader followed by one reader per ``--expert`` (an upcycle model is refused in one line)."""
     readers = [reader]
     for path in options.experts:
-        expert = CheckpointReader(resolve_source(path))
-        refuse_converted(expert.config, path)
+        expert = open_source(path, role="--expert").reader
         check_source(expert, decoder_spec(expert.config, path), options)
         readers.append(expert)
     return readers
@@ -264,7 +270,7 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_table(spec, name, experts, top_k, mode, options, labels, readers, report, mixtral is not None, why),
+        plan_lines=plan_printout(spec, name, experts, top_k, mode, options, labels, readers, report, mixtral is not None, why),
         report=report,
         tags=["bam", "moe", "mixture-of-experts"] if mode != "average" else ["btx", "moe", "mixture-of-experts", "mixtral"],
         description=(
@@ -298,7 +304,7 @@ def layer_plan(mode: str, experts: int, top_k: int, parallel_block: bool) -> dic
     return plan
 
 
-def plan_table(spec: DecoderSpec, name: str, experts: int, top_k: int, mode: str, options: BAMOptions, labels: list[str],
+def plan_printout(spec: DecoderSpec, name: str, experts: int, top_k: int, mode: str, options: BAMOptions, labels: list[str],
                readers: list[CheckpointReader], report: dict, native: bool, why: str) -> list[str]:
     """What the mix is made of and what it costs per layer."""
     kv = report["kv_cache_bytes_per_token_per_layer"]
@@ -317,3 +323,65 @@ def plan_table(spec: DecoderSpec, name: str, experts: int, top_k: int, mode: str
         "output: " + ("plain Mixtral checkpoint (loads in transformers with no custom code)" if native else f"upcycle checkpoint ({why})"),
     ]
     return lines
+
+
+def card_variant(report: dict) -> str | None:
+    """BAM with averaged attention is BTX: its own card."""
+    return "btx" if (report.get("options") or {}).get("attention") == "average" else None
+
+
+def card_table(report: dict, config: dict) -> list[str]:
+    """The card's plan: attention and FFN experts per layer (BTX as plain Mixtral: from its config)."""
+    from ..checkpoint.card import layer_ranges, markdown_table
+    from ..modeling.plan import AttentionExperts, MoEFFN, parse_layers
+
+    router = (report.get("options") or {}).get("router_init", "?")
+    count = config.get("num_hidden_layers") or 0
+    if card_variant(report) == "btx" and config.get("num_local_experts"):
+        return markdown_table(("layers", "attention", *MoEFFN.COLUMNS, "router init"),
+                              [(f"0-{count - 1}", "averaged", config["num_local_experts"],
+                                f"top-{config.get('num_experts_per_tok', '?')}", router)])
+    layers = parse_layers((report.get("plan") or config.get("upcycle") or {}).get("layers") or [])
+    rows = [(index, *layer.get(AttentionExperts).cells(), *layer.get(MoEFFN).cells(), router)
+            for index, layer in enumerate(layers) if layer.get(AttentionExperts) and layer.get(MoEFFN)]
+    if not rows:
+        return []
+    return markdown_table(("layers", *AttentionExperts.COLUMNS, *MoEFFN.COLUMNS, "router init"), layer_ranges(rows))
+
+
+BAM_CITATION = """@article{zhang2024bam,
+  title = {{BAM}! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts},
+  author = {Zhang, Qizhen and Gritsch, Nikolas and Gnaneshwar, Dwaraknath and Guo, Simon and Cairuz, David and Venkitesh, Bharat and Foerster, Jakob and Blunsom, Phil and Ruder, Sebastian and {\\"U}st{\\"u}n, Ahmet and Locatelli, Acyr},
+  journal = {arXiv preprint arXiv:2408.08274},
+  year = {2024}
+}"""
+BTX_CITATION = """@article{sukhbaatar2024btx,
+  title = {Branch-Train-MiX: Mixing Expert {LLMs} into a Mixture-of-Experts {LLM}},
+  author = {Sukhbaatar, Sainbayar and Golovneva, Olga and Sharma, Vasu and Xu, Hu and Lin, Xi Victoria and Rozi{\\`e}re, Baptiste and Kahn, Jacob and Li, Daniel and Yih, Wen-tau and Weston, Jason and Li, Xian},
+  journal = {arXiv preprint arXiv:2403.07816},
+  year = {2024}
+}"""
+
+SPEC = MethodSpec(
+    name="bam",
+    summary="Branch-Attend-Mix: dense models branched from one seed mixed into an MoE (FFN and attention experts).",
+    panel="BAM / BTX",
+    options=BAMOptions,
+    convert=convert,
+    example="upcycle convert SEED OUT --method bam --expert ./code-branch --expert ./law-branch --attention expert-kv",
+    tunes=False,
+    card=MethodCard(
+        "Branch-Attend-Mix (BAM)",
+        "BAM turns dense models branched from one seed and trained on different data into a mixture of experts that "
+        "reuses both their feed-forward layers (routed FFN experts) and their attention (a soft mixture of attention "
+        "experts), instead of averaging the attention as BTX does (Zhang et al. 2024).",
+        (BAM_CITATION, BTX_CITATION)),
+    card_table=card_table,
+    variants={"btx": MethodCard(
+        "Branch-Train-MiX (BTX)",
+        "BTX mixes dense models branched from one seed and trained on different data: their feed-forward layers "
+        "become the experts of a routed MoE and everything else is averaged (Sukhbaatar et al. 2024). It is the "
+        "baseline of BAM.",
+        (BTX_CITATION,))},
+    variant=card_variant,
+)

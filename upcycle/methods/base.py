@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,19 @@ class Conversion:
     uses_runtime: bool = True
     auto_class: str = "AutoModelForCausalLM"  # how the output loads (model card)
     pipeline_tag: str = "text-generation"
+
+
+def progress(items: Iterable, label: str, *, unit: str = "it") -> Iterable:
+    """``items`` with a tqdm bar on stderr (``label: 40%|...| 2/5 layers``): what every calibration pass, fit and
+    scoring loop of a method reports while it runs, in logs too."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=label, unit=f" {unit}s", file=sys.stderr, leave=False)
+
+
+def source_layout(reader: CheckpointReader) -> list[TensorSpec]:
+    """Every tensor of the source as it is (name, dtype, shape): the layout a method starts from."""
+    return [TensorSpec(name, reader.info(name).dtype, tuple(reader.info(name).shape)) for name in reader.names()]
 
 
 def check_source(reader: CheckpointReader, spec, options=None) -> None:

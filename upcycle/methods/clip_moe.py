@@ -12,16 +12,18 @@ CLIPModel (same processor, ``get_image_features``, ``get_text_features``, ``logi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..arch.clip import ClipSpec, clip_architecture, clip_spec
 from ..checkpoint.compare import checkpoint_differences
-from ..checkpoint.reader import CheckpointReader, resolve_source
+from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.source import open_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from .base import Conversion, SourceTensor, check_source, runtime_config
+from .spec import DATA_PANEL, MethodCard, MethodSpec, option
 
 FFN_TENSORS = (("fc1", "weight"), ("fc1", "bias"), ("fc2", "weight"), ("fc2", "bias"))
 
@@ -30,11 +32,13 @@ FFN_TENSORS = (("fc1", "weight"), ("fc1", "bias"), ("fc2", "weight"), ("fc2", "b
 class ClipMoEOptions:
     """The CLIP-MoE flags of ``upcycle convert``."""
 
-    experts: list[str] = field(default_factory=list)
-    layers: int | None = None  # the last L layers of both towers (None: all)
-    top_k: int = 2
-    upcycle_copies: int | None = None
-    seed: int = 0
+    experts: list[str] = option(flag="--expert", default_factory=list,
+                                help="an MCL stage checkpoint. Repeat for each expert.")
+    layers: int | None = option(None, help="experts in the last L layers of both towers (default: all).")
+    top_k: int = option(2, help="experts per token.")
+    upcycle_copies: int | None = option(None, help="the sparse-upcycling baseline, E copies of the base FFN (instead "
+                                        "of --expert).")
+    seed: int = option(0, panel=DATA_PANEL, help="seed of the random routers.")
     trust_remote_code: bool = False  # use the checkpoints although their config names code of their own (never run nor copied)
 
 
@@ -53,7 +57,7 @@ def expert_readers(reader: CheckpointReader, spec: ClipSpec, options: ClipMoEOpt
         raise UpcycleError("--method clip-moe needs --expert STAGE (an MCL stage checkpoint; repeat for each) or --upcycle-copies E")
     readers, labels = [reader], ["base"]
     for index, path in enumerate(options.experts, 1):
-        expert = CheckpointReader(resolve_source(path))
+        expert = open_source(path, role="--expert").reader  # an upcycle model is refused in one line
         check_source(expert, clip_spec(expert.config, path), options)
         readers.append(expert)
         labels.append(f"expert {index} ({path})")
@@ -137,3 +141,28 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
         auto_class=auto_class,
         pipeline_tag=pipeline_tag,
     )
+
+
+CITATION = """@article{zhang2024clipmoe,
+  title = {{CLIP-MoE}: Towards Building Mixture of Experts for {CLIP} with Diversified Multiplet Upcycling},
+  author = {Zhang, Jihai and Qu, Xiaoye and Zhu, Tong and Cheng, Yu},
+  journal = {arXiv preprint arXiv:2409.19291},
+  year = {2024}
+}"""
+
+SPEC = MethodSpec(
+    name="clip-moe",
+    summary="CLIP whose FFNs become experts (Diversified Multiplet Upcycling).",
+    panel="CLIP-MoE",
+    options=ClipMoEOptions,
+    convert=convert,
+    example="upcycle convert ./clip ./clip-moe --method clip-moe --expert ./mcl/stage-1 --expert ./mcl/stage-2 "
+            "--expert ./mcl/stage-3",
+    tunes=False,
+    card=MethodCard(
+        "CLIP-MoE (Diversified Multiplet Upcycling)",
+        "CLIP models fine-tuned to capture complementary information (multistage contrastive learning) become the "
+        "feed-forward experts of a sparse mixture: a drop-in CLIP with more capacity for little extra compute "
+        "(Zhang et al. 2024).",
+        (CITATION,)),
+)

@@ -23,17 +23,18 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from .base import Conversion, SourceTensor, check_source, plain_config, recorded_options
-from .refit import check_refit, refit_conversion, refit_plan_line
+from .refit import REFIT_HELP, check_refit, refit_conversion, refit_plan_line
+from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
 
 
 @dataclass
 class GQAOptions:
-    """The GQA flags of ``upcycle convert``."""
+    """The GQA flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
-    kv_heads: int | None = None
-    refit: Literal["none", "rescale", "lstsq"] = "none"  # refit o_proj on the calibration text after pooling
-    calibration: Path | None = None
-    calibration_tokens: int = 16384
+    kv_heads: int | None = option(None, help="new number of key/value heads, a divisor of the current count (1: MQA).")
+    refit: Literal["none", "rescale", "lstsq"] = option("none", help=REFIT_HELP)
+    calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
+    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
     calibration_seq_len: int = 512
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
@@ -109,7 +110,7 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_table(spec, target) + ([refit_plan_line(refit_report)] if refit_report else []),
+        plan_lines=plan_printout(spec, target) + ([refit_plan_line(refit_report)] if refit_report else []),
         report={"options": recorded_options(options) | {"calibration": str(options.calibration) if options.calibration else None},
                 "kv_heads": {"before": spec.num_kv_heads, "after": target, "query_heads": spec.num_heads}}
                | ({"refit": refit_report} if refit_report else {}),
@@ -124,10 +125,54 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
     )
 
 
-def plan_table(spec: DecoderSpec, target: int) -> list[str]:
+def plan_printout(spec: DecoderSpec, target: int) -> list[str]:
     """The KV heads each new KV head averages."""
     per = spec.num_kv_heads // target
     lines = [f"GQA plan: {spec.num_layers} layers x {spec.num_heads} query heads; KV heads {spec.num_kv_heads} -> {target} "
              f"(query heads per KV head {spec.num_heads // spec.num_kv_heads} -> {spec.num_heads // target}); output: plain base-architecture checkpoint"]
     lines += [f"  new KV head {j}: mean of KV heads {list(range(j * per, (j + 1) * per))}" for j in range(target)]
     return lines
+
+
+def card_table(report: dict, config: dict) -> list[str]:
+    """The card's plan: KV heads before and after (the output is a plain checkpoint, without a plan)."""
+    from ..checkpoint.card import markdown_table
+
+    kv = report.get("kv_heads")
+    if not kv:
+        return []
+    count = config.get("num_hidden_layers") or 0
+    return markdown_table(("layers", "query heads", "KV heads", "query heads per KV head"),
+                          [(f"0-{count - 1}", kv["query_heads"], f"{kv['before']} -> {kv['after']}",
+                            f"{kv['query_heads'] // kv['before']} -> {kv['query_heads'] // kv['after']}")])
+
+
+GQA_CITATION = """@inproceedings{ainslie2023gqa,
+  title = {{GQA}: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints},
+  author = {Ainslie, Joshua and Lee-Thorp, James and de Jong, Michiel and Zemlyanskiy, Yury and Lebr{\\'o}n, Federico and Sanghai, Sumit},
+  booktitle = {Proceedings of the 2023 Conference on Empirical Methods in Natural Language Processing},
+  year = {2023},
+  eprint = {2305.13245},
+  archivePrefix = {arXiv}
+}"""
+MQA_CITATION = """@article{shazeer2019mqa,
+  title = {Fast Transformer Decoding: One Write-Head is All You Need},
+  author = {Shazeer, Noam},
+  journal = {arXiv preprint arXiv:1911.02150},
+  year = {2019}
+}"""
+
+SPEC = MethodSpec(
+    name="gqa",
+    summary="Multi-head to grouped-query (or multi-query) attention by mean-pooling key/value heads.",
+    panel="GQA",
+    options=GQAOptions,
+    convert=convert,
+    example="upcycle convert SRC OUT --method gqa --kv-heads 1 [--refit lstsq --calibration text.txt]",
+    card=MethodCard(
+        "multi-head to grouped-query attention (GQA/MQA)",
+        "Fewer key/value heads shrink the KV cache and the memory traffic of decoding. Each new key/value head is "
+        "the mean of the heads it replaces, and a short uptraining recovers most of the quality (Ainslie et al. 2023).",
+        (GQA_CITATION, MQA_CITATION)),
+    card_table=card_table,
+)

@@ -58,7 +58,8 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.mhe_projection import MHE_VARIANTS, MHEProjection
-from .base import Conversion, SourceTensor, check_source, recorded_options, runtime_config
+from .base import Conversion, SourceTensor, check_source, progress, recorded_options, runtime_config
+from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
 
 INITS = ("svd", "calibrated", "sequential")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -68,12 +69,15 @@ FITS = {"svd": "on the weights", "calibrated": "each layer on the dense model's 
 
 @dataclass
 class MHEOptions:
-    """The MHE flags of ``upcycle convert``."""
+    """The MHE flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
-    variant: Literal[MHE_VARIANTS] = "mul"  # Literal types: a recipe's convert section checks them when it loads
-    init: Literal[INITS] = "svd"
-    calibration: Path | None = None
-    calibration_tokens: int = 16384
+    variant: Literal[MHE_VARIANTS] = option("mul", help="head embeddings multiply (mul) or add to the shared projection.")
+    init: Literal[INITS] = option(
+        "svd", help="svd (best fit on the weights, no data), calibrated (least squares on --calibration activations) "
+        "or sequential (calibrated, each layer fitted on the already-compressed layers' outputs against the dense "
+        "model's).")
+    calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
+    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
     calibration_seq_len: int = 512
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
@@ -270,10 +274,8 @@ class CalibrationPass:
             if replacements is not None:
                 handles.append(attention_of(layer).register_forward_hook(error_hook(index), with_kwargs=True))
         try:
-            for index, block in enumerate(self.blocks):
-                print(f"\r{label}: block {index + 1}/{len(self.blocks)}", end="", file=sys.stderr, flush=True)
+            for block in progress(self.blocks, label, unit="block"):
                 self.model(input_ids=block.unsqueeze(0).to(self.model.device), use_cache=False)
-            print(file=sys.stderr)
         finally:
             for handle in handles:
                 handle.remove()
@@ -319,8 +321,7 @@ class CalibrationPass:
         compressed, rest, kwargs = self.layer_inputs(layers[0])  # [N, T, D]
         dense, references = compressed.clone(), [None] * len(compressed)
         fits, output_errors = [], []
-        for index, layer in enumerate(layers):
-            print(f"\rMHE sequential fit: layer {index + 1}/{len(layers)}", end="", file=sys.stderr, flush=True)
+        for index, layer in enumerate(progress(layers, "MHE sequential fit", unit="layer")):
             query, attention, seen = getattr(*projections_of(layer)["q_proj"]), attention_of(layer), {}
             joint = torch.zeros(2 * compressed.shape[-1] + 2, 2 * compressed.shape[-1] + 2, dtype=torch.float64)  # E[z z^T] (summed)
             for block in range(len(compressed)):
@@ -342,7 +343,6 @@ class CalibrationPass:
                 error += torch.stack([(seen["output"].double() - reference).pow(2).sum(), reference.pow(2).sum()]).cpu()
             fits.append(layer_fits)
             output_errors.append(math.sqrt(error[0].item() / max(error[1].item(), 1e-300)))
-        print(file=sys.stderr)
         return fits, output_errors
 
 
@@ -418,10 +418,8 @@ def fit_layers(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, varian
                second_moments: list[torch.Tensor] | None) -> list[dict[str, ProjectionFit]]:
     """Fit every layer's Q, K and V (``second_moments``: per layer, or None for the data-free fit)."""
     fits = []
-    for layer in range(spec.num_layers):
-        print(f"\rMHE fit: layer {layer + 1}/{spec.num_layers}", end="", file=sys.stderr, flush=True)
+    for layer in progress(range(spec.num_layers), "MHE fit", unit="layer"):
         fits.append(fit_layer(reader, spec, variant, layer, second_moments[layer] if second_moments is not None else None))
-    print(file=sys.stderr)
     return fits
 
 
@@ -545,7 +543,7 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_table(spec, options, attention, per_layer, space),
+        plan_lines=plan_printout(spec, options, attention, per_layer, space),
         report={"options": settings, "attention_parameters": attention,
                 "reconstruction_error": {"measured_on": space, "fit": f"{options.init}: {FITS[options.init]}", "layers": per_layer}},
         tags=["mhe", "multi-head-embedding"],
@@ -560,7 +558,7 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
     )
 
 
-def plan_table(spec: DecoderSpec | EncoderSpec, options: MHEOptions, attention: dict, per_layer: list[dict], space: str) -> list[str]:
+def plan_printout(spec: DecoderSpec | EncoderSpec, options: MHEOptions, attention: dict, per_layer: list[dict], space: str) -> list[str]:
     """Header, parameter saving and one line per layer of reconstruction errors."""
     lines = [
         f"MHE plan: {spec.num_layers} layers; Q over {spec.num_heads} heads, K and V over {spec.num_kv_heads} heads, head_dim {spec.head_dim}; "
@@ -573,3 +571,48 @@ def plan_table(spec: DecoderSpec | EncoderSpec, options: MHEOptions, attention: 
         out = f"{row['attention_output']:8.4f}" if row["attention_output"] is not None else f"{'-':>8}"
         lines.append(f"{row['layer']:>5}  {row['q_proj']:8.4f}  {row['k_proj']:8.4f}  {row['v_proj']:8.4f}  {out}")
     return lines
+
+
+def card_table(report: dict, config: dict) -> list[str]:
+    """The card's plan: the typed plan's columns plus the reconstruction error the report measured per layer."""
+    from ..checkpoint.card import layer_ranges, markdown_table
+    from ..modeling.plan import MHE, parse_layers
+
+    layers = parse_layers((report.get("plan") or config.get("upcycle") or {}).get("layers") or [])
+    if not layers:
+        return []
+    errors = {e["layer"]: e for e in (report.get("reconstruction_error") or {}).get("layers", [])}
+    measured = (report.get("reconstruction_error") or {}).get("measured_on", "weights")
+
+    def error(index: int) -> str:
+        found = errors.get(index)
+        return " / ".join(f"{found[proj]:.3f}" for proj in PROJECTIONS) if found else "-"
+
+    rows = [(index, *layer.get(MHE).cells(), error(index)) for index, layer in enumerate(layers) if layer.get(MHE)]
+    return markdown_table(("layers", *MHE.COLUMNS, f"relative error Q / K / V (on {measured})"), layer_ranges(rows))
+
+
+CITATION = """@inproceedings{xue2023pit,
+  title = {Pit One Against Many: Leveraging Attention-head Embeddings for Parameter-efficient Multi-head Attention},
+  author = {Xue, Huiyin and Aletras, Nikolaos},
+  booktitle = {Findings of the Association for Computational Linguistics: EMNLP 2023},
+  year = {2023},
+  eprint = {2310.07911},
+  archivePrefix = {arXiv}
+}"""
+
+SPEC = MethodSpec(
+    name="mhe",
+    summary="Multi-head embedding attention: one shared Q/K/V projection plus small per-head embeddings.",
+    panel="MHE",
+    options=MHEOptions,
+    convert=convert,
+    example="upcycle convert SRC OUT --method mhe --variant mul --init calibrated --calibration text.txt",
+    card=MethodCard(
+        "multi-head embedding attention (MHE)",
+        "MHE keeps one shared query, key and value projection per layer and tells the heads apart with one small "
+        "embedding each, which removes most of the attention projection parameters (Xue and Aletras 2023). The "
+        "conversion from a dense model is upcycle's own fit; expect to heal the model with continued training.",
+        (CITATION,)),
+    card_table=card_table,
+)

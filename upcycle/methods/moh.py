@@ -23,7 +23,8 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.routers import ROUTERS
-from .base import Conversion, SourceTensor, check_source, recorded_options, runtime_config
+from .base import Conversion, SourceTensor, check_source, progress, recorded_options, runtime_config, source_layout
+from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
 
 Selection = Literal["first", "weight-norm", "contribution"]
 Rescale = Literal["none", "layer", "channel"]
@@ -34,16 +35,22 @@ FIT_CHUNK = 256  # tokens per chunk when expanding per-head outputs [chunk, head
 
 @dataclass
 class MoHOptions:
-    """The MoH flags of ``upcycle convert``."""
+    """The MoH flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
-    router: Literal["query-norm", "learned", "fitted"] = "query-norm"
-    shared_heads: str = "0.5"
-    active_heads: float = 0.75
-    shared_selection: Selection | None = None  # None: contribution with calibration text, else weight-norm
-    calibration: Path | None = None
-    calibration_tokens: int = 16384
+    router: Literal["query-norm", "learned", "fitted"] = option(
+        "query-norm", help="query-norm (parameter-free, MoH-LLaMA3), learned (two-stage, zero-initialised) or fitted "
+        "(a linear scorer fitted on --calibration text to pick the heads that contribute most; binary gates).")
+    shared_heads: str = option("0.5", help="query heads always on, as a fraction (0.5) or a count (4).")
+    active_heads: float = option(0.75, help="fraction of query heads active per token, in (shared fraction, 1].",
+                                 example="0.75")
+    shared_selection: Selection | None = option(
+        None, help="which heads are shared. Default: contribution with --calibration, else weight-norm.")
+    calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
+    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
     calibration_seq_len: int = 512
-    rescale: Rescale = "none"  # o_proj scaled so the attention output best matches dense on calibration text: none, layer or channel
+    rescale: Rescale = option(
+        "none", help="scale o_proj by one factor per layer (layer) or per output channel (channel), fitted layer after "
+        "layer by least squares so the attention output best matches dense on --calibration text; none keeps o_proj.")
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
@@ -118,10 +125,8 @@ def contribution_scores(reader: CheckpointReader, spec: DecoderSpec, options: Mo
 
     handles = [layer.self_attn.o_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
     try:
-        for index, block in enumerate(blocks):
-            print(f"\rcontribution scores: block {index + 1}/{len(blocks)}", end="", file=sys.stderr, flush=True)
+        for block in progress(blocks, "contribution scores", unit="block"):
             model(block.unsqueeze(0).to(model.device))
-        print(file=sys.stderr)
     finally:
         for handle in handles:
             handle.remove()
@@ -272,8 +277,7 @@ def calibration_fit(reader: CheckpointReader, spec: DecoderSpec, options: MoHOpt
     model.config._attn_implementation = ATTENTION_NAME  # attention without a head_router stays plain SDPA
     hidden, layer_kwargs = _layer_inputs(model, blocks)
     fits = []
-    for index, (layer, plan) in enumerate(zip(model.model.layers, plans)):
-        print(f"\rMoH calibration fit: layer {index + 1}/{len(plans)}", end="", file=sys.stderr, flush=True)
+    for index, (layer, plan) in enumerate(progress(list(zip(model.model.layers, plans)), "MoH calibration fit", unit="layer")):
         gate = plan["head_gate"]
         heads = (spec.hidden_size, spec.num_heads, gate["shared_heads"], gate["routed_heads"], gate["top_k"])
         attention = layer.self_attn
@@ -314,7 +318,6 @@ def calibration_fit(reader: CheckpointReader, spec: DecoderSpec, options: MoHOpt
                 attention.o_proj.bias.mul_(scale.to(attention.o_proj.bias))
         fits.append(LayerFit(tensors, scale, report))
         hidden = _run_layer(layer, hidden, layer_kwargs[index])
-    print(file=sys.stderr)
     return fits
 
 
@@ -380,8 +383,13 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     if options.calibration and not Path(options.calibration).exists():
         raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file")
     spec = decoder_spec(reader.config, str(reader.folder))
-    check_source(reader, spec, options)
     shared_count, top_k = head_counts(spec.num_heads, options.shared_heads, options.active_heads)
+    if shared_count >= spec.num_heads:  # head_counts allows it (--active-heads 1.0 is the dense model in MoH form)
+        raise UpcycleError(
+            f"--shared-heads {options.shared_heads} makes all {spec.num_heads} heads shared, which leaves no routed head "
+            f"(the output would only be the dense model); share fewer heads, e.g. --shared-heads {spec.num_heads // 2} or 0.5"
+        )
+    check_source(reader, spec, options)
 
     if selection == "first":
         scores = None
@@ -392,7 +400,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     plans = layer_plans(spec, options.router, shared_count, top_k, scores)
 
     dtype = reader.info(spec.attention(0, "q_proj")).dtype
-    passthrough = [TensorSpec(name, reader.info(name).dtype, reader.info(name).shape) for name in reader.names()]
+    passthrough = source_layout(reader)
     new = router_tensors(spec, plans, dtype)
 
     fit = top_k < spec.num_heads - shared_count and (options.router == "fitted" or options.rescale != "none")
@@ -427,7 +435,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
         config=config,
         layout=passthrough + new,
         tensors=tensors,
-        plan_lines=plan_table(spec, plans, selection),
+        plan_lines=plan_printout(spec, plans, selection),
         report=report,
         tags=["moh", "mixture-of-heads"],
         description=(
@@ -440,7 +448,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     )
 
 
-def plan_table(spec: DecoderSpec, plans: list[dict], selection: str) -> list[str]:
+def plan_printout(spec: DecoderSpec, plans: list[dict], selection: str) -> list[str]:
     """One line per layer: shared heads, routed heads and top-k."""
     first = plans[0]["head_gate"]
     active = len(first["shared_heads"]) + first["top_k"]
@@ -457,3 +465,27 @@ def plan_table(spec: DecoderSpec, plans: list[dict], selection: str) -> list[str
         routed = " ".join(str(h) for h in gate["routed_heads"])
         lines.append(f"{layer:>5}  {shared:<{3 * spec.num_heads}}  {routed:<{3 * spec.num_heads}}  {gate['top_k']}")
     return lines
+
+
+CITATION = """@article{jin2024moh,
+  title = {{MoH}: Multi-Head Attention as Mixture-of-Head Attention},
+  author = {Jin, Peng and Zhu, Bo and Yuan, Li and Yan, Shuicheng},
+  journal = {arXiv preprint arXiv:2410.11842},
+  year = {2024}
+}"""
+
+SPEC = MethodSpec(
+    name="moh",
+    summary="Mixture-of-Head attention: shared heads always on, routed heads top-k per token.",
+    panel="MoH",
+    options=MoHOptions,
+    convert=convert,
+    example="upcycle convert ./SmolLM2-135M ./smollm2-moh --active-heads 0.75",
+    card=MethodCard(
+        "Mixture-of-Head attention (MoH)",
+        "Heads are treated as experts: shared heads are always on and each token adds only the routed heads its "
+        "router selects, so a head-sparse attention computes fewer heads per token. The MoH paper reports that "
+        "LLaMA3-8B, continue-tuned with 75% of its heads active, stays close to the dense model (64.0 against 64.7 "
+        "on average over 14 benchmarks).",
+        (CITATION,)),
+)

@@ -51,8 +51,9 @@ from ..arch import DecoderSpec, EncoderSpec, attention_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from .base import Conversion, SourceTensor, check_source, native_refusal, plain_config, recorded_options, runtime_config
-from .refit import check_refit, refit_conversion, refit_plan_line
+from .base import Conversion, SourceTensor, check_source, native_refusal, plain_config, progress, recorded_options, runtime_config
+from .refit import REFIT_HELP, check_refit, refit_conversion, refit_plan_line
+from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
 
 Importance = Literal["gradient", "random"]
 IMPORTANCES = get_args(Importance)
@@ -62,20 +63,25 @@ ATTENTION_TENSORS = (("q_proj", "weight"), ("q_proj", "bias"), ("k_proj", "weigh
 
 @dataclass
 class PruneHeadsOptions:
-    """The head-pruning flags of ``upcycle convert``."""
+    """The head-pruning flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
-    ratio: float | None = None
-    importance: Importance = "gradient"
-    seed: int = 0
-    iterative: int = 1
-    min_heads_per_layer: int = 1
-    uniform: bool = False
-    calibration: Path | None = None
-    calibration_tokens: int = 16384
+    ratio: float | None = option(None, example="0.25", help="fraction of prunable units removed, 0 <= R < 1 (units: "
+                                 "heads for MHA, KV groups for GQA models).")
+    importance: Importance = option("gradient", help="gradient (E|dL/dgate| per unit on --calibration text) or random "
+                                    "(the control, with --seed).")
+    seed: int = option(0, panel=DATA_PANEL, help="seed of --importance random and of the masked-LM masking.")
+    iterative: int = option(1, help="prune in N cumulative steps, recomputing importance before each (1: score once).")
+    min_heads_per_layer: int = option(1, help="query heads every layer keeps at least.")
+    uniform: bool = option(False, help="remove the same number of units in every layer (decoders: a plain "
+                           "base-architecture checkpoint).")
+    calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
+    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
     calibration_seq_len: int = 512
-    normalize: Literal["auto", "layer", "none"] = "auto"
+    normalize: Literal["auto", "layer", "none"] = option(
+        "auto", help="L2-normalise gradient importance per layer: layer (the paper), none, or auto (layer only with "
+        ">= 8 units per layer).")
     encoder_batch: int = 8  # blocks per backward pass for encoders (the contrastive proxy needs >= 2)
-    refit: Literal["none", "rescale", "lstsq"] = "none"  # refit o_proj on the calibration text after pruning
+    refit: Literal["none", "rescale", "lstsq"] = option("none", help=REFIT_HELP)
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
@@ -189,28 +195,22 @@ def attach_unit_gates(model: nn.Module, removed: list[set[int]], units: int, hea
 
 
 def calibration_batches(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions) -> tuple[list[torch.Tensor], str]:
-    """Calibration token batches (through the data layer of finetune) and the loss they feed."""
-    from ..data.calibration import SepAsEos, calibration_blocks, calibration_seq_len, encoder_tokenizer, wrap_cls_sep
-    from ..data.text import pack_tokens, read_documents
+    """Calibration token batches (the calibration blocks of every method that looks at data) and the loss they feed."""
+    from ..data.calibration import calibration_blocks, contrastive_pairs
 
-    if isinstance(spec, DecoderSpec):
-        blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens, options.calibration_seq_len, encoder=False)
+    decoder = isinstance(spec, DecoderSpec)
+    blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens,
+                                options.calibration_seq_len, encoder=not decoder)  # [N, T]; encoders: [CLS] ... [SEP]
+    if decoder:
         return list(blocks.split(1)), "causal-lm"  # [1, T] each
-    tokenizer = encoder_tokenizer(reader.folder)
-    seq_len = calibration_seq_len(reader.config, options.calibration_seq_len)
-    documents = read_documents(Path(options.calibration))
-    blocks = pack_tokens(documents, SepAsEos(tokenizer), seq_len - 2, options.calibration_tokens)  # [N, T - 2]
     if spec.mlm_head:
-        return [wrap_cls_sep(b, tokenizer) for b in blocks.split(options.encoder_batch)], "masked-lm"
+        return list(blocks.split(options.encoder_batch)), "masked-lm"
     if blocks.shape[0] < 2:
-        raise UpcycleError(f"the contrastive importance proxy needs at least 2 calibration blocks of {seq_len - 2} tokens, got {blocks.shape[0]}; "
-                           "give more text or raise --calibration-tokens")
-    half = (seq_len - 2) // 2
-    batches = []
-    for chunk in blocks.split(options.encoder_batch):
-        if chunk.shape[0] >= 2:  # [2B, half + 2]: first halves, then second halves
-            batches.append(torch.cat([wrap_cls_sep(chunk[:, :half], tokenizer), wrap_cls_sep(chunk[:, half:2 * half], tokenizer)]))
-    return batches, "contrastive"
+        size = blocks.shape[1] - 2
+        raise UpcycleError(f"the contrastive importance proxy needs at least 2 calibration blocks of {size} tokens, "
+                           f"got {blocks.shape[0]}; give more text or raise --calibration-tokens")
+    chunks = blocks.split(options.encoder_batch)  # each pair batch [2B, 2 + (T - 2) // 2]: first halves, second halves
+    return [contrastive_pairs(chunk) for chunk in chunks if chunk.shape[0] >= 2], "contrastive"
 
 
 def batch_loss(model: nn.Module, batch: torch.Tensor, loss: str, mask_token: int | None, generator: torch.Generator) -> torch.Tensor:
@@ -267,13 +267,11 @@ class GradientScorer:
         tokens = 0
         generator = torch.Generator().manual_seed(self.options.seed)
         with torch.enable_grad():
-            for index, batch in enumerate(self.batches):
-                print(f"\rgradient importance: batch {index + 1}/{len(self.batches)}", end="", file=sys.stderr, flush=True)
+            for batch in progress(self.batches, "gradient importance", unit="batch"):
                 batch_loss(self.model, batch, self.loss, self.mask_token, generator).backward()
                 for layer, gate in enumerate(gates):
                     sums[layer] += gate.leaf.grad.abs().sum(dim=(0, 1)).double().cpu()  # [units]
                 tokens += batch.numel()
-        print(file=sys.stderr)
         scores = sums / tokens
         if not normalize_per_layer(self.options.normalize, units):
             return scores
@@ -294,10 +292,11 @@ def kept_heads(spec: DecoderSpec | EncoderSpec, removed: list[set[int]]) -> list
 
 def apply_plans(model: nn.Module, plans: list[dict], layers: list[int]) -> None:
     """Slice the ``layers`` of a loaded dense model in memory as the files are sliced (for the refit)."""
-    from ..modeling.surgery import _apply_attention_heads, layers_of
+    from ..modeling.plan import AttentionHeads
+    from ..modeling.surgery import apply_attention_heads, layers_of
 
     for layer in layers:
-        _apply_attention_heads(layers_of(model)[layer], plans[layer]["attention_heads"])
+        apply_attention_heads(layers_of(model)[layer], AttentionHeads(**plans[layer]["attention_heads"]))
 
 
 def head_rows(tensor: torch.Tensor, kept: list[int], head_dim: int, dim: int) -> torch.Tensor:
@@ -401,7 +400,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_table(spec, plans, options, unit_name, why) + ([refit_plan_line(refit_report)] if refit_report else []),
+        plan_lines=plan_printout(spec, plans, options, unit_name, why) + ([refit_plan_line(refit_report)] if refit_report else []),
         report={
             "options": settings,
             "units": {"kind": unit_name, "per_layer": units, "heads_per_unit": heads_per_unit, "removed": sum(map(len, removed))},
@@ -424,7 +423,8 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
     )
 
 
-def plan_table(spec: DecoderSpec | EncoderSpec, plans: list[dict], options: PruneHeadsOptions, unit_name: str, why: str) -> list[str]:
+def plan_printout(spec: DecoderSpec | EncoderSpec, plans: list[dict], options: PruneHeadsOptions, unit_name: str,
+                  why: str) -> list[str]:
     """One line per layer: query heads and KV heads kept."""
     kept = [len(p["attention_heads"]["kept_heads"]) for p in plans]
     lines = [
@@ -439,3 +439,44 @@ def plan_table(spec: DecoderSpec | EncoderSpec, plans: list[dict], options: Prun
         kv = "" if kv_heads == heads else f"  ({' '.join(map(str, kv_heads))})"
         lines.append(f"{layer:>5}  {len(heads):>4}  {' '.join(map(str, heads))}{kv}")
     return lines
+
+
+def card_table(report: dict, config: dict) -> list[str]:
+    """The card's plan: query heads kept per layer (from the report: a uniform output is a plain checkpoint)."""
+    from ..checkpoint.card import layer_ranges, markdown_table
+    from ..modeling.plan import AttentionHeads
+
+    if not report.get("kept"):
+        return []
+    units = report.get("units") or {}
+    total = (units.get("per_layer") or 0) * (units.get("heads_per_unit") or 0) or "?"
+    rows = []
+    for index, kept in enumerate(report["kept"]):
+        count, heads, kv_heads = AttentionHeads(kept["kept_heads"], kept.get("kept_kv_heads") or []).cells()
+        rows.append((index, f"{count} of {total}", heads, kv_heads))
+    return markdown_table(("layers", *AttentionHeads.COLUMNS), layer_ranges(rows))
+
+
+CITATION = """@inproceedings{michel2019sixteen,
+  title = {Are Sixteen Heads Really Better than One?},
+  author = {Michel, Paul and Levy, Omer and Neubig, Graham},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year = {2019},
+  eprint = {1905.10650},
+  archivePrefix = {arXiv}
+}"""
+
+SPEC = MethodSpec(
+    name="prune-heads",
+    summary="Remove the least important attention heads (gradient importance).",
+    panel="Head pruning",
+    options=PruneHeadsOptions,
+    convert=convert,
+    example="upcycle convert SRC OUT --method prune-heads --ratio 0.25 --calibration text.txt [--uniform]",
+    card=MethodCard(
+        "attention-head pruning",
+        "Many attention heads can be removed with little loss (Michel et al. 2019): removing the least important "
+        "ones, ranked by the gradient of a gate on each head, gives a smaller model with a smaller KV cache.",
+        (CITATION,)),
+    card_table=card_table,
+)

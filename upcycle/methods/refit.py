@@ -45,8 +45,11 @@ from torch import nn
 from ..arch import DecoderSpec, EncoderSpec
 from ..checkpoint.reader import CheckpointReader
 from ..errors import UpcycleError
+from .base import progress
 
 MODES = ("none", "rescale", "lstsq")
+REFIT_HELP = ("refit each changed layer's o_proj on --calibration text so its attention output matches the dense one: "
+              "none (default), rescale (per-channel RMS) or lstsq (least squares, sequential).")
 RIDGE = 1e-3  # lambda = RIDGE * trace(A^T A) / k
 BATCH_BLOCKS = 4  # calibration blocks per forward
 
@@ -173,8 +176,7 @@ def refit_output_projections(dense: nn.Module, converted: nn.Module, blocks: tor
     dense_stream = [hidden for hidden, _, _ in captured]
     plain_stream, fitted_stream = list(dense_stream), list(dense_stream)  # converted without / with refit
     weights, per_layer = {}, []
-    for index, (dense_layer, layer) in enumerate(zip(dense_layers, converted_layers)):
-        print(f"\rrefit {mode}: layer {index + 1}/{len(converted_layers)}", end="", file=sys.stderr, flush=True)
+    for index, (dense_layer, layer) in enumerate(progress(list(zip(dense_layers, converted_layers)), f"refit {mode}", unit="layer")):
         dense_o, o_proj = (getattr(*projections_of(x)["o_proj"]) for x in (dense_layer, layer))
         fit = index in layers
         equations = NormalEquations(o_proj.in_features, o_proj.out_features) if fit else None
@@ -197,7 +199,6 @@ def refit_output_projections(dense: nn.Module, converted: nn.Module, blocks: tor
         weights[index] = weight.float()
         per_layer.append({"layer": index, "error_before": round(math.sqrt(before[0].item() / max(before[1].item(), 1e-300)), 6),
                           "error_after": round(equations.error(weight), 6)})
-    print(file=sys.stderr)
     report = {"mode": mode, "calibration_tokens": blocks.numel(), "per_layer": per_layer}
     if mode == "lstsq":
         report["ridge"] = RIDGE

@@ -91,13 +91,13 @@ def attention_path(module: nn.Module, query: torch.Tensor) -> str:
     """
     backend = getattr(module, "attention_backend", "auto")
     if backend == "auto":
-        from .sparse_kernel import kernel_available
+        from .sparse_kernel import kernel_unavailable_reason
 
-        return "kernel" if query.device.type == "cuda" and kernel_available(query) is None else "masked"
+        return "kernel" if query.device.type == "cuda" and kernel_unavailable_reason(query) is None else "masked"
     if backend == "kernel":  # set_attention_backend checked Triton and the device; other head widths: torch path
-        from .sparse_kernel import kernel_available
+        from .sparse_kernel import kernel_unavailable_reason
 
-        return "kernel" if kernel_available(query) is None else "torch"
+        return "kernel" if kernel_unavailable_reason(query) is None else "torch"
     return backend
 
 
@@ -108,10 +108,10 @@ def set_attention_backend(model: nn.Module, backend: str) -> int:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
     if backend == "kernel":
-        from .sparse_kernel import kernel_available
+        from .sparse_kernel import kernel_unavailable_reason
 
         parameter = next(model.parameters(), None)
-        reason = kernel_available(parameter if parameter is not None else torch.empty(0, 16))
+        reason = kernel_unavailable_reason(parameter if parameter is not None else torch.empty(0, 16))
         if reason and "head width" not in reason:  # other head widths fall back to the torch path per call
             raise ValueError(f"attention backend kernel: {reason}; use torch, masked or auto")
     count = 0

@@ -22,6 +22,8 @@ MHE_VARIANTS = ("mul", "add")
 class MHEProjection(nn.Module):
     """Shared ``[d -> head_dim]`` projection plus per-head embeddings; output ``[..., heads * head_dim]``."""
 
+    trains_fully_under_lora = True  # not an nn.Linear, so LoRA cannot adapt it: it trains whole beside the adapters
+
     def __init__(self, in_features: int, head_dim: int, num_heads: int, variant: str = "mul", bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()

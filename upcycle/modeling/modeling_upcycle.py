@@ -6,6 +6,8 @@ only torch, transformers and their siblings.
 
 from __future__ import annotations
 
+import torch
+from torch import nn
 from transformers import (
     AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForZeroShotImageClassification, BertForMaskedLM,
     BertModel, CLIPModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
@@ -20,6 +22,12 @@ from .surgery import apply_plan, layers_of
 register_attention()
 
 
+def router_losses(model: nn.Module, attribute: str) -> list[torch.Tensor]:
+    """The ``attribute`` (``aux_loss``: load balance, ``z_loss``) of every module of ``model`` that set one in the
+    latest training forward, in module order; works through wrappers (peft, DDP) and on parts of a model."""
+    return [getattr(m, attribute) for m in model.modules() if getattr(m, attribute, None) is not None]
+
+
 class _UpcycleModel:
     """Mixin: build the family model, then apply the plan in ``config.upcycle``."""
 
@@ -30,11 +38,11 @@ class _UpcycleModel:
 
     def router_aux_losses(self) -> list:
         """Load-balance terms of every router from the latest training forward."""
-        return [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        return router_losses(self, "aux_loss")
 
     def router_z_losses(self) -> list:
         """z-loss terms of every expert router from the latest training forward."""
-        return [m.z_loss for m in self.modules() if getattr(m, "z_loss", None) is not None]
+        return router_losses(self, "z_loss")
 
 
 class UpcycleLlamaForCausalLM(_UpcycleModel, LlamaForCausalLM):
@@ -74,7 +82,7 @@ class UpcycleCLIPModel(CLIPModel):
 
     def router_aux_losses(self) -> list:
         """Load-balance terms of every expert router from the latest training forward."""
-        return [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        return router_losses(self, "aux_loss")
 
 
 CAUSAL_LM_CLASSES = {cls.config_class.model_type.removeprefix("upcycle_"): cls for cls in (UpcycleLlamaForCausalLM, UpcycleMistralForCausalLM, UpcycleQwen2ForCausalLM, UpcycleQwen3ForCausalLM)}

@@ -41,7 +41,7 @@ def default_config(device: torch.device) -> KernelConfig:
     return KernelConfig()
 
 
-def kernel_available(query: torch.Tensor) -> str | None:
+def kernel_unavailable_reason(query: torch.Tensor) -> str | None:
     """Why the kernel cannot run on ``query`` (None when it can): triton missing, not CUDA (and not the
     interpreter), or a head width that is not a power of two >= 16."""
     try:

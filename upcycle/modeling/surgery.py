@@ -15,6 +15,7 @@ from torch import nn
 from .experts import MoEFeedForward, SoftExpertRouter, head_expert_order, make_parallel_block
 from .gated_attention import attach_head_router
 from .mhe_projection import MHEProjection
+from .plan import MHE, AttentionExperts, AttentionHeads, HeadGate, MoEFFN, ParallelBlock, PlanError, parse_layers
 from .routers import build_router
 
 
@@ -51,11 +52,11 @@ def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linea
     return new
 
 
-def _apply_attention_heads(layer: nn.Module, spec: dict) -> None:
+def apply_attention_heads(layer: nn.Module, spec: AttentionHeads) -> None:
     """Keep only ``kept_heads`` (query) and ``kept_kv_heads`` of a layer: q/k/v rows and o columns sliced."""
     attention = attention_of(layer)
     head_dim = getattr(attention, "head_dim", None) or attention.attention_head_size
-    heads, kv_heads = list(spec["kept_heads"]), list(spec["kept_kv_heads"])
+    heads, kv_heads = list(spec.kept_heads), list(spec.kept_kv_heads)
 
     def rows(kept: list[int]) -> torch.Tensor:
         return (torch.tensor(kept, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).flatten()  # [len(kept) * d]
@@ -70,15 +71,15 @@ def _apply_attention_heads(layer: nn.Module, spec: dict) -> None:
         attention.all_head_size = len(heads) * head_dim
 
 
-def _apply_mhe(layer: nn.Module, spec: dict) -> None:
-    """Replace the q/k/v projections named in ``spec["heads"]`` by MHE projections of that many heads."""
+def _apply_mhe(layer: nn.Module, spec: MHE) -> None:
+    """Replace the q/k/v projections named in ``spec.heads`` by MHE projections of that many heads."""
     attention = attention_of(layer)
     head_dim = getattr(attention, "head_dim", None) or attention.attention_head_size
     projections = projections_of(layer)
-    for proj, heads in spec["heads"].items():
+    for proj, heads in spec.heads.items():
         parent, name = projections[proj]
         old = getattr(parent, name)
-        new = MHEProjection(old.in_features, head_dim, heads, spec["variant"], bias=old.bias is not None,
+        new = MHEProjection(old.in_features, head_dim, heads, spec.variant, bias=old.bias is not None,
                             device=old.weight.device, dtype=old.weight.dtype)
         new.requires_grad_(old.weight.requires_grad)
         setattr(parent, name, new)
@@ -90,10 +91,10 @@ def _resized_linear(linear: nn.Linear, in_features: int, out_features: int) -> n
     return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
 
 
-def _apply_attention_experts(layer: nn.Module, spec: dict, hidden_size: int) -> None:
+def _apply_attention_experts(layer: nn.Module, spec: AttentionExperts, hidden_size: int) -> None:
     """N attention experts as one attention of N*h query heads (N*g or g KV heads), softly gated per expert."""
     attention = layer.self_attn
-    experts, shared_kv = spec["experts"], spec["kv"] == "shared"
+    experts, shared_kv = spec.experts, spec.kv == "shared"
     head_dim = attention.head_dim
     heads, kv_heads = attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim
     attention.q_proj = _resized_linear(attention.q_proj, hidden_size, experts * heads * head_dim)
@@ -108,37 +109,35 @@ def _apply_attention_experts(layer: nn.Module, spec: dict, hidden_size: int) -> 
     attach_head_router(attention, router)
 
 
-def _apply_moe_ffn(layer: nn.Module, spec: dict, hidden_size: int) -> None:
+def _apply_moe_ffn(layer: nn.Module, spec: MoEFFN, hidden_size: int) -> None:
     """The layer's MLP becomes N copies of itself (filled from the checkpoint) behind a top-k router."""
-    layer.mlp = MoEFeedForward([copy.deepcopy(layer.mlp) for _ in range(spec["experts"])], hidden_size, spec["top_k"])
+    layer.mlp = MoEFeedForward([copy.deepcopy(layer.mlp) for _ in range(spec.experts)], hidden_size, spec.top_k)
 
 
-def _apply_head_gate(attention: nn.Module, spec: dict, hidden_size: int, num_heads: int) -> None:
-    router = build_router(spec["router"], hidden_size, num_heads, spec["shared_heads"], spec["routed_heads"], spec["top_k"])
+def _apply_head_gate(attention: nn.Module, spec: HeadGate, hidden_size: int, num_heads: int) -> None:
+    router = build_router(spec.router, hidden_size, num_heads, spec.shared_heads, spec.routed_heads, spec.top_k)
     weight = next(attention.parameters())
     router.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
     attach_head_router(attention, router)
 
 
 def apply_plan(decoder_layers: nn.ModuleList, plan: dict, hidden_size: int, num_heads: int) -> None:
-    """Apply ``plan["layers"][i]`` to ``decoder_layers[i]`` (decoder or BERT layers); unknown keys are an error."""
-    layers = plan.get("layers", [])
+    """Apply ``plan["layers"][i]`` to ``decoder_layers[i]`` (decoder or BERT layers). The plan is validated first
+    (:func:`plan.parse_layers`): a change or field this runtime does not know is one ``PlanError`` line."""
+    layers = parse_layers(plan.get("layers", []))
     if len(layers) != len(decoder_layers):
-        raise ValueError(f"upcycle plan has {len(layers)} layers, the model has {len(decoder_layers)}")
-    for layer, spec in zip(decoder_layers, layers):
-        for key, value in spec.items():
-            if key == "head_gate":
-                _apply_head_gate(attention_of(layer), value, hidden_size, num_heads)
-            elif key == "attention_heads":
-                _apply_attention_heads(layer, value)
-            elif key == "mhe":
-                _apply_mhe(layer, value)
-            elif key == "attention_experts":
-                _apply_attention_experts(layer, value, hidden_size)
-            elif key == "moe_ffn":
-                _apply_moe_ffn(layer, value, hidden_size)
-            elif key == "parallel_block":
-                if value:
-                    make_parallel_block(layer)
-            else:
-                raise ValueError(f"unknown change {key!r} in the upcycle plan; upgrade upcycle")
+        raise PlanError(f"upcycle plan has {len(layers)} layers, the model has {len(decoder_layers)}")
+    for layer, layer_plan in zip(decoder_layers, layers):
+        for change in layer_plan.changes.values():
+            if isinstance(change, HeadGate):
+                _apply_head_gate(attention_of(layer), change, hidden_size, num_heads)
+            elif isinstance(change, AttentionHeads):
+                apply_attention_heads(layer, change)
+            elif isinstance(change, MHE):
+                _apply_mhe(layer, change)
+            elif isinstance(change, AttentionExperts):
+                _apply_attention_experts(layer, change, hidden_size)
+            elif isinstance(change, MoEFFN):
+                _apply_moe_ffn(layer, change, hidden_size)
+            elif isinstance(change, ParallelBlock):
+                make_parallel_block(layer)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import UpcycleError
+from ..modeling.modeling_upcycle import router_losses
 from .recipe import Recipe
 from ..eval.evaluate import json_safe, json_text
 
@@ -126,7 +127,7 @@ def select_trainable(model, recipe: Recipe):
     from peft import LoraConfig, get_peft_model
 
     lora = recipe.lora
-    # Only nn.Linear layers get adapters; modules a conversion created (MHE projections: one head's size) train fully.
+    # Only nn.Linear layers get adapters; modules a conversion created that say so (MHE projections) train fully.
     targets = [name for name, module in model.named_modules()
                if name.rsplit(".", 1)[-1] in lora.target_modules and isinstance(module, torch.nn.Linear)]
     if not targets:
@@ -137,14 +138,14 @@ def select_trainable(model, recipe: Recipe):
         if is_router_parameter(name):
             param.requires_grad = True
     for module in model.modules():
-        if type(module).__name__ == "MHEProjection":
+        if getattr(module, "trains_fully_under_lora", False):
             module.requires_grad_(True)
     return model
 
 
 def router_term(model, attribute: str) -> torch.Tensor | None:
     """Mean over the routers that set ``attribute`` (``aux_loss``: load balance, ``z_loss``) in the latest forward."""
-    losses = [getattr(m, attribute) for m in model.modules() if getattr(m, attribute, None) is not None]
+    losses = router_losses(model, attribute)
     return torch.stack(losses).mean() if losses else None
 
 

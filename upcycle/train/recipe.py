@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from ..data.text import as_sources
+from ..data.text import DataSettings, as_sources
 from ..errors import UpcycleError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # upcycle/recipes/*.yaml, shipped as package data
@@ -28,16 +28,20 @@ class _Section(BaseModel):
 Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam beta: in [0, 1)
 
 
-CONVERT_METHODS = ("moh", "prune-heads", "gqa", "mhe")  # methods whose output is a causal LM to tune
+def convert_methods() -> tuple[str, ...]:
+    """The methods a recipe may convert with: those whose output is a causal LM to tune (``MethodSpec.tunes``)."""
+    from ..methods import all_specs
+
+    return tuple(spec.name for spec in all_specs() if spec.tunes)
 
 
 @lru_cache(maxsize=None)
 def convert_section(method: str) -> type[BaseModel]:
     """The recipe's ``convert:`` section of ``method``: ``method`` plus every field of the method's ``Options``
     dataclass (the flags of ``upcycle convert``, same names with ``_``), with the same defaults."""
-    from ..methods import method_module
+    from ..methods import method_spec
 
-    options = method_module(method).Options
+    options = method_spec(method).options
     hints = typing.get_type_hints(options)
     fields = {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
               for f in dataclasses.fields(options)}
@@ -48,8 +52,8 @@ def convert_section(method: str) -> type[BaseModel]:
 def validate_convert(tree: dict) -> BaseModel:
     """Validate a ``convert:`` mapping against its method's section; errors are located under ``convert``."""
     method = tree.get("method") if isinstance(tree, dict) else None
-    if method not in CONVERT_METHODS:
-        raise UpcycleError(f"recipe key 'convert.method' must be one of {', '.join(CONVERT_METHODS)} (got {method!r}); "
+    if method not in convert_methods():
+        raise UpcycleError(f"recipe key 'convert.method' must be one of {', '.join(convert_methods())} (got {method!r}); "
                            "set it in the recipe or pass convert.method=NAME")
     try:
         return convert_section(method).model_validate(tree)
@@ -57,16 +61,7 @@ def validate_convert(tree: dict) -> BaseModel:
         raise UpcycleError(_error_line(error, prefix=("convert",))) from None
 
 
-class DataSection(_Section):
-    train: str | list[str]
-    train_weights: list[float] | None = None
-    validation: str | list[str] | None = None
-    validation_fraction: float = Field(0.02, ge=0, lt=1)
-    text_field: str = "text"
-    seq_len: int = Field(512, ge=2)
-    max_train_tokens: int | None = Field(None, gt=0)
-    validation_tokens: int | None = Field(65536, ge=0)
-    streaming: bool = False
+DataSection = DataSettings  # the data: section: one schema with upcycle.data.corpus.DataConfig (its defaults, checks)
 
 
 class LoraSection(_Section):

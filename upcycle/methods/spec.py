@@ -1,0 +1,81 @@
+"""A conversion method as one object: name, summary, citation, options, convert, card and plan table.
+
+Each method module exports ``SPEC``, a :class:`MethodSpec`. Everything else is derived from it: the flags and
+``--help`` groups of ``upcycle convert`` (one flag per field of ``options`` that carries ``help``), the check that a
+flag belongs to the chosen method, a recipe's ``convert:`` section, the card's method paragraph, citation and plan
+table, and ``upcycle inspect``'s plan summary (from the typed plan in ``modeling/plan.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
+from typing import Any
+
+DATA_PANEL = "Seeds and calibration data"  # the --help group of the options several methods share
+CALIBRATION_HELP = "Calibration text (.txt, .jsonl or a folder) for data-driven choices."
+CALIBRATION_TOKENS_HELP = "Tokens of calibration text to use."
+
+
+def option(default: Any = MISSING, *, help: str, panel: str | None = None, example: str | None = None,
+           flag: str | None = None, default_factory: Callable[[], Any] | Any = MISSING) -> Any:
+    """A field of a method's ``Options`` that is also an ``upcycle convert`` flag and a recipe key.
+
+    ``help``: the flag's help text; ``panel``: its ``--help`` group (default: the method's); ``example``: a valid value,
+    named in the one-line error for a non-finite number; ``flag``: the flag when not ``--field-name`` (a list field is
+    a repeatable flag, e.g. ``--expert`` for ``experts``)."""
+    metadata = {"help": help, "panel": panel, "example": example, "flag": flag}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class MethodCard:
+    """What a method is called in a model card, why one would use it, and what to cite."""
+
+    title: str
+    why: str
+    citations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One conversion method.
+
+    ``convert(reader, options) -> Conversion`` plans the conversion; ``options`` is the dataclass its flags fill;
+    ``panel`` groups its flags in ``--help``; ``example`` is one ``upcycle convert`` line; ``tunes`` says whether the
+    output is a causal LM a recipe may convert to and tune. ``card_table(report, config)`` returns the card's plan
+    table when the typed plan alone does not say it (plain outputs without a plan, extra columns); ``variants`` are
+    other cards of the same method, chosen per report by ``variant``.
+    """
+
+    name: str
+    summary: str
+    panel: str
+    options: type
+    convert: Callable[..., Any]
+    card: MethodCard
+    example: str
+    tunes: bool = True
+    card_table: Callable[[dict, dict], list[str]] | None = None
+    variants: dict[str, MethodCard] = field(default_factory=dict)
+    variant: Callable[[dict], str | None] | None = None
+
+    def flags(self) -> dict[str, dataclasses.Field]:
+        """The options that are ``upcycle convert`` flags, by field name."""
+        return {f.name: f for f in dataclasses.fields(self.options) if "help" in f.metadata}
+
+    def has_option(self, name: str) -> bool:
+        return any(f.name == name for f in dataclasses.fields(self.options))
+
+    @property
+    def merges_experts(self) -> bool:
+        """Whether the method takes ``--expert`` checkpoints (their names go into the card's base models)."""
+        return self.has_option("experts")
+
+    def card_for(self, report: dict) -> tuple[str, MethodCard]:
+        """(card key, card) of a conversion: its variant's, when ``variant`` names one for this report, else the method's."""
+        key = self.variant(report) if self.variant else None
+        return (key, self.variants[key]) if key in self.variants else (self.name, self.card)
