@@ -40,7 +40,9 @@ BTX_EXPERTS = 4
 BF16 = torch.bfloat16
 MERGEKIT_ENV = "UPCYCLE_BENCH_MERGEKIT"
 DEFAULT_MERGEKIT = "/work/mergekit-venv/bin/mergekit-moe"
-MERGEKIT_INSTALL = 'python3 -m venv /work/mergekit-venv && /work/mergekit-venv/bin/pip install "mergekit==0.1.5" "torch==2.13.0"'
+MERGEKIT_INSTALL = (
+    'python3 -m venv /work/mergekit-venv && /work/mergekit-venv/bin/pip install "mergekit==0.1.5" "torch==2.13.0"'
+)
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: unk, bos_token_id, eos_token_id of llama_config
 
 
@@ -55,12 +57,25 @@ def llama_config(size_bytes: int) -> dict:
     embed_bytes = 2 * (2 * vocab * hidden + hidden)
     layers = max(1, round((size_bytes - embed_bytes) / layer_bytes))
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
-        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-        "head_dim": hidden // heads, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "torch_dtype": "bfloat16",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "head_dim": hidden // heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "attention_bias": False,
+        "mlp_bias": False,
     }
 
 
@@ -119,10 +134,18 @@ def write_tokenizer(folder: Path, vocab_size: int, words: int = 1000) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(folder / "tokenizer.json"))
     unk, bos, eos = SPECIAL_TOKENS
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": unk, "bos_token": bos, "eos_token": eos,
-        "model_max_length": 4096,
-    }, indent=2))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "unk_token": unk,
+                "bos_token": bos,
+                "eos_token": eos,
+                "model_max_length": 4096,
+            },
+            indent=2,
+        )
+    )
 
 
 def folder_bytes(folder: Path) -> int:
@@ -168,7 +191,13 @@ def run_measured(command: list[str], log: Path, extra_env: dict[str, str] | None
     rss_file = log.with_suffix(".rss")
     with open(log, "wb") as sink:
         start = time.perf_counter()
-        code = subprocess.call([sys.executable, "-S", "-c", LAUNCHER, str(rss_file), *command], stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        code = subprocess.call(
+            [sys.executable, "-S", "-c", LAUNCHER, str(rss_file), *command],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO_ROOT,
+        )
         seconds = time.perf_counter() - start
     peak_rss, user, system = rss_file.read_text().split() if rss_file.exists() else (0, 0, 0)
     return Measurement(code, seconds, int(peak_rss), float(user), float(system))
@@ -186,7 +215,9 @@ def log_tail(log: Path, lines: int = 20) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def synthetic_checkpoint(workdir: Path, size_gb: float, shard_gb: float, made: dict[tuple[float, float], Path]) -> Path:
+def synthetic_checkpoint(
+    workdir: Path, size_gb: float, shard_gb: float, made: dict[tuple[float, float], Path]
+) -> Path:
     """Write (once per size and shard size, remembered in made) a synthetic checkpoint and describe it."""
     key = (size_gb, shard_gb)
     if key in made:
@@ -196,9 +227,11 @@ def synthetic_checkpoint(workdir: Path, size_gb: float, shard_gb: float, made: d
     write_synthetic_checkpoint(src, int(size_gb * 1e9), int(shard_gb * 1e9))
     config = json.loads((src / "config.json").read_text())
     params = sum(math.prod(shape) for _, shape in safetensors_layout(src).values())
-    print(f"synthetic llama: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-          f"{params / 1e9:.2f}B parameters, {gb(folder_bytes(src))} in {len(list(src.glob('*.safetensors')))} shards "
-          f"(written in {time.perf_counter() - start:.1f}s) at {src}")
+    print(
+        f"synthetic llama: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+        f"{params / 1e9:.2f}B parameters, {gb(folder_bytes(src))} in {len(list(src.glob('*.safetensors')))} shards "
+        f"(written in {time.perf_counter() - start:.1f}s) at {src}"
+    )
     made[key] = src
     return src
 
@@ -213,7 +246,10 @@ def moh_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, fl
     copy_folder(src, copy_dst)
     shutil.rmtree(copy_dst)
     os.sync()
-    print("page cache: the OS cache cannot be dropped, so one warm-up copy ran first; copy and convert both read warm files")
+    print(
+        "page cache: the OS cache cannot be dropped, so one warm-up copy ran first; "
+        "copy and convert both read warm files"
+    )
     copy_seconds = copy_folder(src, copy_dst)
     shutil.rmtree(copy_dst)
     os.sync()
@@ -225,18 +261,26 @@ def moh_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, fl
         print(f"conversion FAILED with exit code {code}; last lines of its output:")
         print(log_tail(log))
         return 2
-    _, import_seconds, import_rss, *_ = run_measured([sys.executable, "-c", "import upcycle.cli"], workdir / "import.log")
+    _, import_seconds, import_rss, *_ = run_measured(
+        [sys.executable, "-c", "import upcycle.cli"], workdir / "import.log"
+    )
 
     time_ratio = convert_seconds / copy_seconds
     memory_ratio = peak_rss / checkpoint_bytes
     print(f"checkpoint size      {gb(checkpoint_bytes)}  (output {gb(folder_bytes(out))})")
     print(f"copy time            {copy_seconds:.2f} s")
     print(f"convert time         {convert_seconds:.2f} s")
-    print(f"  of which start-up  {import_seconds:.2f} s  (python + torch + transformers import, measured alone; "
-          f"convert minus start-up / copy = {(convert_seconds - import_seconds) / copy_seconds:.2f})")
-    print(f"convert peak RSS     {peak_rss / 2**20:.0f} MiB  (importing upcycle.cli alone: {import_rss / 2**20:.0f} MiB)")
+    print(
+        f"  of which start-up  {import_seconds:.2f} s  (python + torch + transformers import, measured alone; "
+        f"convert minus start-up / copy = {(convert_seconds - import_seconds) / copy_seconds:.2f})"
+    )
+    print(
+        f"convert peak RSS     {peak_rss / 2**20:.0f} MiB  (importing upcycle.cli alone: {import_rss / 2**20:.0f} MiB)"
+    )
     print(f"convert / copy time  {time_ratio:.2f}  target <= {TIME_TARGET}   {verdict(time_ratio, TIME_TARGET)}")
-    print(f"peak RSS / size      {memory_ratio:.3f}  target <= {MEMORY_TARGET}  {verdict(memory_ratio, MEMORY_TARGET)}")
+    print(
+        f"peak RSS / size      {memory_ratio:.3f}  target <= {MEMORY_TARGET}  {verdict(memory_ratio, MEMORY_TARGET)}"
+    )
     return 0 if time_ratio <= TIME_TARGET and memory_ratio <= MEMORY_TARGET else 1
 
 
@@ -282,21 +326,44 @@ def compare_layouts(ours: Path, theirs: Path) -> tuple[bool, str]:
     a, b = safetensors_layout(ours), safetensors_layout(theirs)
     if a == b:
         return True, f"identical: {len(a)} tensors, same names, dtypes and shapes"
-    prefix = "names differ (" + ", ".join(f"{label}: {', '.join(sorted(set(x) - set(y))[:2]) or '-'}"
-                                         for label, x, y in (("upcycle only", a, b), ("mergekit only", b, a))) + ")"
+    prefix = (
+        "names differ ("
+        + ", ".join(
+            f"{label}: {', '.join(sorted(set(x) - set(y))[:2]) or '-'}"
+            for label, x, y in (("upcycle only", a, b), ("mergekit only", b, a))
+        )
+        + ")"
+    )
     a, b = mixtral_file_names(a), mixtral_file_names(b)
     if a == b:
-        return True, f"{prefix}; same after mapping fused Mixtral experts to per-expert names: {len(a)} tensors, same dtypes and shapes"
+        return (
+            True,
+            f"{prefix}; same after mapping fused Mixtral experts to per-expert names: "
+            f"{len(a)} tensors, same dtypes and shapes",
+        )
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     differ = sorted(name for name in set(a) & set(b) if a[name] != b[name])
-    details = [f"{len(only_a)} only in upcycle's (e.g. {only_a[:3]})" if only_a else "",
-               f"{len(only_b)} only in mergekit's (e.g. {only_b[:3]})" if only_b else "",
-               f"{len(differ)} with another dtype or shape (e.g. {[(n, a[n], b[n]) for n in differ[:2]]})" if differ else ""]
+    details = [
+        f"{len(only_a)} only in upcycle's (e.g. {only_a[:3]})" if only_a else "",
+        f"{len(only_b)} only in mergekit's (e.g. {only_b[:3]})" if only_b else "",
+        f"{len(differ)} with another dtype or shape (e.g. {[(n, a[n], b[n]) for n in differ[:2]]})" if differ else "",
+    ]
     return False, f"{prefix}; after mapping still different: " + "; ".join(filter(None, details))
 
 
-CONFIG_KEYS = ("architectures", "model_type", "num_local_experts", "num_experts_per_tok", "hidden_size",
-               "intermediate_size", "num_hidden_layers", "vocab_size", "dtype", "sliding_window", "router_aux_loss_coef")
+CONFIG_KEYS = (
+    "architectures",
+    "model_type",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "dtype",
+    "sliding_window",
+    "router_aux_loss_coef",
+)
 
 
 def config_differences(ours: Path, theirs: Path) -> list[str]:
@@ -304,7 +371,9 @@ def config_differences(ours: Path, theirs: Path) -> list[str]:
     a, b = (json.loads((folder / "config.json").read_text()) for folder in (ours, theirs))
     for config in (a, b):
         config.setdefault("dtype", config.get("torch_dtype"))
-    return [f"{key}: upcycle {a.get(key)!r}, mergekit {b.get(key)!r}" for key in CONFIG_KEYS if a.get(key) != b.get(key)]
+    return [
+        f"{key}: upcycle {a.get(key)!r}, mergekit {b.get(key)!r}" for key in CONFIG_KEYS if a.get(key) != b.get(key)
+    ]
 
 
 def read_through(folder: Path) -> None:
@@ -318,18 +387,27 @@ def read_through(folder: Path) -> None:
 def mergekit_config(src: Path, experts: int) -> dict:
     """mergekit-moe's YAML config for a random-gated BTX of `experts` copies of src (JSON is valid YAML)."""
     expert = {"source_model": str(src), "positive_prompts": ["w1 w2 w3"]}  # prompts are unused in random mode
-    return {"base_model": str(src), "gate_mode": "random", "dtype": "bfloat16", "experts_per_token": 2,
-            "experts": [dict(expert) for _ in range(experts)]}
+    return {
+        "base_model": str(src),
+        "gate_mode": "random",
+        "dtype": "bfloat16",
+        "experts_per_token": 2,
+        "experts": [dict(expert) for _ in range(experts)],
+    }
 
 
 def btx_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, float], Path]) -> int:
-    """upcycle's BTX against mergekit-moe's; 0 if both ratio targets are met or mergekit is absent, 1 if not, 2 on failure."""
+    """upcycle's BTX against mergekit-moe's.
+
+    0 if both ratio targets are met or mergekit is absent, 1 if not, 2 on failure."""
     print(f"== btx: {BTX_EXPERTS}-expert Mixtral, upcycle convert --method bam against mergekit-moe ==")
     mergekit = shutil.which(args.mergekit) or (args.mergekit if os.access(args.mergekit, os.X_OK) else None)
     if mergekit is None:
-        print(f"mergekit-moe not found at {args.mergekit}: skipping the comparison. Install it in its own virtualenv "
-              f"(it must not change this Python's packages):\n  {MERGEKIT_INSTALL}\n"
-              f"then pass --mergekit PATH or set {MERGEKIT_ENV} if it lives elsewhere.")
+        print(
+            f"mergekit-moe not found at {args.mergekit}: skipping the comparison. Install it in its own virtualenv "
+            f"(it must not change this Python's packages):\n  {MERGEKIT_INSTALL}\n"
+            f"then pass --mergekit PATH or set {MERGEKIT_ENV} if it lives elsewhere."
+        )
         return 0
     src = synthetic_checkpoint(workdir, args.btx_size_gb, args.btx_shard_mb / 1000, made)
     shard = f"{args.btx_shard_mb}MB"
@@ -338,14 +416,37 @@ def btx_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, fl
     config_path.write_text(json.dumps(mergekit_config(src, BTX_EXPERTS), indent=2))
     experts = [option for _ in range(BTX_EXPERTS - 1) for option in ("--expert", str(src))]
     runs = {
-        "upcycle": convert_command(src, ours, "bam", "--attention", "average", "--ffn-top-k", "2", "--router-init", "random",
-                                   *experts, "--shard-size", shard, "--overwrite"),
+        "upcycle": convert_command(
+            src,
+            ours,
+            "bam",
+            "--attention",
+            "average",
+            "--ffn-top-k",
+            "2",
+            "--router-init",
+            "random",
+            *experts,
+            "--shard-size",
+            shard,
+            "--overwrite",
+        ),
         # --out-shard-size is documented as parameters, but mergekit's TensorWriter counts bytes; M = 10**6
-        "mergekit": [mergekit, str(config_path), str(theirs), "--out-shard-size", f"{args.btx_shard_mb}M",
-                     "--random-seed", "0", "--quiet"],
+        "mergekit": [
+            mergekit,
+            str(config_path),
+            str(theirs),
+            "--out-shard-size",
+            f"{args.btx_shard_mb}M",
+            "--random-seed",
+            "0",
+            "--quiet",
+        ],
     }
-    startup = {"upcycle": [sys.executable, "-c", "import upcycle.cli"],
-               "mergekit": [str(Path(mergekit).parent / "python"), "-c", "import mergekit.scripts.moe"]}
+    startup = {
+        "upcycle": [sys.executable, "-c", "import upcycle.cli"],
+        "mergekit": [str(Path(mergekit).parent / "python"), "-c", "import mergekit.scripts.moe"],
+    }
     outputs = {"upcycle": ours, "mergekit": theirs}
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     print("page cache: the source is read through before each run; both read warm files and neither output is synced")
@@ -371,14 +472,22 @@ def btx_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, fl
     for label, measured in best.items():
         folder, started = outputs[label], imports[label]
         startup_text = f"{started.seconds:7.2f}s" if started.code == 0 else "       ?"
-        print(f"{label:10}{measured.seconds:7.2f}s  {measured.user:6.2f}s  {measured.system:6.2f}s  "
-              f"{measured.peak_rss / 2**30:6.2f} GiB  {startup_text}  "
-              f"{gb(folder_bytes(folder))} in {len(list(folder.glob('*.safetensors')))} shards")
+        print(
+            f"{label:10}{measured.seconds:7.2f}s  {measured.user:6.2f}s  {measured.system:6.2f}s  "
+            f"{measured.peak_rss / 2**30:6.2f} GiB  {startup_text}  "
+            f"{gb(folder_bytes(folder))} in {len(list(folder.glob('*.safetensors')))} shards"
+        )
     print("(start-up: python plus the tool's imports, measured alone)")
     time_ratio = best["upcycle"].seconds / best["mergekit"].seconds
     memory_ratio = best["upcycle"].peak_rss / best["mergekit"].peak_rss
-    print(f"upcycle / mergekit time      {time_ratio:.2f}  target <= {BTX_TIME_TARGET}  {verdict(time_ratio, BTX_TIME_TARGET)}")
-    print(f"upcycle / mergekit peak RSS  {memory_ratio:.2f}  target <= {BTX_MEMORY_TARGET}  {verdict(memory_ratio, BTX_MEMORY_TARGET)}")
+    print(
+        f"upcycle / mergekit time      {time_ratio:.2f}  target <= {BTX_TIME_TARGET}  "
+        f"{verdict(time_ratio, BTX_TIME_TARGET)}"
+    )
+    print(
+        f"upcycle / mergekit peak RSS  {memory_ratio:.2f}  target <= {BTX_MEMORY_TARGET}  "
+        f"{verdict(memory_ratio, BTX_MEMORY_TARGET)}"
+    )
     same, account = compare_layouts(ours, theirs)
     print(f"tensors: {account}")
     for difference in config_differences(ours, theirs):
@@ -390,13 +499,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=("moh", "btx", "all"), default="all", help="what to run (default all)")
     parser.add_argument("--size-gb", type=float, default=4.0, help="moh: checkpoint size to synthesise (default 4)")
-    parser.add_argument("--shard-gb", type=float, default=1.0, help="moh: shard size of the synthetic checkpoint (default 1)")
+    parser.add_argument(
+        "--shard-gb", type=float, default=1.0, help="moh: shard size of the synthetic checkpoint (default 1)"
+    )
     parser.add_argument("--method", default="moh", help="moh: conversion method (default moh)")
-    parser.add_argument("--btx-size-gb", type=float, default=2.07, help="btx: checkpoint size to synthesise (default 2.07)")
-    parser.add_argument("--btx-shard-mb", type=int, default=512, help="btx: input and output shard size in MB (default 512)")
-    parser.add_argument("--btx-repeat", type=int, default=1, help="btx: run each tool N times, alternating; keep the fastest (default 1)")
-    parser.add_argument("--mergekit", default=os.environ.get(MERGEKIT_ENV, DEFAULT_MERGEKIT),
-                        help=f"btx: the mergekit-moe executable (default ${MERGEKIT_ENV} or {DEFAULT_MERGEKIT})")
+    parser.add_argument(
+        "--btx-size-gb", type=float, default=2.07, help="btx: checkpoint size to synthesise (default 2.07)"
+    )
+    parser.add_argument(
+        "--btx-shard-mb", type=int, default=512, help="btx: input and output shard size in MB (default 512)"
+    )
+    parser.add_argument(
+        "--btx-repeat",
+        type=int,
+        default=1,
+        help="btx: run each tool N times, alternating; keep the fastest (default 1)",
+    )
+    parser.add_argument(
+        "--mergekit",
+        default=os.environ.get(MERGEKIT_ENV, DEFAULT_MERGEKIT),
+        help=f"btx: the mergekit-moe executable (default ${MERGEKIT_ENV} or {DEFAULT_MERGEKIT})",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the files (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
     args = parser.parse_args(argv)

@@ -37,7 +37,8 @@ from upcycle.eval.perplexity import perplexity
 DOMAINS = ("kjv", "python")
 EXPERTS = ("seed", "kjv", "python")
 MIXES = {"BTX": "average", "BAM expert-kv": "expert-kv", "BAM shared-kv": "shared-kv"}
-MIX_RECIPE = """description: tune a BAM/BTX mix of SmolLM2-135M experts on KJV text and Python code (written by examples/bam_smollm2.py)
+MIX_RECIPE = """description: tune a BAM/BTX mix of SmolLM2-135M experts on KJV text and Python code \
+(written by examples/bam_smollm2.py)
 model: {model}
 output: {output}
 data:
@@ -107,23 +108,51 @@ def main() -> None:
     for domain in DOMAINS:
         output = work / f"branch-{domain}"
         if not (output / "final" / "config.json").exists():
-            upcycle_cli("finetune", f"smollm2-branch-{domain}-cpu", f"output={output}", f"training.steps={args.branch_steps}", "--overwrite")
+            upcycle_cli(
+                "finetune",
+                f"smollm2-branch-{domain}-cpu",
+                f"output={output}",
+                f"training.steps={args.branch_steps}",
+                "--overwrite",
+            )
         folders[domain] = output / "final"
 
     for name, attention in MIXES.items():
         mixed = work / f"mix-{attention}"
         tuned = work / f"mix-{attention}-tuned"
         if not (tuned / "final" / "config.json").exists():
-            upcycle_cli("convert", str(seed), str(mixed), "--method", "bam", "--expert", str(folders["kjv"]), "--expert", str(folders["python"]),
-                        "--attention", attention, "--overwrite")
+            upcycle_cli(
+                "convert",
+                str(seed),
+                str(mixed),
+                "--method",
+                "bam",
+                "--expert",
+                str(folders["kjv"]),
+                "--expert",
+                str(folders["python"]),
+                "--attention",
+                attention,
+                "--overwrite",
+            )
             recipe = work / f"mix-{attention}.yaml"
-            recipe.write_text(MIX_RECIPE.format(model=mixed, output=tuned, train=train, heldout=heldout, steps=args.mix_steps))
+            recipe.write_text(
+                MIX_RECIPE.format(model=mixed, output=tuned, train=train, heldout=heldout, steps=args.mix_steps)
+            )
             upcycle_cli("finetune", str(recipe), "--overwrite")
         folders[name] = tuned / "final"
 
     tokenizer = AutoTokenizer.from_pretrained(seed)
-    blocks = {domain: pack_tokens(text_asset(f"{domain}-heldout"), tokenizer, seq_len=512, max_tokens=args.eval_tokens) for domain in DOMAINS}
-    results = {"branch_steps": args.branch_steps, "mix_steps": args.mix_steps, "eval_tokens": {d: b.numel() for d, b in blocks.items()}, "models": {}}
+    blocks = {
+        domain: pack_tokens(text_asset(f"{domain}-heldout"), tokenizer, seq_len=512, max_tokens=args.eval_tokens)
+        for domain in DOMAINS
+    }
+    results = {
+        "branch_steps": args.branch_steps,
+        "mix_steps": args.mix_steps,
+        "eval_tokens": {d: b.numel() for d, b in blocks.items()},
+        "models": {},
+    }
     for name, folder in folders.items():
         results["models"][name] = evaluate(folder, blocks)
         print(f"{name}: {results['models'][name]}", flush=True)
@@ -133,17 +162,28 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     models = results["models"]
-    print(f"\nHeld-out perplexity (KJV {results['eval_tokens']['kjv']} tokens, Python {results['eval_tokens']['python']} tokens); "
-          f"branches {results['branch_steps']} steps, mixes {results['mix_steps']} steps of 2,048 tokens")
-    print("| model | KJV | Python | FFN tokens to seed / kjv / python expert, on KJV | on Python |\n|---|---|---|---|---|")
+    print(
+        f"\nHeld-out perplexity (KJV {results['eval_tokens']['kjv']} tokens, "
+        f"Python {results['eval_tokens']['python']} tokens); "
+        f"branches {results['branch_steps']} steps, mixes {results['mix_steps']} steps of 2,048 tokens"
+    )
+    print(
+        "| model | KJV | Python | FFN tokens to seed / kjv / python expert, on KJV | on Python |"
+        "\n|---|---|---|---|---|"
+    )
     for name, row in models.items():
-        usage = [" / ".join(f"{v:.2f}" for v in row[f"ffn_usage_{d}"]) if f"ffn_usage_{d}" in row else "" for d in DOMAINS]
+        usage = [
+            " / ".join(f"{v:.2f}" for v in row[f"ffn_usage_{d}"]) if f"ffn_usage_{d}" in row else "" for d in DOMAINS
+        ]
         print(f"| {name} | {row['ppl_kjv']:.2f} | {row['ppl_python']:.2f} | {usage[0]} | {usage[1]} |")
     soft = [(name, row) for name, row in models.items() if "attention_usage_kjv" in row]
     if soft:
         print("\n| mix | attention weight of seed / kjv / python expert, on KJV | on Python |\n|---|---|---|")
         for name, row in soft:
-            print(f"| {name} | {' / '.join(f'{v:.3f}' for v in row['attention_usage_kjv'])} | {' / '.join(f'{v:.3f}' for v in row['attention_usage_python'])} |")
+            print(
+                f"| {name} | {' / '.join(f'{v:.3f}' for v in row['attention_usage_kjv'])} | "
+                f"{' / '.join(f'{v:.3f}' for v in row['attention_usage_python'])} |"
+            )
 
 
 if __name__ == "__main__":

@@ -48,10 +48,27 @@ def build_base(folder: Path, seed: int) -> Path:
     vocab = len(processor.tokenizer)
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=32, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8),
-        projection_dim=64)
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=64,
+    )
     CLIPModel(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -74,37 +91,110 @@ def main() -> None:
     base = work / "base"
     if not (base / "final" / "config.json").exists():
         init = build_base(work / "base-init", args.seed)
-        recipe = write_recipe(work / "base.yaml", type="clip", description="train the small base CLIP from scratch", model=str(init),
-                              output=str(base), data=data, trainable="all", losses={"label_smoothing": 0.0, "load_balance": 0.0},
-                              training={"epochs": args.base_epochs, "batch_size": 64, "lr": 1e-3, "warmup_steps": 20, "weight_decay": 0.1,
-                                        "logit_scale_init": None, "seed": args.seed, "log_every": 10})
+        recipe = write_recipe(
+            work / "base.yaml",
+            type="clip",
+            description="train the small base CLIP from scratch",
+            model=str(init),
+            output=str(base),
+            data=data,
+            trainable="all",
+            losses={"label_smoothing": 0.0, "load_balance": 0.0},
+            training={
+                "epochs": args.base_epochs,
+                "batch_size": 64,
+                "lr": 1e-3,
+                "warmup_steps": 20,
+                "weight_decay": 0.1,
+                "logit_scale_init": None,
+                "seed": args.seed,
+                "log_every": 10,
+            },
+        )
         upcycle_cli("finetune", str(recipe), "--overwrite")
     base = base / "final"
 
     mcl = work / "mcl"
     if not (mcl / "stage-3" / "config.json").exists():
-        upcycle_cli("finetune", "clip-mcl", f"model={base}", f"output={mcl}", f"data.train={train}", f"data.validation={heldout}",
-                    "data.max_length=32", f"training.epochs={args.mcl_epochs}", "training.batch_size=32", "training.lr=1e-4",
-                    "training.warmup_steps=10", f"training.seed={args.seed}", "--overwrite")
+        upcycle_cli(
+            "finetune",
+            "clip-mcl",
+            f"model={base}",
+            f"output={mcl}",
+            f"data.train={train}",
+            f"data.validation={heldout}",
+            "data.max_length=32",
+            f"training.epochs={args.mcl_epochs}",
+            "training.batch_size=32",
+            "training.lr=1e-4",
+            "training.warmup_steps=10",
+            f"training.seed={args.seed}",
+            "--overwrite",
+        )
     stages = [mcl / f"stage-{stage}" for stage in (1, 2, 3)]
 
-    upcycle_cli("convert", str(base), str(work / "clip-moe"), "--method", "clip-moe", *[a for s in stages for a in ("--expert", str(s))],
-                "--top-k", "2", "--overwrite")
-    upcycle_cli("convert", str(base), str(work / "upcycled"), "--method", "clip-moe", "--upcycle-copies", "4", "--top-k", "2", "--overwrite")
-    tune = {"epochs": args.tune_epochs, "batch_size": 64, "warmup_steps": 10, "weight_decay": 0.01, "logit_scale_init": None, "seed": args.seed}
+    upcycle_cli(
+        "convert",
+        str(base),
+        str(work / "clip-moe"),
+        "--method",
+        "clip-moe",
+        *[a for s in stages for a in ("--expert", str(s))],
+        "--top-k",
+        "2",
+        "--overwrite",
+    )
+    upcycle_cli(
+        "convert",
+        str(base),
+        str(work / "upcycled"),
+        "--method",
+        "clip-moe",
+        "--upcycle-copies",
+        "4",
+        "--top-k",
+        "2",
+        "--overwrite",
+    )
+    tune = {
+        "epochs": args.tune_epochs,
+        "batch_size": 64,
+        "warmup_steps": 10,
+        "weight_decay": 0.01,
+        "logit_scale_init": None,
+        "seed": args.seed,
+    }
     for name, trainable, lr in (("clip-moe", "routers", 1e-3), ("upcycled", "all", 1e-4)):
-        recipe = write_recipe(work / f"{name}-tune.yaml", type="clip", model=str(work / name), output=str(work / f"{name}-tuned"), data=data,
-                              trainable=trainable, losses={"label_smoothing": 0.0, "load_balance": 0.01}, training=tune | {"lr": lr})
+        recipe = write_recipe(
+            work / f"{name}-tune.yaml",
+            type="clip",
+            model=str(work / name),
+            output=str(work / f"{name}-tuned"),
+            data=data,
+            trainable=trainable,
+            losses={"label_smoothing": 0.0, "load_balance": 0.01},
+            training=tune | {"lr": lr},
+        )
         upcycle_cli("finetune", str(recipe), "--overwrite")
 
-    results = {"pairs": args.pairs,
-               "base": json.loads((work / "base" / "eval.json").read_text())["after"],
-               "mcl_stages": [s["validation"] for s in json.loads((mcl / "eval.json").read_text())["stages"]],
-               "sparse upcycling (4 copies, FFNs + routers tuned)": json.loads((work / "upcycled-tuned" / "eval.json").read_text())["after"],
-               "CLIP-MoE (base + 3 MCL stages, routers tuned)": json.loads((work / "clip-moe-tuned" / "eval.json").read_text())["after"]}
+    results = {
+        "pairs": args.pairs,
+        "base": json.loads((work / "base" / "eval.json").read_text())["after"],
+        "mcl_stages": [s["validation"] for s in json.loads((mcl / "eval.json").read_text())["stages"]],
+        "sparse upcycling (4 copies, FFNs + routers tuned)": json.loads(
+            (work / "upcycled-tuned" / "eval.json").read_text()
+        )["after"],
+        "CLIP-MoE (base + 3 MCL stages, routers tuned)": json.loads(
+            (work / "clip-moe-tuned" / "eval.json").read_text()
+        )["after"],
+    }
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print("\n| model | image->text R@1 | text->image R@1 |\n|---|---|---|")
-    for name in ("base", "sparse upcycling (4 copies, FFNs + routers tuned)", "CLIP-MoE (base + 3 MCL stages, routers tuned)"):
+    for name in (
+        "base",
+        "sparse upcycling (4 copies, FFNs + routers tuned)",
+        "CLIP-MoE (base + 3 MCL stages, routers tuned)",
+    ):
         print(f"| {name} | {results[name]['image_to_text_r1']:.3f} | {results[name]['text_to_image_r1']:.3f} |")
 
 

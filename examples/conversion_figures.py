@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from upcycle.train.finetune import resolve_text  # noqa: E402
 
 CALIBRATION = ["--calibration", str(resolve_text("asset:kjv-train")), "--calibration-tokens", "16384"]
@@ -52,25 +51,37 @@ def main() -> None:
 
     dense = smollm2_135m()
     tokenizer = AutoTokenizer.from_pretrained(dense)
-    corpora = {name: eval_tokens_from_text(file, tokenizer, args.tokens) for name, file in corpus_files(CORPORA).items()}
+    corpora = {
+        name: eval_tokens_from_text(file, tokenizer, args.tokens) for name, file in corpus_files(CORPORA).items()
+    }
     reference = {row["data"]: row["perplexity"] for row in evaluate_corpora(dense, corpora, window=512)}
     results = {"tokens": args.tokens, "dense": reference, "rows": {}}
     for name in args.only or ROWS:
         out = args.workdir / name
         started = time.time()
         print(f"\n$ upcycle convert {dense} {out} {' '.join(ROWS[name])}", flush=True)
-        subprocess.run([sys.executable, "-m", "upcycle", "convert", str(dense), str(out), *ROWS[name], "--overwrite"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "upcycle", "convert", str(dense), str(out), *ROWS[name], "--overwrite"], check=True
+        )
         seconds = round(time.time() - started)
         scores = {row["data"]: row["perplexity"] for row in evaluate_corpora(out, corpora, window=512)}
-        results["rows"][name] = {"flags": ROWS[name], "convert_seconds": seconds, "perplexity": scores,
-                                 "ratio": {corpus: scores[corpus] / reference[corpus] for corpus in corpora}}
+        results["rows"][name] = {
+            "flags": ROWS[name],
+            "convert_seconds": seconds,
+            "perplexity": scores,
+            "ratio": {corpus: scores[corpus] / reference[corpus] for corpus in corpora},
+        }
         print(f"{name}: " + " / ".join(f"{results['rows'][name]['ratio'][c]:.3f}" for c in corpora), flush=True)
         (args.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"\n| conversion (perplexity / dense) | {' | '.join(corpora)} |\n|---|{'---|' * len(corpora)}")
     print("| dense (perplexity) | " + " | ".join(f"{reference[c]:.2f}" for c in corpora) + " |")
     for name, row in results["rows"].items():
-        print(f"| {name} ({row['convert_seconds']} s to convert) | " + " | ".join(f"{row['ratio'][c]:.3f}" for c in corpora) + " |")
+        print(
+            f"| {name} ({row['convert_seconds']} s to convert) | "
+            + " | ".join(f"{row['ratio'][c]:.3f}" for c in corpora)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

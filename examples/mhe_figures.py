@@ -35,7 +35,10 @@ SETTINGS = [("mul", "svd"), ("mul", "calibrated"), ("add", "svd"), ("add", "cali
 def summary(report: dict) -> dict:
     """Attention parameters and mean reconstruction errors of a conversion report."""
     layers = report["reconstruction_error"]["layers"]
-    mean = {key: sum(layer[key] for layer in layers) / len(layers) for key in ("q_proj", "k_proj", "v_proj", "attention_output")}
+    mean = {
+        key: sum(layer[key] for layer in layers) / len(layers)
+        for key in ("q_proj", "k_proj", "v_proj", "attention_output")
+    }
     return {"attention_parameters": report["attention_parameters"], "mean_error": mean}
 
 
@@ -52,11 +55,18 @@ def main() -> None:
 
     if "smollm2" in args.models:
         smollm2 = smollm2_135m()
-        blocks = pack_tokens(kjv_splits()[1], AutoTokenizer.from_pretrained(smollm2), seq_len=512, max_tokens=args.eval_tokens)
-        results["smollm2"] = {"eval_tokens": blocks.numel(), "dense": perplexity(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32), blocks)}
+        blocks = pack_tokens(
+            kjv_splits()[1], AutoTokenizer.from_pretrained(smollm2), seq_len=512, max_tokens=args.eval_tokens
+        )
+        results["smollm2"] = {
+            "eval_tokens": blocks.numel(),
+            "dense": perplexity(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32), blocks),
+        }
         for variant, init in SETTINGS:
             out = args.workdir / f"smollm2-{variant}-{init}"
-            report = convert_checkpoint(str(smollm2), out, "mhe", MHEOptions(variant, init, train_txt, args.calibration_tokens), overwrite=True)
+            report = convert_checkpoint(
+                str(smollm2), out, "mhe", MHEOptions(variant, init, train_txt, args.calibration_tokens), overwrite=True
+            )
             ppl = perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), blocks)
             results["smollm2"][f"{variant}-{init}"] = {"perplexity": ppl, **summary(report)}
             print(f"SmolLM2 MHE-{variant} {init}: perplexity {ppl:.2f}", flush=True)
@@ -67,7 +77,13 @@ def main() -> None:
         results["minilm"] = {"sentences": len(sentences)}
         for variant, init in SETTINGS:
             out = args.workdir / f"minilm-{variant}-{init}"
-            report = convert_checkpoint(str(minilm_l6_v2()), out, "mhe", MHEOptions(variant, init, train_txt, args.calibration_tokens), overwrite=True)
+            report = convert_checkpoint(
+                str(minilm_l6_v2()),
+                out,
+                "mhe",
+                MHEOptions(variant, init, train_txt, args.calibration_tokens),
+                overwrite=True,
+            )
             cosine = mean_cosine(sentence_embeddings(out, sentences), reference)
             results["minilm"][f"{variant}-{init}"] = {"cosine": cosine, **summary(report)}
             print(f"MiniLM MHE-{variant} {init}: mean cosine {cosine:.4f}", flush=True)
@@ -80,13 +96,18 @@ def print_tables(results: dict) -> None:
     errors = "| q / k / v error | attn-out error |"
     if "smollm2" in results:
         smollm2 = results["smollm2"]
-        print(f"\nSmolLM2-135M, held-out KJV perplexity ({smollm2['eval_tokens']} tokens; dense {smollm2['dense']:.2f})")
+        print(
+            f"\nSmolLM2-135M, held-out KJV perplexity ({smollm2['eval_tokens']} tokens; dense {smollm2['dense']:.2f})"
+        )
         print(f"| MHE | init | attention params | perplexity {errors}\n|---|---|---|---|---|---|")
         for variant, init in SETTINGS:
             row = smollm2[f"{variant}-{init}"]
             print(_row(variant, init, row, f"{row['perplexity']:.2f}"))
     if "minilm" in results:
-        print(f"\nall-MiniLM-L6-v2, mean cosine to the original embeddings ({results['minilm']['sentences']} held-out KJV sentences)")
+        print(
+            f"\nall-MiniLM-L6-v2, mean cosine to the original embeddings "
+            f"({results['minilm']['sentences']} held-out KJV sentences)"
+        )
         print(f"| MHE | init | attention params | cosine {errors}\n|---|---|---|---|---|---|")
         for variant, init in SETTINGS:
             row = results["minilm"][f"{variant}-{init}"]
@@ -95,8 +116,10 @@ def print_tables(results: dict) -> None:
 
 def _row(variant: str, init: str, row: dict, score: str) -> str:
     params, error = row["attention_parameters"], row["mean_error"]
-    return (f"| {variant} | {init} | {params['before']:,} -> {params['after']:,} (-{params['saved_percent']}%) | {score} "
-            f"| {error['q_proj']:.3f} / {error['k_proj']:.3f} / {error['v_proj']:.3f} | {error['attention_output']:.3f} |")
+    return (
+        f"| {variant} | {init} | {params['before']:,} -> {params['after']:,} (-{params['saved_percent']}%) | {score} "
+        f"| {error['q_proj']:.3f} / {error['k_proj']:.3f} / {error['v_proj']:.3f} | {error['attention_output']:.3f} |"
+    )
 
 
 if __name__ == "__main__":

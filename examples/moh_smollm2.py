@@ -38,13 +38,23 @@ def upcycle_cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "upcycle", *args], check=True)
 
 
-def shared_selection_table(dense: Path, tokenizer, train_txt: Path, heldout_txt: Path, args: argparse.Namespace) -> None:
-    """MoH-0.75 with each way of choosing the shared heads (query-norm router), scored on held-out KJV before tuning."""
+def shared_selection_table(
+    dense: Path, tokenizer, train_txt: Path, heldout_txt: Path, args: argparse.Namespace
+) -> None:
+    """MoH-0.75 with each way of choosing the shared heads (query-norm router).
+
+    Scored on held-out KJV before tuning."""
     variants = {
         "MoH-0.75, shared = first": ["--shared-selection", "first"],
         "MoH-0.75, shared = weight-norm": ["--shared-selection", "weight-norm"],
-        "MoH-0.75, shared = contribution": ["--shared-selection", "contribution", "--calibration", str(train_txt),
-                                            "--calibration-tokens", str(args.calibration_tokens)],
+        "MoH-0.75, shared = contribution": [
+            "--shared-selection",
+            "contribution",
+            "--calibration",
+            str(train_txt),
+            "--calibration-tokens",
+            str(args.calibration_tokens),
+        ],
     }
     folders = {"dense": dense}
     for index, (name, flags) in enumerate(variants.items()):
@@ -64,15 +74,23 @@ def shared_selection_table(dense: Path, tokenizer, train_txt: Path, heldout_txt:
     print("\n| model | held-out KJV perplexity | vs dense |\n|---|---|---|")
     for name, value in results.items():
         print(f"| {name} | {value:.2f} | {value / base:.2f}x |")
-    (args.workdir / "perplexity.json").write_text(json.dumps({"eval_tokens": blocks.numel(), "perplexity": results}, indent=2))
+    (args.workdir / "perplexity.json").write_text(
+        json.dumps({"eval_tokens": blocks.numel(), "perplexity": results}, indent=2)
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("runs/moh-smollm2"))
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out KJV tokens to score in the shared-selection table")
-    parser.add_argument("--heal-steps", type=int, default=8, help="steps of the heal recipe, 2,048 tokens each (0: the recipe's 24)")
-    parser.add_argument("--shared-selection-table", action="store_true", help="also score MoH-0.75 with each shared-head choice")
+    parser.add_argument(
+        "--eval-tokens", type=int, default=16384, help="held-out KJV tokens to score in the shared-selection table"
+    )
+    parser.add_argument(
+        "--heal-steps", type=int, default=8, help="steps of the heal recipe, 2,048 tokens each (0: the recipe's 24)"
+    )
+    parser.add_argument(
+        "--shared-selection-table", action="store_true", help="also score MoH-0.75 with each shared-head choice"
+    )
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     args = parser.parse_args()
     started = time.time()
@@ -89,28 +107,46 @@ def main() -> None:
     upcycle_cli("convert", str(dense), str(everything), "--method", "moh", "--active-heads", "1.0", "--overwrite")
     block = pack_tokens(read_documents(heldout_txt), tokenizer, seq_len=512, max_tokens=1024)  # [2, 512]
     with torch.no_grad():
-        logits = [AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=block).logits for folder in (dense, everything)]
+        logits = [
+            AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=block).logits
+            for folder in (dense, everything)
+        ]
     difference = (logits[0] - logits[1]).abs().max().item()
     print(f"MoH-1.0 against dense on {block.numel():,} held-out KJV tokens: largest logit difference {difference:.2e}")
     if difference > 1e-4:
-        sys.exit(f"MoH with every head active differs from the dense model (largest logit difference {difference:.2e})")
+        sys.exit(
+            f"MoH with every head active differs from the dense model (largest logit difference {difference:.2e})"
+        )
     del logits
     if args.shared_selection_table:
         shared_selection_table(dense, tokenizer, train_txt, heldout_txt, args)
 
     # 2. the heal recipe: its own conversion (MoH-0.75, fitted router), the KJV + Python mix with the dense teacher
     healed = args.workdir / "healed"
-    steps = [f"training.steps={args.heal_steps}", f"training.warmup_steps={max(1, args.heal_steps // 8)}"] if args.heal_steps else []
+    steps = (
+        [f"training.steps={args.heal_steps}", f"training.warmup_steps={max(1, args.heal_steps // 8)}"]
+        if args.heal_steps
+        else []
+    )
     upcycle_cli("finetune", "smollm2-moh-heal-cpu", f"output={healed}", *steps, "training.eval_every=0", "--overwrite")
     evaluation = json.loads((healed / "eval.json").read_text())
     after, before = evaluation["recovery"]
-    print("\n| held-out corpus | dense | MoH-0.75, before healing | healed | before / dense | healed / dense |\n|---|---|---|---|---|---|")
+    print(
+        "\n| held-out corpus | dense | MoH-0.75, before healing | healed | before / dense | healed / dense |"
+        "\n|---|---|---|---|---|---|"
+    )
     for corpus, entry in after["corpora"].items():
         start = before["corpora"][corpus]
-        print(f"| {corpus} | {entry['reference_perplexity']:.2f} | {start['perplexity']:.2f} | {entry['perplexity']:.2f} | "
-              f"{start['ratio']:.3f} | {entry['ratio']:.3f} |")
-    print(f"\nrecovery (geometric mean of perplexity / dense): {before['mean_ratio']:.3f} before healing, {after['mean_ratio']:.3f} healed; "
-          "python-docs is prose of a kind no recipe trains on")
+        print(
+            f"| {corpus} | {entry['reference_perplexity']:.2f} | {start['perplexity']:.2f} | "
+            f"{entry['perplexity']:.2f} | "
+            f"{start['ratio']:.3f} | {entry['ratio']:.3f} |"
+        )
+    print(
+        f"\nrecovery (geometric mean of perplexity / dense): {before['mean_ratio']:.3f} before healing, "
+        f"{after['mean_ratio']:.3f} healed; "
+        "python-docs is prose of a kind no recipe trains on"
+    )
     print(f"main job: {(time.time() - started) / 60:.1f} min")
 
 

@@ -32,8 +32,13 @@ SEEDS = (0, 1, 2)
 
 
 def prune(src: Path, out: Path, ratio: float, importance: str, seed: int, calibration: Path) -> Path:
-    options = PruneHeadsOptions(ratio=ratio, importance=importance, seed=seed, calibration=calibration if importance == "gradient" else None,
-                                calibration_tokens=8192)
+    options = PruneHeadsOptions(
+        ratio=ratio,
+        importance=importance,
+        seed=seed,
+        calibration=calibration if importance == "gradient" else None,
+        calibration_tokens=8192,
+    )
     convert_checkpoint(str(src), out, "prune-heads", options, overwrite=True)
     return out
 
@@ -50,8 +55,12 @@ def main() -> None:
     results: dict = {"smollm2": {}, "minilm": {}}
 
     smollm2 = smollm2_135m()
-    blocks = pack_tokens(kjv_splits()[1], AutoTokenizer.from_pretrained(smollm2), seq_len=512, max_tokens=args.eval_tokens)
-    results["smollm2"]["dense"] = perplexity(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32), blocks)
+    blocks = pack_tokens(
+        kjv_splits()[1], AutoTokenizer.from_pretrained(smollm2), seq_len=512, max_tokens=args.eval_tokens
+    )
+    results["smollm2"]["dense"] = perplexity(
+        AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32), blocks
+    )
     sentences = kjv_heldout_sentences(200)
     reference = sentence_embeddings(minilm_l6_v2(), sentences)
     for ratio in args.ratios:
@@ -62,9 +71,13 @@ def main() -> None:
             for importance, seeds in [("gradient", (0,)), ("random", SEEDS)]:
                 scores = []
                 for seed in seeds:
-                    out = prune(src, args.workdir / f"{model}-{ratio}-{importance}-{seed}", ratio, importance, seed, train_txt)
+                    out = prune(
+                        src, args.workdir / f"{model}-{ratio}-{importance}-{seed}", ratio, importance, seed, train_txt
+                    )
                     if model == "smollm2":
-                        scores.append(perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), blocks))
+                        scores.append(
+                            perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), blocks)
+                        )
                     else:
                         scores.append(mean_cosine(sentence_embeddings(out, sentences), reference))
                 row[importance] = sum(scores) / len(scores)
@@ -97,7 +110,10 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, model, label in [(left, "smollm2", "held-out perplexity (log)"), (right, "minilm", "mean cosine to original")]:
+    for axis, model, label in [
+        (left, "smollm2", "held-out perplexity (log)"),
+        (right, "minilm", "mean cosine to original"),
+    ]:
         for importance, style in [("gradient", "o-"), ("random", "s--")]:
             axis.plot(RATIOS, [results[model][str(r)][importance] for r in RATIOS], style, label=importance)
         axis.set_xlabel("fraction of units pruned")

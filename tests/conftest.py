@@ -6,20 +6,39 @@ import os
 import shutil
 from pathlib import Path
 
-if shutil.which("nvidia-smi") is None:  # no GPU: Triton kernels run in its interpreter (set before anything imports triton)
+if (
+    shutil.which("nvidia-smi") is None
+):  # no GPU: Triton kernels run in its interpreter (set before anything imports triton)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
-    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(125)]
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-              vocab_size=len(VOCAB), max_position_embeddings=256, eos_token_id=1, pad_token_id=0, bos_token_id=None)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=len(VOCAB),
+    max_position_embeddings=256,
+    eos_token_id=1,
+    pad_token_id=0,
+    bos_token_id=None,
+)
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
@@ -54,27 +73,43 @@ def dense(tmp_path: Path) -> Path:
 def calibration_file(tmp_path: Path) -> Path:
     generator = torch.Generator().manual_seed(1)
     words = torch.randint(3, len(VOCAB), (4000,), generator=generator).tolist()
-    docs = [" ".join(VOCAB[w] for w in words[i:i + 200]) for i in range(0, len(words), 200)]
+    docs = [" ".join(VOCAB[w] for w in words[i : i + 200]) for i in range(0, len(words), 200)]
     path = tmp_path / "calibration.txt"
     path.write_text("\n\n".join(docs) + "\n")
     return path
 
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(125)]
-BERT_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, vocab_size=len(BERT_VOCAB),
-                   max_position_embeddings=256, type_vocab_size=2, pad_token_id=0)
+BERT_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    vocab_size=len(BERT_VOCAB),
+    max_position_embeddings=256,
+    type_vocab_size=2,
+    pad_token_id=0,
+)
 
 
 def tiny_bert_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level BERT-style tokenizer over ``w0 .. w124`` with [CLS], [SEP] and [MASK]."""
     tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(BERT_VOCAB)}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def build_bert(folder: Path, mlm: bool = False, seed: int = 0, **overrides) -> Path:
-    """Save a tiny random BERT: BertModel (tensors without prefix, like all-MiniLM-L6-v2) or BertForMaskedLM (``bert.`` prefix)."""
+    """Save a tiny random BERT.
+
+    BertModel (tensors without prefix, like all-MiniLM-L6-v2) or BertForMaskedLM (``bert.`` prefix)."""
     from transformers import BertConfig, BertForMaskedLM, BertModel
 
     torch.manual_seed(seed)
@@ -85,13 +120,26 @@ def build_bert(folder: Path, mlm: bool = False, seed: int = 0, **overrides) -> P
     return folder
 
 
-CLIP_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
-CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+CLIP_TEXT = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=32,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+CLIP_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+)
 
 
 def build_clip(folder: Path, seed: int = 0, ffn_noise: float = 0.0, base: Path | None = None, **overrides) -> Path:
-    """Save a tiny random CLIPModel; with ``base``, a copy of that model whose FFN weights get ``ffn_noise`` (an MCL-stage stand-in)."""
+    """Save a tiny random CLIPModel.
+
+    With ``base``, a copy of that model whose FFN weights get ``ffn_noise`` (an MCL-stage stand-in)."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)

@@ -2,10 +2,11 @@
 
 It implements just what ``huggingface_hub``'s ``whoami``, ``create_repo``, ``repo_info``,
 ``create_branch`` and ``upload_folder`` (the streamed multi-commit pipeline: ``validate-yaml``,
-``preupload``, NDJSON ``commit``, and the revision info it reads when nothing changed) call, keeps the repositories in memory, and records every
-request (method, path, query, headers without the token, JSON or NDJSON body) so that tests can
-check what arrived. Every file is answered ``uploadMode: regular`` (inlined in the commit): Xet
-and LFS transfers of large files are not implemented. ``fail(...)`` injects error answers.
+``preupload``, NDJSON ``commit``, and the revision info it reads when nothing changed) call, keeps
+the repositories in memory, and records every request (method, path, query, headers without the
+token, JSON or NDJSON body) so that tests can check what arrived. Every file is answered
+``uploadMode: regular`` (inlined in the commit): Xet and LFS transfers of large files are not
+implemented. ``fail(...)`` injects error answers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 USER = "standin-user"
-REPO_PATH = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<op>preupload|commit|branch|revision)/(?P<rev>.+))?$")
+REPO_PATH = re.compile(
+    r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<op>preupload|commit|branch|revision)/(?P<rev>.+))?$"
+)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -84,9 +87,19 @@ class HubStandIn:
         self._server.shutdown()
         self._server.server_close()
 
-    def fail(self, method: str, path_part: str, status: int, times: int = 1, headers: dict | None = None, body: dict | None = None) -> None:
+    def fail(
+        self,
+        method: str,
+        path_part: str,
+        status: int,
+        times: int = 1,
+        headers: dict | None = None,
+        body: dict | None = None,
+    ) -> None:
         """Answer the next ``times`` requests whose path contains ``path_part`` with ``status``."""
-        self.failures.append(Failure(method, path_part, status, times, headers or {}, body or {"error": f"stand-in error {status}"}))
+        self.failures.append(
+            Failure(method, path_part, status, times, headers or {}, body or {"error": f"stand-in error {status}"})
+        )
 
     def paths(self, method: str | None = None) -> list[str]:
         return [r.path for r in self.requests if method is None or r.method == method]
@@ -96,7 +109,9 @@ class HubStandIn:
 
     # ---- request handling (server threads) ----------------------------------------------
 
-    def handle(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], dict]:
+    def handle(
+        self, method: str, raw_path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], dict]:
         url = urlsplit(raw_path)
         path, query = unquote(url.path), parse_qs(url.query)
         authorized = headers.get("authorization") == f"Bearer {self.token}"
@@ -106,18 +121,30 @@ class HubStandIn:
         elif body:
             parsed = json.loads(body)
         with self._lock:
-            self.requests.append(Request(method, path, query, {k: v for k, v in headers.items() if k != "authorization"}, authorized, parsed))
+            self.requests.append(
+                Request(
+                    method, path, query, {k: v for k, v in headers.items() if k != "authorization"}, authorized, parsed
+                )
+            )
             for failure in self.failures:
                 if failure.times > 0 and failure.method == method and failure.path_part in path:
                     failure.times -= 1
                     return failure.status, failure.headers, failure.body
             if not authorized:
-                return 401, {"X-Error-Message": "Invalid credentials in Authorization header"}, {"error": "Invalid credentials in Authorization header"}
+                return (
+                    401,
+                    {"X-Error-Message": "Invalid credentials in Authorization header"},
+                    {"error": "Invalid credentials in Authorization header"},
+                )
             return self._route(method, path, parsed)
 
     def _route(self, method: str, path: str, body) -> tuple[int, dict[str, str], dict]:
         if method == "GET" and path == "/api/whoami-v2":
-            return 200, {}, {"type": "user", "name": USER, "auth": {"type": "access_token", "accessToken": {"role": "write"}}}
+            return (
+                200,
+                {},
+                {"type": "user", "name": USER, "auth": {"type": "access_token", "accessToken": {"role": "write"}}},
+            )
         if method == "POST" and path == "/api/validate-yaml":
             return self._validate_yaml(body["content"])
         if method == "POST" and path == "/api/repos/create":
@@ -136,7 +163,11 @@ class HubStandIn:
         if repo is None:
             return 404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"}
         if op is None and method == "GET":
-            return 200, {}, {"id": repo_id, "private": repo.private, "sha": repo.commits[-1]["oid"] if repo.commits else "0" * 40}
+            return (
+                200,
+                {},
+                {"id": repo_id, "private": repo.private, "sha": repo.commits[-1]["oid"] if repo.commits else "0" * 40},
+            )
         if op == "branch" and method == "POST":
             if rev in repo.branches:
                 return 409, {}, {"error": "Reference already exists"}
@@ -147,13 +178,33 @@ class HubStandIn:
             return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {rev}"}
         if op == "revision" and method == "GET":  # what upload_folder asks when there was nothing new to commit
             head = next((c["oid"] for c in reversed(repo.commits) if c["branch"] == rev), "0" * 40)
-            return 200, {}, {"id": repo_id, "private": repo.private, "sha": head,
-                             "siblings": [{"rfilename": name} for name in sorted(repo.branches[rev])]}
+            return (
+                200,
+                {},
+                {
+                    "id": repo_id,
+                    "private": repo.private,
+                    "sha": head,
+                    "siblings": [{"rfilename": name} for name in sorted(repo.branches[rev])],
+                },
+            )
         if op == "preupload" and method == "POST":
             existing = repo.branches[rev]
-            return 200, {}, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                                        "oid": git_blob_oid(existing[f["path"]]) if f["path"] in existing else None}
-                                       for f in body["files"]]}
+            return (
+                200,
+                {},
+                {
+                    "files": [
+                        {
+                            "path": f["path"],
+                            "uploadMode": "regular",
+                            "shouldIgnore": False,
+                            "oid": git_blob_oid(existing[f["path"]]) if f["path"] in existing else None,
+                        }
+                        for f in body["files"]
+                    ]
+                },
+            )
         if op == "commit" and method == "POST":
             return self._commit(repo_id, repo, rev, body)
         return 404, {}, {"error": f"the stand-in does not implement {method} {path}"}
@@ -172,7 +223,17 @@ class HubStandIn:
         bases = metadata.get("base_model", [])
         for base in [bases] if isinstance(bases, str) else bases:
             if not REPO_ID.match(str(base)):
-                return 400, {}, {"errors": [{"message": f'"base_model" with value "{base}" is not valid. Use a model id from https://hf.co/models.'}]}
+                return (
+                    400,
+                    {},
+                    {
+                        "errors": [
+                            {
+                                "message": f'"base_model" with value "{base}" is not valid. Use a model id from https://hf.co/models.'
+                            }
+                        ]
+                    },
+                )
         return 200, {}, {"errors": [], "warnings": []}
 
     def _commit(self, repo_id: str, repo: Repo, branch: str, items: list[dict]) -> tuple[int, dict[str, str], dict]:
@@ -191,10 +252,28 @@ class HubStandIn:
         tree.update(files)
         for path in deleted:
             tree.pop(path, None)
-        oid = hashlib.sha1(json.dumps([repo.commits[-1]["oid"] if repo.commits else "", header, sorted(files)]).encode()).hexdigest()
-        repo.commits.append({"branch": branch, "summary": header["summary"], "description": header.get("description", ""),
-                             "files": sorted(files), "oid": oid})
-        return 200, {}, {"success": True, "commitOid": oid, "commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "pullRequestUrl": None}
+        oid = hashlib.sha1(
+            json.dumps([repo.commits[-1]["oid"] if repo.commits else "", header, sorted(files)]).encode()
+        ).hexdigest()
+        repo.commits.append(
+            {
+                "branch": branch,
+                "summary": header["summary"],
+                "description": header.get("description", ""),
+                "files": sorted(files),
+                "oid": oid,
+            }
+        )
+        return (
+            200,
+            {},
+            {
+                "success": True,
+                "commitOid": oid,
+                "commitUrl": f"{self.url}/{repo_id}/commit/{oid}",
+                "pullRequestUrl": None,
+            },
+        )
 
 
 def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:

@@ -1,4 +1,5 @@
-"""BAM / BTX: null setting, soft attention mixture = sum of experts, MoE FFN, cache, formulas, Mixtral output, errors, tuning."""
+"""BAM / BTX: null setting, soft attention mixture = sum of experts, MoE FFN, cache, formulas, Mixtral output,
+errors, tuning."""
 
 from __future__ import annotations
 
@@ -34,8 +35,16 @@ def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
         return model(ids).logits
 
 
-CASES = [("llama", "expert-kv"), ("llama", "shared-kv"), ("llama", "average"), ("qwen3", "expert-kv"), ("qwen3", "shared-kv"),
-         ("qwen3", "average"), ("qwen2", "expert-kv"), ("mistral", "shared-kv")]
+CASES = [
+    ("llama", "expert-kv"),
+    ("llama", "shared-kv"),
+    ("llama", "average"),
+    ("qwen3", "expert-kv"),
+    ("qwen3", "shared-kv"),
+    ("qwen3", "average"),
+    ("qwen2", "expert-kv"),
+    ("mistral", "shared-kv"),
+]
 
 
 @pytest.mark.parametrize("family,attention", CASES)
@@ -79,9 +88,13 @@ def test_soft_attention_mixture_is_the_weighted_sum_of_the_experts(tmp_path, att
     assert isinstance(router, SoftExpertRouter) and router.weight.abs().sum() > 0
     gates = torch.softmax(hidden @ router.weight.T, dim=-1)  # [B, T, N]
     with torch.no_grad():
-        got, _ = mixed.model.layers[1].self_attn(hidden_states=hidden, position_embeddings=embeddings, attention_mask=None)
-        expected = sum(gates[..., j, None] * a(hidden_states=hidden, position_embeddings=embeddings, attention_mask=None)[0]
-                       for j, a in enumerate(attentions))
+        got, _ = mixed.model.layers[1].self_attn(
+            hidden_states=hidden, position_embeddings=embeddings, attention_mask=None
+        )
+        expected = sum(
+            gates[..., j, None] * a(hidden_states=hidden, position_embeddings=embeddings, attention_mask=None)[0]
+            for j, a in enumerate(attentions)
+        )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -124,19 +137,29 @@ def test_attention_parameters_and_kv_cache_match_the_formulas(tmp_path, attentio
     dense = build_dense(tmp_path / "dense")  # D 64, h 8, g 2, d 8, fp32
     report = mix(dense, tmp_path / "mix", [dense, dense], attention=attention)
     n, h, g, d, hidden = 3, 8, 2, 8, 64
-    expected = {"expert-kv": n * (2 * h * d * hidden + 2 * g * d * hidden) + n * hidden,
-                "shared-kv": n * 2 * h * d * hidden + 2 * g * d * hidden + n * hidden,
-                "average": 2 * h * d * hidden + 2 * g * d * hidden}[attention]
-    assert report["attention_parameters_per_layer"] == {"before": 2 * h * d * hidden + 2 * g * d * hidden, "after": expected}
+    expected = {
+        "expert-kv": n * (2 * h * d * hidden + 2 * g * d * hidden) + n * hidden,
+        "shared-kv": n * 2 * h * d * hidden + 2 * g * d * hidden + n * hidden,
+        "average": 2 * h * d * hidden + 2 * g * d * hidden,
+    }[attention]
+    assert report["attention_parameters_per_layer"] == {
+        "before": 2 * h * d * hidden + 2 * g * d * hidden,
+        "after": expected,
+    }
     kv_heads = n * g if attention == "expert-kv" else g
     assert report["kv_cache_bytes_per_token_per_layer"] == {"before": 2 * g * d * 4, "after": 2 * kv_heads * d * 4}
     if attention != "average":
-        assert f"attention 3 soft experts ({'shared' if attention == 'shared-kv' else 'expert'} KV)" in run("inspect", tmp_path / "mix").stdout
+        assert (
+            f"attention 3 soft experts ({'shared' if attention == 'shared-kv' else 'expert'} KV)"
+            in run("inspect", tmp_path / "mix").stdout
+        )
     model = load(tmp_path / "mix")
     cache = model(IDS[:1, :5], use_cache=True).past_key_values
     keys = cache.layers[0].keys  # [B, KV heads, T, d]
     assert keys.shape == (1, kv_heads, 5, d)
-    attention_params = sum(p.numel() for name, p in model.named_parameters() if name.startswith("model.layers.0.self_attn."))
+    attention_params = sum(
+        p.numel() for name, p in model.named_parameters() if name.startswith("model.layers.0.self_attn.")
+    )
     assert attention_params == expected
 
 
@@ -144,21 +167,26 @@ def test_btx_is_a_plain_mixtral_checkpoint(tmp_path):
     experts = [build_dense(tmp_path / f"e{i}", "mistral", seed=i) for i in range(2)]
     report = mix(experts[0], tmp_path / "btx", experts[1:], attention="average")
     config = json.loads((tmp_path / "btx" / "config.json").read_text())
-    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 2 and config["num_experts_per_tok"] == 2
+    assert (
+        config["model_type"] == "mixtral" and config["num_local_experts"] == 2 and config["num_experts_per_tok"] == 2
+    )
     assert "auto_map" not in config and "upcycle" not in config and not list((tmp_path / "btx").glob("*.py"))
     card = (tmp_path / "btx" / "README.md").read_text()
     assert "trust_remote_code" not in card and 'AutoModelForCausalLM.from_pretrained("btx")' in card
     assert all(check["passed"] for check in report["checks"]), report["checks"]
     torch.save({"ids": IDS, "out": logits(load(tmp_path / "btx"))}, tmp_path / "expected.pt")
-    run_without_upcycle(tmp_path, f"""
+    run_without_upcycle(
+        tmp_path,
+        f"""
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'btx')!r}, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "btx")!r}, dtype=torch.float32).eval()
         assert type(model).__name__ == "MixtralForCausalLM"
-        data = torch.load({str(tmp_path / 'expected.pt')!r})
+        data = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             torch.testing.assert_close(model(data["ids"]).logits, data["out"], atol=0, rtol=0)
         print("ok")
-    """)
+    """,
+    )
 
 
 def test_bam_loads_through_the_bundled_runtime(tmp_path):
@@ -166,15 +194,21 @@ def test_bam_loads_through_the_bundled_runtime(tmp_path):
     mix(experts[0], tmp_path / "bam", experts[1:], attention="shared-kv")
     assert (tmp_path / "bam" / "experts.py").exists()
     torch.save({"ids": IDS, "out": logits(load(tmp_path / "bam"))}, tmp_path / "expected.pt")
-    run_without_upcycle(tmp_path, f"""
+    run_without_upcycle(
+        tmp_path,
+        f"""
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'bam')!r}, trust_remote_code=True, dtype=torch.float32).eval()
-        assert "upcycle" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        data = torch.load({str(tmp_path / 'expected.pt')!r})
+        model = AutoModelForCausalLM.from_pretrained(
+            {str(tmp_path / "bam")!r}, trust_remote_code=True, dtype=torch.float32
+        ).eval()
+        module = type(model).__module__
+        assert "upcycle" not in sys.modules and module.startswith("transformers_modules"), module
+        data = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             torch.testing.assert_close(model(data["ids"]).logits, data["out"], atol=0, rtol=0)
         print("ok")
-    """)
+    """,
+    )
 
 
 def test_mismatched_experts_are_listed_in_one_line(tmp_path):
@@ -182,17 +216,29 @@ def test_mismatched_experts_are_listed_in_one_line(tmp_path):
     wide = build_dense(tmp_path / "wide", hidden_size=128)
     deep = build_dense(tmp_path / "deep", num_hidden_layers=3)
     result = run("convert", seed, tmp_path / "out", "--method", "bam", "--expert", wide, "--expert", deep)
-    assert_one_line_error(result, "the experts do not match the seed", "expert 1", "hidden_size 128 (seed: 64)", "tensor(s) of another shape",
-                          "expert 2", "num_hidden_layers 3 (seed: 2)", "has 9 extra tensor(s)", "branched from the same seed")
+    assert_one_line_error(
+        result,
+        "the experts do not match the seed",
+        "expert 1",
+        "hidden_size 128 (seed: 64)",
+        "tensor(s) of another shape",
+        "expert 2",
+        "num_hidden_layers 3 (seed: 2)",
+        "has 9 extra tensor(s)",
+        "branched from the same seed",
+    )
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("args,needles", [
-    ([], ["--method bam needs at least one --expert PATH"]),
-    (["--expert", "SEED", "--attention", "mixed"], ["Invalid value for '--attention'"]),
-    (["--expert", "SEED", "--ffn-top-k", "3"], ["--ffn-top-k 3 is outside [1, 2]"]),
-    (["--expert", "missing-folder"], ["missing-folder does not exist"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        ([], ["--method bam needs at least one --expert PATH"]),
+        (["--expert", "SEED", "--attention", "mixed"], ["Invalid value for '--attention'"]),
+        (["--expert", "SEED", "--ffn-top-k", "3"], ["--ffn-top-k 3 is outside [1, 2]"]),
+        (["--expert", "missing-folder"], ["missing-folder does not exist"]),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, capsys):
     from upcycle.cli import main
 
@@ -209,7 +255,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, capsy
 
 def test_bam_flags_with_another_method(tmp_path):
     dense = build_dense(tmp_path / "dense")
-    assert_one_line_error(run("convert", dense, tmp_path / "out", "--expert", dense), "--expert applies to --method bam or --method clip-moe")
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--expert", dense),
+        "--expert applies to --method bam or --method clip-moe",
+    )
 
 
 @pytest.mark.parametrize("attention", ["expert-kv", "average"])
@@ -221,8 +270,8 @@ def test_finetune_applies_and_logs_balance_z_loss_and_expert_usage(tmp_path, cal
     mix(experts[0], tmp_path / "mix", experts[1:], attention=attention)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
-model: {tmp_path / 'mix'}
-output: {tmp_path / 'run'}
+model: {tmp_path / "mix"}
+output: {tmp_path / "run"}
 data: {{train: {calibration_file}, seq_len: 32, validation_tokens: 64}}
 losses: {{load_balance: 0.01, z_loss: 0.001}}
 training: {{steps: 2, global_batch_tokens: 64, micro_batch_size: 2, warmup_steps: 0, eval_every: 2}}
@@ -233,6 +282,8 @@ training: {{steps: 2, global_batch_tokens: 64, micro_batch_size: 2, warmup_steps
     assert all(r["aux_loss"] > 0.5 and r["z_loss"] > 0 for r in steps), steps  # N * sum f P is about 1 near balance
     usage = [r["expert_usage"] for r in records if "expert_usage" in r][-1]
     ffn = [row for name, row in usage.items() if "mlp" in name]
-    assert len(ffn) == 2 and all(len(row) == 2 and abs(sum(row) - (2 if attention == "average" else 1)) < 1e-3 for row in ffn)
+    assert len(ffn) == 2 and all(
+        len(row) == 2 and abs(sum(row) - (2 if attention == "average" else 1)) < 1e-3 for row in ffn
+    )
     soft = [row for name, row in usage.items() if "head_router" in name]
     assert len(soft) == (2 if attention == "expert-kv" else 0) and all(abs(sum(row) - 1) < 1e-3 for row in soft)

@@ -66,7 +66,10 @@ def test_moh_card_front_matter_and_every_section(moh, tmp_path):
     plan = section(card, "Plan")
     assert "| layers | shared heads (always on) | routed heads | active heads per token | router |" in plan
     assert re.search(r"^\| 0 \| [\d ]+ \| [\d ]+ \| 4 \+ top-2 of 4 \| learned \|$", plan, re.MULTILINE), plan
-    assert "<details><summary>The plan as <code>upcycle convert</code> printed it</summary>" in plan and "MoH plan:" in plan
+    assert (
+        "<details><summary>The plan as <code>upcycle convert</code> printed it</summary>" in plan
+        and "MoH plan:" in plan
+    )
     parameters = section(card, "Parameters")
     before, after = report["parameters"]["before"], report["parameters"]["after"]
     assert f"| before | {before:,} |" in parameters and f"| after | {after:,} (+{after - before:,}" in parameters
@@ -74,7 +77,9 @@ def test_moh_card_front_matter_and_every_section(moh, tmp_path):
     assert "Calibration data: `calibration.txt`" in recipe and "| `active_heads` | `0.75` |" in recipe
     assert "No evaluation recorded yet" in section(card, "Evaluation")
     load = section(card, "How to load")
-    assert 'AutoModelForCausalLM.from_pretrained("tiny-moh", trust_remote_code=True)' in load and "import upcycle" in load
+    assert (
+        'AutoModelForCausalLM.from_pretrained("tiny-moh", trust_remote_code=True)' in load and "import upcycle" in load
+    )
     citation = section(card, "Citation")
     assert "@article{jin2024moh" in citation and "arXiv:2410.11842" in citation
     assert str(tmp_path) not in card and "upcycle-tmp" not in card  # no local paths published
@@ -88,8 +93,22 @@ def test_card_command_refreshes_after_an_evaluation(moh, calibration_file, tmp_p
 
     other = tmp_path / "other.txt"
     other.write_text(calibration_file.read_text().replace("w1", "w2"))
-    result = run("eval", moh, "--data", calibration_file, "--data", other, "--compare", "source", "--tokens", "600", "--window", "64",
-                 "--json", moh / "eval.json")
+    result = run(
+        "eval",
+        moh,
+        "--data",
+        calibration_file,
+        "--data",
+        other,
+        "--compare",
+        "source",
+        "--tokens",
+        "600",
+        "--window",
+        "64",
+        "--json",
+        moh / "eval.json",
+    )
     assert result.exit_code == 0, result.output
     evaluation = json.loads((moh / "eval.json").read_text())
     perplexity = evaluation["results"][0]["perplexity"]
@@ -97,32 +116,60 @@ def test_card_command_refreshes_after_an_evaluation(moh, calibration_file, tmp_p
     assert run("card", moh).exit_code == 0
     card = (moh / "README.md").read_text()
     evaluation = section(card, "Evaluation")
-    assert "Recovery of `tiny-moh` against `org/tiny-llama` on held-out text" in evaluation  # the source, by its Hub id
+    assert (
+        "Recovery of `tiny-moh` against `org/tiny-llama` on held-out text" in evaluation
+    )  # the source, by its Hub id
     assert "| corpus | perplexity | reference perplexity | ratio |" in evaluation
     assert f"| `calibration.txt` | {perplexity:.3f} |" in evaluation and f"| {ratios['other.txt']:.3f} |" in evaluation
     assert "| geometric mean |" in evaluation
     assert "| model | perplexity | tokens | window | active heads | data |" in evaluation
-    assert f"| tiny-moh | {perplexity:.3f} | 599 | 64 | 0.750 | `calibration.txt` |" in evaluation and "| org/tiny-llama |" in evaluation
+    assert (
+        f"| tiny-moh | {perplexity:.3f} | 599 | 64 | 0.750 | `calibration.txt` |" in evaluation
+        and "| org/tiny-llama |" in evaluation
+    )
     assert "No evaluation recorded" not in card and str(tmp_path) not in card
     assert card.replace(section(card, "Evaluation"), "") == original.replace(section(original, "Evaluation"), "")
 
 
 def test_card_reads_old_list_eval_json_and_null_figures(tmp_path, dense):
     convert_ok(dense, tmp_path / "out")
-    rows = [{"model": str(tmp_path / "out"), "perplexity": 12.3456, "tokens": 599, "window": 64, "active_fraction": 0.75, "data": "/x/heldout.txt"}]
+    rows = [
+        {
+            "model": str(tmp_path / "out"),
+            "perplexity": 12.3456,
+            "tokens": 599,
+            "window": 64,
+            "active_fraction": 0.75,
+            "data": "/x/heldout.txt",
+        }
+    ]
     (tmp_path / "out" / "eval.json").write_text(json.dumps(rows))
-    assert "| out | 12.346 | 599 | 64 | 0.750 | `heldout.txt` |" in section(render_card(tmp_path / "out"), "Evaluation")
-    block = {"model": str(tmp_path / "out"), "reference": str(dense), "mean_ratio": None,
-             "corpora": {"kjv-heldout": {"perplexity": None, "reference_perplexity": 9.0, "ratio": None, "tokens": 599}}}
-    (tmp_path / "out" / "eval.json").write_text(json.dumps({"results": [rows[0] | {"perplexity": None}], "recovery": block}))
+    assert "| out | 12.346 | 599 | 64 | 0.750 | `heldout.txt` |" in section(
+        render_card(tmp_path / "out"), "Evaluation"
+    )
+    block = {
+        "model": str(tmp_path / "out"),
+        "reference": str(dense),
+        "mean_ratio": None,
+        "corpora": {"kjv-heldout": {"perplexity": None, "reference_perplexity": 9.0, "ratio": None, "tokens": 599}},
+    }
+    (tmp_path / "out" / "eval.json").write_text(
+        json.dumps({"results": [rows[0] | {"perplexity": None}], "recovery": block})
+    )
     evaluation = section(render_card(tmp_path / "out"), "Evaluation")
-    assert "against `dense`" in evaluation and "| `kjv-heldout` | - | 9.000 | - |" in evaluation and "| out | - | 599 |" in evaluation
+    assert (
+        "against `dense`" in evaluation
+        and "| `kjv-heldout` | - | 9.000 | - |" in evaluation
+        and "| out | - | 599 |" in evaluation
+    )
 
 
 def test_card_name_and_base_model_options_are_remembered(tmp_path):
     dense = build_dense(tmp_path / "dense")  # a local folder: its Hub id is not known
     convert_ok(dense, tmp_path / "out")
-    assert front_matter((tmp_path / "out" / "README.md").read_text())["base_model"] == "dense"  # says what it came from
+    assert (
+        front_matter((tmp_path / "out" / "README.md").read_text())["base_model"] == "dense"
+    )  # says what it came from
     assert run("card", tmp_path / "out", "--name", "me/tiny-moh", "--base-model", "org/tiny-llama").exit_code == 0
     assert run("card", tmp_path / "out").exit_code == 0  # a later refresh keeps both
     card = (tmp_path / "out" / "README.md").read_text()
@@ -132,8 +179,12 @@ def test_card_name_and_base_model_options_are_remembered(tmp_path):
 
 
 def test_a_local_derivative_names_the_hub_model_its_own_card_names(tmp_path):
-    dense = build_dense(tmp_path / "dequantised")  # a local folder, e.g. built from a GGUF, with a card naming its origin
-    (dense / "README.md").write_text("---\nbase_model: org/original\nbase_model_relation: quantized\nlicense: mit\n---\n")
+    dense = build_dense(
+        tmp_path / "dequantised"
+    )  # a local folder, e.g. built from a GGUF, with a card naming its origin
+    (dense / "README.md").write_text(
+        "---\nbase_model: org/original\nbase_model_relation: quantized\nlicense: mit\n---\n"
+    )
     convert_ok(dense, tmp_path / "out")
     meta = front_matter((tmp_path / "out" / "README.md").read_text())
     assert (meta["base_model"], meta["license"]) == ("org/original", "mit")
@@ -173,22 +224,42 @@ def test_btx_and_local_bam_cards(tmp_path):
 
 def test_clip_moe_card(tmp_path):
     base = build_clip(snapshot(tmp_path, "openai/tiny-clip"))
-    stages = [build_clip(snapshot(tmp_path, f"me/tiny-clip-stage{i}"), base=base, ffn_noise=0.01, seed=i) for i in (1, 2)]
-    convert_ok(base, tmp_path / "clip-moe", "--method", "clip-moe", *[a for s in stages for a in ("--expert", s)], "--layers", "1")
+    stages = [
+        build_clip(snapshot(tmp_path, f"me/tiny-clip-stage{i}"), base=base, ffn_noise=0.01, seed=i) for i in (1, 2)
+    ]
+    convert_ok(
+        base,
+        tmp_path / "clip-moe",
+        "--method",
+        "clip-moe",
+        *[a for s in stages for a in ("--expert", s)],
+        "--layers",
+        "1",
+    )
     card = (tmp_path / "clip-moe" / "README.md").read_text()
     meta = front_matter(card)
     assert meta["base_model"] == ["openai/tiny-clip", "me/tiny-clip-stage1", "me/tiny-clip-stage2"]
     assert meta["pipeline_tag"] == "zero-shot-image-classification" and {"upcycle", "clip-moe"} <= set(meta["tags"])
-    assert "| text | 1 | 3 | top-2 |" in section(card, "Plan") and "| vision | 2 | 3 | top-2 |" in section(card, "Plan")
+    assert "| text | 1 | 3 | top-2 |" in section(card, "Plan") and "| vision | 2 | 3 | top-2 |" in section(
+        card, "Plan"
+    )
     assert 'AutoModel.from_pretrained("clip-moe", trust_remote_code=True)' in card and "import upcycle" in card
     assert "arXiv:2409.19291" in section(card, "Citation")
 
 
-@pytest.mark.parametrize("args, tag, arxiv, custom", [
-    (["--method", "prune-heads", "--ratio", "0.25", "--importance", "random", "--uniform"], "prune-heads", "1905.10650", False),
-    (["--method", "gqa", "--kv-heads", "1"], "gqa", "2305.13245", False),
-    (["--method", "mhe"], "mhe", "2310.07911", True),
-])
+@pytest.mark.parametrize(
+    "args, tag, arxiv, custom",
+    [
+        (
+            ["--method", "prune-heads", "--ratio", "0.25", "--importance", "random", "--uniform"],
+            "prune-heads",
+            "1905.10650",
+            False,
+        ),
+        (["--method", "gqa", "--kv-heads", "1"], "gqa", "2305.13245", False),
+        (["--method", "mhe"], "mhe", "2310.07911", True),
+    ],
+)
 def test_every_method_has_a_plan_table_and_its_citation(tmp_path, args, tag, arxiv, custom):
     dense = build_dense(tmp_path / "dense")
     convert_ok(dense, tmp_path / "out", *args)
@@ -203,8 +274,14 @@ def test_finetuned_card_has_the_recipe_and_data(tmp_path, calibration_file):
     from test_finetune import write_recipe
 
     dense = build_dense(snapshot(tmp_path, "org/tiny-llama"))  # converted by the recipe, with calibration text
-    recipe = write_recipe(tmp_path, dense, calibration_file, convert__method="moh", convert__router="learned",
-                          convert__calibration=str(calibration_file))
+    recipe = write_recipe(
+        tmp_path,
+        dense,
+        calibration_file,
+        convert__method="moh",
+        convert__router="learned",
+        convert__calibration=str(calibration_file),
+    )
     result = run("finetune", recipe)
     assert result.exit_code == 0, result.output
     card = (tmp_path / "run" / "final" / "README.md").read_text()

@@ -75,7 +75,12 @@ def test_reader_over_writer_output(tmp_path: Path) -> None:
     assert "lm_head.weight" in reader and "missing.weight" not in reader
     for name, tensor in tensors.items():
         info = reader.info(name)
-        assert (info.name, info.dtype, info.shape, info.nbytes) == (name, tensor.dtype, tuple(tensor.shape), tensor.nbytes)
+        assert (info.name, info.dtype, info.shape, info.nbytes) == (
+            name,
+            tensor.dtype,
+            tuple(tensor.shape),
+            tensor.nbytes,
+        )
         assert info.file in reader.shards
         got = reader.get(name)
         assert got.dtype == tensor.dtype and torch.equal(got, tensor)
@@ -105,6 +110,7 @@ def test_reader_dtypes_and_scalars(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kernel_copy", [True, False])
 def test_copy_from_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool) -> None:
     if not kernel_copy:
+
         def unsupported(*args: object) -> int:
             raise OSError(18, "Invalid cross-device link")
 
@@ -112,7 +118,10 @@ def test_copy_from_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kerne
     tensors = sample_tensors()
     reader = CheckpointReader(make_model_folder(tmp_path / "src", tensors, max_shard_bytes=300))
     extra = torch.arange(4, dtype=torch.int32)
-    layout = [*(TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()), TensorSpec("extra", torch.int32, (4,))]
+    layout = [
+        *(TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()),
+        TensorSpec("extra", torch.int32, (4,)),
+    ]
     writer = ShardedWriter(tmp_path / "dst", layout, max_shard_bytes=500)
     with pytest.raises(ValueError, match="expected tensor model.embed_tokens.weight"):
         writer.copy_from(reader, "lm_head.weight")
@@ -136,7 +145,9 @@ def test_single_shard_naming(tmp_path: Path) -> None:
 
 def test_plan_shards_gives_big_tensor_its_own_shard() -> None:
     small, big = TensorSpec("a", torch.float32, (10,)), TensorSpec("b", torch.float32, (100,))
-    plan = ShardedWriter.plan_shards([small, small.__class__("c", torch.float32, (10,)), big, TensorSpec("d", torch.float32, (5,))], 100)
+    plan = ShardedWriter.plan_shards(
+        [small, small.__class__("c", torch.float32, (10,)), big, TensorSpec("d", torch.float32, (5,))], 100
+    )
     assert [[s.name for s in shard] for shard in plan] == [["a", "c"], ["b"], ["d"]]
 
 
@@ -255,7 +266,16 @@ def test_atomic_output_refuses_then_replaces(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("1GiB", 2**30), ("1024", 1024), (2048, 2048), ("2.5gb", 2_500_000_000), ("64KiB", 65536), ("3 MB", 3 * 10**6)],
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("1GiB", 2**30),
+        ("1024", 1024),
+        (2048, 2048),
+        ("2.5gb", 2_500_000_000),
+        ("64KiB", 65536),
+        ("3 MB", 3 * 10**6),
+    ],
 )
 def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
@@ -270,7 +290,15 @@ def test_parse_size_rejects(text: str | int) -> None:
 def test_copy_support_files(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
-    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json", "merges.txt", "config.json", "model.safetensors"]:
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "vocab.json",
+        "merges.txt",
+        "config.json",
+        "model.safetensors",
+    ]:
         (src / name).write_text(name)
     copied = copy_support_files(src, dst)
     assert copied == ["generation_config.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
@@ -294,7 +322,9 @@ def test_resolve_source_offline_hub_id(monkeypatch: pytest.MonkeyPatch, tmp_path
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(UpcycleError, match="could not download someone/no-such-model .*pass a local model folder instead") as caught:
+    with pytest.raises(
+        UpcycleError, match="could not download someone/no-such-model .*pass a local model folder instead"
+    ) as caught:
         resolve_source("someone/no-such-model")
     assert "\n" not in str(caught.value)
 
@@ -302,8 +332,13 @@ def test_resolve_source_offline_hub_id(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_transformers_loads_rewritten_checkpoint(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     original = transformers.LlamaForCausalLM(config).to(torch.bfloat16)

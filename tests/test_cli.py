@@ -52,7 +52,9 @@ def test_unsupported_architecture(tmp_path, dense):
 
 @pytest.mark.parametrize("active", ["0.4", "0.5", "1.5", "0"])
 def test_active_heads_outside_range(tmp_path, dense, active):
-    assert_one_line_error(run("convert", dense, tmp_path / "out", "--active-heads", active), "--active-heads", "(shared fraction, 1]")
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--active-heads", active), "--active-heads", "(shared fraction, 1]"
+    )
     assert leftovers(tmp_path) == []
 
 
@@ -84,7 +86,9 @@ def test_corrupted_safetensors(tmp_path, dense, damage):
 
 def test_already_converted(tmp_path, dense):
     assert run("convert", dense, tmp_path / "moh").exit_code == 0
-    assert_one_line_error(run("convert", tmp_path / "moh", tmp_path / "again"), "already an upcycle moh model", "llama")
+    assert_one_line_error(
+        run("convert", tmp_path / "moh", tmp_path / "again"), "already an upcycle moh model", "llama"
+    )
     assert not (tmp_path / "again").exists()
 
 
@@ -128,7 +132,9 @@ def test_inspect_dense_and_converted(tmp_path, dense):
     dense_info = run("inspect", dense)
     assert dense_info.exit_code == 0
     assert "family llama" in dense_info.stdout and "heads: 8  kv heads: 2  head dim: 8" in dense_info.stdout
-    assert "86,336" in dense_info.stdout and "float32" in dense_info.stdout and "model.safetensors" in dense_info.stdout
+    assert (
+        "86,336" in dense_info.stdout and "float32" in dense_info.stdout and "model.safetensors" in dense_info.stdout
+    )
     assert run("convert", dense, tmp_path / "moh").exit_code == 0
     converted = run("inspect", tmp_path / "moh", "--json")
     info = json.loads(converted.stdout)
@@ -141,19 +147,42 @@ def test_help_explains_every_command():
     assert run("--help").exit_code == 0
     assert run("--version").stdout.startswith("upcycle 0.")
     help_text = run("convert", "--help").stdout
-    for option in ["--router", "--shared-heads", "--active-heads", "--shared-selection", "--calibration", "--shard-size", "--overwrite", "--dry-run"]:
+    for option in [
+        "--router",
+        "--shared-heads",
+        "--active-heads",
+        "--shared-selection",
+        "--calibration",
+        "--shard-size",
+        "--overwrite",
+        "--dry-run",
+    ]:
         assert option in help_text
 
 
 def test_unknown_shared_selection_needs_calibration(tmp_path, dense):
-    assert_one_line_error(run("convert", dense, tmp_path / "out", "--shared-selection", "contribution"), "--calibration")
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--shared-selection", "contribution"), "--calibration"
+    )
     assert leftovers(tmp_path) == []
 
 
 def test_eval_compares_two_models_on_the_same_tokens(tmp_path, dense, calibration_file):
     assert run("convert", dense, tmp_path / "moh").exit_code == 0
-    result = run("eval", tmp_path / "moh", "--data", calibration_file, "--compare", dense, "--tokens", "600",
-                 "--window", "64", "--json", tmp_path / "eval.json")
+    result = run(
+        "eval",
+        tmp_path / "moh",
+        "--data",
+        calibration_file,
+        "--compare",
+        dense,
+        "--tokens",
+        "600",
+        "--window",
+        "64",
+        "--json",
+        tmp_path / "eval.json",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["moh", "dense"] and rows[0]["tokens"] == rows[1]["tokens"] == 599

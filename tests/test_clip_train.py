@@ -33,8 +33,12 @@ def test_cluster_batches_are_pure_and_cover_the_usable_pairs():
     batches, unused = cluster_batches(labels, batch_size=3, seed=0)
     assert all(len({labels[i] for i in batch}) == 1 and 2 <= len(batch) <= 3 for batch in batches)
     used = sorted(i for batch in batches for i in batch)
-    assert unused == 3 and len(used) == len(labels) - 3 and len(set(used)) == len(used)  # label 2 (alone), one leftover each of labels 0 and 3
-    assert batches == cluster_batches(labels, batch_size=3, seed=0)[0] != cluster_batches(labels, batch_size=3, seed=1)[0]
+    assert (
+        unused == 3 and len(used) == len(labels) - 3 and len(set(used)) == len(used)
+    )  # label 2 (alone), one leftover each of labels 0 and 3
+    assert (
+        batches == cluster_batches(labels, batch_size=3, seed=0)[0] != cluster_batches(labels, batch_size=3, seed=1)[0]
+    )
 
 
 @pytest.fixture
@@ -63,9 +67,16 @@ def test_mcl_stages_train_only_ffns_on_cluster_pure_batches(clip_workspace, monk
         return batches, unused
 
     monkeypatch.setattr(clip_training, "cluster_batches", spy)
-    recipe = write_recipe(tmp_path / "mcl.yaml", type="clip-mcl", model=str(base), output=str(tmp_path / "mcl"), trainable="ffn",
-                          data={"train": str(train), "validation": str(heldout), "max_length": 32}, mcl={"stages": 2, "clusters": 2},
-                          training={"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 0, "log_every": 1})
+    recipe = write_recipe(
+        tmp_path / "mcl.yaml",
+        type="clip-mcl",
+        model=str(base),
+        output=str(tmp_path / "mcl"),
+        trainable="ffn",
+        data={"train": str(train), "validation": str(heldout), "max_length": 32},
+        mcl={"stages": 2, "clusters": 2},
+        training={"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 0, "log_every": 1},
+    )
     last = run_clip_recipe(load_recipe(str(recipe)))
     assert last == tmp_path / "mcl" / "stage-2"
     before = load_file(base / "model.safetensors")
@@ -80,7 +91,9 @@ def test_mcl_stages_train_only_ffns_on_cluster_pure_batches(clip_workspace, monk
     first = json.loads((tmp_path / "mcl" / "stage-1" / "mcl_labels.json").read_text())["labels"]
     second = json.loads((tmp_path / "mcl" / "stage-2" / "mcl_labels.json").read_text())["labels"]
     assert first == seen[0][1] and second == seen[1][1]
-    assert all(0 <= value < 4 for value in first) and all(s // 4 == f for f, s in zip(first, second))  # l_2 = 4 l_1 + c_2
+    assert all(0 <= value < 4 for value in first) and all(
+        s // 4 == f for f, s in zip(first, second)
+    )  # l_2 = 4 l_1 + c_2
     report = json.loads((tmp_path / "mcl" / "eval.json").read_text())
     assert [s["stage"] for s in report["stages"]] == [0, 1, 2]
     assert all(0 <= s["validation"]["image_to_text_r1"] <= 1 for s in report["stages"])
@@ -92,9 +105,16 @@ def test_router_training_changes_only_the_routers(clip_workspace):
     tmp_path, base, train, heldout = clip_workspace
     stages = [build_clip(tmp_path / f"stage{i}", seed=i, ffn_noise=0.05, base=base) for i in (1, 2, 3)]
     convert_checkpoint(str(base), tmp_path / "moe", "clip-moe", ClipMoEOptions(experts=[str(s) for s in stages]))
-    recipe = write_recipe(tmp_path / "router.yaml", type="clip", model=str(tmp_path / "moe"), output=str(tmp_path / "router"), trainable="routers",
-                          data={"train": str(train), "validation": str(heldout), "max_length": 32}, losses={"load_balance": 0.01, "label_smoothing": 0.0},
-                          training={"epochs": 1, "batch_size": 16, "lr": 1e-2, "warmup_steps": 0, "logit_scale_init": None})
+    recipe = write_recipe(
+        tmp_path / "router.yaml",
+        type="clip",
+        model=str(tmp_path / "moe"),
+        output=str(tmp_path / "router"),
+        trainable="routers",
+        data={"train": str(train), "validation": str(heldout), "max_length": 32},
+        losses={"load_balance": 0.01, "label_smoothing": 0.0},
+        training={"epochs": 1, "batch_size": 16, "lr": 1e-2, "warmup_steps": 0, "logit_scale_init": None},
+    )
     final = run_clip_recipe(load_recipe(str(recipe)))
     before, after = load_file(tmp_path / "moe" / "model.safetensors"), load_file(final / "model.safetensors")
     assert set(before) == set(after)
@@ -112,18 +132,32 @@ def test_router_training_changes_only_the_routers(clip_workspace):
 
 def test_clip_recipe_errors(clip_workspace):
     tmp_path, base, train, heldout = clip_workspace
-    recipe = write_recipe(tmp_path / "bad.yaml", type="clip-mcl", model=str(base), output=str(tmp_path / "o"), trainable="all",
-                          data={"train": str(train)})
+    recipe = write_recipe(
+        tmp_path / "bad.yaml",
+        type="clip-mcl",
+        model=str(base),
+        output=str(tmp_path / "o"),
+        trainable="all",
+        data={"train": str(train)},
+    )
     with pytest.raises(UpcycleError, match="trains the FFNs only"):
         load_recipe(str(recipe))
-    recipe = write_recipe(tmp_path / "bad.yaml", type="clip", model=str(base), output=str(tmp_path / "o"), trainable="routers",
-                          data={"train": str(train), "max_length": 32})
+    recipe = write_recipe(
+        tmp_path / "bad.yaml",
+        type="clip",
+        model=str(base),
+        output=str(tmp_path / "o"),
+        trainable="routers",
+        data={"train": str(train), "max_length": 32},
+    )
     with pytest.raises(UpcycleError, match="selects no parameter"):
         run_clip_recipe(load_recipe(str(recipe)))
 
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "modeling_evil.EvilModel"}}))
-    recipe = write_recipe(tmp_path / "bad.yaml", type="clip", model=str(base), output=str(tmp_path / "o2"), data={"train": str(train)})
+    recipe = write_recipe(
+        tmp_path / "bad.yaml", type="clip", model=str(base), output=str(tmp_path / "o2"), data={"train": str(train)}
+    )
     with pytest.raises(UpcycleError, match=r"^model .*modeling_evil\.py.*trust_remote_code: true"):
         run_clip_recipe(load_recipe(str(recipe)))
     assert not (tmp_path / "o2").exists()
@@ -131,7 +165,8 @@ def test_clip_recipe_errors(clip_workspace):
 
 @pytest.mark.slow
 def test_two_process_mcl_matches_one_process(clip_workspace):
-    """Under two processes every global batch is one cluster split in two, and the stage equals the one-process stage."""
+    """Under two processes every global batch is one cluster split in two, and the stage equals the one-process
+    stage."""
     import os
     import subprocess
     import sys
@@ -141,12 +176,30 @@ def test_two_process_mcl_matches_one_process(clip_workspace):
     env = os.environ | {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     stages = {}
     for processes in (1, 2):
-        recipe = write_recipe(tmp_path / f"mcl{processes}.yaml", type="clip-mcl", model=str(base), output=str(tmp_path / f"mcl{processes}"),
-                              trainable="ffn", data={"train": str(train), "max_length": 32}, mcl={"stages": 1, "clusters": 2},
-                              training={"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 0})
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(processes),
-                  "--main_process_port", str(29600 + processes)] + (["--multi_gpu"] if processes > 1 else [])
-        result = subprocess.run([*launch, "-m", "upcycle", "finetune", str(recipe)], env=env, capture_output=True, text=True, timeout=600)
+        recipe = write_recipe(
+            tmp_path / f"mcl{processes}.yaml",
+            type="clip-mcl",
+            model=str(base),
+            output=str(tmp_path / f"mcl{processes}"),
+            trainable="ffn",
+            data={"train": str(train), "max_length": 32},
+            mcl={"stages": 1, "clusters": 2},
+            training={"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 0},
+        )
+        launch = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(29600 + processes),
+        ] + (["--multi_gpu"] if processes > 1 else [])
+        result = subprocess.run(
+            [*launch, "-m", "upcycle", "finetune", str(recipe)], env=env, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         stages[processes] = load_file(tmp_path / f"mcl{processes}" / "stage-1" / "model.safetensors")
         report = json.loads((tmp_path / f"mcl{processes}" / "eval.json").read_text())
@@ -155,4 +208,6 @@ def test_two_process_mcl_matches_one_process(clip_workspace):
     changed = [name for name in before if not torch.equal(before[name], stages[2][name])]
     assert changed and all(".mlp." in name or name == "logit_scale" for name in changed)
     for name in stages[1]:
-        torch.testing.assert_close(stages[2][name], stages[1][name], atol=1e-4, rtol=1e-3)  # all-reduce order; a wrong plan is off by ~5e-3
+        torch.testing.assert_close(
+            stages[2][name], stages[1][name], atol=1e-4, rtol=1e-3
+        )  # all-reduce order; a wrong plan is off by ~5e-3

@@ -27,8 +27,10 @@ def make_docs(n: int = 40, seed: int = 0) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     docs = []
     for i in range(n):
-        words = [f"w{i}"] + [f"w{w}" for w in torch.randint(0, 125, (int(torch.randint(2, 17, (1,), generator=g)),),
-                                                          generator=g).tolist()]
+        words = [f"w{i}"] + [
+            f"w{w}"
+            for w in torch.randint(0, 125, (int(torch.randint(2, 17, (1,), generator=g)),), generator=g).tolist()
+        ]
         docs.append((" ".join(words[:3]) + ("\n" if i % 3 == 0 else " ") + " ".join(words[3:])).strip())
     return docs
 
@@ -58,8 +60,13 @@ def test_txt_jsonl_json_parquet_and_folder_give_the_same_blocks(tmp_path):
     write_txt(tmp_path / "parts" / "a.txt", docs[:15]), write_txt(tmp_path / "parts" / "b.txt", docs[15:])
     (tmp_path / "d.json").write_text(json.dumps([{"text": d} for d in docs]))
     datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "d.parquet"))
-    sources = [write_txt(tmp_path / "d.txt", docs), write_jsonl(tmp_path / "d.jsonl", docs), tmp_path / "d.json",
-               tmp_path / "d.parquet", tmp_path / "parts"]
+    sources = [
+        write_txt(tmp_path / "d.txt", docs),
+        write_jsonl(tmp_path / "d.jsonl", docs),
+        tmp_path / "d.json",
+        tmp_path / "d.parquet",
+        tmp_path / "parts",
+    ]
     for source in sources:
         data = build_corpus(config(source), tk)
         assert torch.equal(blocks(data.train), expected), source
@@ -118,8 +125,11 @@ def test_explicit_validation_source_and_max_train_tokens(tmp_path, monkeypatch):
     assert torch.equal(blocks(data.train), pack_tokens(docs, tk, 8))
     encoded = []
     monkeypatch.setattr(corpus, "BATCH_SIZE", 2)
-    monkeypatch.setattr(corpus, "encode_documents", lambda tok, texts, eos, real=corpus.encode_documents:
-                        encoded.extend(texts) or real(tok, texts, eos))
+    monkeypatch.setattr(
+        corpus,
+        "encode_documents",
+        lambda tok, texts, eos, real=corpus.encode_documents: encoded.extend(texts) or real(tok, texts, eos),
+    )
     limited = build_corpus(config(path, max_train_tokens=20), tk)
     assert limited.train_tokens == 16 and torch.equal(blocks(limited.train), pack_tokens(docs, tk, 8, max_tokens=20))
     assert len(encoded) < len(docs)  # only the documents the budget needs were tokenised
@@ -128,8 +138,11 @@ def test_explicit_validation_source_and_max_train_tokens(tmp_path, monkeypatch):
 def test_second_call_loads_the_cache_without_tokenising(tmp_path, monkeypatch):
     tk, path = tiny_tokenizer(), write_txt(tmp_path / "d.txt", make_docs(50))
     calls = []
-    monkeypatch.setattr(corpus, "encode_documents", lambda tok, texts, eos, real=corpus.encode_documents:
-                        calls.append(1) or real(tok, texts, eos))
+    monkeypatch.setattr(
+        corpus,
+        "encode_documents",
+        lambda tok, texts, eos, real=corpus.encode_documents: calls.append(1) or real(tok, texts, eos),
+    )
     cfg = config(path, validation_fraction=0.1)
     first = build_corpus(cfg, tk)
     assert calls and (tmp_path / "cache" / "tokenized" / first.fingerprint / "meta.json").is_file()
@@ -166,8 +179,9 @@ def test_streaming_matches_map_style_and_skips(tmp_path):
 
 def test_streaming_holds_out_the_first_documents(tmp_path):
     docs, tk = make_docs(40), tiny_tokenizer()
-    data = build_corpus(config(write_txt(tmp_path / "d.txt", docs), validation_fraction=0.1, validation_tokens=24,
-                               streaming=True), tk)
+    data = build_corpus(
+        config(write_txt(tmp_path / "d.txt", docs), validation_fraction=0.1, validation_tokens=24, streaming=True), tk
+    )
     assert torch.equal(data.validation, pack_tokens(docs, tk, 8)[:3])
     lengths, k = [len(tk(d, add_special_tokens=False).input_ids) + 1 for d in docs], 0
     while sum(lengths[:k]) < 24 + 1:
@@ -212,7 +226,9 @@ def test_training_mix_interleaves_sources_by_weight(tmp_path):
     mixed = corpus.load_mix([str(first), str(second)], [0.8, 0.2], "text", False, seed=0)
     texts = mixed["text"]
     assert sorted(texts) == sorted(kjv + code)  # every document once, nothing dropped or repeated
-    assert texts[:60].count(next(d for d in code)) <= 1 and sum(t in set(kjv) for t in texts[:40]) > 25  # mostly the heavier source first
+    assert (
+        texts[:60].count(next(d for d in code)) <= 1 and sum(t in set(kjv) for t in texts[:40]) > 25
+    )  # mostly the heavier source first
     both = [str(first), str(second)]
     even = build_corpus(DataConfig(both, validation_fraction=0.0, seq_len=8), tk)
     weighted = build_corpus(DataConfig(both, validation_fraction=0.0, seq_len=8, train_weights=[0.8, 0.2]), tk)
@@ -223,7 +239,11 @@ def test_training_mix_interleaves_sources_by_weight(tmp_path):
 
 def test_several_validation_corpora_are_kept_apart(tmp_path):
     docs, tk = make_docs(40), tiny_tokenizer()
-    train, a, b = write_txt(tmp_path / "t.txt", docs), write_txt(tmp_path / "a.txt", make_docs(12, 3)), write_jsonl(tmp_path / "b.jsonl", make_docs(12, 4))
+    train, a, b = (
+        write_txt(tmp_path / "t.txt", docs),
+        write_txt(tmp_path / "a.txt", make_docs(12, 3)),
+        write_jsonl(tmp_path / "b.jsonl", make_docs(12, 4)),
+    )
     data = build_corpus(config(train, validation=[str(a), str(b)], validation_tokens=24), tk)
     assert list(data.validation_sets) == ["a.txt", "b.jsonl"]
     assert torch.equal(data.validation_sets["a.txt"], pack_tokens(make_docs(12, 3), tk, 8)[:3])

@@ -27,9 +27,16 @@ def tiny_tokenizer(eos: bool = True) -> PreTrainedTokenizerFast:
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -38,6 +45,7 @@ def ids(text: str) -> list[int]:
 
 
 # pack_tokens
+
 
 def test_pack_tokens_blocks_and_eos_between_documents():
     blocks = pack_tokens(["a b c", "d e", "f g h i"], tiny_tokenizer(), seq_len=3)
@@ -55,7 +63,10 @@ def test_pack_tokens_max_tokens():
     assert pack_tokens(docs, tiny_tokenizer(), seq_len=4).shape == (13, 4)
     assert pack_tokens(docs, tiny_tokenizer(), seq_len=4, max_tokens=11).shape == (2, 4)
     assert pack_tokens(docs, tiny_tokenizer(), seq_len=4, max_tokens=12).tolist() == [
-        ids("a b c d"), ids("e f g h"), ids("i j") + [EOS, ID["a"]]]
+        ids("a b c d"),
+        ids("e f g h"),
+        ids("i j") + [EOS, ID["a"]],
+    ]
     assert pack_tokens(docs, tiny_tokenizer(), seq_len=4, max_tokens=10**6).shape == (13, 4)
 
 
@@ -71,6 +82,7 @@ def test_pack_tokens_needs_eos():
 
 
 # read_documents
+
 
 def test_read_documents_txt_paragraphs(tmp_path):
     path = tmp_path / "a.txt"
@@ -88,14 +100,17 @@ def test_read_documents_jsonl_and_folder(tmp_path):
     assert read_documents(str(tmp_path / "sub" / "c.txt")) == ["txt one", "txt two"]
 
 
-@pytest.mark.parametrize("name, content, match", [
-    ("missing.txt", None, "does not exist"),
-    ("empty.txt", "\n \n\n", "no text"),
-    ("data.csv", "a,b", "unsupported"),
-    ("bad.jsonl", '{"text": "ok"}\n{not json\n', r"bad.jsonl:2"),
-    ("nofield.jsonl", '{"content": "x"}\n', '"text"'),
-    ("folder", "", "no .txt or .jsonl"),
-])
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("missing.txt", None, "does not exist"),
+        ("empty.txt", "\n \n\n", "no text"),
+        ("data.csv", "a,b", "unsupported"),
+        ("bad.jsonl", '{"text": "ok"}\n{not json\n', r"bad.jsonl:2"),
+        ("nofield.jsonl", '{"content": "x"}\n', '"text"'),
+        ("folder", "", "no .txt or .jsonl"),
+    ],
+)
 def test_read_documents_errors(tmp_path, name, content, match):
     path = tmp_path / name
     if name == "folder":
@@ -108,6 +123,7 @@ def test_read_documents_errors(tmp_path, name, content, match):
 
 
 # perplexity
+
 
 def test_perplexity_matches_hand_computed_cross_entropy():
     model = tiny_llama().train()
@@ -139,6 +155,7 @@ def test_perplexity_rejects_bad_blocks(shape):
 
 
 # assets
+
 
 def test_kjv_documents_and_splits(tmp_path):
     docs = assets.kjv_documents()

@@ -36,6 +36,7 @@ def distill_recipe(tmp_path: Path, data: Path, **changes) -> Path:
 
 # ---- the KL ---------------------------------------------------------------------------------
 
+
 def test_chunked_kl_equals_unchunked():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -104,12 +105,15 @@ def test_state_matching_is_relative_and_zero_on_equal_states():
 
 # ---- the recipe -----------------------------------------------------------------------------
 
+
 def test_distillation_keys_validate(moh):
     tmp_path, _, data = moh
-    for changes, needle in [({"losses__distill": 1.0}, "need a teacher"),
-                            ({"teacher": "source"}, "teacher is set but"),
-                            ({"losses__lm": 0.0}, "nothing would train"),
-                            ({"teacher": "source", "losses__distill": 1.0, "losses__distill_temperature": 0}, "distill_temperature")]:
+    for changes, needle in [
+        ({"losses__distill": 1.0}, "need a teacher"),
+        ({"teacher": "source"}, "teacher is set but"),
+        ({"losses__lm": 0.0}, "nothing would train"),
+        ({"teacher": "source", "losses__distill": 1.0, "losses__distill_temperature": 0}, "distill_temperature"),
+    ]:
         path = write_recipe(tmp_path, tmp_path / "moh", data, **changes)
         with pytest.raises(UpcycleError) as error:
             load_recipe(str(path))
@@ -117,11 +121,10 @@ def test_distillation_keys_validate(moh):
 
 
 def test_teacher_source_resolves_for_every_method(tmp_path, calibration_file):
+    from upcycle.methods.bam import BAMOptions
     from upcycle.methods.gqa import GQAOptions
     from upcycle.methods.mhe import MHEOptions
     from upcycle.methods.prune_heads import PruneHeadsOptions
-
-    from upcycle.methods.bam import BAMOptions
 
     dense = build_dense(tmp_path / "dense")
     branch = build_dense(tmp_path / "branch", seed=1)
@@ -154,6 +157,7 @@ def test_mismatched_tokenizer_is_one_line(moh):
 
 # ---- training -------------------------------------------------------------------------------
 
+
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -162,8 +166,18 @@ def test_distillation_alone_moves_the_student_towards_its_teacher(moh):
     tmp_path, _, data = moh
     teacher = build_dense(tmp_path / "teacher", seed=0, initializer_range=0.3)  # peaked distributions: a KL to learn
     student = build_dense(tmp_path / "student", seed=1, initializer_range=0.3)
-    path = write_recipe(tmp_path, student, data, teacher=str(teacher), losses__distill=1.0, losses__lm=0.0,
-                        training__steps=16, training__lr=1e-2, training__min_lr=1e-3, training__eval_every=16)
+    path = write_recipe(
+        tmp_path,
+        student,
+        data,
+        teacher=str(teacher),
+        losses__distill=1.0,
+        losses__lm=0.0,
+        training__steps=16,
+        training__lr=1e-2,
+        training__min_lr=1e-3,
+        training__eval_every=16,
+    )
     final = run_finetune(load_recipe(str(path)))
     card = (final / "README.md").read_text()
     assert "Distilled from `teacher`: the objective is 1 x KL to the teacher (T = 1)." in card
@@ -172,7 +186,9 @@ def test_distillation_alone_moves_the_student_towards_its_teacher(moh):
     first, last = metrics[0]["distill_loss"], metrics[-1]["distill_loss"]
     assert last < 0.8 * first, (first, last)
     curve = [m for m in read_metrics(tmp_path / "run") if "recovery" in m]  # the teacher is the reference
-    assert [m["step"] for m in curve] == [0, 16] and curve[-1]["recovery"]["held-out"] < curve[0]["recovery"]["held-out"]
+    assert [m["step"] for m in curve] == [0, 16] and curve[-1]["recovery"]["held-out"] < curve[0]["recovery"][
+        "held-out"
+    ]
 
 
 def matching_error(student: Path, teacher: Path, ids: torch.Tensor, target: str) -> float:
@@ -192,9 +208,19 @@ def test_hidden_state_and_attention_output_matching_train_and_log(moh):
     tmp_path, dense, data = moh
     ids = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(5))
     for target in ("hidden_states", "attention_outputs"):
-        path = distill_recipe(tmp_path, data, losses__lm=0.0, losses__distill=0.0, losses__distill_hidden=1.0, losses__load_balance=0.0,
-                              losses__distill_hidden_on=target, training__steps=16, training__lr=5e-4, training__eval_every=0,
-                              output=str(tmp_path / target))
+        path = distill_recipe(
+            tmp_path,
+            data,
+            losses__lm=0.0,
+            losses__distill=0.0,
+            losses__distill_hidden=1.0,
+            losses__load_balance=0.0,
+            losses__distill_hidden_on=target,
+            training__steps=16,
+            training__lr=5e-4,
+            training__eval_every=0,
+            output=str(tmp_path / target),
+        )
         run_finetune(load_recipe(str(path)))
         metrics = read_metrics(tmp_path / target)
         assert all("hidden_loss" in m and "lm_loss" in m for m in metrics) and len(metrics) == 16
@@ -223,9 +249,29 @@ def test_two_processes_equal_one_with_a_teacher(moh):
     run_finetune(load_recipe(str(one)))
     two = distill_recipe(tmp_path, data, output=str(tmp_path / "two"), losses__distill_hidden=0.5)
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--num_machines", "1", "--main_process_port", "29533", "-m", "upcycle", "finetune", str(two)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            "29533",
+            "-m",
+            "upcycle",
+            "finetune",
+            str(two),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected, got = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name in expected:
@@ -234,30 +280,42 @@ def test_two_processes_equal_one_with_a_teacher(moh):
 
 # ---- recovery at the end, conversion sections ---------------------------------------------------
 
+
 def test_finetune_reports_recovery_on_every_validation_corpus(moh):
     tmp_path, dense, data = moh
     documents = data.read_text().split("\n\n")
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"
     first.write_text("\n\n".join(documents[:5])), second.write_text("\n\n".join(documents[5:10]))
-    path = write_recipe(tmp_path, tmp_path / "moh", data, compare="source", data__validation=[str(first), str(second)],
-                        data__validation_tokens=64)
+    path = write_recipe(
+        tmp_path,
+        tmp_path / "moh",
+        data,
+        compare="source",
+        data__validation=[str(first), str(second)],
+        data__validation_tokens=64,
+    )
     final = run_finetune(load_recipe(str(path)))
     evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
     after, before = evaluation["recovery"]
     assert set(after["corpora"]) == set(before["corpora"]) == {"first.txt", "second.txt"}
     rows = {(r["name"], r["data"]): r["perplexity"] for r in evaluation["results"]}
     for corpus in ("first.txt", "second.txt"):
-        assert after["corpora"][corpus]["ratio"] == pytest.approx(rows["after tuning", corpus] / rows["reference", corpus])
+        assert after["corpora"][corpus]["ratio"] == pytest.approx(
+            rows["after tuning", corpus] / rows["reference", corpus]
+        )
     assert Path(after["reference"]) == dense
     start = read_metrics(tmp_path / "run")[0]
     assert start["step"] == 0 and set(start["recovery"]) == {"first.txt", "second.txt"}
     assert "Recovery of" in (final / "README.md").read_text()
 
 
-@pytest.mark.parametrize("section, expected", [
-    ({"method": "gqa", "kv_heads": 1}, {"num_key_value_heads": 1}),
-    ({"method": "prune-heads", "ratio": 0.5, "importance": "random", "uniform": True}, {"num_key_value_heads": 1}),
-])
+@pytest.mark.parametrize(
+    "section, expected",
+    [
+        ({"method": "gqa", "kv_heads": 1}, {"num_key_value_heads": 1}),
+        ({"method": "prune-heads", "ratio": 0.5, "importance": "random", "uniform": True}, {"num_key_value_heads": 1}),
+    ],
+)
 def test_recipe_convert_sections_of_gqa_and_prune_heads(tmp_path, calibration_file, section, expected):
     from upcycle.train.finetune import prepare_model
     from upcycle.train.loop import process_state

@@ -17,7 +17,7 @@ from upcycle.convert import convert_checkpoint
 from upcycle.errors import UpcycleError
 from upcycle.eval import HeadUsage, eval_tokens_from_text, evaluate, format_table, perplexity, sliding_window_nll
 from upcycle.eval.cli import corpus_files
-from upcycle.eval.evaluate import evaluate_corpora, json_text, format_recovery_table, recovery
+from upcycle.eval.evaluate import evaluate_corpora, format_recovery_table, json_text, recovery
 from upcycle.eval.plots import plot_head_usage, plot_loss_curve
 from upcycle.methods.moh import MoHOptions
 
@@ -50,7 +50,9 @@ def brute_force_nll(model, ids: torch.Tensor, window: int, stride: int) -> tuple
     return total, ids.numel() - 1
 
 
-@pytest.mark.parametrize("window,stride,batch_size", [(8, 1, 1), (8, 3, 2), (8, 8, 3), (5, 2, 4), (64, 64, 1), (64, 16, 2)])
+@pytest.mark.parametrize(
+    "window,stride,batch_size", [(8, 1, 1), (8, 3, 2), (8, 8, 3), (5, 2, 4), (64, 64, 1), (64, 16, 2)]
+)
 def test_sliding_window_matches_brute_force(folders, window, stride, batch_size):
     for folder in folders:  # dense and MoH
         model = load(folder)
@@ -70,8 +72,15 @@ def test_stride_equal_to_window_is_block_scoring(folders):
     assert math.exp(nll / count) == pytest.approx(perplexity(model, blocks), rel=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{"window": 4, "stride": 5}, {"window": 0, "stride": 1}, {"window": 4, "stride": 0},
-                                    {"window": 4, "stride": 2, "batch_size": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"window": 4, "stride": 5},
+        {"window": 0, "stride": 1},
+        {"window": 4, "stride": 0},
+        {"window": 4, "stride": 2, "batch_size": 0},
+    ],
+)
 def test_sliding_window_rejects_bad_arguments(folders, kwargs):
     with pytest.raises(UpcycleError):
         sliding_window_nll(load(folders[0]), STREAM, **kwargs)
@@ -104,7 +113,10 @@ def test_head_usage_honours_padding_masks(folders):
     mask[1, 6:] = 0
     with HeadUsage(model) as usage, torch.no_grad():
         gates = []
-        hooks = [layer.self_attn.head_router.register_forward_hook(lambda m, a, out: gates.append(out)) for layer in model.model.layers]
+        hooks = [
+            layer.self_attn.head_router.register_forward_hook(lambda m, a, out: gates.append(out))
+            for layer in model.model.layers
+        ]
         model(input_ids=ids, attention_mask=mask)  # the forward's attention_mask is used
         assert usage.tokens == [16, 16]
         expected = torch.stack([(g != 0)[mask.bool()].double().mean(0) for g in gates])
@@ -131,12 +143,28 @@ def test_evaluate_moh_and_dense_and_table(folders):
     dense, moh = folders
     results = [evaluate(path, STREAM, window=8, stride=4, batch_size=2, device="cpu") for path in (dense, moh)]
     for result in results:
-        assert {"model", "perplexity", "nll", "tokens", "seconds", "tokens_per_second", "head_usage", "active_fraction", "method"} <= set(result)
-        assert result["tokens"] == STREAM.numel() - 1 and result["perplexity"] == pytest.approx(math.exp(result["nll"] / result["tokens"]))
+        assert {
+            "model",
+            "perplexity",
+            "nll",
+            "tokens",
+            "seconds",
+            "tokens_per_second",
+            "head_usage",
+            "active_fraction",
+            "method",
+        } <= set(result)
+        assert result["tokens"] == STREAM.numel() - 1 and result["perplexity"] == pytest.approx(
+            math.exp(result["nll"] / result["tokens"])
+        )
         assert result["seconds"] > 0 and result["tokens_per_second"] > 0
         json.dumps(result)
     dense_result, moh_result = results
-    assert dense_result["method"] == "dense" and dense_result["head_usage"] is None and dense_result["active_fraction"] == 1.0
+    assert (
+        dense_result["method"] == "dense"
+        and dense_result["head_usage"] is None
+        and dense_result["active_fraction"] == 1.0
+    )
     assert moh_result["method"] == "moh" and moh_result["active_fraction"] == 0.75
     assert len(moh_result["head_usage"]) == 2 and len(moh_result["head_usage"][0]) == 8
     assert dense_result["nll"] == pytest.approx(sliding_window_nll(load(dense), STREAM, 8, 4)[0], rel=1e-6)
@@ -173,7 +201,9 @@ def test_plots_write_png_files(tmp_path, folders):
     out = plot_loss_curve(metrics, tmp_path / "plots" / "loss.png")
     assert out == tmp_path / "plots" / "loss.png" and out.read_bytes().startswith(PNG) and out.stat().st_size > 1000
     plain = tmp_path / "plain.jsonl"
-    plain.write_text(json.dumps({"step": 1, "loss": 2.0, "lr": 1e-4}) + "\n" + json.dumps({"step": 2, "loss": 1.5}) + "\n")
+    plain.write_text(
+        json.dumps({"step": 1, "loss": 2.0, "lr": 1e-4}) + "\n" + json.dumps({"step": 2, "loss": 1.5}) + "\n"
+    )
     assert plot_loss_curve(plain, tmp_path / "plain.png").read_bytes().startswith(PNG)
     usage = [[1.0, 1.0, 0.5, 0.5], [1.0, 0.25, 0.75, 0.5]]
     for table in (usage, torch.tensor(usage)):
@@ -191,27 +221,49 @@ def test_recovery_scores_each_model_once_on_every_corpus(folders):
     dense, moh = folders
     result = recovery(moh, dense, {"a": STREAM, "b": OTHER}, window=8, device="cpu")
     rows, block = result["results"], result["recovery"]
-    assert [(r["method"], r["data"], r["tokens"]) for r in rows] == [("moh", "a", 40), ("moh", "b", 28), ("dense", "a", 40), ("dense", "b", 28)]
+    assert [(r["method"], r["data"], r["tokens"]) for r in rows] == [
+        ("moh", "a", 40),
+        ("moh", "b", 28),
+        ("dense", "a", 40),
+        ("dense", "b", 28),
+    ]
     assert (block["model"], block["reference"]) == (str(moh), str(dense))
     for name, ids in (("a", STREAM), ("b", OTHER)):
-        alone = evaluate(moh, ids, window=8, device="cpu")["perplexity"] / evaluate(dense, ids, window=8, device="cpu")["perplexity"]
+        alone = (
+            evaluate(moh, ids, window=8, device="cpu")["perplexity"]
+            / evaluate(dense, ids, window=8, device="cpu")["perplexity"]
+        )
         entry = block["corpora"][name]
-        assert entry["ratio"] == pytest.approx(alone, rel=1e-9) and entry["ratio"] == entry["perplexity"] / entry["reference_perplexity"]
+        assert (
+            entry["ratio"] == pytest.approx(alone, rel=1e-9)
+            and entry["ratio"] == entry["perplexity"] / entry["reference_perplexity"]
+        )
         assert entry["tokens"] == ids.numel() - 1
     ratios = [c["ratio"] for c in block["corpora"].values()]
     assert block["mean_ratio"] == pytest.approx(math.sqrt(ratios[0] * ratios[1]))
     assert rows[0]["head_usage"] != rows[1]["head_usage"] and rows[2]["head_usage"] is None  # counted per corpus
     table = format_recovery_table(result)
     assert "ratio = perplexity / compare's perplexity: 1.00 is full recovery, above 1 is worse" in table
-    assert f"{ratios[1]:.3f}" in table and "geometric mean" in table and "head usage of moh (% of tokens per head, all corpora)" in table
-    plain = format_recovery_table({"results": evaluate_corpora(dense, {"a": STREAM}, window=8, device="cpu"), "recovery": None})
+    assert (
+        f"{ratios[1]:.3f}" in table
+        and "geometric mean" in table
+        and "head usage of moh (% of tokens per head, all corpora)" in table
+    )
+    plain = format_recovery_table(
+        {"results": evaluate_corpora(dense, {"a": STREAM}, window=8, device="cpu"), "recovery": None}
+    )
     assert plain.splitlines()[0].split() == ["corpus", "tokens", "perplexity"] and "ratio" not in plain
 
 
 def test_json_text_writes_null_for_non_finite_numbers():
-    text = json_text({"results": [{"perplexity": math.inf, "usage": [[math.nan, 0.5]]}], "recovery": {"mean_ratio": -math.inf}})
+    text = json_text(
+        {"results": [{"perplexity": math.inf, "usage": [[math.nan, 0.5]]}], "recovery": {"mean_ratio": -math.inf}}
+    )
     assert "NaN" not in text and "Infinity" not in text
-    assert json.loads(text) == {"results": [{"perplexity": None, "usage": [[None, 0.5]]}], "recovery": {"mean_ratio": None}}
+    assert json.loads(text) == {
+        "results": [{"perplexity": None, "usage": [[None, 0.5]]}],
+        "recovery": {"mean_ratio": None},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +271,9 @@ def corpora(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpora")
     for name, seed in (("bible.txt", 3), ("code.txt", 4)):
         words = torch.randint(3, len(VOCAB), (300,), generator=torch.Generator().manual_seed(seed)).tolist()
-        (root / name).write_text("\n\n".join(" ".join(VOCAB[w] for w in words[i : i + 50]) for i in range(0, 300, 50)) + "\n")
+        (root / name).write_text(
+            "\n\n".join(" ".join(VOCAB[w] for w in words[i : i + 50]) for i in range(0, 300, 50)) + "\n"
+        )
     return root / "bible.txt", root / "code.txt"
 
 
@@ -236,18 +290,30 @@ def test_eval_two_corpora_with_compare(folders, corpora):
     dense, moh = folders
     evaluation = eval_json(moh, "--data", corpora[0], "--data", corpora[1], "--compare", dense)
     rows, block = evaluation["results"], evaluation["recovery"]
-    assert [(r["method"], r["data"]) for r in rows] == [("moh", "bible.txt"), ("moh", "code.txt"), ("dense", "bible.txt"), ("dense", "code.txt")]
+    assert [(r["method"], r["data"]) for r in rows] == [
+        ("moh", "bible.txt"),
+        ("moh", "code.txt"),
+        ("dense", "bible.txt"),
+        ("dense", "code.txt"),
+    ]
     assert list(block["corpora"]) == ["bible.txt", "code.txt"] and block["reference"] == str(dense)
     for i, name in enumerate(block["corpora"]):
         assert block["corpora"][name]["ratio"] == rows[i]["perplexity"] / rows[i + 2]["perplexity"]
     lines = evaluation["stdout"].splitlines()
     assert lines[1].split() == ["corpus", "tokens", "perplexity", "compare", "ratio"]
-    assert lines[3].split()[:2] == ["bible.txt", str(rows[0]["tokens"])] and "ratio = perplexity / compare's perplexity" in evaluation["stdout"]
+    assert (
+        lines[3].split()[:2] == ["bible.txt", str(rows[0]["tokens"])]
+        and "ratio = perplexity / compare's perplexity" in evaluation["stdout"]
+    )
 
     itself = eval_json(moh, "--data", corpora[0], "--data", corpora[1], "--compare", moh)
-    assert [c["ratio"] for c in itself["recovery"]["corpora"].values()] == [1.0, 1.0] and itself["recovery"]["mean_ratio"] == 1.0
+    assert [c["ratio"] for c in itself["recovery"]["corpora"].values()] == [1.0, 1.0] and itself["recovery"][
+        "mean_ratio"
+    ] == 1.0
     tokens = sum(r["tokens"] for r in itself["results"][:2])
-    assert [line.split()[:3] for line in itself["stdout"].splitlines() if line.startswith("moh ")] == [["moh", "moh", str(tokens)]] * 2
+    assert [line.split()[:3] for line in itself["stdout"].splitlines() if line.startswith("moh ")] == [
+        ["moh", "moh", str(tokens)]
+    ] * 2
 
 
 def test_eval_compare_source_resolves_the_conversion_source(tmp_path, corpora):
@@ -257,20 +323,38 @@ def test_eval_compare_source_resolves_the_conversion_source(tmp_path, corpora):
     assert block["reference"] == str(dense)
     assert all(c["ratio"] == pytest.approx(1.0, abs=1e-5) for c in block["corpora"].values())
 
-    assert_one_line_error(run("eval", dense, "--data", corpora[0], "--compare", "source"), "no upcycle_report.json", "--compare FOLDER")
+    assert_one_line_error(
+        run("eval", dense, "--data", corpora[0], "--compare", "source"), "no upcycle_report.json", "--compare FOLDER"
+    )
     report = tmp_path / "moh" / "upcycle_report.json"
     report.write_text(json.dumps(json.loads(report.read_text()) | {"source": str(tmp_path / "gone")}))
-    assert_one_line_error(run("eval", tmp_path / "moh", "--data", corpora[0], "--compare", "source"), "gone", "no longer exists", "--compare FOLDER")
+    assert_one_line_error(
+        run("eval", tmp_path / "moh", "--data", corpora[0], "--compare", "source"),
+        "gone",
+        "no longer exists",
+        "--compare FOLDER",
+    )
     report.write_text("{}")
-    assert_one_line_error(run("eval", tmp_path / "moh", "--data", corpora[0], "--compare", "source"), "records no source", "--compare FOLDER")
+    assert_one_line_error(
+        run("eval", tmp_path / "moh", "--data", corpora[0], "--compare", "source"),
+        "records no source",
+        "--compare FOLDER",
+    )
 
 
 def test_eval_data_errors_and_asset_names(folders, corpora, tmp_path, monkeypatch):
     dense, _ = folders
-    assert_one_line_error(run("eval", dense, "--data", corpora[0], "--data", tmp_path / "missing.txt"), "--data", "missing.txt", "does not exist")
+    assert_one_line_error(
+        run("eval", dense, "--data", corpora[0], "--data", tmp_path / "missing.txt"),
+        "--data",
+        "missing.txt",
+        "does not exist",
+    )
     assert_one_line_error(run("eval", dense, "--data", corpora[0], "--data", corpora[0]), "given twice")
     (tmp_path / "bible.txt").write_text("w1 w2\n")
-    assert_one_line_error(run("eval", dense, "--data", corpora[0], "--data", tmp_path / "bible.txt"), "named bible.txt", "rename one")
+    assert_one_line_error(
+        run("eval", dense, "--data", corpora[0], "--data", tmp_path / "bible.txt"), "named bible.txt", "rename one"
+    )
     assert run("eval", dense).exit_code != 0  # --data is required
     monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path / "cache"))
     files = corpus_files(["asset:kjv-heldout", str(corpora[1])])

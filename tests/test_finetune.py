@@ -38,8 +38,16 @@ def write_recipe(folder: Path, model: Path, data: Path, **changes) -> Path:
         "model": str(model),
         "output": str(folder / "run"),
         "data": {"train": str(data), "seq_len": 16, "validation_fraction": 0.1, "validation_tokens": 128},
-        "training": {"steps": 4, "global_batch_tokens": 64, "micro_batch_size": 2, "lr": 1e-3, "min_lr": 1e-4,
-                     "warmup_steps": 1, "seed": 3, "eval_every": 2},
+        "training": {
+            "steps": 4,
+            "global_batch_tokens": 64,
+            "micro_batch_size": 2,
+            "lr": 1e-3,
+            "min_lr": 1e-4,
+            "warmup_steps": 1,
+            "seed": 3,
+            "eval_every": 2,
+        },
     }
     for key, value in changes.items():
         node = recipe
@@ -61,12 +69,16 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 # ---- recipe validation -----------------------------------------------------------------
 
-@pytest.mark.parametrize("change, needle", [
-    ({"training__lrr": 1.0}, "'training.lrr' is unknown"),
-    ({"training__steps": "ten"}, "'training.steps'"),
-    ({"trainable": "some"}, "'trainable'"),
-    ({"data__train": "/no/such/file.txt"}, "'data.train': /no/such/file.txt does not exist"),
-])
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"training__lrr": 1.0}, "'training.lrr' is unknown"),
+        ({"training__steps": "ten"}, "'training.steps'"),
+        ({"trainable": "some"}, "'trainable'"),
+        ({"data__train": "/no/such/file.txt"}, "'data.train': /no/such/file.txt does not exist"),
+    ],
+)
 def test_recipe_errors_name_the_key(workspace, change, needle):
     tmp_path, _, data = workspace
     path = write_recipe(tmp_path, tmp_path / "moh", data, **change)
@@ -94,7 +106,13 @@ def test_bundled_recipes_validate_and_are_listed():
     assert {"moh-llama3-8b", "smollm2-moh-cpu", "smollm2-dense-cpu"} <= set(names)
     paper = load_recipe("moh-llama3-8b")
     assert paper.training.global_batch_tokens == 16 * 2**20 and paper.data.seq_len == 8192
-    assert (paper.training.lr, paper.training.min_lr, paper.training.warmup_steps, paper.training.weight_decay, paper.training.grad_clip) == (2e-5, 1e-6, 50, 0.1, 1.0)
+    assert (
+        paper.training.lr,
+        paper.training.min_lr,
+        paper.training.warmup_steps,
+        paper.training.weight_decay,
+        paper.training.grad_clip,
+    ) == (2e-5, 1e-6, 50, 0.1, 1.0)
     assert paper.losses.load_balance == 0.01 and paper.convert.active_heads == 0.75
     result = CliRunner().invoke(app, ["recipes"])
     assert result.exit_code == 0 and "smollm2-moh-cpu" in result.stdout
@@ -117,6 +135,7 @@ def test_batch_plan_splits_global_batch():
 
 # ---- training --------------------------------------------------------------------------
 
+
 def test_finetune_outputs_load_and_report(workspace):
     tmp_path, _, data = workspace
     final = run_finetune(load_recipe(str(write_recipe(tmp_path, tmp_path / "moh", data))))
@@ -136,20 +155,29 @@ def test_finetune_outputs_load_and_report(workspace):
     assert [r["name"] for r in results["results"]] == ["before tuning", "after tuning"] and results["recovery"] is None
     card = (final / "README.md").read_text()
     assert "## Fine-tuning" in card and "## Evaluation" in card
-    import upcycle  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import upcycle  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(final)
     assert type(model).__name__ == "UpcycleLlamaForCausalLM"
     config = json.loads((final / "config.json").read_text())  # self-describing: loads with trust_remote_code too
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_upcycle.UpcycleLlamaForCausalLM" and config["upcycle"]["method"] == "moh"
-    assert all((final / f).exists() for f in ["modeling_upcycle.py", "routers.py", "tokenizer.json", "upcycle_report.json"])
+    assert (
+        config["auto_map"]["AutoModelForCausalLM"] == "modeling_upcycle.UpcycleLlamaForCausalLM"
+        and config["upcycle"]["method"] == "moh"
+    )
+    assert all(
+        (final / f).exists() for f in ["modeling_upcycle.py", "routers.py", "tokenizer.json", "upcycle_report.json"]
+    )
     with pytest.raises(UpcycleError, match="already exists"):
         run_finetune(load_recipe(str(tmp_path / "recipe.yaml")))
     before = load_file(tmp_path / "moh" / "model.safetensors")
     after = final_weights(run)
     assert set(after) == set(before)
-    assert not torch.equal(after["model.layers.0.self_attn.head_router.routed_proj.weight"], before["model.layers.0.self_attn.head_router.routed_proj.weight"])
+    assert not torch.equal(
+        after["model.layers.0.self_attn.head_router.routed_proj.weight"],
+        before["model.layers.0.self_attn.head_router.routed_proj.weight"],
+    )
 
 
 def step_gradients(recipe_path: Path) -> dict[str, torch.Tensor]:
@@ -163,7 +191,9 @@ def step_gradients(recipe_path: Path) -> dict[str, torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(recipe.model)
     trainer = Trainer(recipe, Path(recipe.model), build_data(recipe, tokenizer, process_state()))
     grads = {}
-    trainer.optimizer.step = lambda *a, **k: grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    trainer.optimizer.step = lambda *a, **k: grads.update(
+        {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    )
     trainer.train_step()
     return grads
 
@@ -176,7 +206,9 @@ def test_balance_loss_reaches_router_and_query_gradients(tmp_path, calibration_f
     for weight in [0.0, 1.0]:
         folder = tmp_path / f"w{weight}"
         folder.mkdir()
-        grads.append(step_gradients(write_recipe(folder, tmp_path / "moh", calibration_file, losses={"load_balance": weight})))
+        grads.append(
+            step_gradients(write_recipe(folder, tmp_path / "moh", calibration_file, losses={"load_balance": weight}))
+        )
     if router == "learned":
         name = "model.layers.1.self_attn.head_router.routed_proj.weight"
         assert not torch.allclose(grads[0][name], grads[1][name])
@@ -195,8 +227,20 @@ def test_routers_only_and_lora(workspace):
         folder = tmp_path / trainable
         folder.mkdir()
         checkpointing = trainable == "lora"  # gradient checkpointing is an option of any run
-        run_finetune(load_recipe(str(write_recipe(folder, tmp_path / "moh", data, trainable=trainable, training__steps=2,
-                                                  training__gradient_checkpointing=checkpointing))))
+        run_finetune(
+            load_recipe(
+                str(
+                    write_recipe(
+                        folder,
+                        tmp_path / "moh",
+                        data,
+                        trainable=trainable,
+                        training__steps=2,
+                        training__gradient_checkpointing=checkpointing,
+                    )
+                )
+            )
+        )
         after = final_weights(folder / "run")
         assert set(after) == set(before)  # LoRA merged on save: no adapter tensors
         changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -220,7 +264,9 @@ def test_resume_equals_uninterrupted(workspace):
     tmp_path, _, data = workspace
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
-    run_finetune(load_recipe(str(write_recipe(straight, tmp_path / "moh", data, training__steps=10, training__eval_every=0))))
+    run_finetune(
+        load_recipe(str(write_recipe(straight, tmp_path / "moh", data, training__steps=10, training__eval_every=0)))
+    )
     recipe = load_recipe(str(write_recipe(split, tmp_path / "moh", data, training__steps=10, training__eval_every=0)))
     assert run_finetune(recipe, stop_after=5) is None
     assert (split / "run" / "checkpoints" / "step-0000005").is_dir()
@@ -244,7 +290,8 @@ import upcycle.train.loop as loop
 saved = loop.Trainer.save_final
 def save_final(self):
     model = self.accelerator.unwrap_model(self.model)
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, sys.argv[2] + f"/rank{self.accelerator.process_index}.pt")
+    path = sys.argv[2] + f"/rank{self.accelerator.process_index}.pt"
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
     return saved(self)
 loop.Trainer.save_final = save_final
 run_finetune(load_recipe(sys.argv[1]))
@@ -262,11 +309,22 @@ def test_two_processes_match_one(workspace):
         folder = tmp_path / f"p{processes}"
         folder.mkdir()
         recipe = write_recipe(folder, tmp_path / "moh", data, training__steps=3, training__eval_every=0)
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(processes),
-                  "--main_process_port", str(29500 + processes)]
+        launch = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(29500 + processes),
+        ]
         if processes > 1:
             launch.append("--multi_gpu")
-        result = subprocess.run([*launch, str(driver), str(recipe), str(folder)], env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [*launch, str(driver), str(recipe), str(folder)], env=env, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = [torch.load(folder / f"rank{r}.pt") for r in range(processes)]
     rank0, rank1 = runs[2]
@@ -292,7 +350,9 @@ def test_attention_backend_from_the_recipe(workspace, monkeypatch):
         training_calls.clear()
         folder = tmp_path / backend
         folder.mkdir()
-        recipe = write_recipe(folder, tmp_path / "moh", data, attention=backend, training__steps=1, training__eval_every=0)
+        recipe = write_recipe(
+            folder, tmp_path / "moh", data, attention=backend, training__steps=1, training__eval_every=0
+        )
         run_finetune(load_recipe(str(recipe)))
         assert any(training_calls) == trained_sparse, (backend, training_calls[:3])
         assert json.loads((folder / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0

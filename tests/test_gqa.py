@@ -1,4 +1,5 @@
-"""MHA to GQA/MQA: identity at G = current, exact on duplicated KV heads, plain native output, bad inputs, o_proj refit."""
+"""MHA to GQA/MQA: identity at G = current, exact on duplicated KV heads, plain native output, bad inputs,
+o_proj refit."""
 
 from __future__ import annotations
 
@@ -57,9 +58,13 @@ def test_merging_equal_kv_heads_keeps_the_logits(tmp_path, family, kv_heads, tar
     _duplicate_kv_heads(dense, kv_heads, target, head_dim)
     report = gqa(dense, tmp_path / "gqa", target)
     config = json.loads((tmp_path / "gqa" / "config.json").read_text())
-    assert config["model_type"] == family and config["num_key_value_heads"] == target and config["head_dim"] == head_dim
+    assert (
+        config["model_type"] == family and config["num_key_value_heads"] == target and config["head_dim"] == head_dim
+    )
     assert "upcycle" not in config and not (tmp_path / "gqa" / "modeling_upcycle.py").exists()
-    assert report["parameters"]["before"] - report["parameters"]["after"] == 2 * 2 * (kv_heads - target) * head_dim * (64 + (family == "qwen2"))
+    assert report["parameters"]["before"] - report["parameters"]["after"] == 2 * 2 * (kv_heads - target) * head_dim * (
+        64 + (family == "qwen2")
+    )
     assert all(check["passed"] for check in report["checks"])
     torch.testing.assert_close(logits(tmp_path / "gqa"), logits(dense), atol=1e-5, rtol=0)
 
@@ -71,28 +76,44 @@ def test_new_kv_heads_are_means(tmp_path):
     for name in ["model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.bias"]:
         heads = before[name].unflatten(0, (4, 8))  # [g, d, ...]
         torch.testing.assert_close(after[name], torch.cat([(heads[0] + heads[1]) / 2, (heads[2] + heads[3]) / 2]))
-    assert torch.equal(after["model.layers.1.self_attn.q_proj.weight"], before["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(
+        after["model.layers.1.self_attn.q_proj.weight"], before["model.layers.1.self_attn.q_proj.weight"]
+    )
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["--kv-heads", "3"], ["--kv-heads 3 does not divide the 2 KV heads", "1, 2"]),
-    (["--kv-heads", "0"], ["--kv-heads 0"]),
-    ([], ["--kv-heads G"]),
-    (["--kv-heads", "1", "--refit", "rescale"], ["--refit rescale", "needs calibration text", "--calibration FILE"]),
-    (["--kv-heads", "1", "--refit", "lstsq", "--calibration", "missing.txt"], ["--calibration missing.txt does not exist"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--kv-heads", "3"], ["--kv-heads 3 does not divide the 2 KV heads", "1, 2"]),
+        (["--kv-heads", "0"], ["--kv-heads 0"]),
+        ([], ["--kv-heads G"]),
+        (
+            ["--kv-heads", "1", "--refit", "rescale"],
+            ["--refit rescale", "needs calibration text", "--calibration FILE"],
+        ),
+        (
+            ["--kv-heads", "1", "--refit", "lstsq", "--calibration", "missing.txt"],
+            ["--calibration missing.txt does not exist"],
+        ),
+    ],
+)
 def test_bad_kv_heads(tmp_path, dense, args, needles):
     assert_one_line_error(run("convert", dense, tmp_path / "out", "--method", "gqa", *args), *needles)
     assert leftovers(tmp_path) == []
 
 
 def test_kv_heads_with_another_method(tmp_path, dense):
-    assert_one_line_error(run("convert", dense, tmp_path / "out", "--kv-heads", "1"), "--kv-heads applies to --method gqa")
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--kv-heads", "1"), "--kv-heads applies to --method gqa"
+    )
     assert leftovers(tmp_path) == []
 
 
 def test_refit_with_another_method(tmp_path, dense):
-    assert_one_line_error(run("convert", dense, tmp_path / "out", "--refit", "lstsq"), "--refit applies to --method prune-heads or --method gqa")
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--refit", "lstsq"),
+        "--refit applies to --method prune-heads or --method gqa",
+    )
     assert leftovers(tmp_path) == []
 
 
@@ -101,11 +122,15 @@ def test_refit_lstsq_lowers_the_attention_error_and_the_loss(tmp_path, calibrati
     common = dict(calibration=calibration_file, calibration_tokens=1024)
     gqa(dense, tmp_path / "none", 1)
     report = gqa(dense, tmp_path / "lstsq", 1, refit="lstsq", **common)["refit"]
-    assert [e["layer"] for e in report["per_layer"]] == [0, 1] and all(e["error_after"] < e["error_before"] for e in report["per_layer"])
+    assert [e["layer"] for e in report["per_layer"]] == [0, 1] and all(
+        e["error_after"] < e["error_before"] for e in report["per_layer"]
+    )
     blocks = calibration_tokens(dense, calibration_file)
     assert kl_to_dense(dense, tmp_path / "lstsq", blocks) < kl_to_dense(dense, tmp_path / "none", blocks)
     measured = attention_errors(dense, tmp_path / "lstsq", blocks)
-    torch.testing.assert_close(torch.tensor(measured), torch.tensor([e["error_after"] for e in report["per_layer"]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(measured), torch.tensor([e["error_after"] for e in report["per_layer"]]), atol=1e-4, rtol=0
+    )
     config = json.loads((tmp_path / "lstsq" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 1 and "upcycle" not in config
     rescaled = gqa(dense, tmp_path / "rescale", 1, refit="rescale", **common)

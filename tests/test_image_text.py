@@ -8,8 +8,17 @@ import torch
 from PIL import Image
 
 from upcycle.data.image_text import (
-    BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ImageTextCollator, load_pairs, pairs_summary,
-    synthetic_clip_processor, synthetic_vocabulary, write_synthetic_shapes,
+    BACKGROUND,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ImageTextCollator,
+    load_pairs,
+    pairs_summary,
+    synthetic_clip_processor,
+    synthetic_vocabulary,
+    write_synthetic_shapes,
 )
 from upcycle.errors import UpcycleError
 
@@ -42,6 +51,7 @@ def save_image(path: Path, colour=(255, 0, 0), size=(20, 12), mode="RGB") -> Pat
 
 # --- synthetic shapes ------------------------------------------------------------------------------------------
 
+
 def test_synthetic_shapes_is_deterministic_and_split_by_sample(tmp_path):
     train, heldout = write_synthetic_shapes(tmp_path / "a", 60, seed=3)
     again = write_synthetic_shapes(tmp_path / "b", 60, seed=3)
@@ -56,7 +66,8 @@ def test_synthetic_shapes_is_deterministic_and_split_by_sample(tmp_path):
     assert (len(train_rows), len(held_rows)) == (48, 12)
     assert not {r["image"] for r in train_rows} & {r["image"] for r in held_rows}
     assert sorted(r["image"] for r in train_rows + held_rows) == sorted(
-        f"images/{p.name}" for p in (tmp_path / "a" / "images").glob("*.png"))
+        f"images/{p.name}" for p in (tmp_path / "a" / "images").glob("*.png")
+    )
     # a seeded random choice of samples: spread out, and another seed picks others
     held = sorted(int(Path(r["image"]).stem) for r in held_rows)
     assert held[-1] - held[0] > 12 and held != sorted(int(Path(r["image"]).stem) for r in read_jsonl(other[1]))
@@ -106,11 +117,11 @@ def test_captions_match_what_is_drawn(tmp_path, image_size):
             assert 0.6 < fill < 0.95, r
         elif r["shape"] == "triangle":
             assert 0.35 < fill < 0.75, r
-            rows_filled = mask[ys.min():ys.max() + 1].sum(1)
+            rows_filled = mask[ys.min() : ys.max() + 1].sum(1)
             assert rows_filled[0] < rows_filled[-1], r  # apex up
         else:
             assert 0.3 < fill < 0.75, r
-            middle = mask[(ys.min() + ys.max()) // 2, xs.min():xs.max() + 1]
+            middle = mask[(ys.min() + ys.max()) // 2, xs.min() : xs.max() + 1]
             corner = mask[ys.min(), xs.min()]
             assert middle.all() and not corner, r
     assert max(areas["small"]) < min(areas["large"])
@@ -134,6 +145,7 @@ def test_rewriting_a_folder_replaces_the_listing(tmp_path):
 
 # --- load_pairs --------------------------------------------------------------------------------------------------
 
+
 def test_load_pairs_reads_synthetic_jsonl(tmp_path):
     train, _ = write_synthetic_shapes(tmp_path / "shapes", 20, seed=2)
     data = load_pairs(str(train))
@@ -151,12 +163,15 @@ def test_load_pairs_reads_imagefolder_metadata_and_alternative_keys(tmp_path):
     save_image(folder / "a.png", (255, 0, 0))
     save_image(folder / "sub" / "b.png", mode="L")  # grey: converted to RGB on access
     absolute = save_image(tmp_path / "elsewhere" / "c.png", (0, 0, 255), size=(8, 8))
-    write_jsonl(folder / "metadata.jsonl", [
-        {"file_name": "a.png", "text": "a red thing", "extra": 1},
-        "",
-        {"image": "sub/b.png", "caption": "a grey thing"},
-        {"file_name": str(absolute), "text": "a blue thing"},
-    ])
+    write_jsonl(
+        folder / "metadata.jsonl",
+        [
+            {"file_name": "a.png", "text": "a red thing", "extra": 1},
+            "",
+            {"image": "sub/b.png", "caption": "a grey thing"},
+            {"file_name": str(absolute), "text": "a blue thing"},
+        ],
+    )
     data = load_pairs(folder)
     assert data["text"][:] == ["a red thing", "a grey thing", "a blue thing"]
     images = [row["image"] for row in data]
@@ -187,10 +202,19 @@ def test_load_pairs_errors(tmp_path):
     not_object = write_jsonl(tmp_path / "list.jsonl", [["ok.png", "fine"]])
     with pytest.raises(UpcycleError, match=r"list.jsonl:1 is not a JSON object"):
         load_pairs(not_object)
-    missing = write_jsonl(tmp_path / "missing.jsonl", [
-        {"image": "ok.png", "text": "fine"}, {"image": "gone1.png", "text": "x"}, {"image": "gone2.png", "text": "y"}])
-    with pytest.raises(UpcycleError, match=r"2 of 3 images listed in .*missing.jsonl do not exist, the first is "
-                                           r".*gone1.png \(line 2\)"):
+    missing = write_jsonl(
+        tmp_path / "missing.jsonl",
+        [
+            {"image": "ok.png", "text": "fine"},
+            {"image": "gone1.png", "text": "x"},
+            {"image": "gone2.png", "text": "y"},
+        ],
+    )
+    with pytest.raises(
+        UpcycleError,
+        match=r"2 of 3 images listed in .*missing.jsonl do not exist, the first is "
+        r".*gone1.png \(line 2\)",
+    ):
         load_pairs(missing)
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(UpcycleError, match=r"no image-text pairs in .*empty.jsonl"):
@@ -205,6 +229,7 @@ def test_error_messages_are_one_line(tmp_path):
 
 
 # --- collator and summary ----------------------------------------------------------------------------------------
+
 
 def test_tiny_clip_processor_tokenizes_caption_words_whole():
     tokenizer = tiny_clip_processor().tokenizer
@@ -255,7 +280,8 @@ def test_collator_errors():
         ImageTextCollator(processor)([{"image": "a.png", "text": "a"}])
     with pytest.raises(UpcycleError, match="processor returned no pixel_values"):
         ImageTextCollator(lambda **kwargs: {"input_ids": torch.zeros(1, 2), "attention_mask": torch.ones(1, 2)})(
-            [{"image": Image.new("RGB", (4, 4)), "text": "a"}])
+            [{"image": Image.new("RGB", (4, 4)), "text": "a"}]
+        )
 
 
 def test_pairs_summary(tmp_path):
@@ -265,8 +291,12 @@ def test_pairs_summary(tmp_path):
     assert pairs_summary(data) == f"8 image-text pairs, images 32x32, mean caption {words:.1f} words"
     save_image(tmp_path / "mixed" / "a.png", size=(20, 12))
     save_image(tmp_path / "mixed" / "b.png", size=(8, 8))
-    write_jsonl(tmp_path / "mixed" / "metadata.jsonl", [
-        {"file_name": "a.png", "text": "one two three"}, {"file_name": "b.png", "text": "one"}])
-    assert pairs_summary(load_pairs(tmp_path / "mixed")) == \
-        "2 image-text pairs, images 2 sizes (8x8, 20x12), mean caption 2.0 words"
+    write_jsonl(
+        tmp_path / "mixed" / "metadata.jsonl",
+        [{"file_name": "a.png", "text": "one two three"}, {"file_name": "b.png", "text": "one"}],
+    )
+    assert (
+        pairs_summary(load_pairs(tmp_path / "mixed"))
+        == "2 image-text pairs, images 2 sizes (8x8, 20x12), mean caption 2.0 words"
+    )
     assert "\n" not in pairs_summary(data)

@@ -36,16 +36,27 @@ def convert(reader, options: ToyOptions) -> Conversion:
     gate = {"router": "query-norm", "shared_heads": [], "routed_heads": list(range(spec.num_heads)), "top_k": active}
     config, _, _ = runtime_config(reader.config, spec, "toy", [{"head_gate": gate} for _ in range(spec.num_layers)])
     layout = [TensorSpec(name, reader.info(name).dtype, reader.info(name).shape) for name in reader.names()]
-    return Conversion(method="toy", config=config, layout=layout,
-                      tensors=lambda: ((item.name, SourceTensor(item.name)) for item in layout),
-                      plan_lines=[f"toy plan: {active} of {spec.num_heads} heads per token"],
-                      report={"options": recorded_options(options)}, tags=["toy"],
-                      description=f"Every head routed by query norm, {active} of {spec.num_heads} per token.")
+    return Conversion(
+        method="toy",
+        config=config,
+        layout=layout,
+        tensors=lambda: ((item.name, SourceTensor(item.name)) for item in layout),
+        plan_lines=[f"toy plan: {active} of {spec.num_heads} heads per token"],
+        report={"options": recorded_options(options)},
+        tags=["toy"],
+        description=f"Every head routed by query norm, {active} of {spec.num_heads} per token.",
+    )
 
 
-TOY = MethodSpec(name="toy", summary="Route every head by its query norm.", panel="Toy", options=ToyOptions,
-                 convert=convert, example="upcycle convert SRC OUT --method toy --toy-active 2",
-                 card=MethodCard("the toy method", "It shows that a method is one file.", (TOY_CITATION,)))
+TOY = MethodSpec(
+    name="toy",
+    summary="Route every head by its query norm.",
+    panel="Toy",
+    options=ToyOptions,
+    convert=convert,
+    example="upcycle convert SRC OUT --method toy --toy-active 2",
+    card=MethodCard("the toy method", "It shows that a method is one file.", (TOY_CITATION,)),
+)
 
 
 @pytest.fixture
@@ -81,7 +92,10 @@ def test_a_registered_method_converts_inspects_and_cards(toy, tmp_path):
 
     inspected = run("inspect", out)
     assert inspected.exit_code == 0 and "method:      toy" in inspected.output
-    assert f"query-norm router, shared [], top-{heads} of {list(range(heads))} ({heads}/{heads} active)" in inspected.output
+    assert (
+        f"query-norm router, shared [], top-{heads} of {list(range(heads))} ({heads}/{heads} active)"
+        in inspected.output
+    )
 
     card = (out / "README.md").read_text()
     assert "converted by [upcycle](https://pypi.org/project/upcycle/) with the toy method" in card
@@ -95,11 +109,16 @@ def test_a_registered_method_converts_inspects_and_cards(toy, tmp_path):
 
 def test_a_registered_method_owns_its_flags(toy, tmp_path):
     dense = build_dense(tmp_path / "dense")
-    assert_one_line_error(run("convert", dense, tmp_path / "out", "--toy-active", "2"),
-                          "--toy-active applies to --method toy, not moh")
-    assert_one_line_error(run("convert", dense, tmp_path / "out", "--method", "toy", "--ratio", "0.5"),
-                          "--ratio applies to --method prune-heads, not toy")
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--toy-active", "2"), "--toy-active applies to --method toy, not moh"
+    )
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--method", "toy", "--ratio", "0.5"),
+        "--ratio applies to --method prune-heads, not toy",
+    )
     heads = json.loads((dense / "config.json").read_text())["num_attention_heads"]
-    assert_one_line_error(run("convert", dense, tmp_path / "out", "--method", "toy", "--toy-active", str(heads + 1)),
-                          f"--toy-active {heads + 1} must be in [1, {heads}]")
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--method", "toy", "--toy-active", str(heads + 1)),
+        f"--toy-active {heads + 1} must be in [1, {heads}]",
+    )
     assert not (tmp_path / "out").exists()

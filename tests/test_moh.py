@@ -101,19 +101,24 @@ def test_bundled_runtime_loads_without_upcycle(tmp_path, calibration_file, route
         import torch
         from transformers import AutoModelForCausalLM
         try:
-            AutoModelForCausalLM.from_pretrained({str(tmp_path / 'moh')!r})
+            AutoModelForCausalLM.from_pretrained({str(tmp_path / "moh")!r})
             sys.exit("loaded without trust_remote_code")
         except Exception:
             pass
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'moh')!r}, trust_remote_code=True, dtype=torch.float32).eval()
-        assert "upcycle" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        data = torch.load({str(tmp_path / 'expected.pt')!r})
+        model = AutoModelForCausalLM.from_pretrained(
+            {str(tmp_path / "moh")!r}, trust_remote_code=True, dtype=torch.float32
+        ).eval()
+        module = type(model).__module__
+        assert "upcycle" not in sys.modules and module.startswith("transformers_modules"), module
+        data = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             torch.testing.assert_close(model(data["ids"]).logits, data["logits"], atol=0, rtol=0)
         print("bundled runtime ok")
     """)
     env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bundled runtime ok" in result.stdout
 
@@ -124,20 +129,38 @@ def test_output_files_config_report_and_card(tmp_path, dense):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "upcycle_llama" and config["upcycle"]["method"] == "moh"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_upcycle.UpcycleLlamaForCausalLM"
-    for file in ["modeling_upcycle.py", "configuration_upcycle.py", "routers.py", "gated_attention.py", "surgery.py",
-                 "tokenizer.json", "generation_config.json", "README.md", "upcycle_report.json"]:
+    for file in [
+        "modeling_upcycle.py",
+        "configuration_upcycle.py",
+        "routers.py",
+        "gated_attention.py",
+        "surgery.py",
+        "tokenizer.json",
+        "generation_config.json",
+        "README.md",
+        "upcycle_report.json",
+    ]:
         assert (out / file).exists(), file
     before, after = load_file(dense / "model.safetensors"), load_file(out / "model.safetensors")
     for name, tensor in before.items():  # untouched tensors pass through with the same names and bytes
         assert torch.equal(after[name], tensor)
     new = sorted(set(after) - set(before))
-    assert new == sorted(f"model.layers.{i}.self_attn.head_router.{p}.weight" for i in range(2) for p in ["mix_proj", "routed_proj", "shared_proj"])
+    assert new == sorted(
+        f"model.layers.{i}.self_attn.head_router.{p}.weight"
+        for i in range(2)
+        for p in ["mix_proj", "routed_proj", "shared_proj"]
+    )
     assert all((after[name] == 0).all() for name in new)
     report = json.loads((out / "upcycle_report.json").read_text())
     assert report["parameters"]["after"] - report["parameters"]["before"] == 2 * (4 + 4 + 2) * 64
     assert report["checks"] and all(check["passed"] for check in report["checks"])
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "library_name: \"transformers\"" in card and "- \"upcycle\"" in card and "base_model:" in card
+    assert (
+        card.startswith("---\n")
+        and 'library_name: "transformers"' in card
+        and '- "upcycle"' in card
+        and "base_model:" in card
+    )
 
 
 def test_sharded_output_and_bin_input(tmp_path, dense):
@@ -166,7 +189,7 @@ def test_head_counts_rounding_and_limits():
 def _scale_head(folder: Path, layer: int, head: int, factor: float) -> None:
     weights = load_file(folder / "model.safetensors")
     name = f"model.layers.{layer}.self_attn.o_proj.weight"
-    weights[name][:, head * 8:(head + 1) * 8] *= factor
+    weights[name][:, head * 8 : (head + 1) * 8] *= factor
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -225,7 +248,9 @@ def test_fitted_router_picks_the_oracle_heads_more_often_and_round_trips(tmp_pat
         assert layer["attention_error"]["fitted"] < layer["attention_error"]["query-norm"]
     weights = load_file(tmp_path / "moh" / "model.safetensors")
     new = sorted(name for name in weights if ".head_router." in name)
-    assert new == sorted(f"model.layers.{i}.self_attn.head_router.score_proj.{p}" for i in range(2) for p in ["bias", "weight"])
+    assert new == sorted(
+        f"model.layers.{i}.self_attn.head_router.score_proj.{p}" for i in range(2) for p in ["bias", "weight"]
+    )
     assert all(weights[name].abs().sum() > 0 for name in new)
     moh = load(tmp_path / "moh")
     gates = []
@@ -250,7 +275,15 @@ def test_rescale_lowers_the_attention_error_and_rewrites_only_o_proj(tmp_path, d
 
 
 def test_fits_with_every_head_active_equal_dense(tmp_path, dense, calibration_file):
-    report = convert(dense, tmp_path / "moh", router="fitted", rescale="channel", active_heads=1.0, calibration=calibration_file, **FIT)
+    report = convert(
+        dense,
+        tmp_path / "moh",
+        router="fitted",
+        rescale="channel",
+        active_heads=1.0,
+        calibration=calibration_file,
+        **FIT,
+    )
     assert "calibration_fit" not in report  # no routed head is ever off: nothing to fit
     before, after = load_file(dense / "model.safetensors"), load_file(tmp_path / "moh" / "model.safetensors")
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
@@ -263,5 +296,10 @@ def test_fits_need_calibration_and_dry_run_skips_them(tmp_path, dense, calibrati
     with pytest.raises(UpcycleError, match="calibration") as error:
         convert(dense, tmp_path / "moh", **options)
     assert "\n" not in str(error.value)
-    assert convert_checkpoint(str(dense), tmp_path / "moh", "moh", MoHOptions(calibration=calibration_file, **options), dry_run=True) is None
+    assert (
+        convert_checkpoint(
+            str(dense), tmp_path / "moh", "moh", MoHOptions(calibration=calibration_file, **options), dry_run=True
+        )
+        is None
+    )
     assert not (tmp_path / "moh").exists()

@@ -26,10 +26,12 @@ def test_every_change_round_trips_and_is_described():
     layer = parse_layer(EXAMPLES, "layer 0")
     assert layer.to_json() == EXAMPLES
     assert isinstance(layer.get(HeadGate), HeadGate) and layer.get(HeadGate).top_k == 1
-    assert layer.describe() == ("FFN 3 experts, top-1; attention 3 soft experts (expert KV); parallel block; "
-                                "MHE-mul, one shared projection each: Q over 4 heads, K over 2 heads, V over 2 heads; "
-                                "3 query heads kept [0, 1, 3], 2 KV heads [0, 1]; "
-                                "learned router, shared [0, 2], top-1 of [1, 3] (3/4 active)")
+    assert layer.describe() == (
+        "FFN 3 experts, top-1; attention 3 soft experts (expert KV); parallel block; "
+        "MHE-mul, one shared projection each: Q over 4 heads, K over 2 heads, V over 2 heads; "
+        "3 query heads kept [0, 1, 3], 2 KV heads [0, 1]; "
+        "learned router, shared [0, 2], top-1 of [1, 3] (3/4 active)"
+    )
     assert parse_layer({"parallel_block": False}, "layer 1") == LayerPlan({})
 
 
@@ -40,13 +42,16 @@ def test_plan_rows_fill_missing_changes():
     assert rows == [(0, "mul", 4, 2, 2), (1, "-", "-", "-", "-")]
 
 
-@pytest.mark.parametrize("layer, needle", [
-    ({"future_change": {}}, "layer 0: unknown change 'future_change'"),
-    ({"moe_ffn": {"experts": 2, "top_k": 1, "capacity": 1.5}}, "moe_ffn has unknown field(s) ['capacity']"),
-    ({"moe_ffn": {"experts": 2}}, "moe_ffn has missing field(s) ['top_k']"),
-    ({"parallel_block": "yes"}, "parallel_block must be true or false"),
-    ([1, 2], "layer 0 must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "layer, needle",
+    [
+        ({"future_change": {}}, "layer 0: unknown change 'future_change'"),
+        ({"moe_ffn": {"experts": 2, "top_k": 1, "capacity": 1.5}}, "moe_ffn has unknown field(s) ['capacity']"),
+        ({"moe_ffn": {"experts": 2}}, "moe_ffn has missing field(s) ['top_k']"),
+        ({"parallel_block": "yes"}, "parallel_block must be true or false"),
+        ([1, 2], "layer 0 must be a JSON object"),
+    ],
+)
 def test_an_unknown_plan_is_one_line(layer, needle):
     with pytest.raises(PlanError) as caught:
         parse_layers([layer])
@@ -63,7 +68,9 @@ def test_a_checkpoint_from_a_newer_upcycle_is_refused_in_one_line(tmp_path, cali
     (out / "config.json").write_text(json.dumps(config))
 
     assert_one_line_error(run("inspect", out), "layer 1: unknown change 'future_change'", "newer upcycle")
-    assert_one_line_error(run("eval", out, "--data", calibration_file, "--tokens", "64"), "unknown change 'future_change'")
+    assert_one_line_error(
+        run("eval", out, "--data", calibration_file, "--tokens", "64"), "unknown change 'future_change'"
+    )
     from transformers import AutoModelForCausalLM
 
     import upcycle  # noqa: F401  (registers the runtime classes)

@@ -1,4 +1,5 @@
-"""Head pruning: null setting, slicing = zero gates (every family), native and upcycle outputs, importance, o_proj refit."""
+"""Head pruning: null setting, slicing = zero gates (every family), native and upcycle outputs, importance,
+o_proj refit."""
 
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ def test_pruned_equals_zero_gates(tmp_path, family, kv_heads, uniform):
     else:
         assert config["model_type"] == f"upcycle_{family}" and config["upcycle"]["method"] == "prune-heads"
     pruned = load(tmp_path / "pruned")
-    assert sum(p.numel() for p in pruned.parameters()) == report["parameters"]["after"] < report["parameters"]["before"]
+    assert (
+        sum(p.numel() for p in pruned.parameters()) == report["parameters"]["after"] < report["parameters"]["before"]
+    )
     torch.testing.assert_close(outputs(pruned), outputs(zero_gated(dense, report)), atol=1e-5, rtol=0)
     assert (tmp_path / "pruned" / "model.safetensors").stat().st_size < (dense / "model.safetensors").stat().st_size
 
@@ -79,13 +82,19 @@ def test_pruned_equals_zero_gates(tmp_path, family, kv_heads, uniform):
 def test_bert_pruned_equals_zero_gates(tmp_path, mlm, uniform):
     dense = build_bert(tmp_path / "dense", mlm=mlm)
     auto = AutoModelForMaskedLM if mlm else AutoModel
-    report = prune(dense, tmp_path / "pruned", ratio=0.5 if uniform else 0.3125, importance="random", seed=1, uniform=uniform)
+    report = prune(
+        dense, tmp_path / "pruned", ratio=0.5 if uniform else 0.3125, importance="random", seed=1, uniform=uniform
+    )
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert config["model_type"] == "upcycle_bert"  # BertConfig cannot express fewer heads of the same size
     assert config["architectures"] == ["UpcycleBertForMaskedLM" if mlm else "UpcycleBertModel"]
     pruned = load(tmp_path / "pruned", auto)
     attention = pruned.base_model.encoder.layer[0].attention
-    assert attention.self.query.out_features == 8 * report["heads_kept_per_layer"][0] == attention.output.dense.in_features
+    assert (
+        attention.self.query.out_features
+        == 8 * report["heads_kept_per_layer"][0]
+        == attention.output.dense.in_features
+    )
     torch.testing.assert_close(outputs(pruned), outputs(zero_gated(dense, report, auto)), atol=1e-5, rtol=0)
 
 
@@ -121,8 +130,14 @@ def run_without_upcycle(tmp_path: Path, body: str) -> None:
     (~1e-7) even with bit-identical weights, and the callers compare logits with atol=0."""
     threads = torch.get_num_threads()
     script = textwrap.dedent(NO_UPCYCLE) + f"torch.set_num_threads({threads})\n" + textwrap.dedent(body)
-    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "", "OMP_NUM_THREADS": str(threads)}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env = os.environ | {
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "PYTHONPATH": "",
+        "OMP_NUM_THREADS": str(threads),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ok" in result.stdout
 
@@ -132,16 +147,21 @@ def test_uniform_output_loads_in_plain_transformers(tmp_path, family, heads):
     dense = build_dense(tmp_path / "dense", family, num_key_value_heads=8)
     prune(dense, tmp_path / "pruned", ratio=1 - heads / 8, uniform=True, importance="random")
     torch.save({"ids": IDS, "logits": outputs(load(tmp_path / "pruned"))}, tmp_path / "expected.pt")
-    run_without_upcycle(tmp_path, f"""
+    run_without_upcycle(
+        tmp_path,
+        f"""
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'pruned')!r}, dtype=torch.float32).eval()
-        assert "upcycle" not in sys.modules and type(model).__module__.startswith("transformers.models"), type(model).__module__
-        assert model.config.num_attention_heads == {heads} and model.model.layers[0].self_attn.q_proj.out_features == {8 * heads}
-        data = torch.load({str(tmp_path / 'expected.pt')!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "pruned")!r}, dtype=torch.float32).eval()
+        module = type(model).__module__
+        assert "upcycle" not in sys.modules and module.startswith("transformers.models"), module
+        q_proj = model.model.layers[0].self_attn.q_proj
+        assert model.config.num_attention_heads == {heads} and q_proj.out_features == {8 * heads}
+        data = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             torch.testing.assert_close(model(data["ids"]).logits, data["logits"], atol=0, rtol=0)
         print("ok")
-    """)
+    """,
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -152,36 +172,49 @@ def test_non_uniform_output_loads_both_ways(tmp_path, family):
     assert len(set(report["heads_kept_per_layer"])) == 2
     for file in ["modeling_upcycle.py", "configuration_upcycle.py", "surgery.py", "gated_attention.py"]:
         assert (tmp_path / "pruned" / file).exists(), file
-    expected = outputs(load(tmp_path / "pruned", AutoModel if family == "bert" else AutoModelForCausalLM))  # after import upcycle
+    expected = outputs(
+        load(tmp_path / "pruned", AutoModel if family == "bert" else AutoModelForCausalLM)
+    )  # after import upcycle
     torch.save({"ids": IDS, "out": expected}, tmp_path / "expected.pt")
-    run_without_upcycle(tmp_path, f"""
+    run_without_upcycle(
+        tmp_path,
+        f"""
         from transformers import {auto}
         try:
-            {auto}.from_pretrained({str(tmp_path / 'pruned')!r})
+            {auto}.from_pretrained({str(tmp_path / "pruned")!r})
             sys.exit("loaded without trust_remote_code")
         except Exception:
             pass
-        model = {auto}.from_pretrained({str(tmp_path / 'pruned')!r}, trust_remote_code=True, dtype=torch.float32).eval()
-        assert "upcycle" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        data = torch.load({str(tmp_path / 'expected.pt')!r})
+        model = {auto}.from_pretrained(
+            {str(tmp_path / "pruned")!r}, trust_remote_code=True, dtype=torch.float32
+        ).eval()
+        module = type(model).__module__
+        assert "upcycle" not in sys.modules and module.startswith("transformers_modules"), module
+        data = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             out = model(data["ids"])
-        torch.testing.assert_close(getattr(out, "logits", None) if hasattr(out, "logits") else out.last_hidden_state, data["out"], atol=0, rtol=0)
+        result = getattr(out, "logits", None) if hasattr(out, "logits") else out.last_hidden_state
+        torch.testing.assert_close(result, data["out"], atol=0, rtol=0)
         print("ok")
-    """)
+    """,
+    )
 
 
 def test_uniform_llama_that_transformers_refuses_is_an_upcycle_checkpoint(tmp_path):
     dense = build_dense(tmp_path / "dense", num_key_value_heads=8)  # 64 % 6 != 0: LlamaConfig refuses 6 heads
     report = prune(dense, tmp_path / "pruned", ratio=0.25, uniform=True, importance="random")
-    assert report["heads_kept_per_layer"] == [6, 6] and report["output_format"].startswith("upcycle (transformers refuses")
+    assert report["heads_kept_per_layer"] == [6, 6] and report["output_format"].startswith(
+        "upcycle (transformers refuses"
+    )
     assert json.loads((tmp_path / "pruned" / "config.json").read_text())["model_type"] == "upcycle_llama"
-    torch.testing.assert_close(outputs(load(tmp_path / "pruned")), outputs(zero_gated(dense, report)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        outputs(load(tmp_path / "pruned")), outputs(zero_gated(dense, report)), atol=1e-5, rtol=0
+    )
 
 
 def _scale_head(folder: Path, name: str, head: int, factor: float, head_dim: int = 8) -> None:
     weights = load_file(folder / "model.safetensors")
-    weights[name][:, head * head_dim:(head + 1) * head_dim] *= factor
+    weights[name][:, head * head_dim : (head + 1) * head_dim] *= factor
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -192,7 +225,15 @@ def test_gradient_importance_keeps_the_strong_units(tmp_path, calibration_file, 
     for layer, heads in strong.items():
         for head in heads:
             _scale_head(dense, f"model.layers.{layer}.self_attn.o_proj.weight", head, 30.0)
-    report = prune(dense, tmp_path / "pruned", ratio=0.75, uniform=True, iterative=iterative, calibration=calibration_file, calibration_tokens=1024)
+    report = prune(
+        dense,
+        tmp_path / "pruned",
+        ratio=0.75,
+        uniform=True,
+        iterative=iterative,
+        calibration=calibration_file,
+        calibration_tokens=1024,
+    )
     assert [layer["kept_heads"] for layer in report["kept"]] == [strong[0], strong[1]]
     scores = torch.tensor(report["head_scores"])
     torch.testing.assert_close(scores.norm(dim=1), torch.ones(2, dtype=scores.dtype))  # normalised per layer
@@ -204,7 +245,9 @@ def test_bert_gradient_importance_keeps_the_strong_heads(tmp_path, calibration_f
     prefix = "bert." if mlm else ""
     for head in (2, 5):
         _scale_head(dense, f"{prefix}encoder.layer.1.attention.output.dense.weight", head, 30.0)
-    report = prune(dense, tmp_path / "pruned", ratio=0.75, uniform=True, calibration=calibration_file, calibration_tokens=2048)
+    report = prune(
+        dense, tmp_path / "pruned", ratio=0.75, uniform=True, calibration=calibration_file, calibration_tokens=2048
+    )
     assert report["kept"][1]["kept_heads"] == [2, 5]
 
 
@@ -222,25 +265,41 @@ def test_report_and_card(tmp_path):
     prune(dense, tmp_path / "pruned", ratio=0.5, uniform=True, importance="random")
     report = json.loads((tmp_path / "pruned" / "upcycle_report.json").read_text())
     assert report["method"] == "prune-heads" and report["heads_kept_per_layer"] == [4, 4]
-    assert report["parameters"]["before"] - report["parameters"]["after"] == 2 * 4 * 8 * 64 * 4  # q, k, v rows and o columns
+    assert (
+        report["parameters"]["before"] - report["parameters"]["after"] == 2 * 4 * 8 * 64 * 4
+    )  # q, k, v rows and o columns
     assert all(check["passed"] for check in report["checks"]) and len(report["checks"]) == 3
     card = (tmp_path / "pruned" / "README.md").read_text()
     assert "trust_remote_code" not in card and "prune-heads" in card
 
 
-
-@pytest.mark.parametrize("args,needles", [
-    (["--ratio", "1.0"], ["--ratio 1.0 is outside [0, 1)"]),
-    (["--ratio", "-0.1"], ["--ratio -0.1 is outside [0, 1)"]),
-    ([], ["--ratio R"]),
-    (["--ratio", "0.95", "--importance", "random"], ["--ratio 0.95 removes 15 of 16 heads", "--min-heads-per-layer 1"]),
-    (["--ratio", "0.5", "--importance", "random", "--min-heads-per-layer", "5", "--uniform"], ["4 of 8 heads in every layer", "--min-heads-per-layer 5"]),
-    (["--ratio", "0.5", "--importance", "random", "--min-heads-per-layer", "9"], ["--min-heads-per-layer 9 is outside [1, 8]"]),
-    (["--ratio", "0.25"], ["--importance gradient needs calibration text", "--calibration FILE"]),
-    (["--ratio", "0.25", "--calibration", "missing.txt"], ["--calibration missing.txt does not exist"]),
-    (["--ratio", "0.25", "--importance", "random", "--iterative", "0"], ["--iterative 0"]),
-    (["--ratio", "0.25", "--importance", "random", "--refit", "lstsq"], ["--refit lstsq", "needs calibration text", "--calibration FILE"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--ratio", "1.0"], ["--ratio 1.0 is outside [0, 1)"]),
+        (["--ratio", "-0.1"], ["--ratio -0.1 is outside [0, 1)"]),
+        ([], ["--ratio R"]),
+        (
+            ["--ratio", "0.95", "--importance", "random"],
+            ["--ratio 0.95 removes 15 of 16 heads", "--min-heads-per-layer 1"],
+        ),
+        (
+            ["--ratio", "0.5", "--importance", "random", "--min-heads-per-layer", "5", "--uniform"],
+            ["4 of 8 heads in every layer", "--min-heads-per-layer 5"],
+        ),
+        (
+            ["--ratio", "0.5", "--importance", "random", "--min-heads-per-layer", "9"],
+            ["--min-heads-per-layer 9 is outside [1, 8]"],
+        ),
+        (["--ratio", "0.25"], ["--importance gradient needs calibration text", "--calibration FILE"]),
+        (["--ratio", "0.25", "--calibration", "missing.txt"], ["--calibration missing.txt does not exist"]),
+        (["--ratio", "0.25", "--importance", "random", "--iterative", "0"], ["--iterative 0"]),
+        (
+            ["--ratio", "0.25", "--importance", "random", "--refit", "lstsq"],
+            ["--refit lstsq", "needs calibration text", "--calibration FILE"],
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
     dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
     assert_one_line_error(run("convert", dense, tmp_path / "out", "--method", "prune-heads", *args), *needles)
@@ -249,20 +308,47 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
 
 def test_gqa_ratio_that_empties_a_layer(tmp_path):
     dense = build_dense(tmp_path / "dense")  # 2 KV groups of 4 heads per layer
-    result = run("convert", dense, tmp_path / "out", "--method", "prune-heads", "--ratio", "0.5", "--importance", "random", "--min-heads-per-layer", "5")
+    result = run(
+        "convert",
+        dense,
+        tmp_path / "out",
+        "--method",
+        "prune-heads",
+        "--ratio",
+        "0.5",
+        "--importance",
+        "random",
+        "--min-heads-per-layer",
+        "5",
+    )
     assert_one_line_error(result, "removes 2 of 4 KV groups", "--min-heads-per-layer 5")
     assert leftovers(tmp_path) == []
 
 
 def test_cli_prunes_and_inspect_shows_the_plan(tmp_path, calibration_file):
     dense = build_dense(tmp_path / "dense")
-    result = run("convert", dense, tmp_path / "out", "--method", "prune-heads", "--ratio", "0.25", "--calibration", calibration_file,
-                 "--calibration-tokens", "512", "--refit", "lstsq")
+    result = run(
+        "convert",
+        dense,
+        tmp_path / "out",
+        "--method",
+        "prune-heads",
+        "--ratio",
+        "0.25",
+        "--calibration",
+        calibration_file,
+        "--calibration-tokens",
+        "512",
+        "--refit",
+        "lstsq",
+    )
     assert result.exit_code == 0, result.output
     assert "upcycle checkpoint with per-layer head counts" in result.stdout and "fewer" in result.stdout
     assert "refit lstsq of o_proj on 512 calibration tokens, 1 layer: mean attention-output error" in result.stdout
     info = json.loads(run("inspect", tmp_path / "out", "--json").stdout)
-    assert info["method"] == "prune-heads" and sorted(len(layer["attention_heads"]["kept_heads"]) for layer in info["plan"]) == [4, 8]
+    assert info["method"] == "prune-heads" and sorted(
+        len(layer["attention_heads"]["kept_heads"]) for layer in info["plan"]
+    ) == [4, 8]
     assert "query heads kept" in run("inspect", tmp_path / "out").stdout
 
 
@@ -280,7 +366,9 @@ def calibration_tokens(folder: Path, text: Path, tokens: int = 1024) -> torch.Te
     """The blocks [N, T] the refit saw."""
     from upcycle.data.calibration import calibration_blocks
 
-    return calibration_blocks(folder, json.loads((folder / "config.json").read_text()), text, tokens, 512, encoder=False)
+    return calibration_blocks(
+        folder, json.loads((folder / "config.json").read_text()), text, tokens, 512, encoder=False
+    )
 
 
 def kl_to_dense(dense: Path, converted: Path, blocks: torch.Tensor) -> float:
@@ -306,17 +394,30 @@ def attention_errors(dense: Path, converted: Path, blocks: torch.Tensor) -> list
 
 def test_refit_lstsq_lowers_the_attention_error_and_the_loss(tmp_path, calibration_file):
     dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
-    common = dict(ratio=0.5, uniform=True, importance="random", seed=2, calibration=calibration_file, calibration_tokens=1024)
+    common = dict(
+        ratio=0.5, uniform=True, importance="random", seed=2, calibration=calibration_file, calibration_tokens=1024
+    )
     prune(dense, tmp_path / "none", **common)
     report = prune(dense, tmp_path / "lstsq", refit="lstsq", **common)["refit"]
-    assert report["mode"] == "lstsq" and report["calibration_tokens"] == 1024 and [e["layer"] for e in report["per_layer"]] == [0, 1]
+    assert (
+        report["mode"] == "lstsq"
+        and report["calibration_tokens"] == 1024
+        and [e["layer"] for e in report["per_layer"]] == [0, 1]
+    )
     assert all(e["error_after"] < e["error_before"] for e in report["per_layer"])
     blocks = calibration_tokens(dense, calibration_file)
     assert kl_to_dense(dense, tmp_path / "lstsq", blocks) < kl_to_dense(dense, tmp_path / "none", blocks) / 2
     # the reported errors are those of the written models (before: the conversion without refit)
     measured_before, measured_after = (attention_errors(dense, tmp_path / name, blocks) for name in ("none", "lstsq"))
-    torch.testing.assert_close(torch.tensor(measured_before), torch.tensor([e["error_before"] for e in report["per_layer"]]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.tensor(measured_after), torch.tensor([e["error_after"] for e in report["per_layer"]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(measured_before),
+        torch.tensor([e["error_before"] for e in report["per_layer"]]),
+        atol=1e-4,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        torch.tensor(measured_after), torch.tensor([e["error_after"] for e in report["per_layer"]]), atol=1e-4, rtol=0
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lstsq")  # still a plain llama
     assert type(model).__module__.startswith("transformers.models.llama") and model.config.num_attention_heads == 4
 
@@ -327,7 +428,9 @@ def test_refit_rescale_scales_o_proj_rows(tmp_path, calibration_file):
     prune(dense, tmp_path / "none", **common)
     report = prune(dense, tmp_path / "rescale", refit="rescale", **common)
     changed = [i for i, kept in enumerate(report["heads_kept_per_layer"]) if kept < 8]
-    assert [e["layer"] for e in report["refit"]["per_layer"]] == changed and "refit rescale" in report["plan_lines"][-1]
+    assert [e["layer"] for e in report["refit"]["per_layer"]] == changed and "refit rescale" in report["plan_lines"][
+        -1
+    ]
     sliced, scaled = (load_file(tmp_path / name / "model.safetensors") for name in ("none", "rescale"))
     for layer in range(2):
         name = f"model.layers.{layer}.self_attn.o_proj.weight"
@@ -346,8 +449,19 @@ def test_refit_at_ratio_zero_keeps_every_byte(tmp_path, calibration_file):
 
 def test_bert_refit_lstsq(tmp_path, calibration_file):
     dense = build_bert(tmp_path / "dense")
-    report = prune(dense, tmp_path / "pruned", ratio=0.3125, importance="random", refit="lstsq", calibration=calibration_file, calibration_tokens=1024)
-    assert all(e["error_after"] < e["error_before"] for e in report["refit"]["per_layer"]) and len(report["refit"]["per_layer"]) == 2
+    report = prune(
+        dense,
+        tmp_path / "pruned",
+        ratio=0.3125,
+        importance="random",
+        refit="lstsq",
+        calibration=calibration_file,
+        calibration_tokens=1024,
+    )
+    assert (
+        all(e["error_after"] < e["error_before"] for e in report["refit"]["per_layer"])
+        and len(report["refit"]["per_layer"]) == 2
+    )
     pruned = load(tmp_path / "pruned", AutoModel)
     written = load_file(tmp_path / "pruned" / "model.safetensors")["encoder.layer.0.attention.output.dense.weight"]
     assert torch.equal(pruned.encoder.layer[0].attention.output.dense.weight, written)

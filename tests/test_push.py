@@ -69,7 +69,9 @@ def push(*args: str):
 
 
 def test_push_uploads_every_file_the_card_and_the_options(hub, model):
-    result = push(model, "org/tiny-moh", "--private", "--revision", "dev", "--commit-message", "First upload of the MoH model")
+    result = push(
+        model, "org/tiny-moh", "--private", "--revision", "dev", "--commit-message", "First upload of the MoH model"
+    )
     assert result.exit_code == 0, result.output
     files = local_files(model)
     assert len(files) > 10 and "README.md" in files and "model.safetensors.index.json" in files
@@ -80,7 +82,11 @@ def test_push_uploads_every_file_the_card_and_the_options(hub, model):
     assert repo.private
     assert [(c["branch"], c["summary"]) for c in repo.commits] == [("dev", "First upload of the MoH model")]
     create = next(r for r in hub.requests if r.path == "/api/repos/create")
-    assert create.body["visibility"] == "private" and create.body["organization"] == "org" and create.body["name"] == "tiny-moh"
+    assert (
+        create.body["visibility"] == "private"
+        and create.body["organization"] == "org"
+        and create.body["name"] == "tiny-moh"
+    )
     assert "/api/models/org/tiny-moh/branch/dev" in hub.paths("POST")
     assert all(r.authorized for r in hub.requests)  # the token went into the Authorization header
     assert any("upcycle/" in r.headers.get("user-agent", "") for r in hub.requests)
@@ -95,7 +101,10 @@ def test_push_defaults_public_main_and_own_namespace(hub, model):
     result = push(model, "tiny-moh")
     assert result.exit_code == 0, result.output
     repo_id = f"{USER}/tiny-moh"
-    assert not hub.repos[repo_id].private and "visibility" not in next(r for r in hub.requests if r.path == "/api/repos/create").body
+    assert (
+        not hub.repos[repo_id].private
+        and "visibility" not in next(r for r in hub.requests if r.path == "/api/repos/create").body
+    )
     assert hub.files(repo_id) == local_files(model)
     assert hub.repos[repo_id].commits[0]["summary"] == "Upload tiny-moh with upcycle"
     assert not any("/branch/" in path for path in hub.paths())
@@ -148,16 +157,30 @@ def test_stored_login_is_used_when_hf_token_is_unset(hub, model, monkeypatch):
 
 
 def test_token_without_write_access_names_the_namespace(hub, model):
-    hub.fail("POST", "/api/repos/create", 403, body={"error": "You don't have the rights to create a model under this namespace"})
-    assert_one_line_error(push(model, "someone-else/tiny-moh"), "may not write to someone-else/tiny-moh", "HTTP 403", "hf auth login")
+    hub.fail(
+        "POST",
+        "/api/repos/create",
+        403,
+        body={"error": "You don't have the rights to create a model under this namespace"},
+    )
+    assert_one_line_error(
+        push(model, "someone-else/tiny-moh"), "may not write to someone-else/tiny-moh", "HTTP 403", "hf auth login"
+    )
 
 
 def test_metadata_the_hub_refuses_is_one_line(hub, model):
-    hub.fail("POST", "/api/validate-yaml", 400, body={"errors": [{"message": '"license" must be one of [apache-2.0, mit, ...]'}]})
+    hub.fail(
+        "POST",
+        "/api/validate-yaml",
+        400,
+        body={"errors": [{"message": '"license" must be one of [apache-2.0, mit, ...]'}]},
+    )
     result = push(model, "org/tiny-moh")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.stderr.splitlines()[-1] == ('error: the Hub refused README.md\'s metadata ("license" must be one of [apache-2.0, mit, ...]); '
-                                              "fix the card (or refresh it with `upcycle card`) and push again")
+    assert result.stderr.splitlines()[-1] == (
+        'error: the Hub refused README.md\'s metadata ("license" must be one of [apache-2.0, mit, ...]); '
+        "fix the card (or refresh it with `upcycle card`) and push again"
+    )
     assert not any("/commit/" in path for path in hub.paths())
 
 
@@ -177,7 +200,9 @@ def test_a_lasting_server_error_ends_in_one_line(hub, model):
     hub.fail("POST", "/api/repos/create", 503, times=100)
     result = push(model, "org/tiny-moh")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.stderr.splitlines()[-1].startswith("error: the Hub answered HTTP 503 (after retries) while creating the repository")
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: the Hub answered HTTP 503 (after retries) while creating the repository"
+    )
     assert "run the same command again" in result.stderr
     assert hub.paths().count("/api/repos/create") == hub_module.RETRY_ATTEMPTS and hub.repos == {}
 
@@ -199,7 +224,9 @@ def test_unreachable_endpoint_is_one_line(hub, model, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     result = push(model, "org/tiny-moh")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.stderr.splitlines()[-1].startswith("error: could not reach http://127.0.0.1:9 while checking the token")
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: could not reach http://127.0.0.1:9 while checking the token"
+    )
 
 
 def _drop_a_shard(folder: Path) -> str:
@@ -251,8 +278,19 @@ def _local_base_model(folder: Path) -> str:
     return "base_model 'tiny-llama' is not a Hub model id"
 
 
-@pytest.mark.parametrize("damage", [_drop_a_shard, _index_names_a_tensor_the_shard_lacks, _truncate_a_shard, _drop_the_modeling_file,
-                                    _drop_a_module_it_imports, _drop_the_card, _drop_the_config, _local_base_model])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _drop_a_shard,
+        _index_names_a_tensor_the_shard_lacks,
+        _truncate_a_shard,
+        _drop_the_modeling_file,
+        _drop_a_module_it_imports,
+        _drop_the_card,
+        _drop_the_config,
+        _local_base_model,
+    ],
+)
 def test_an_invalid_folder_is_refused_before_any_request(hub, model, damage):
     problem = damage(model)
     for args in ([], ["--dry-run"]):
@@ -274,8 +312,13 @@ def test_every_problem_is_listed(hub, model):
 
 
 def test_the_token_appears_nowhere(hub, model, tmp_path, capfd):
-    outputs = [push(model, "org/tiny-moh", "--private", "--commit-message", "upload"), push(model, "org/tiny-moh", "--dry-run")]
-    hub.fail("POST", "/api/repos/create", 500, times=100, body={"error": f"echoing the header: Bearer {TOKEN}"})  # a server that leaks it
+    outputs = [
+        push(model, "org/tiny-moh", "--private", "--commit-message", "upload"),
+        push(model, "org/tiny-moh", "--dry-run"),
+    ]
+    hub.fail(
+        "POST", "/api/repos/create", 500, times=100, body={"error": f"echoing the header: Bearer {TOKEN}"}
+    )  # a server that leaks it
     outputs.append(push(model, "org/other"))
     assert [o.exit_code for o in outputs] == [0, 0, 1]
     assert hub.files("org/tiny-moh") == local_files(model)
@@ -291,7 +334,18 @@ def test_the_token_appears_nowhere(hub, model, tmp_path, capfd):
 
 def test_convert_push_to_hub(hub, tmp_path):
     dense = build_dense(snapshot(tmp_path, "org/tiny-llama"))
-    result = run("convert", dense, tmp_path / "out", "--method", "gqa", "--kv-heads", "1", "--push-to-hub", "org/tiny-mqa", "--private")
+    result = run(
+        "convert",
+        dense,
+        tmp_path / "out",
+        "--method",
+        "gqa",
+        "--kv-heads",
+        "1",
+        "--push-to-hub",
+        "org/tiny-mqa",
+        "--private",
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     assert hub.files("org/tiny-mqa") == local_files(out) and hub.repos["org/tiny-mqa"].private
@@ -311,7 +365,9 @@ def test_convert_push_to_hub_checks_before_converting(hub, tmp_path, monkeypatch
     assert_one_line_error(run("convert", dense, tmp_path / "out", "--push-to-hub", "org/x"), "token was rejected")
     assert not (tmp_path / "out").exists() and hub.repos == {}
     assert_one_line_error(run("convert", dense, tmp_path / "out", "--private"), "--private applies to --push-to-hub")
-    assert_one_line_error(run("convert", dense, tmp_path / "out", "--push-to-hub", "not a repo"), "not a Hub repository id")
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--push-to-hub", "not a repo"), "not a Hub repository id"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -343,8 +399,14 @@ def test_finetune_push_to_hub(hub, tmp_path, calibration_file):
 def test_the_installed_command_honours_hf_endpoint(hub, model, tmp_path):
     """A fresh process (huggingface_hub reads HF_ENDPOINT at import) pushes to the endpoint in its environment."""
     env = os.environ | {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home")}
-    result = subprocess.run([sys.executable, "-m", "upcycle", "push", str(model), "org/tiny-moh"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "upcycle", "push", str(model), "org/tiny-moh"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert hub.files("org/tiny-moh") == local_files(model)
     assert TOKEN not in result.stdout + result.stderr

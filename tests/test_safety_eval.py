@@ -17,7 +17,9 @@ from upcycle.data import text as text_module
 from upcycle.data.corpus import DataConfig, build_corpus
 from upcycle.errors import UpcycleError
 
-evaluate_module = importlib.import_module("upcycle.eval.evaluate")  # the module (upcycle.eval.evaluate is also a function)
+evaluate_module = importlib.import_module(
+    "upcycle.eval.evaluate"
+)  # the module (upcycle.eval.evaluate is also a function)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,7 @@ def corpus(tmp_path):
 @pytest.fixture
 def no_scoring(monkeypatch):
     """Fail the test if a model is scored: the refusals below come before any evaluation."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was evaluated before the input was checked")
 
@@ -43,15 +46,24 @@ def no_scoring(monkeypatch):
 
 # ---- eval --json PATH ------------------------------------------------------------------------------------------
 
-def test_eval_json_into_a_missing_folder_or_below_a_file_is_refused_before_evaluating(dense, corpus, tmp_path, monkeypatch, no_scoring):
+
+def test_eval_json_into_a_missing_folder_or_below_a_file_is_refused_before_evaluating(
+    dense, corpus, tmp_path, monkeypatch, no_scoring
+):
     missing = tmp_path / "missing" / "eval.json"
-    assert_one_line_error(run("eval", dense, "--data", corpus, "--json", missing), "--json", str(tmp_path / "missing"), "does not exist")
+    assert_one_line_error(
+        run("eval", dense, "--data", corpus, "--json", missing), "--json", str(tmp_path / "missing"), "does not exist"
+    )
     assert not missing.parent.exists()
     below_a_file = corpus / "eval.json"  # its parent is a regular file
-    assert_one_line_error(run("eval", dense, "--data", corpus, "--json", below_a_file), "--json", "is a file, not a folder")
+    assert_one_line_error(
+        run("eval", dense, "--data", corpus, "--json", below_a_file), "--json", "is a file, not a folder"
+    )
     deeper = corpus / "sub" / "eval.json"
     assert_one_line_error(run("eval", dense, "--data", corpus, "--json", deeper), "is a file, not a folder")
-    assert_one_line_error(run("eval", dense, "--data", corpus, "--json", tmp_path), "--json", "is a folder", "eval.json")
+    assert_one_line_error(
+        run("eval", dense, "--data", corpus, "--json", tmp_path), "--json", "is a folder", "eval.json"
+    )
 
     monkeypatch.undo()  # scoring allowed again
     out = tmp_path / "eval.json"  # a writable path: written whole, through a temporary file that is gone afterwards
@@ -67,7 +79,9 @@ def test_eval_json_into_a_read_only_folder_is_refused_before_evaluating(dense, c
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        assert_one_line_error(run("eval", dense, "--data", corpus, "--json", locked / "eval.json"), "--json", "cannot write in")
+        assert_one_line_error(
+            run("eval", dense, "--data", corpus, "--json", locked / "eval.json"), "--json", "cannot write in"
+        )
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)
@@ -75,24 +89,34 @@ def test_eval_json_into_a_read_only_folder_is_refused_before_evaluating(dense, c
 
 # ---- the model: tokenizer and window ---------------------------------------------------------------------------
 
+
 def test_eval_of_a_folder_without_tokenizer_files_is_one_line(tmp_path, corpus, no_scoring):
     folder = build_dense(tmp_path / "bare")
     for file in folder.iterdir():
         if file.name.startswith(("tokenizer", "special_tokens")):
             file.unlink()
-    assert_one_line_error(run("eval", folder, "--data", corpus), str(folder), "no tokenizer files", "copy the tokenizer files")
+    assert_one_line_error(
+        run("eval", folder, "--data", corpus), str(folder), "no tokenizer files", "copy the tokenizer files"
+    )
 
 
 def test_window_above_max_position_embeddings_is_refused(dense, corpus, no_scoring):
-    assert_one_line_error(run("eval", dense, "--data", corpus, "--window", "1000"),
-                          "--window 1000", "max_position_embeddings (256)", "--window 256 or less")
+    assert_one_line_error(
+        run("eval", dense, "--data", corpus, "--window", "1000"),
+        "--window 1000",
+        "max_position_embeddings (256)",
+        "--window 256 or less",
+    )
     assert_one_line_error(run("eval", dense, "--data", corpus, "--window", "0"), "--window 0")
 
 
 def test_window_above_the_compared_models_limit_is_refused(dense, corpus, tmp_path, no_scoring):
     short = build_dense(tmp_path / "short", max_position_embeddings=64)
-    assert_one_line_error(run("eval", dense, "--data", corpus, "--compare", short, "--window", "128"),
-                          "max_position_embeddings (64)", str(short))
+    assert_one_line_error(
+        run("eval", dense, "--data", corpus, "--compare", short, "--window", "128"),
+        "max_position_embeddings (64)",
+        str(short),
+    )
 
 
 def test_the_default_window_is_at_most_max_position_embeddings(dense, corpus, tmp_path):
@@ -110,9 +134,17 @@ LATIN1 = "caf\xe9 cr\xe8me w1 w2\n".encode("latin-1")
 UTF16 = "w1 w2 w3\n".encode("utf-16")
 
 
-@pytest.mark.parametrize("content,needle", [(b"", "is empty"), (b"\n \n\t\n", "is empty"), (BINARY, "is not UTF-8 text"),
-                                            (LATIN1, "is not UTF-8 text"), (UTF16, "is not UTF-8 text")],
-                         ids=["empty", "whitespace", "binary", "latin-1", "utf-16"])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "is empty"),
+        (b"\n \n\t\n", "is empty"),
+        (BINARY, "is not UTF-8 text"),
+        (LATIN1, "is not UTF-8 text"),
+        (UTF16, "is not UTF-8 text"),
+    ],
+    ids=["empty", "whitespace", "binary", "latin-1", "utf-16"],
+)
 def test_eval_data_that_is_empty_or_not_text_is_one_line(dense, tmp_path, content, needle, no_scoring):
     path = tmp_path / "data.txt"
     path.write_bytes(content)
@@ -169,47 +201,57 @@ def test_bad_bytes_past_the_checked_start_are_still_one_line(tmp_path, caches, m
 
 # ---- push: what the Hub refused ---------------------------------------------------------------------------------
 
-def test_push_a_repo_id_the_hub_refuses_says_so(hub, model):
+
+def test_push_a_repo_id_the_hub_refuses_says_so(hub, model):  # noqa: F811  (fixtures)
     hub.fail("POST", "/api/repos/create", 400, body={"error": "Invalid repo name"})
     result = push(model, "org/tiny-moh")
-    assert_one_line_error(result, "refused to create org/tiny-moh", "HTTP 400", "Invalid repo name", "repository id is invalid")
+    assert_one_line_error(
+        result, "refused to create org/tiny-moh", "HTTP 400", "Invalid repo name", "repository id is invalid"
+    )
     assert "run the same command again" not in result.stderr and TOKEN not in result.output
     assert hub.paths().count("/api/repos/create") == 1 and hub.repos == {}  # not retried: it is not transient
 
 
-def test_push_to_a_repository_the_hub_does_not_find_says_so(hub, model):
-    hub.fail("POST", "/api/repos/create", 404, headers={"X-Error-Code": "RepoNotFound"}, body={"error": "Repository not found"})
+def test_push_to_a_repository_the_hub_does_not_find_says_so(hub, model):  # noqa: F811  (fixtures)
+    hub.fail(
+        "POST",
+        "/api/repos/create",
+        404,
+        headers={"X-Error-Code": "RepoNotFound"},
+        body={"error": "Repository not found"},
+    )
     result = push(model, "someone/tiny-moh")
     assert_one_line_error(result, "refused someone/tiny-moh", "repository not found", "HTTP 404", "owner/name")
     assert "run the same command again" not in result.stderr and TOKEN not in result.output
 
 
-def test_a_404_while_uploading_is_not_called_transient(hub, model):
+def test_a_404_while_uploading_is_not_called_transient(hub, model):  # noqa: F811  (fixtures)
     hub.fail("POST", "/api/models/org/tiny-moh/preupload", 404, headers={"X-Error-Code": "RepoNotFound"}, times=10)
     result = push(model, "org/tiny-moh")
     assert_one_line_error(result, "org/tiny-moh", "repository not found", "while uploading")
     assert "run the same command again" not in result.stderr and TOKEN not in result.output
 
 
-def test_another_client_error_names_what_the_hub_said(hub, model):
+def test_another_client_error_names_what_the_hub_said(hub, model):  # noqa: F811  (fixtures)
     hub.fail("POST", "/api/repos/create", 422, body={"error": "Repository storage quota exceeded"})
     result = push(model, "org/tiny-moh")
     assert_one_line_error(result, "HTTP 422", "Repository storage quota exceeded", "running again will not help")
     assert hub.paths().count("/api/repos/create") == 1
 
 
-def test_an_endpoint_that_is_not_a_hub_is_named(hub, model):
+def test_an_endpoint_that_is_not_a_hub_is_named(hub, model):  # noqa: F811  (fixtures)
     hub.fail("GET", "/api/whoami-v2", 404, body={"error": "Not Found"})
     assert_one_line_error(push(model, "org/tiny-moh"), "answered HTTP 404 while checking the token", "HF_ENDPOINT")
 
 
 # ---- push: Python files that are not upcycle's runtime ----------------------------------------------------------
 
+
 def python_warnings(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
 
 
-def test_push_warns_about_python_files_that_are_not_upcycles_runtime(hub, model):
+def test_push_warns_about_python_files_that_are_not_upcycles_runtime(hub, model):  # noqa: F811  (fixtures)
     clean = push(model, "org/tiny-moh", "--dry-run")  # a conversion holds upcycle's runtime only: no warning
     assert clean.exit_code == 0 and python_warnings(clean) == [], clean.output
     (model / "helper.py").write_text("import os\nos.system('echo hi')\n")
@@ -222,8 +264,12 @@ def test_push_warns_about_python_files_that_are_not_upcycles_runtime(hub, model)
     warnings = python_warnings(result)
     assert len(warnings) == 3, result.stderr
     assert any(w.startswith("warning: helper.py is Python code that is not upcycle's runtime") for w in warnings)
-    assert any(w.startswith("warning: extra/routers.py is Python code that is not upcycle's runtime") for w in warnings)
-    assert any(w.startswith("warning: routers.py differs from the runtime file of the installed upcycle") for w in warnings)
+    assert any(
+        w.startswith("warning: extra/routers.py is Python code that is not upcycle's runtime") for w in warnings
+    )
+    assert any(
+        w.startswith("warning: routers.py differs from the runtime file of the installed upcycle") for w in warnings
+    )
     assert all("trust_remote_code" in w for w in warnings)
     assert hub.files("org/tiny-moh") == local_files(model)  # a warning, not a refusal
 

@@ -1,5 +1,6 @@
 """`upcycle convert` never loses or half-writes anything: inputs inside OUT are refused, killed runs' temp folders are
-cleaned up by the next run, SIGTERM cleans up like Ctrl-C, and a full, read-only or impossible destination is one line."""
+cleaned up by the next run, SIGTERM cleans up like Ctrl-C, and a full, read-only or impossible destination is one
+line."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from conftest import build_dense
 from typer.testing import CliRunner
 
-from conftest import build_dense
 from upcycle.checkpoint import writer as writer_module
 from upcycle.checkpoint.writer import OWNER_FILE, Terminated, atomic_output, recover_output
 from upcycle.cli import app
@@ -75,27 +76,119 @@ def place(tmp_path: Path, dense: Path) -> Path:
 
 # (command args, exit code, stderr pattern, paths that must exist afterwards, paths that must not)
 CATALOGUE = {
-    "SRC inside OUT": (["convert", "{t}/parent/src", "{t}/parent", "--overwrite"], 1, r"SRC .*parent/src is inside OUT .*--overwrite would delete",
-                       ["parent/src/config.json", "parent/src/model.safetensors", "parent/keep.txt", "parent/c.txt"], []),
-    "expert inside OUT": (["convert", "{t}/dense", "{t}/parent", "--overwrite", "--method", "bam", "--expert", "{t}/parent/src"], 1,
-                          r"--expert .*parent/src is inside OUT", ["parent/src/config.json", "parent/keep.txt"], []),
-    "calibration inside OUT": (["convert", "{t}/dense", "{t}/parent", "--overwrite", "--method", "prune-heads", "--ratio", "0.25",
-                                "--calibration", "{t}/parent/c.txt"], 1, r"--calibration .*parent/c.txt is inside OUT", ["parent/c.txt", "parent/keep.txt"], []),
-    "calibration is OUT": (["convert", "{t}/dense", "{t}/parent/c.txt", "--overwrite", "--method", "prune-heads", "--ratio", "0.25",
-                            "--calibration", "{t}/parent/c.txt"], 1, r"--calibration .*is inside OUT", ["parent/c.txt"], []),
-    "OUT inside an expert": (["convert", "{t}/dense", "{t}/expert/moh", "--method", "bam", "--expert", "{t}/expert"], 1,
-                             r"OUT .*expert/moh is inside --expert", ["expert/config.json"], ["expert/moh"]),
-    "parent is a file": (["convert", "{t}/dense", "{t}/afile/out"], 1, r"cannot create .*afile/out: .*afile is a file, not a folder",
-                         ["afile"], []),
-    "ancestor is a file": (["convert", "{t}/dense", "{t}/afile/x/out"], 1, r"afile is a file, not a folder", ["afile"], []),
-    "shared heads nan": (["convert", "{t}/dense", "{t}/out", "--shared-heads", "nan"], 1, r"--shared-heads 'nan' is not a finite number", [], ["out"]),
-    "shared heads inf": (["convert", "{t}/dense", "{t}/out", "--shared-heads", "inf"], 1, r"--shared-heads 'inf' is not a finite number", [], ["out"]),
-    "active heads nan": (["convert", "{t}/dense", "{t}/out", "--active-heads", "nan"], 1, r"--active-heads nan is not a finite number", [], ["out"]),
-    "ratio inf": (["convert", "{t}/dense", "{t}/out", "--method", "prune-heads", "--ratio", "inf"], 1, r"--ratio inf is not a finite number", [], ["out"]),
-    "all heads shared, active 1.0": (["convert", "{t}/dense4", "{t}/out", "--shared-heads", "4", "--active-heads", "1.0"], 1,
-                                     r"all 4 heads shared, which leaves no routed head.*--shared-heads 2", [], ["out"]),
-    "all heads shared as a fraction": (["convert", "{t}/dense4", "{t}/out", "--shared-heads", "1.0", "--active-heads", "1.0"], 1,
-                                       r"no routed head", [], ["out"]),
+    "SRC inside OUT": (
+        ["convert", "{t}/parent/src", "{t}/parent", "--overwrite"],
+        1,
+        r"SRC .*parent/src is inside OUT .*--overwrite would delete",
+        ["parent/src/config.json", "parent/src/model.safetensors", "parent/keep.txt", "parent/c.txt"],
+        [],
+    ),
+    "expert inside OUT": (
+        ["convert", "{t}/dense", "{t}/parent", "--overwrite", "--method", "bam", "--expert", "{t}/parent/src"],
+        1,
+        r"--expert .*parent/src is inside OUT",
+        ["parent/src/config.json", "parent/keep.txt"],
+        [],
+    ),
+    "calibration inside OUT": (
+        [
+            "convert",
+            "{t}/dense",
+            "{t}/parent",
+            "--overwrite",
+            "--method",
+            "prune-heads",
+            "--ratio",
+            "0.25",
+            "--calibration",
+            "{t}/parent/c.txt",
+        ],
+        1,
+        r"--calibration .*parent/c.txt is inside OUT",
+        ["parent/c.txt", "parent/keep.txt"],
+        [],
+    ),
+    "calibration is OUT": (
+        [
+            "convert",
+            "{t}/dense",
+            "{t}/parent/c.txt",
+            "--overwrite",
+            "--method",
+            "prune-heads",
+            "--ratio",
+            "0.25",
+            "--calibration",
+            "{t}/parent/c.txt",
+        ],
+        1,
+        r"--calibration .*is inside OUT",
+        ["parent/c.txt"],
+        [],
+    ),
+    "OUT inside an expert": (
+        ["convert", "{t}/dense", "{t}/expert/moh", "--method", "bam", "--expert", "{t}/expert"],
+        1,
+        r"OUT .*expert/moh is inside --expert",
+        ["expert/config.json"],
+        ["expert/moh"],
+    ),
+    "parent is a file": (
+        ["convert", "{t}/dense", "{t}/afile/out"],
+        1,
+        r"cannot create .*afile/out: .*afile is a file, not a folder",
+        ["afile"],
+        [],
+    ),
+    "ancestor is a file": (
+        ["convert", "{t}/dense", "{t}/afile/x/out"],
+        1,
+        r"afile is a file, not a folder",
+        ["afile"],
+        [],
+    ),
+    "shared heads nan": (
+        ["convert", "{t}/dense", "{t}/out", "--shared-heads", "nan"],
+        1,
+        r"--shared-heads 'nan' is not a finite number",
+        [],
+        ["out"],
+    ),
+    "shared heads inf": (
+        ["convert", "{t}/dense", "{t}/out", "--shared-heads", "inf"],
+        1,
+        r"--shared-heads 'inf' is not a finite number",
+        [],
+        ["out"],
+    ),
+    "active heads nan": (
+        ["convert", "{t}/dense", "{t}/out", "--active-heads", "nan"],
+        1,
+        r"--active-heads nan is not a finite number",
+        [],
+        ["out"],
+    ),
+    "ratio inf": (
+        ["convert", "{t}/dense", "{t}/out", "--method", "prune-heads", "--ratio", "inf"],
+        1,
+        r"--ratio inf is not a finite number",
+        [],
+        ["out"],
+    ),
+    "all heads shared, active 1.0": (
+        ["convert", "{t}/dense4", "{t}/out", "--shared-heads", "4", "--active-heads", "1.0"],
+        1,
+        r"all 4 heads shared, which leaves no routed head.*--shared-heads 2",
+        [],
+        ["out"],
+    ),
+    "all heads shared as a fraction": (
+        ["convert", "{t}/dense4", "{t}/out", "--shared-heads", "1.0", "--active-heads", "1.0"],
+        1,
+        r"no routed head",
+        [],
+        ["out"],
+    ),
 }
 
 
@@ -119,7 +212,9 @@ def test_catalogue(place: Path, case: str) -> None:
 
 def test_rerun_removes_temp_folder_of_dead_process_only(tmp_path: Path, dense: Path) -> None:
     stale = leftover(tmp_path, "out", "tmp", dead_pid(), size=1 << 20)
-    live = leftover(tmp_path, "out", "tmp", os.getppid(), suffix="0a1b2c3d")  # the process that started pytest is alive
+    live = leftover(
+        tmp_path, "out", "tmp", os.getppid(), suffix="0a1b2c3d"
+    )  # the process that started pytest is alive
     result = run("convert", dense, tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert f"removed {stale}" in result.stderr
@@ -183,8 +278,13 @@ def convert_and_signal(tmp_path: Path, dense: Path, signum: int) -> subprocess.C
     script = tmp_path / "slow.py"
     script.write_text(SLOW)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, str(script), "convert", str(dense), str(tmp_path / "out")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, str(script), "convert", str(dense), str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 120
     while process.poll() is None and time.time() < deadline:
         if any((temp / "model.safetensors").exists() for temp in tmp_path.glob(".out.upcycle-tmp-*")):
@@ -249,16 +349,29 @@ def test_not_enough_free_space(tmp_path: Path, dense: Path, monkeypatch: pytest.
     result = run("convert", dense, tmp_path / "new" / "deep" / "out")
     assert result.exit_code == 1
     line = error_line(result)
-    assert re.search(rf"not enough free space for .*new/deep/out: it needs about [\d.]+ MB .* but {re.escape(str(tmp_path))} has 1.0 kB free", line), line
+    assert re.search(
+        rf"not enough free space for .*new/deep/out: it needs about [\d.]+ MB .* "
+        rf"but {re.escape(str(tmp_path))} has 1.0 kB free",
+        line,
+    ), line
     assert not (tmp_path / "new").exists()
     monkeypatch.undo()  # with the space there, the same command makes the missing parents (mkdir -p)
     assert run("convert", dense, tmp_path / "new" / "deep" / "out").exit_code == 0
     assert (tmp_path / "new" / "deep" / "out" / "config.json").exists() and hidden(tmp_path / "new" / "deep") == []
 
 
-@pytest.mark.parametrize(("code", "needle"), [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "read-only file system"),
-                                              (errno.EACCES, "Permission denied"), (errno.EDQUOT, "quota")])
-def test_disk_error_while_writing(tmp_path: Path, dense: Path, monkeypatch: pytest.MonkeyPatch, code: int, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("code", "needle"),
+    [
+        (errno.ENOSPC, "No space left on device"),
+        (errno.EROFS, "read-only file system"),
+        (errno.EACCES, "Permission denied"),
+        (errno.EDQUOT, "quota"),
+    ],
+)
+def test_disk_error_while_writing(
+    tmp_path: Path, dense: Path, monkeypatch: pytest.MonkeyPatch, code: int, needle: str
+) -> None:
     def failing(self, *args, **kwargs):
         raise OSError(code, os.strerror(code), str(self.shard_files[0]))
 
@@ -276,7 +389,9 @@ def test_unwritable_parent(tmp_path: Path, dense: Path, monkeypatch: pytest.Monk
     parent.mkdir()
     if os.geteuid() == 0:  # root ignores permissions: make the permission check say no
         real = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == parent else real(path, mode, **kw))
+        monkeypatch.setattr(
+            os, "access", lambda path, mode, **kw: False if Path(path) == parent else real(path, mode, **kw)
+        )
     else:
         parent.chmod(0o555)
     try:
@@ -284,5 +399,8 @@ def test_unwritable_parent(tmp_path: Path, dense: Path, monkeypatch: pytest.Monk
     finally:
         parent.chmod(0o755)
     assert result.exit_code == 1
-    assert re.search(r"cannot create .*locked/out: .*locked is not writable by you .*write OUT to a folder you can write to", error_line(result))
+    assert re.search(
+        r"cannot create .*locked/out: .*locked is not writable by you .*write OUT to a folder you can write to",
+        error_line(result),
+    )
     assert list(parent.iterdir()) == []

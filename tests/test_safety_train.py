@@ -45,8 +45,10 @@ def error_line(result) -> str:
 
 def strict_json(line: str):
     """json.loads that refuses NaN / Infinity (not JSON)."""
+
     def refuse(name):
         raise ValueError(f"{name} in JSON output")
+
     return json.loads(line, parse_constant=refuse)
 
 
@@ -62,9 +64,11 @@ class Planted:
 
 # ---- 1. resume never unpickles ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "optimizer.pt"])
 def test_resume_never_runs_a_pickle_planted_in_the_checkpoint(tiny, planted):
-    """accelerate's load_state would unpickle custom_checkpoint_0.pkl; upcycle reads only its own files, weights only."""
+    """accelerate's load_state would unpickle custom_checkpoint_0.pkl; upcycle reads only its own files, weights
+    only."""
     tmp_path, dense, data = tiny
     recipe = write_recipe(tmp_path, dense, data, training__eval_every=0)
     assert run_finetune(load_recipe(str(recipe)), stop_after=2) is None
@@ -78,13 +82,16 @@ def test_resume_never_runs_a_pickle_planted_in_the_checkpoint(tiny, planted):
     assert not (tmp_path / "run" / "final").exists()
     (checkpoint / planted).unlink()
     files = [p for p in checkpoint.rglob("*") if p.is_file()]
-    assert not [p for p in files if p.suffix in (".pkl", ".bin")]  # upcycle's own files: JSON, safetensors, weights-only .pt
+    assert not [
+        p for p in files if p.suffix in (".pkl", ".bin")
+    ]  # upcycle's own files: JSON, safetensors, weights-only .pt
     for file in files:
         if file.suffix == ".pt":
             torch.load(file, weights_only=True)
 
 
 # ---- 2 and 3. the output folder ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", ["model folder", "data inside", "compare inside"])
 def test_inputs_inside_the_output_are_refused_even_with_overwrite(tiny, case):
@@ -102,7 +109,9 @@ def test_inputs_inside_the_output_are_refused_even_with_overwrite(tiny, case):
     before = sorted(p.name for p in kept.parent.iterdir())
     line = error_line(finetune(recipe, "--overwrite"))
     assert "inside" in line
-    assert kept.is_file() and sorted(p.name for p in kept.parent.iterdir()) == before  # nothing deleted, nothing written
+    assert (
+        kept.is_file() and sorted(p.name for p in kept.parent.iterdir()) == before
+    )  # nothing deleted, nothing written
 
 
 def test_an_existing_output_needs_overwrite_or_resume(tiny):
@@ -115,16 +124,30 @@ def test_an_existing_output_needs_overwrite_or_resume(tiny):
     assert "no complete checkpoint" in error_line(finetune(recipe, "--resume"))
     assert "--resume" in error_line(finetune(recipe, "--resume", "--overwrite"))
     (out / "notes.txt").write_text("keep me\n")
-    assert "notes.txt" in error_line(finetune(recipe, "--overwrite"))  # --overwrite would delete what finetune never wrote
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "notes.txt"] and (out / "eval.json").read_text() == '{"mine": true}\n'
+    assert "notes.txt" in error_line(
+        finetune(recipe, "--overwrite")
+    )  # --overwrite would delete what finetune never wrote
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["eval.json", "notes.txt"]
+        and (out / "eval.json").read_text() == '{"mine": true}\n'
+    )
 
 
 # ---- 6. non-finite training ----------------------------------------------------------------------
 
+
 def test_a_diverging_run_stops_without_a_final_model(tiny):
     tmp_path, dense, data = tiny
-    recipe = write_recipe(tmp_path, dense, data, training__steps=8, training__eval_every=0, training__warmup_steps=0,
-                          training__lr=1e30, training__min_lr=1e29)
+    recipe = write_recipe(
+        tmp_path,
+        dense,
+        data,
+        training__steps=8,
+        training__eval_every=0,
+        training__warmup_steps=0,
+        training__lr=1e30,
+        training__min_lr=1e29,
+    )
     assert "'training.lr'" in error_line(finetune(recipe, "training.lr=.inf"))  # not a number a recipe may hold
     result = finetune(recipe)
     line = error_line(result)
@@ -154,6 +177,7 @@ def test_non_finite_weights_are_never_saved(tiny, monkeypatch):
 
 
 # ---- 8 and 9. interrupted saves and runs ---------------------------------------------------------
+
 
 def interrupt_rename_of(monkeypatch, name: str) -> None:
     """Stand-in for a kill while checkpoint ``name`` is being saved: Ctrl-C arrives just before its rename."""
@@ -199,11 +223,24 @@ def test_ctrl_c_says_what_was_kept_and_resume_logs_each_step_once(tiny, monkeypa
 
 def test_sigterm_is_handled_like_ctrl_c(tiny):
     tmp_path, dense, data = tiny
-    recipe = write_recipe(tmp_path, dense, data, training__steps=100000, training__eval_every=0, training__save_every=1,
-                          training__log_every=1000)
+    recipe = write_recipe(
+        tmp_path,
+        dense,
+        data,
+        training__steps=100000,
+        training__eval_every=0,
+        training__save_every=1,
+        training__log_every=1000,
+    )
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "upcycle", "finetune", str(recipe)], env=env, cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "upcycle", "finetune", str(recipe)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while latest_checkpoint(tmp_path / "run") is None and process.poll() is None and time.time() < deadline:
@@ -220,12 +257,16 @@ def test_sigterm_is_handled_like_ctrl_c(tiny):
 
 # ---- 11. one line, not a traceback -----------------------------------------------------------------
 
-@pytest.mark.parametrize("case, needle", [
-    ("betas", "training.adam_betas"),
-    ("batch split", "global_batch_tokens"),
-    ("no tokenizer", "tokenizer"),
-    ("positions", "max_position_embeddings"),
-])
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("betas", "training.adam_betas"),
+        ("batch split", "global_batch_tokens"),
+        ("no tokenizer", "tokenizer"),
+        ("positions", "max_position_embeddings"),
+    ],
+)
 def test_bad_settings_are_one_line(tiny, case, needle):
     tmp_path, dense, data = tiny
     model, overrides = dense, []

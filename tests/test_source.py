@@ -36,8 +36,10 @@ def test_open_source_refuses_a_converted_folder_in_one_line(tmp_path, dense):
     moh = converted(tmp_path, dense, "moh")
     with pytest.raises(UpcycleError) as caught:
         open_source(str(moh), role="--expert")
-    assert str(caught.value) == (f"{moh} is already an upcycle moh model (converted from a llama checkpoint); "
-                                 "convert the original dense checkpoint instead")
+    assert str(caught.value) == (
+        f"{moh} is already an upcycle moh model (converted from a llama checkpoint); "
+        "convert the original dense checkpoint instead"
+    )
 
 
 def test_open_source_of_a_missing_folder_is_one_line(tmp_path):
@@ -81,16 +83,20 @@ def test_clip_moe_refuses_an_upcycle_model_as_expert(tmp_path):
     base = build_clip(tmp_path / "base")
     moe = converted(tmp_path, base, "moe", "--method", "clip-moe", "--upcycle-copies", "2")
     result = run("convert", base, tmp_path / "out", "--method", "clip-moe", "--expert", moe)
-    assert_one_line_error(result, f"{moe} is already an upcycle clip-moe model (converted from a clip checkpoint)",
-                          "convert the original dense checkpoint instead")
+    assert_one_line_error(
+        result,
+        f"{moe} is already an upcycle clip-moe model (converted from a clip checkpoint)",
+        "convert the original dense checkpoint instead",
+    )
     assert leftovers(tmp_path) == []
 
 
 def test_bam_refuses_an_upcycle_model_as_expert(tmp_path, dense):
     moh = converted(tmp_path, dense, "moh")
     result = run("convert", dense, tmp_path / "out", "--method", "bam", "--expert", moh)
-    assert_one_line_error(result, f"{moh} is already an upcycle moh model",
-                          "convert the original dense checkpoint instead")
+    assert_one_line_error(
+        result, f"{moh} is already an upcycle moh model", "convert the original dense checkpoint instead"
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -40,7 +40,9 @@ def make_case(batch, heads, kv_heads, length, cache, dim, active, shared, dtype,
     gates = torch.zeros(batch, length, heads)
     gates[:, :, :shared] = 1.0
     chosen = torch.rand(batch, length, len(routed), generator=generator) < active
-    gates[:, :, shared:] = chosen * (0.5 + torch.rand(batch, length, len(routed), generator=generator))  # soft non-zero gates
+    gates[:, :, shared:] = chosen * (
+        0.5 + torch.rand(batch, length, len(routed), generator=generator)
+    )  # soft non-zero gates
     keep = None
     if padding:
         keep = torch.ones(batch, 1, length, keys, dtype=torch.bool)
@@ -53,11 +55,17 @@ CASES = [
     dict(length=300, cache=0, kv_heads=2, active=0.75, causal=True, padding=True),  # longer than a chunk, GQA
     dict(length=37, cache=11, kv_heads=2, active=0.3, causal=True, padding=True),  # queries after cached keys
     dict(length=1, cache=20, kv_heads=4, active=1.0, causal=True, padding=False),  # decode step
-    dict(length=1, cache=30, kv_heads=2, active=0.5, causal=True, padding=True, shared=2),  # decode step, padding, part of a group shared
-    dict(length=6, cache=9, kv_heads=4, active=0.5, causal=True, padding=False),  # several new tokens after a cache, no mask
+    dict(
+        length=1, cache=30, kv_heads=2, active=0.5, causal=True, padding=True, shared=2
+    ),  # decode step, padding, part of a group shared
+    dict(
+        length=6, cache=9, kv_heads=4, active=0.5, causal=True, padding=False
+    ),  # several new tokens after a cache, no mask
     dict(length=33, cache=0, kv_heads=4, active=0.6, causal=False, padding=True),  # bidirectional
     dict(length=17, cache=0, kv_heads=1, active=0.0, causal=True, padding=False),  # no routed head selected
-    dict(length=40, cache=3, kv_heads=2, active=0.5, causal=True, padding=True, shared=4),  # shared heads = a whole KV group
+    dict(
+        length=40, cache=3, kv_heads=2, active=0.5, causal=True, padding=True, shared=4
+    ),  # shared heads = a whole KV group
     dict(length=40, cache=0, kv_heads=2, active=0.5, causal=True, padding=False, shared=4),
 ]
 
@@ -65,8 +73,18 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_the_masked_reference_in_outputs_and_gradients(case, dtype):
-    query, key, value, gates, keep, shared, routed = make_case(2, 8, case["kv_heads"], case["length"], case["cache"], 16,
-                                                               case["active"], case.get("shared", 3), dtype, case["padding"])
+    query, key, value, gates, keep, shared, routed = make_case(
+        2,
+        8,
+        case["kv_heads"],
+        case["length"],
+        case["cache"],
+        16,
+        case["active"],
+        case.get("shared", 3),
+        dtype,
+        case["padding"],
+    )
     inputs = [t.clone().requires_grad_(True) for t in (query, key, value, gates)]
     reference = [t.clone().requires_grad_(True) for t in (query, key, value, gates)]
     got = head_sparse_attention(*inputs[:3], inputs[3], keep, shared, routed, causal=case["causal"], chunk=16)
@@ -75,19 +93,28 @@ def test_matches_the_masked_reference_in_outputs_and_gradients(case, dtype):
     torch.testing.assert_close(got, expected, **tolerance)
     assert got.shape == (2, case["length"], 8, 16)
     upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-    tolerance = tolerance if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)  # fp16 gradients: different summation order
+    tolerance = (
+        tolerance if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    )  # fp16 gradients: different summation order
     (got.float() * upstream.float()).sum().backward()
     (expected.float() * upstream.float()).sum().backward()
     for name, mine, theirs in zip(("query", "key", "value"), inputs, reference):
         torch.testing.assert_close(mine.grad, theirs.grad, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
-    selected = gates != 0  # a skipped pair has no output, so its zero gate gets no gradient (the masked path gives it one)
+    selected = (
+        gates != 0
+    )  # a skipped pair has no output, so its zero gate gets no gradient (the masked path gives it one)
     torch.testing.assert_close(inputs[3].grad[selected], reference[3].grad[selected], **tolerance)
     assert not inputs[3].grad[~selected].any()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_model_paths_agree_and_cached_generation_matches(tmp_path, family):
-    convert_checkpoint(str(build_dense(tmp_path / "dense", family)), tmp_path / "moh", "moh", MoHOptions(active_heads=0.75, router="learned"))
+    convert_checkpoint(
+        str(build_dense(tmp_path / "dense", family)),
+        tmp_path / "moh",
+        "moh",
+        MoHOptions(active_heads=0.75, router="learned"),
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moh", dtype=torch.float32).eval()
     with torch.no_grad():
         for router in [m for m in model.modules() if hasattr(m, "routed_heads")]:
@@ -126,7 +153,17 @@ def test_remote_code_does_not_require_triton(tmp_path):
     from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
     convert_checkpoint(str(build_dense(tmp_path / "dense")), tmp_path / "moh", "moh", MoHOptions(active_heads=0.75))
-    files = [tmp_path / "moh" / "modeling_upcycle.py", *map(Path, get_relative_import_files(tmp_path / "moh" / "modeling_upcycle.py"))]
+    files = [
+        tmp_path / "moh" / "modeling_upcycle.py",
+        *map(Path, get_relative_import_files(tmp_path / "moh" / "modeling_upcycle.py")),
+    ]
     assert tmp_path / "moh" / "sparse_kernel_triton.py" in files  # the kernel travels with the checkpoint
     required = {module for file in files for module in get_imports(file)}
-    assert "triton" not in required and required <= {"__future__", "copy", "dataclasses", "os", "torch", "transformers"}, required
+    assert "triton" not in required and required <= {
+        "__future__",
+        "copy",
+        "dataclasses",
+        "os",
+        "torch",
+        "transformers",
+    }, required

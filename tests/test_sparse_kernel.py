@@ -21,11 +21,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 CASES = [
     dict(length=21, cache=0, kv_heads=4, active=0.5, causal=True, padding=False),
-    dict(length=37, cache=5, kv_heads=2, active=0.7, causal=True, padding=True),  # GQA, cached keys, padding, ragged blocks
+    dict(
+        length=37, cache=5, kv_heads=2, active=0.7, causal=True, padding=True
+    ),  # GQA, cached keys, padding, ragged blocks
     dict(length=50, cache=0, kv_heads=2, active=0.25, causal=True, padding=False),  # several tiles per head
     dict(length=1, cache=19, kv_heads=4, active=1.0, causal=True, padding=False),  # decode step
     dict(length=26, cache=0, kv_heads=2, active=0.4, causal=False, padding=True),  # bidirectional
-    dict(length=33, cache=0, kv_heads=1, active=0.9, causal=True, padding=True, shared=0),  # all heads routed, one KV head
+    dict(
+        length=33, cache=0, kv_heads=1, active=0.9, causal=True, padding=True, shared=0
+    ),  # all heads routed, one KV head
     dict(length=9, cache=0, kv_heads=1, active=0.0, causal=True, padding=False),  # nothing routed
 ]
 
@@ -33,8 +37,18 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_matches_the_masked_reference_in_outputs_and_gradients(case, dtype):
-    tensors = make_case(2, 8, case["kv_heads"], case["length"], case["cache"], 16, case["active"], case.get("shared", 3), dtype,
-                        case["padding"])
+    tensors = make_case(
+        2,
+        8,
+        case["kv_heads"],
+        case["length"],
+        case["cache"],
+        16,
+        case["active"],
+        case.get("shared", 3),
+        dtype,
+        case["padding"],
+    )
     query, key, value, gates, keep, shared, routed = tensors
     inputs = [t.to(DEVICE).clone().requires_grad_(True) for t in (query, key, value, gates)]
     reference = [t.to(DEVICE).float().clone().requires_grad_(True) for t in (query, key, value, gates)]
@@ -48,9 +62,13 @@ def test_kernel_matches_the_masked_reference_in_outputs_and_gradients(case, dtyp
     upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     (got.float() * upstream).sum().backward()
     (expected * upstream).sum().backward()
-    tolerance = tolerance if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)  # fp16 inputs against an fp32 reference
+    tolerance = (
+        tolerance if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    )  # fp16 inputs against an fp32 reference
     for name, mine, theirs in zip(("query", "key", "value"), inputs, reference):
-        torch.testing.assert_close(mine.grad.float(), theirs.grad, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            mine.grad.float(), theirs.grad, **tolerance, msg=lambda m, name=name: f"{name}: {m}"
+        )
     selected = gates.to(DEVICE) != 0  # skipped pairs have no output, so their zero gates get no gradient
     torch.testing.assert_close(inputs[3].grad.float()[selected], reference[3].grad[selected], **tolerance)
     assert not inputs[3].grad[~selected].any()
@@ -67,7 +85,9 @@ def test_tiles_pack_each_selected_row_once_in_position_order_and_find_the_blocks
             mine = [t for t in range(tiles.start[item, head], tiles.end[item, head])]
             assert all(tiles.batch[t] == item and tiles.head[t] == head for t in mine)
             packed = rows[mine].flatten()
-            expected = gates[item, :, head].nonzero().squeeze(-1) if head in routed else torch.empty(0, dtype=torch.long)
+            expected = (
+                gates[item, :, head].nonzero().squeeze(-1) if head in routed else torch.empty(0, dtype=torch.long)
+            )
             assert torch.equal(packed[packed >= 0], expected)  # every selected token once, in position order
             for t in mine:  # causal: a tile reads the keys up to its last position (offset 4)
                 assert tiles.keys[t] == rows[t][rows[t] >= 0].max() + 4 + 1
@@ -110,12 +130,17 @@ def test_model_with_the_kernel_backend_matches_the_masked_model_with_padding_and
         model.zero_grad()
         out = model(ids, attention_mask=mask, labels=ids)
         out.loss.backward()
-        results[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "q_proj" in n})
+        results[backend] = (
+            out.logits.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if "q_proj" in n},
+        )
     logits, grads = results["kernel"]
     keep = mask.bool()
     torch.testing.assert_close(logits[keep], results["masked"][0][keep], atol=1e-4, rtol=1e-4)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, results["masked"][1][name], atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad, results["masked"][1][name], atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}"
+        )
     prompt = ids[:1, :6]
     cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
     set_attention_backend(model, "masked")
@@ -137,4 +162,6 @@ def test_kernel_backend_needs_triton_on_a_gpu_or_the_interpreter(tmp_path, monke
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "moh"), "--data", str(ids), "--attention", "kernel"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: attention backend kernel: the Triton kernel needs a CUDA device")
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: attention backend kernel: the Triton kernel needs a CUDA device"
+    )

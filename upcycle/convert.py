@@ -18,7 +18,14 @@ from .checkpoint.card import write_card
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.source import Source, open_source, source_hub_id, source_license
 from .checkpoint.writer import (
-    SUPPORT_FILES, ShardedWriter, atomic_output, check_output_location, copy_support_files, output_parent, parse_size, recover_output,
+    SUPPORT_FILES,
+    ShardedWriter,
+    atomic_output,
+    check_output_location,
+    copy_support_files,
+    output_parent,
+    parse_size,
+    recover_output,
 )
 from .errors import UpcycleError
 from .methods import ChunkedTensor, Conversion, SourceTensor, method_spec
@@ -51,7 +58,8 @@ def input_paths(folder: Path, options) -> dict[str, Path | str | None]:
 
 
 def output_bytes(conversion: Conversion, folder: Path) -> int:
-    """What OUT will take on disk: the tensors, the shard headers, the copied support and runtime files, a few small files."""
+    """What OUT will take on disk: the tensors, the shard headers, the copied support and runtime files, a few small
+    files."""
     tensors = sum(spec.nbytes for spec in conversion.layout)
     support = {path for pattern in SUPPORT_FILES for path in folder.glob(pattern) if path.is_file()}
     runtime = set(RUNTIME_DIR.glob("*.py")) if conversion.uses_runtime else set()
@@ -72,23 +80,43 @@ def count_parameters(layout) -> int:
     return sum(math.prod(spec.shape) for spec in layout)
 
 
-def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion,
-               copied: dict[str, tuple[CheckpointReader, str]] | None = None) -> list[dict]:
-    """Re-read the written folder and compare it with the plan and the sources (``copied``: output name -> (reader, source name) of the tensors passed through)."""
+def run_checks(
+    folder: Path,
+    reader: CheckpointReader,
+    conversion: Conversion,
+    copied: dict[str, tuple[CheckpointReader, str]] | None = None,
+) -> list[dict]:
+    """Re-read the written folder and compare it with the plan and the sources (``copied``: output name -> (reader,
+    source name) of the tensors passed through)."""
     checks = []
     written = CheckpointReader(folder)
     expected = {spec.name: (spec.dtype, tuple(spec.shape)) for spec in conversion.layout}
     found = {name: (written.info(name).dtype, tuple(written.info(name).shape)) for name in written.names()}
-    checks.append({"name": "shards re-read: headers valid, sizes match, tensors as planned", "passed": found == expected,
-                   "detail": f"{len(found)} tensors in {len(written.shards)} shard(s)"})
+    checks.append(
+        {
+            "name": "shards re-read: headers valid, sizes match, tensors as planned",
+            "passed": found == expected,
+            "detail": f"{len(found)} tensors in {len(written.shards)} shard(s)",
+        }
+    )
 
     if copied is None:
         copied = {name: (reader, name) for name in reader.names() if name in expected}
     small = [name for name, (source, source_name) in copied.items() if source.info(source_name).nbytes <= 2**25]
     sample = sorted({small[0], small[len(small) // 2], small[-1]}) if small else []
-    identical = all(torch.equal(copied[n][0].get(copied[n][1]).reshape(-1).view(torch.uint8), written.get(n).reshape(-1).view(torch.uint8))
-                    for n in sample)
-    checks.append({"name": "untouched tensors byte-identical to the source", "passed": identical, "detail": ", ".join(sample) or "none passed through"})
+    identical = all(
+        torch.equal(
+            copied[n][0].get(copied[n][1]).reshape(-1).view(torch.uint8), written.get(n).reshape(-1).view(torch.uint8)
+        )
+        for n in sample
+    )
+    checks.append(
+        {
+            "name": "untouched tensors byte-identical to the source",
+            "passed": identical,
+            "detail": ", ".join(sample) or "none passed through",
+        }
+    )
 
     config = conversion.config
     if conversion.uses_runtime:
@@ -102,7 +130,11 @@ def run_checks(folder: Path, reader: CheckpointReader, conversion: Conversion,
         model_cls = getattr(transformers, (config.get("architectures") or [""])[0], None)
         title = "plain transformers builds the model and its parameters match the files"
     if model_cls is not None:
-        checks.append(_parameters_check(model_cls, config, {name: shape for name, (_, shape) in found.items()}, title, conversion.file_names))
+        checks.append(
+            _parameters_check(
+                model_cls, config, {name: shape for name, (_, shape) in found.items()}, title, conversion.file_names
+            )
+        )
     return checks
 
 
@@ -119,17 +151,36 @@ def _parameters_check(model_cls, config: dict, found: dict[str, tuple], title: s
         prefix = f"{model.base_model_prefix}."  # a base model read from a checkpoint with a task head (bert.*)
         shapes = {prefix + name: shape for name, shape in shapes.items()}
         found = {name: shape for name, shape in found.items() if name.startswith(prefix)}
-    buffers = {prefix + name for name, _ in model.named_buffers()}  # non-persistent buffers some checkpoints still hold
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | ({"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set())
+    buffers = {
+        prefix + name for name, _ in model.named_buffers()
+    }  # non-persistent buffers some checkpoints still hold
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | (
+        {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    )
     missing, unexpected = set(shapes) - set(found) - tied, set(found) - set(shapes) - buffers
     reshaped = {name for name in set(shapes) & set(found) if shapes[name] != tuple(found[name])}
-    return {"name": title, "passed": not missing and not unexpected and not reshaped,
-            "detail": f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, other shape {sorted(reshaped)[:3]}"
-            if missing or unexpected or reshaped else f"{len(shapes)} parameters"}
+    return {
+        "name": title,
+        "passed": not missing and not unexpected and not reshaped,
+        "detail": (
+            f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, other shape {sorted(reshaped)[:3]}"
+        )
+        if missing or unexpected or reshaped
+        else f"{len(shapes)} parameters",
+    }
 
 
-def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size: str = "5GB",
-                       overwrite: bool = False, dry_run: bool = False, card_name: str | None = None) -> dict | None:
+def convert_checkpoint(
+    src: str,
+    out: Path,
+    method: str,
+    options,
+    *,
+    shard_size: str = "5GB",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    card_name: str | None = None,
+) -> dict | None:
     """Convert ``src`` into ``out`` (or only print the plan); returns the report.
 
     ``card_name``: the model's name in its card (a Hub repo id when it will be pushed; default: OUT's name)."""
@@ -153,7 +204,10 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
     print("\n".join(conversion.plan_lines))
     change = f"{after - before:+,} new" if after >= before else f"{after - before:+,}, {1 - after / before:.1%} fewer"
     print(f"parameters: {before:,} -> {after:,} ({change})")
-    print(f"output size: {out_bytes / 1e9:.3f} GB of tensors in {len(ShardedWriter.plan_shards(conversion.layout, max_shard))} shard(s)")
+    print(
+        f"output size: {out_bytes / 1e9:.3f} GB of tensors in "
+        f"{len(ShardedWriter.plan_shards(conversion.layout, max_shard))} shard(s)"
+    )
     if dry_run:
         print("dry run: nothing written")
         return None
@@ -188,7 +242,9 @@ def convert_checkpoint(src: str, out: Path, method: str, options, *, shard_size:
         checks = run_checks(tmp, reader, conversion, passed_through)
         if not all(check["passed"] for check in checks):
             failed = "; ".join(c["name"] for c in checks if not c["passed"])
-            raise UpcycleError(f"conversion checks failed ({failed}); nothing was written, please report this as a bug")
+            raise UpcycleError(
+                f"conversion checks failed ({failed}); nothing was written, please report this as a bug"
+            )
         report = {
             "upcycle_version": __version__,
             "method": method,

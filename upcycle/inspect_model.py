@@ -29,8 +29,13 @@ def describe(path: str) -> dict:
     }
     if base_type in ATTENTION_FAMILIES:
         spec = attention_spec(config | {"model_type": base_type}, reader.names())
-        info.update(layers=spec.num_layers, heads=spec.num_heads, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-                    hidden_size=spec.hidden_size)
+        info.update(
+            layers=spec.num_layers,
+            heads=spec.num_heads,
+            kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            hidden_size=spec.hidden_size,
+        )
     if plan:
         try:
             plan_layers(plan)
@@ -64,8 +69,10 @@ def format_description(info: dict) -> str:
     """Human-readable form of :func:`describe`."""
     lines = [f"path:        {info['path']}", f"model_type:  {info['model_type']} (family {info['family']})"]
     if "layers" in info:
-        lines.append(f"layers:      {info['layers']}  heads: {info['heads']}  kv heads: {info['kv_heads']}  "
-                     f"head dim: {info['head_dim']}  hidden: {info['hidden_size']}")
+        lines.append(
+            f"layers:      {info['layers']}  heads: {info['heads']}  kv heads: {info['kv_heads']}  "
+            f"head dim: {info['head_dim']}  hidden: {info['hidden_size']}"
+        )
     lines.append(f"parameters:  {info['parameters']:,}")
     lines.append("dtypes:      " + ", ".join(f"{k} ({v} tensors)" for k, v in info["dtypes"].items()))
     total = sum(s["bytes"] for s in info["shards"])
@@ -76,4 +83,3 @@ def format_description(info: dict) -> str:
         lines += plan_summary(info["plan"] or [])
         lines += tower_summary(info.get("towers") or {})
     return "\n".join(lines)
-

@@ -20,7 +20,9 @@ def refuse_inputs_inside(out: Path, inputs: dict[str, Path | str | None], *, wha
             continue
         source = Path(path).resolve()
         if source == target or target in source.parents:
-            raise UpcycleError(f"{label} {path} is inside {what} {out}, which --overwrite would delete; "
-                               f"write the output to a folder that holds none of the inputs")
+            raise UpcycleError(
+                f"{label} {path} is inside {what} {out}, which --overwrite would delete; "
+                f"write the output to a folder that holds none of the inputs"
+            )
         if source.is_dir() and source in target.parents:
             raise UpcycleError(f"{what} {out} is inside {label} {path}; write the output to a new folder outside it")

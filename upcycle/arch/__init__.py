@@ -16,7 +16,19 @@ def attention_spec(config: dict, names: list[str], source: str = "the model") ->
         return encoder_spec(config, names, source)
     if model_type in DECODER_FAMILIES:
         return decoder_spec(config, source)
-    raise UpcycleError(f"{source} has model_type {model_type!r}, which upcycle cannot convert yet; supported: {', '.join(ATTENTION_FAMILIES)}")
+    raise UpcycleError(
+        f"{source} has model_type {model_type!r}, which upcycle cannot convert yet; "
+        f"supported: {', '.join(ATTENTION_FAMILIES)}"
+    )
 
 
-__all__ = ["ATTENTION_FAMILIES", "DECODER_FAMILIES", "DecoderSpec", "ENCODER_FAMILIES", "EncoderSpec", "attention_spec", "decoder_spec", "encoder_spec"]
+__all__ = [
+    "ATTENTION_FAMILIES",
+    "DECODER_FAMILIES",
+    "DecoderSpec",
+    "ENCODER_FAMILIES",
+    "EncoderSpec",
+    "attention_spec",
+    "decoder_spec",
+    "encoder_spec",
+]

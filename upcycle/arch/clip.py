@@ -42,14 +42,19 @@ class ClipSpec:
 def clip_spec(config: dict, source: str = "the model") -> ClipSpec:
     """The towers of a CLIPModel config, or one line saying the model is not CLIP."""
     if config.get("model_type") != "clip":
-        raise UpcycleError(f"{source} has model_type {config.get('model_type')!r}, not 'clip'; --method clip-moe needs a CLIPModel checkpoint")
+        raise UpcycleError(
+            f"{source} has model_type {config.get('model_type')!r}, not 'clip'; "
+            "--method clip-moe needs a CLIPModel checkpoint"
+        )
     from transformers import CLIPConfig
 
     try:
         parsed = CLIPConfig.from_dict(config)  # fills the towers' defaults
     except Exception as error:  # ValueError, TypeError, or huggingface_hub's strict-dataclass validation error
-        raise UpcycleError(f"{source}: transformers refuses its CLIP config.json ({' '.join(str(error).split())[:200]}); "
-                           "fix config.json or re-download the checkpoint") from None
+        raise UpcycleError(
+            f"{source}: transformers refuses its CLIP config.json ({' '.join(str(error).split())[:200]}); "
+            "fix config.json or re-download the checkpoint"
+        ) from None
     towers = {}
     for name in TOWERS:
         sub = getattr(parsed, f"{name}_config")
@@ -57,8 +62,10 @@ def clip_spec(config: dict, source: str = "the model") -> ClipSpec:
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size"):
             value = getattr(sub, key, None)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UpcycleError(f"{source}: config.json's {name}_config.{key} is {value!r}, not a positive whole number; "
-                                   "fix config.json or re-download the checkpoint")
+                raise UpcycleError(
+                    f"{source}: config.json's {name}_config.{key} is {value!r}, not a positive whole number; "
+                    "fix config.json or re-download the checkpoint"
+                )
             values[key] = value
         towers[name] = ClipTower(name, values["num_hidden_layers"], values["hidden_size"], values["intermediate_size"])
     return ClipSpec(**towers)

@@ -48,7 +48,10 @@ def config_int(config: dict, key: str, source: str, default: int | None = None) 
             return default
         raise UpcycleError(f"{source}: config.json has no {key}; fix config.json or re-download the checkpoint")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
-        raise UpcycleError(f"{source}: config.json's {key} is {value!r}, not a positive whole number; fix config.json or re-download the checkpoint")
+        raise UpcycleError(
+            f"{source}: config.json's {key} is {value!r}, not a positive whole number; "
+            "fix config.json or re-download the checkpoint"
+        )
     return int(value)
 
 
@@ -57,17 +60,24 @@ def decoder_spec(config: dict, source: str = "the model") -> DecoderSpec:
     model_type = config.get("model_type")
     if model_type not in DECODER_FAMILIES:
         raise UpcycleError(
-            f"{source} has model_type {model_type!r}, which upcycle cannot convert yet; supported: {', '.join(DECODER_FAMILIES)}"
+            f"{source} has model_type {model_type!r}, which upcycle cannot convert yet; "
+            f"supported: {', '.join(DECODER_FAMILIES)}"
         )
     heads = config_int(config, "num_attention_heads", source)
     hidden = config_int(config, "hidden_size", source)
     kv_heads = config_int(config, "num_key_value_heads", source, default=heads)
     if heads % kv_heads:
-        raise UpcycleError(f"{source}: config.json's num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}; "
-                           "fix config.json or re-download the checkpoint")
+        raise UpcycleError(
+            f"{source}: config.json's num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv_heads}; "
+            "fix config.json or re-download the checkpoint"
+        )
     if config.get("head_dim") is None and hidden % heads:
-        raise UpcycleError(f"{source}: config.json's hidden_size {hidden} is not a multiple of num_attention_heads {heads} and there is no "
-                           "head_dim; fix config.json or re-download the checkpoint")
+        raise UpcycleError(
+            f"{source}: config.json's hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+            "and there is no "
+            "head_dim; fix config.json or re-download the checkpoint"
+        )
     return DecoderSpec(
         model_type=model_type,
         num_layers=config_int(config, "num_hidden_layers", source),

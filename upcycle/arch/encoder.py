@@ -14,8 +14,12 @@ from ..errors import UpcycleError
 from .decoder import AttentionShape, config_int
 
 ENCODER_FAMILIES = ("bert",)
-PROJECTIONS = {"q_proj": "attention.self.query", "k_proj": "attention.self.key", "v_proj": "attention.self.value",
-               "o_proj": "attention.output.dense"}
+PROJECTIONS = {
+    "q_proj": "attention.self.query",
+    "k_proj": "attention.self.key",
+    "v_proj": "attention.self.value",
+    "o_proj": "attention.output.dense",
+}
 
 
 @dataclass(frozen=True)
@@ -43,15 +47,23 @@ def encoder_spec(config: dict, names: list[str], source: str = "the model") -> E
     """Read a supported encoder's spec from its config and tensor names, or fail naming the families."""
     model_type = config.get("model_type")
     if model_type not in ENCODER_FAMILIES:
-        raise UpcycleError(f"{source} has model_type {model_type!r}, which is not a BERT-style encoder; supported: {', '.join(ENCODER_FAMILIES)}")
+        raise UpcycleError(
+            f"{source} has model_type {model_type!r}, which is not a BERT-style encoder; "
+            f"supported: {', '.join(ENCODER_FAMILIES)}"
+        )
     prefix = "bert." if any(name.startswith("bert.encoder.layer.") for name in names) else ""
     if not any(name.startswith(f"{prefix}encoder.layer.") for name in names):
-        raise UpcycleError(f"{source} is a bert config without encoder.layer.* tensors; pass a BERT checkpoint saved with save_pretrained")
+        raise UpcycleError(
+            f"{source} is a bert config without encoder.layer.* tensors; "
+            "pass a BERT checkpoint saved with save_pretrained"
+        )
     heads = config_int(config, "num_attention_heads", source)
     hidden = config_int(config, "hidden_size", source)
     if hidden % heads:
-        raise UpcycleError(f"{source}: config.json's hidden_size {hidden} is not a multiple of num_attention_heads {heads}; "
-                           "fix config.json or re-download the checkpoint")
+        raise UpcycleError(
+            f"{source}: config.json's hidden_size {hidden} is not a multiple of num_attention_heads {heads}; "
+            "fix config.json or re-download the checkpoint"
+        )
     return EncoderSpec(
         model_type=model_type,
         num_layers=config_int(config, "num_hidden_layers", source),

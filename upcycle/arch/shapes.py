@@ -37,7 +37,8 @@ def _optional_int(config: dict, key: str, source: str) -> int | None:
 
 
 def decoder_shapes(spec: DecoderSpec, config: dict, source: str) -> dict[str, Expected]:
-    """LLaMA-family decoders (llama, mistral, qwen2, qwen3): embeddings, per-layer attention, MLP and norms, final norm, head."""
+    """LLaMA-family decoders (llama, mistral, qwen2, qwen3): embeddings, per-layer attention, MLP and norms, final
+    norm, head."""
     D, h, g, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
     vocab, inner = _optional_int(config, "vocab_size", source), _optional_int(config, "intermediate_size", source)
     q_rows, kv_rows = f"num_attention_heads {h} x head_dim {d}", f"num_key_value_heads {g} x head_dim {d}"
@@ -57,9 +58,13 @@ def decoder_shapes(spec: DecoderSpec, config: dict, source: str) -> dict[str, Ex
             shapes[f"{prefix}{norm}.weight"] = Expected((D,), f"hidden_size {D}", required=True)
         if inner:
             for proj in ("gate_proj", "up_proj"):
-                shapes[f"{prefix}mlp.{proj}.weight"] = Expected((inner, D), f"intermediate_size {inner}, hidden_size {D}", required=True)
+                shapes[f"{prefix}mlp.{proj}.weight"] = Expected(
+                    (inner, D), f"intermediate_size {inner}, hidden_size {D}", required=True
+                )
                 shapes[f"{prefix}mlp.{proj}.bias"] = Expected((inner,), f"intermediate_size {inner}")
-            shapes[f"{prefix}mlp.down_proj.weight"] = Expected((D, inner), f"hidden_size {D}, intermediate_size {inner}", required=True)
+            shapes[f"{prefix}mlp.down_proj.weight"] = Expected(
+                (D, inner), f"hidden_size {D}, intermediate_size {inner}", required=True
+            )
             shapes[f"{prefix}mlp.down_proj.bias"] = Expected((D,), f"hidden_size {D}")
     shapes["model.norm.weight"] = Expected((D,), f"hidden_size {D}")
     if vocab:
@@ -71,10 +76,16 @@ def encoder_shapes(spec: EncoderSpec, config: dict, source: str) -> dict[str, Ex
     """BERT-style encoders: embeddings, per-layer attention and feed-forward, pooler."""
     D, h, d, p = spec.hidden_size, spec.num_heads, spec.head_dim, spec.prefix
     vocab, inner = _optional_int(config, "vocab_size", source), _optional_int(config, "intermediate_size", source)
-    positions, types = _optional_int(config, "max_position_embeddings", source), _optional_int(config, "type_vocab_size", source)
+    positions, types = (
+        _optional_int(config, "max_position_embeddings", source),
+        _optional_int(config, "type_vocab_size", source),
+    )
     shapes: dict[str, Expected] = {}
-    for name, rows, key in (("word_embeddings", vocab, "vocab_size"), ("position_embeddings", positions, "max_position_embeddings"),
-                            ("token_type_embeddings", types, "type_vocab_size")):
+    for name, rows, key in (
+        ("word_embeddings", vocab, "vocab_size"),
+        ("position_embeddings", positions, "max_position_embeddings"),
+        ("token_type_embeddings", types, "type_vocab_size"),
+    ):
         if rows:
             shapes[f"{p}embeddings.{name}.weight"] = Expected((rows, D), f"{key} {rows}, hidden_size {D}")
     heads = f"num_attention_heads {h} x head size {d}"
@@ -89,9 +100,13 @@ def encoder_shapes(spec: EncoderSpec, config: dict, source: str) -> dict[str, Ex
             for kind in ("weight", "bias"):
                 shapes[f"{prefix}{norm}.{kind}"] = Expected((D,), f"hidden_size {D}")
         if inner:
-            shapes[f"{prefix}intermediate.dense.weight"] = Expected((inner, D), f"intermediate_size {inner}, hidden_size {D}", required=True)
+            shapes[f"{prefix}intermediate.dense.weight"] = Expected(
+                (inner, D), f"intermediate_size {inner}, hidden_size {D}", required=True
+            )
             shapes[f"{prefix}intermediate.dense.bias"] = Expected((inner,), f"intermediate_size {inner}")
-            shapes[f"{prefix}output.dense.weight"] = Expected((D, inner), f"hidden_size {D}, intermediate_size {inner}", required=True)
+            shapes[f"{prefix}output.dense.weight"] = Expected(
+                (D, inner), f"hidden_size {D}, intermediate_size {inner}", required=True
+            )
             shapes[f"{prefix}output.dense.bias"] = Expected((D,), f"hidden_size {D}")
     shapes[f"{p}pooler.dense.weight"] = Expected((D, D), f"hidden_size {D}")
     shapes[f"{p}pooler.dense.bias"] = Expected((D,), f"hidden_size {D}")
@@ -130,8 +145,14 @@ def clip_shapes(spec: ClipSpec, config: dict, source: str) -> dict[str, Expected
 def _layer_prefixes(spec) -> list[tuple[str, int, str]]:
     """(regex of a layer tensor's name, layers the config has, the config key saying so) per stack of layers."""
     if isinstance(spec, ClipSpec):
-        return [(rf"{tower.name}_model\.encoder\.layers\.(\d+)\.", tower.num_layers, f"{tower.name}_config.num_hidden_layers")
-                for tower in spec.towers]
+        return [
+            (
+                rf"{tower.name}_model\.encoder\.layers\.(\d+)\.",
+                tower.num_layers,
+                f"{tower.name}_config.num_hidden_layers",
+            )
+            for tower in spec.towers
+        ]
     if isinstance(spec, EncoderSpec):
         return [(rf"{re.escape(spec.prefix)}encoder\.layer\.(\d+)\.", spec.num_layers, "num_hidden_layers")]
     return [(r"model\.layers\.(\d+)\.", spec.num_layers, "num_hidden_layers")]
@@ -158,18 +179,34 @@ def check_shapes(reader, spec, source: str | None = None) -> None:
     present = set(names)
     for pattern, layers, key in _layer_prefixes(spec):
         regex = re.compile(pattern)
-        beyond = [(int(match.group(1)), name) for name in names if (match := regex.match(name)) and int(match.group(1)) >= layers]
+        beyond = [
+            (int(match.group(1)), name)
+            for name in names
+            if (match := regex.match(name)) and int(match.group(1)) >= layers
+        ]
         if beyond:
             _, name = min(beyond)
             found = max(index for index, _ in beyond) + 1
-            raise UpcycleError(f"{source} has tensors of {found} layers (e.g. {name}) but config.json's {key} is {layers}; {FIX}")
+            raise UpcycleError(
+                f"{source} has tensors of {found} layers (e.g. {name}) but config.json's {key} is {layers}; {FIX}"
+            )
     expected = expected_shapes(spec, reader.config, source)
-    wrong = [(name, want) for name, want in expected.items() if name in present and tuple(reader.info(name).shape) != want.shape]
+    wrong = [
+        (name, want)
+        for name, want in expected.items()
+        if name in present and tuple(reader.info(name).shape) != want.shape
+    ]
     if wrong:
         name, want = wrong[0]
-        more = f" (and {len(wrong) - 1} more tensor{'s' if len(wrong) > 2 else ''} of another shape)" if len(wrong) > 1 else ""
-        raise UpcycleError(f"{source}: tensor {name} has shape {_fmt(tuple(reader.info(name).shape))} but config.json implies "
-                           f"{_fmt(want.shape)} ({want.why}){more}; {FIX}")
+        more = (
+            f" (and {len(wrong) - 1} more tensor{'s' if len(wrong) > 2 else ''} of another shape)"
+            if len(wrong) > 1
+            else ""
+        )
+        raise UpcycleError(
+            f"{source}: tensor {name} has shape {_fmt(tuple(reader.info(name).shape))} but config.json implies "
+            f"{_fmt(want.shape)} ({want.why}){more}; {FIX}"
+        )
     missing = [name for name, want in expected.items() if want.required and name not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -4,6 +4,12 @@ from upcycle.checkpoint.reader import CheckpointReader, TensorInfo, resolve_sour
 from upcycle.checkpoint.writer import ShardedWriter, TensorSpec, atomic_output, copy_support_files, parse_size
 
 __all__ = [
-    "CheckpointReader", "ShardedWriter", "TensorInfo", "TensorSpec",
-    "atomic_output", "copy_support_files", "parse_size", "resolve_source",
+    "CheckpointReader",
+    "ShardedWriter",
+    "TensorInfo",
+    "TensorSpec",
+    "atomic_output",
+    "copy_support_files",
+    "parse_size",
+    "resolve_source",
 ]

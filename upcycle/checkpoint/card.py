@@ -16,8 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from upcycle.checkpoint.source import CARD_FILE, HUB_ID, LICENSE_KEYS
-from upcycle.checkpoint.source import hub_model_id, source_license  # noqa: F401  (re-exported: what finetune records)
+from upcycle.checkpoint.source import CARD_FILE, HUB_ID, LICENSE_KEYS, hub_model_id, source_license  # noqa: F401  (re-exported: what finetune records)
 from upcycle.checkpoint.source import local_name as _local_name
 from upcycle.errors import UpcycleError
 from upcycle.methods import MethodCard, all_specs, method_names, method_spec
@@ -30,6 +29,7 @@ UPCYCLE_URL = "https://pypi.org/project/upcycle/"
 
 # ---- reading the folder's records -----------------------------------------------------------
 
+
 def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -40,16 +40,21 @@ def _read_json(path: Path, what: str):
 
 
 def _user_evaluations(folder: Path) -> tuple[list[dict], list[dict]]:
-    """(rows, recovery blocks) of ``eval.json``: what ``upcycle eval --json`` writes (``{"results": [...], "recovery": ...}``)
-    or the plain list of rows that earlier versions wrote."""
+    """(rows, recovery blocks) of ``eval.json``: what ``upcycle eval --json`` writes
+    (``{"results": [...], "recovery": ...}``) or the plain list of rows that earlier versions wrote."""
     path = folder / EVAL_FILE
     if not path.exists():
         return [], []
     records = _evaluation_records(_read_json(path, ""))
-    if not (records and all(isinstance(r, dict) and "perplexity" in r and "tokens" in r for r in records[0])
-            and all(isinstance(b, dict) and isinstance(b.get("corpora"), dict) for b in records[1])):
-        raise UpcycleError(f"{path} is not the output of `upcycle eval --json` (results with perplexity and tokens); "
-                           "move it away or write it again with upcycle eval")
+    if not (
+        records
+        and all(isinstance(r, dict) and "perplexity" in r and "tokens" in r for r in records[0])
+        and all(isinstance(b, dict) and isinstance(b.get("corpora"), dict) for b in records[1])
+    ):
+        raise UpcycleError(
+            f"{path} is not the output of `upcycle eval --json` (results with perplexity and tokens); "
+            "move it away or write it again with upcycle eval"
+        )
     return records
 
 
@@ -86,12 +91,16 @@ def write_card(folder: Path, *, name: str | None = None, base_models: list[str] 
         raise UpcycleError(f"{folder} is not a folder; pass the folder of an upcycle output")
     for base in base_models or []:
         if not HUB_ID.match(base):
-            raise UpcycleError(f"--base-model {base!r} is not a Hub model id; use owner/name, as in HuggingFaceTB/SmolLM2-135M")
+            raise UpcycleError(
+                f"--base-model {base!r} is not a Hub model id; use owner/name, as in HuggingFaceTB/SmolLM2-135M"
+            )
     if name is not None or base_models:
         report = _read_json(folder / REPORT_FILE, "it is not an upcycle output (convert or finetune write one)")
         if not isinstance(report, dict):
             raise UpcycleError(f"{folder / REPORT_FILE} must hold a JSON object; fix or re-create it")
-        changes = ({"name": name} if name is not None else {}) | ({"base_models": list(dict.fromkeys(base_models))} if base_models else {})
+        changes = ({"name": name} if name is not None else {}) | (
+            {"base_models": list(dict.fromkeys(base_models))} if base_models else {}
+        )
         if any(report.get(key) != value for key, value in changes.items()):
             write_text_atomic(folder / REPORT_FILE, json.dumps(report | changes, indent=2) + "\n")
     text = render_card(folder)
@@ -101,6 +110,7 @@ def write_card(folder: Path, *, name: str | None = None, base_models: list[str] 
 
 
 # ---- rendering ----------------------------------------------------------------------------
+
 
 def method_card(report: dict) -> tuple[str, MethodCard | None]:
     """(the card's method key, its card): the method's variant for this report (``MethodSpec.variants``), the method,
@@ -144,9 +154,17 @@ def _loading(config: dict, report: dict) -> tuple[str, str]:
 
 def _local_names(report: dict) -> dict[str, str]:
     """Local paths the report mentions -> their folder or file name (a card does not publish local paths)."""
-    paths = [report.get("source"), *(report.get("experts") or []), *((report.get("options") or {}).get("experts") or []),
-             (report.get("options") or {}).get("calibration")]
-    return {str(p): _local_name(str(p)) for p in paths if p and (str(p).startswith(("/", ".", "~")) or Path(str(p)).exists())}
+    paths = [
+        report.get("source"),
+        *(report.get("experts") or []),
+        *((report.get("options") or {}).get("experts") or []),
+        (report.get("options") or {}).get("calibration"),
+    ]
+    return {
+        str(p): _local_name(str(p))
+        for p in paths
+        if p and (str(p).startswith(("/", ".", "~")) or Path(str(p)).exists())
+    }
 
 
 def _hide_local_paths(value: object, names: dict[str, str]) -> str:
@@ -185,7 +203,8 @@ def layer_ranges(rows: list[tuple]) -> list[tuple]:
 
 def card_plan_table(method: str, report: dict, config: dict) -> list[str]:
     """The plan as a compact markdown table (layers with the same plan merged), or [] when there is none: the
-    method's own table where its spec has one, else the typed plan's columns (``modeling.plan``), per tower for CLIP."""
+    method's own table where its spec has one, else the typed plan's columns (``modeling.plan``), per tower for
+    CLIP."""
     spec = method_spec(report["method"]) if report.get("method") in method_names() else None
     if spec is not None and spec.card_table is not None:
         return spec.card_table(report, config)
@@ -208,7 +227,9 @@ def _parameters_lines(parameters: dict) -> list[str]:
     if not before or after is None:
         return []
     change = after - before
-    return markdown_table(("", "parameters"), [("before", f"{before:,}"), ("after", f"{after:,} ({change:+,}, {change / before:+.1%})")]) + [""]
+    return markdown_table(
+        ("", "parameters"), [("before", f"{before:,}"), ("after", f"{after:,} ({change:+,}, {change / before:+.1%})")]
+    ) + [""]
 
 
 def _options_rows(options: dict, names: dict[str, str]) -> list[tuple]:
@@ -232,7 +253,11 @@ def _conversion_lines(report: dict, method: str, names: dict[str, str]) -> list[
     calibration = options.get("calibration")
     if calibration:
         tokens = options.get("calibration_tokens")
-        lines += [f"Calibration data: `{_hide_local_paths(calibration, names)}`" + (f", {tokens:,} tokens." if tokens else "."), ""]
+        lines += [
+            f"Calibration data: `{_hide_local_paths(calibration, names)}`"
+            + (f", {tokens:,} tokens." if tokens else "."),
+            "",
+        ]
     elif method in method_names() and method_spec(method).has_option("calibration"):
         lines += ["Calibration data: none; the conversion used the weights only.", ""]
     return lines if len(lines) > 2 else []
@@ -242,42 +267,94 @@ def _finetune_lines(finetune: dict) -> list[str]:
     recipe = finetune.get("recipe") or {}
     data = recipe.get("data") or {}
     if finetune.get("type", "causal-lm") == "causal-lm":
-        first = (f"Tuned with `upcycle finetune` for {finetune['steps']} steps, {finetune['tokens']:,} tokens "
-                 f"({finetune['trainable']} parameters trainable, {finetune['seconds']:.0f} s on {finetune['device']}"
-                 + (f", {finetune['processes']} processes" if (finetune.get("processes") or 1) > 1 else "") + ").")
+        first = (
+            f"Tuned with `upcycle finetune` for {finetune['steps']} steps, {finetune['tokens']:,} tokens "
+            f"({finetune['trainable']} parameters trainable, {finetune['seconds']:.0f} s on {finetune['device']}"
+            + (f", {finetune['processes']} processes" if (finetune.get("processes") or 1) > 1 else "")
+            + ")."
+        )
     else:
-        stage = f", stage {finetune['stage']} of {finetune['stages']}: feed-forward layers only, on cluster-pure batches" if finetune.get("stage") else ""
-        first = (f"Tuned with `upcycle finetune` (a `{finetune['type']}` recipe{stage}) on {finetune.get('pairs', 0):,} image-text pairs"
-                 + (f", {finetune['trainable_parameters']:,} parameters trainable" if finetune.get("trainable_parameters") else "") + ".")
+        stage = (
+            f", stage {finetune['stage']} of {finetune['stages']}: feed-forward layers only, on cluster-pure batches"
+            if finetune.get("stage")
+            else ""
+        )
+        first = (
+            f"Tuned with `upcycle finetune` (a `{finetune['type']}` recipe{stage}) "
+            f"on {finetune.get('pairs', 0):,} image-text pairs"
+            + (
+                f", {finetune['trainable_parameters']:,} parameters trainable"
+                if finetune.get("trainable_parameters")
+                else ""
+            )
+            + "."
+        )
     lines = ["## Fine-tuning", "", first, ""]
     if data.get("train"):
-        def names(sources) -> str:  # one source or a list of them, by file or asset name
-            return ", ".join(f"`{Path(str(source)).name.removeprefix('asset:')}`" for source in (sources if isinstance(sources, list) else [sources]))
 
-        held_out = names(data["validation"]) if data.get("validation") else (
-            f"{data['validation_fraction']:.0%} of the training documents" if data.get("validation_fraction") else "none")
-        lines += [f"Training data: {names(data['train'])}" + (f", sequences of {data['seq_len']} tokens" if data.get("seq_len") else "")
-                  + f"; held out: {held_out}.", ""]
+        def names(sources) -> str:  # one source or a list of them, by file or asset name
+            return ", ".join(
+                f"`{Path(str(source)).name.removeprefix('asset:')}`"
+                for source in (sources if isinstance(sources, list) else [sources])
+            )
+
+        held_out = (
+            names(data["validation"])
+            if data.get("validation")
+            else (
+                f"{data['validation_fraction']:.0%} of the training documents"
+                if data.get("validation_fraction")
+                else "none"
+            )
+        )
+        lines += [
+            f"Training data: {names(data['train'])}"
+            + (f", sequences of {data['seq_len']} tokens" if data.get("seq_len") else "")
+            + f"; held out: {held_out}.",
+            "",
+        ]
     losses = recipe.get("losses") or {}
     if recipe.get("teacher") and (losses.get("distill") or losses.get("distill_hidden")):
-        terms = [f"{losses.get('lm', 1.0):g} x LM loss" if losses.get("lm", 1.0) else None,
-                 f"{losses['distill']:g} x KL to the teacher (T = {losses.get('distill_temperature', 1.0):g})" if losses.get("distill") else None,
-                 f"{losses['distill_hidden']:g} x per-layer {losses.get('distill_hidden_on', 'hidden_states').replace('_', ' ')} matched to the teacher's"
-                 if losses.get("distill_hidden") else None]
-        teacher = "the model it was converted from" if recipe["teacher"] == "source" else f"`{_local_name(str(recipe['teacher']))}`"
+        terms = [
+            f"{losses.get('lm', 1.0):g} x LM loss" if losses.get("lm", 1.0) else None,
+            f"{losses['distill']:g} x KL to the teacher (T = {losses.get('distill_temperature', 1.0):g})"
+            if losses.get("distill")
+            else None,
+            (
+                f"{losses['distill_hidden']:g} x per-layer "
+                f"{losses.get('distill_hidden_on', 'hidden_states').replace('_', ' ')} matched to the teacher's"
+            )
+            if losses.get("distill_hidden")
+            else None,
+        ]
+        teacher = (
+            "the model it was converted from"
+            if recipe["teacher"] == "source"
+            else f"`{_local_name(str(recipe['teacher']))}`"
+        )
         lines += [f"Distilled from {teacher}: the objective is {' + '.join(t for t in terms if t)}.", ""]
     if recipe:
-        lines += ["Recipe:", "", "```yaml", yaml.safe_dump(_without_paths(recipe), sort_keys=False).rstrip(), "```", ""]
+        lines += [
+            "Recipe:",
+            "",
+            "```yaml",
+            yaml.safe_dump(_without_paths(recipe), sort_keys=False).rstrip(),
+            "```",
+            "",
+        ]
     return lines
 
 
 def _without_paths(value):
-    """``value`` (a recipe) with every local path replaced by its file or folder name (a card does not publish them)."""
+    """``value`` (a recipe) with every local path replaced by its file or folder name (a card does not publish
+    them)."""
     if isinstance(value, dict):
         return {key: _without_paths(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_without_paths(item) for item in value]
-    if isinstance(value, str) and (value.startswith(("/", "./", "../", "~")) or (os.sep in value and Path(value).exists())):
+    if isinstance(value, str) and (
+        value.startswith(("/", "./", "../", "~")) or (os.sep in value and Path(value).exists())
+    ):
         return _local_name(value)
     return value
 
@@ -295,16 +372,29 @@ def _number(value: float | None) -> str:
 
 
 def _recovery_lines(block: dict) -> list[str]:
-    """A recovery block (``upcycle eval --compare``) as a table: per corpus the perplexity, the reference's, their ratio."""
+    """A recovery block (``upcycle eval --compare``) as a table: per corpus the perplexity, the reference's, their
+    ratio."""
     corpora = block["corpora"]
     model = f" of `{_local_name(str(block['model']))}`" if block.get("model") else ""
-    rows = [(_data_name(name), _number(c.get("perplexity")), _number(c.get("reference_perplexity")), _number(c.get("ratio")))
-            for name, c in corpora.items()]
+    rows = [
+        (
+            _data_name(name),
+            _number(c.get("perplexity")),
+            _number(c.get("reference_perplexity")),
+            _number(c.get("ratio")),
+        )
+        for name, c in corpora.items()
+    ]
     if len(corpora) > 1:
         rows.append(("geometric mean", "", "", _number(block.get("mean_ratio"))))
-    return [f"Recovery{model} against `{_local_name(str(block.get('reference', '?')))}` on held-out text: ratio = perplexity / the "
-            "reference's perplexity (1.00 is full recovery, above 1 is worse).", "",
-            *markdown_table(("corpus", "perplexity", "reference perplexity", "ratio"), rows), ""]
+    return [
+        f"Recovery{model} against `{_local_name(str(block.get('reference', '?')))}` on held-out text: "
+        "ratio = perplexity / the "
+        "reference's perplexity (1.00 is full recovery, above 1 is worse).",
+        "",
+        *markdown_table(("corpus", "perplexity", "reference perplexity", "ratio"), rows),
+        "",
+    ]
 
 
 def _row_name(row: dict) -> str:
@@ -319,29 +409,52 @@ def _evaluation_lines(rows: list[dict], blocks: list[dict], pipeline_tag: str) -
     perplexity = [r for r in rows if "perplexity" in r]
     retrieval = [r for r in rows if "image_to_text_r1" in r]
     if perplexity:
-        lines += markdown_table(("model", "perplexity", "tokens", "window", "active heads", "data"),
-                        [(_row_name(r), _number(r["perplexity"]), f"{r['tokens']:,}", r.get("window", "-"), f"{r.get('active_fraction', 1.0):.3f}",
-                          _data_name(r.get("data"))) for r in perplexity]) + [""]
+        lines += markdown_table(
+            ("model", "perplexity", "tokens", "window", "active heads", "data"),
+            [
+                (
+                    _row_name(r),
+                    _number(r["perplexity"]),
+                    f"{r['tokens']:,}",
+                    r.get("window", "-"),
+                    f"{r.get('active_fraction', 1.0):.3f}",
+                    _data_name(r.get("data")),
+                )
+                for r in perplexity
+            ],
+        ) + [""]
     if retrieval:
-        lines += markdown_table(("model", "image-to-text recall@1", "text-to-image recall@1"),
-                        [(_row_name(r), f"{r['image_to_text_r1']:.3f}", f"{r['text_to_image_r1']:.3f}") for r in retrieval]) + [""]
+        lines += markdown_table(
+            ("model", "image-to-text recall@1", "text-to-image recall@1"),
+            [(_row_name(r), f"{r['image_to_text_r1']:.3f}", f"{r['text_to_image_r1']:.3f}") for r in retrieval],
+        ) + [""]
     if not perplexity and not retrieval and not blocks:
         if pipeline_tag in ("text-generation", "fill-mask"):
-            lines += ["No evaluation recorded yet. Measure perplexity with `upcycle eval PATH --data heldout.txt --compare source --json PATH/eval.json`, "
-                      "then refresh this card with `upcycle card PATH`.", ""]
+            lines += [
+                "No evaluation recorded yet. Measure perplexity with "
+                "`upcycle eval PATH --data heldout.txt --compare source --json PATH/eval.json`, "
+                "then refresh this card with `upcycle card PATH`.",
+                "",
+            ]
         else:
-            lines += ["No evaluation recorded yet (a `clip` recipe of `upcycle finetune` records retrieval recall on its held-out pairs).", ""]
+            lines += [
+                "No evaluation recorded yet (a `clip` recipe of `upcycle finetune` records retrieval recall "
+                "on its held-out pairs).",
+                "",
+            ]
     return lines
 
 
 def _load_snippet(auto_class: str, name: str, custom_code: bool) -> str:
     if not custom_code:
-        return f"from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained(\"{name}\")"
-    return (f"from transformers import {auto_class}\n"
-            f"model = {auto_class}.from_pretrained(\"{name}\", trust_remote_code=True)\n"
-            "# or, with upcycle installed and no remote code:\n"
-            "import upcycle\n"
-            f"model = {auto_class}.from_pretrained(\"{name}\")")
+        return f'from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained("{name}")'
+    return (
+        f"from transformers import {auto_class}\n"
+        f'model = {auto_class}.from_pretrained("{name}", trust_remote_code=True)\n'
+        "# or, with upcycle installed and no remote code:\n"
+        "import upcycle\n"
+        f'model = {auto_class}.from_pretrained("{name}")'
+    )
 
 
 def render_card(folder: Path) -> str:
@@ -366,25 +479,59 @@ def render_card(folder: Path) -> str:
     fields["library_name"] = "transformers"
     fields |= {key: value for key, value in (report.get("base_license") or {}).items() if key in LICENSE_KEYS}
     fields["pipeline_tag"] = pipeline_tag
-    fields["tags"] = list(dict.fromkeys(["upcycle", *([method] if method != "dense" else []), *report.get("tags", []), *(["finetuned"] if finetune else [])]))
+    fields["tags"] = list(
+        dict.fromkeys(
+            [
+                "upcycle",
+                *([method] if method != "dense" else []),
+                *report.get("tags", []),
+                *(["finetuned"] if finetune else []),
+            ]
+        )
+    )
 
     converted = method != "dense"
-    intro = (f"`{base}` converted by [upcycle]({UPCYCLE_URL}) with {info.title if info else f'the `{method}` method'}"
-             if converted else f"`{base}` continue-tuned by [upcycle]({UPCYCLE_URL})")
-    body = [f"# {name}", "", f"{intro}" + (", then fine-tuned with `upcycle finetune`." if finetune and converted else "."), ""]
-    body += ["## What was changed and why", "", _hide_local_paths(report.get("description") or "A dense model continue-tuned with upcycle.", names), ""]
+    intro = (
+        f"`{base}` converted by [upcycle]({UPCYCLE_URL}) with {info.title if info else f'the `{method}` method'}"
+        if converted
+        else f"`{base}` continue-tuned by [upcycle]({UPCYCLE_URL})"
+    )
+    body = [
+        f"# {name}",
+        "",
+        f"{intro}" + (", then fine-tuned with `upcycle finetune`." if finetune and converted else "."),
+        "",
+    ]
+    body += [
+        "## What was changed and why",
+        "",
+        _hide_local_paths(report.get("description") or "A dense model continue-tuned with upcycle.", names),
+        "",
+    ]
     if info:
         body += [info.why, ""]
     if converted and not finetune:
-        body += ["It has not been fine-tuned since the conversion: expect it to need a short continue-tuning to recover quality.", ""]
+        body += [
+            "It has not been fine-tuned since the conversion: "
+            "expect it to need a short continue-tuning to recover quality.",
+            "",
+        ]
 
     table = card_plan_table(method, report, config)
     plan_lines = [_hide_local_paths(line, names) for line in report.get("plan_lines") or []]
     if table or plan_lines:
         body += ["## Plan", ""] + (table + [""] if table else [])
         if plan_lines and table:  # the table says it compactly; the full printout stays one click away
-            body += ["<details><summary>The plan as <code>upcycle convert</code> printed it</summary>", "", "```", *plan_lines, "```", "",
-                     "</details>", ""]
+            body += [
+                "<details><summary>The plan as <code>upcycle convert</code> printed it</summary>",
+                "",
+                "```",
+                *plan_lines,
+                "```",
+                "",
+                "</details>",
+                "",
+            ]
         elif plan_lines:
             body += ["As printed by `upcycle convert`:", "", "```", *plan_lines, "```", ""]
     if report.get("parameters"):
@@ -397,7 +544,10 @@ def render_card(folder: Path) -> str:
     body += _evaluation_lines([*recorded_rows, *user_rows], [*recorded_blocks, *user_blocks], pipeline_tag)
     if report.get("checks"):
         body += ["## Checks run at conversion", ""]
-        body += [f"- {'passed' if c['passed'] else 'FAILED'}: {c['name']} ({_hide_local_paths(c['detail'], names)})" for c in report["checks"]] + [""]
+        body += [
+            f"- {'passed' if c['passed'] else 'FAILED'}: {c['name']} ({_hide_local_paths(c['detail'], names)})"
+            for c in report["checks"]
+        ] + [""]
     body += ["## How to load", "", "```python", _load_snippet(auto_class, name, custom_code), "```", ""]
     if info:
         body += ["## Citation", "", f"{info.title}:", "", "```bibtex", "\n\n".join(info.citations), "```", ""]

@@ -6,8 +6,9 @@ creates the repository when it is missing, ``create_branch`` the target branch, 
 large folders are committed in batches and an interrupted upload resumes when run again, already
 committed files being skipped). Transient failures (HTTP 408/429/5xx, dropped connections) are
 retried with exponential backoff: by huggingface_hub for each request of an upload, and by
-:func:`push_folder` around each step (the upload as a whole once more, which resumes it). The token comes from ``HF_TOKEN`` or the stored login, goes only into request
-headers, and is scrubbed from any message shown.
+:func:`push_folder` around each step (the upload as a whole once more, which resumes it). The token
+comes from ``HF_TOKEN`` or the stored login, goes only into request headers, and is scrubbed from any
+message shown.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ class FolderNotPublishable(UpcycleError):
     def __init__(self, folder: Path, problems: list[str]) -> None:
         self.problems = problems
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__("\n".join([f"{folder} cannot be published ({count}); nothing was uploaded:", *(f"  - {p}" for p in problems)]))
+        super().__init__(
+            "\n".join(
+                [f"{folder} cannot be published ({count}); nothing was uploaded:", *(f"  - {p}" for p in problems)]
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class PushResult:
 
 
 # ---- validation (local; runs before any request) -------------------------------------------
+
 
 def upload_files(folder: Path) -> list[tuple[str, int]]:
     """(path in the repository, size in bytes) of every file ``upload_folder`` would send, sorted."""
@@ -140,7 +146,8 @@ def _weights_problems(folder: Path) -> list[str]:
 
 
 def _runtime_modules(auto_map: dict) -> list[str]:
-    """The local Python modules ``auto_map`` names ("module.Class"; entries with "repo--" live in another repository)."""
+    """The local Python modules ``auto_map`` names ("module.Class"; entries with "repo--" live in another
+    repository)."""
     modules = []
     for value in auto_map.values():
         for reference in value if isinstance(value, list) else [value]:
@@ -157,7 +164,9 @@ def _sibling_imports(file: Path) -> list[str]:
         tree = ast.parse(file.read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError):
         return []
-    return [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+    return [
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+    ]
 
 
 def _runtime_problems(folder: Path, config: dict) -> list[str]:
@@ -190,11 +199,18 @@ def _card_problems(folder: Path) -> list[str]:
     if not metadata and card.read_text(encoding="utf-8", errors="replace").startswith("---"):
         return [f"{CARD_FILE}: its front matter is not valid YAML"]
     bases = metadata.get("base_model") or []
-    bad = [str(b) for b in ([bases] if isinstance(bases, str) else bases if isinstance(bases, list) else [bases]) if not HUB_ID.match(str(b))]
+    bad = [
+        str(b)
+        for b in ([bases] if isinstance(bases, str) else bases if isinstance(bases, list) else [bases])
+        if not HUB_ID.match(str(b))
+    ]
     if bad:
-        return [f"{CARD_FILE}: base_model {', '.join(map(repr, bad))} {'is not a Hub model id' if len(bad) == 1 else 'are not Hub model ids'} "
-                f"(owner/name; a local folder's name), which the Hub refuses; name the base model(s) with "
-                f"`upcycle card {folder} --base-model OWNER/NAME` (repeat it for each), or fix the card by hand"]
+        return [
+            f"{CARD_FILE}: base_model {', '.join(map(repr, bad))} "
+            f"{'is not a Hub model id' if len(bad) == 1 else 'are not Hub model ids'} "
+            f"(owner/name; a local folder's name), which the Hub refuses; name the base model(s) with "
+            f"`upcycle card {folder} --base-model OWNER/NAME` (repeat it for each), or fix the card by hand"
+        ]
     return []
 
 
@@ -215,13 +231,15 @@ def validate_folder(folder: Path) -> list[str]:
 def runtime_files() -> dict[str, bytes]:
     """File name -> content of upcycle's model runtime, the ``.py`` files a conversion copies into a checkpoint
     (``upcycle/modeling/*.py`` of the installed package, ``__init__.py`` aside)."""
-    runtime_dir = Path(__file__).resolve().parents[1] / "modeling"  # upcycle.convert.RUNTIME_DIR, without importing torch
+    runtime_dir = (
+        Path(__file__).resolve().parents[1] / "modeling"
+    )  # upcycle.convert.RUNTIME_DIR, without importing torch
     return {file.name: file.read_bytes() for file in sorted(runtime_dir.glob("*.py")) if file.name != "__init__.py"}
 
 
 def foreign_python(folder: Path, files: list[tuple[str, int]]) -> list[str]:
-    """One warning per ``.py`` file among ``files`` (paths in ``folder``) that is not upcycle's runtime, by name and content:
-    code that anyone loading the model with ``trust_remote_code`` runs."""
+    """One warning per ``.py`` file among ``files`` (paths in ``folder``) that is not upcycle's runtime, by name and
+    content: code that anyone loading the model with ``trust_remote_code`` runs."""
     from upcycle import __version__
 
     runtime, warnings = runtime_files(), []
@@ -229,12 +247,16 @@ def foreign_python(folder: Path, files: list[tuple[str, int]]) -> list[str]:
         if not name.endswith(".py"):
             continue
         if name not in runtime:
-            warnings.append(f"warning: {name} is Python code that is not upcycle's runtime; anyone who loads the model with "
-                            "trust_remote_code runs it: check it, or remove it before publishing")
+            warnings.append(
+                f"warning: {name} is Python code that is not upcycle's runtime; anyone who loads the model with "
+                "trust_remote_code runs it: check it, or remove it before publishing"
+            )
         elif (Path(folder) / name).read_bytes() != runtime[name]:
-            warnings.append(f"warning: {name} differs from the runtime file of the installed upcycle {__version__} (edited, or "
-                            "written by another version); anyone who loads the model with trust_remote_code runs it: check it, "
-                            "or convert again to get the current runtime")
+            warnings.append(
+                f"warning: {name} differs from the runtime file of the installed upcycle {__version__} (edited, or "
+                "written by another version); anyone who loads the model with trust_remote_code runs it: check it, "
+                "or convert again to get the current runtime"
+            )
     return warnings
 
 
@@ -247,6 +269,7 @@ def check_folder(folder: Path) -> list[tuple[str, int]]:
 
 
 # ---- the token and errors ------------------------------------------------------------------
+
 
 def resolve_token(token: str | None = None) -> str:
     """``token``, else ``HF_TOKEN``, else the stored ``hf auth login`` token; a clear error when there is none."""
@@ -273,12 +296,19 @@ def _is_transient(error: BaseException) -> bool:
 
     if isinstance(error, HfHubHTTPError):
         return _status(error) in TRANSIENT_STATUS
-    return isinstance(error, (ConnectionError, TimeoutError)) or any(c.__name__ == "TransportError" for c in type(error).__mro__)
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        c.__name__ == "TransportError" for c in type(error).__mro__
+    )
 
 
 def hub_error(error: BaseException, action: str, target: PushTarget) -> UpcycleError:
     """One clear line for a failed Hub call (``action``: what was being done), without the token."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalTokenNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     token = target.token
     if isinstance(error, LocalTokenNotFoundError):
@@ -286,39 +316,66 @@ def hub_error(error: BaseException, action: str, target: PushTarget) -> UpcycleE
     status = _status(error)
     detail = _scrub(getattr(error, "server_message", None) or str(error).split("\n")[0], token)
     if isinstance(error, RevisionNotFoundError):
-        return UpcycleError(f"the Hub found no such branch of {target.repo_id} while {action} (HTTP {status}: {detail}); "
-                            "check --revision, or push without it to main")
+        return UpcycleError(
+            f"the Hub found no such branch of {target.repo_id} while {action} (HTTP {status}: {detail}); "
+            "check --revision, or push without it to main"
+        )
     if isinstance(error, RepositoryNotFoundError) or (isinstance(error, HfHubHTTPError) and status == 404):
         if action == "checking the token":
-            return UpcycleError(f"{target.endpoint} answered HTTP 404 while {action} ({detail}), so it is not a Hugging Face Hub "
-                                "API; check HF_ENDPOINT (unset it for huggingface.co)")
-        return UpcycleError(f"the Hub refused {target.repo_id} while {action}: repository not found, or the token's account may "
-                            f"not see it (HTTP {status}: {detail}); check the owner/name spelling and that the namespace is yours "
-                            f"or an organisation you may write to, or {LOGIN_HINT} for it")
+            return UpcycleError(
+                f"{target.endpoint} answered HTTP 404 while {action} ({detail}), so it is not a Hugging Face Hub "
+                "API; check HF_ENDPOINT (unset it for huggingface.co)"
+            )
+        return UpcycleError(
+            f"the Hub refused {target.repo_id} while {action}: repository not found, or the token's account may "
+            f"not see it (HTTP {status}: {detail}); check the owner/name spelling and that the namespace is yours "
+            f"or an organisation you may write to, or {LOGIN_HINT} for it"
+        )
     if status == 401:
         return UpcycleError(f"the Hugging Face token was rejected (HTTP 401) by {target.endpoint}; {LOGIN_HINT}")
     if status == 403:
-        return UpcycleError(f"the token may not write to {target.repo_id} (HTTP 403: {detail}); {LOGIN_HINT} for that namespace")
+        return UpcycleError(
+            f"the token may not write to {target.repo_id} (HTTP 403: {detail}); {LOGIN_HINT} for that namespace"
+        )
     if isinstance(error, ValueError) and "Invalid metadata in README.md" in str(error):
         reasons = "; ".join(line.lstrip("- ").strip() for line in str(error).splitlines()[1:] if line.strip())
-        return UpcycleError(f"the Hub refused README.md's metadata ({_scrub(reasons, token)}); fix the card (or refresh it with `upcycle card`) and push again")
+        return UpcycleError(
+            f"the Hub refused README.md's metadata ({_scrub(reasons, token)}); "
+            "fix the card (or refresh it with `upcycle card`) and push again"
+        )
     if isinstance(error, HfHubHTTPError) and status == 400 and action == "creating the repository":
-        return UpcycleError(f"the Hub refused to create {target.repo_id} (HTTP 400: {detail}): the repository id is invalid; "
-                            "use owner/name with letters, digits, '-', '_' and '.' (at most 96 characters, no '--' or '..')")
-    if isinstance(error, HfHubHTTPError) and status is not None and 400 <= status < 500 and status not in TRANSIENT_STATUS:
-        return UpcycleError(f"the Hub refused the request while {action} (HTTP {status}: {detail}); running again will not help: "
-                            "fix what the Hub names, then push again")
+        return UpcycleError(
+            f"the Hub refused to create {target.repo_id} (HTTP 400: {detail}): the repository id is invalid; "
+            "use owner/name with letters, digits, '-', '_' and '.' (at most 96 characters, no '--' or '..')"
+        )
+    if (
+        isinstance(error, HfHubHTTPError)
+        and status is not None
+        and 400 <= status < 500
+        and status not in TRANSIENT_STATUS
+    ):
+        return UpcycleError(
+            f"the Hub refused the request while {action} (HTTP {status}: {detail}); running again will not help: "
+            "fix what the Hub names, then push again"
+        )
     if isinstance(error, HfHubHTTPError):
         again = " (after retries)" if status in TRANSIENT_STATUS else ""
-        return UpcycleError(f"the Hub answered HTTP {status}{again} while {action} ({detail}); run the same command again to resume")
+        return UpcycleError(
+            f"the Hub answered HTTP {status}{again} while {action} ({detail}); run the same command again to resume"
+        )
     if _is_transient(error):
-        return UpcycleError(f"could not reach {target.endpoint} while {action} ({_scrub(error, token)}); check the connection "
-                            "and run the same command again to resume")
-    return UpcycleError(f"pushing to {target.repo_id} failed while {action} ({type(error).__name__}: {_scrub(error, token)})")
+        return UpcycleError(
+            f"could not reach {target.endpoint} while {action} ({_scrub(error, token)}); check the connection "
+            "and run the same command again to resume"
+        )
+    return UpcycleError(
+        f"pushing to {target.repo_id} failed while {action} ({type(error).__name__}: {_scrub(error, token)})"
+    )
 
 
 def _with_retries(call: Callable[[], T], *, attempts: int, backoff: float, what: str) -> T:
-    """Run ``call``; on a transient failure wait ``backoff``, 2x, 4x, ... seconds and try again (``attempts`` tries in all)."""
+    """Run ``call``; on a transient failure wait ``backoff``, 2x, 4x, ... seconds and try again (``attempts`` tries in
+    all)."""
     for attempt in range(1, attempts + 1):
         try:
             return call()
@@ -326,13 +383,18 @@ def _with_retries(call: Callable[[], T], *, attempts: int, backoff: float, what:
             if attempt == attempts or not _is_transient(error):
                 raise
             wait = backoff * 2 ** (attempt - 1)
-            print(f"{what}: transient error (HTTP {_status(error) or type(error).__name__}); retrying in {wait:g} s "
-                  f"[{attempt}/{attempts - 1}]", file=sys.stderr, flush=True)
+            print(
+                f"{what}: transient error (HTTP {_status(error) or type(error).__name__}); retrying in {wait:g} s "
+                f"[{attempt}/{attempts - 1}]",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(wait)
     raise AssertionError("unreachable")
 
 
 # ---- pushing -------------------------------------------------------------------------------
+
 
 def _api(endpoint: str, token: str):
     from huggingface_hub import HfApi
@@ -349,8 +411,14 @@ def default_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def prepare_push(repo_id: str, *, token: str | None = None, endpoint: str | None = None,
-                 attempts: int | None = None, backoff: float | None = None) -> PushTarget:
+def prepare_push(
+    repo_id: str,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    attempts: int | None = None,
+    backoff: float | None = None,
+) -> PushTarget:
     """Check the repo id and the token (``whoami``) before any work, and give the full ``namespace/name``."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -358,7 +426,9 @@ def prepare_push(repo_id: str, *, token: str | None = None, endpoint: str | None
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise UpcycleError(f"{repo_id!r} is not a Hub repository id; use owner/name (or name, for your own namespace)") from None
+        raise UpcycleError(
+            f"{repo_id!r} is not a Hub repository id; use owner/name (or name, for your own namespace)"
+        ) from None
     target = PushTarget(repo_id, (endpoint or default_endpoint()).rstrip("/"), resolve_token(token))
     api = _api(target.endpoint, target.token)
     attempts, backoff = attempts or RETRY_ATTEMPTS, RETRY_BACKOFF_S if backoff is None else backoff
@@ -386,10 +456,20 @@ def _size(count: int) -> str:
     return f"{count}"
 
 
-def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None, dry_run: bool = False, token: str | None = None,
-                endpoint: str | None = None, target: PushTarget | None = None,
-                attempts: int | None = None, backoff: float | None = None) -> PushResult | None:
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    target: PushTarget | None = None,
+    attempts: int | None = None,
+    backoff: float | None = None,
+) -> PushResult | None:
     """Validate ``folder`` and upload it to ``repo_id`` (created when missing; ``revision``: a branch, created
     from main when missing). ``dry_run``: print what would be uploaded, with sizes, and send nothing.
     ``target``: from :func:`prepare_push`, when the token was checked earlier. Returns None on a dry run."""
@@ -417,18 +497,32 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: 
         except Exception as error:
             raise hub_error(error, action, target) from None
 
-    step("creating the repository", lambda: api.create_repo(target.repo_id, private=True if private else None, exist_ok=True))
+    step(
+        "creating the repository",
+        lambda: api.create_repo(target.repo_id, private=True if private else None, exist_ok=True),
+    )
     if private:
         info = step("reading the repository", lambda: api.repo_info(target.repo_id))
         if not info.private:
-            raise UpcycleError(f"{target.repo_id} already exists and is public; --private only makes new repositories private: "
-                               "make it private on the Hub first, or drop --private")
+            raise UpcycleError(
+                f"{target.repo_id} already exists and is public; --private only makes new repositories private: "
+                "make it private on the Hub first, or drop --private"
+            )
     if branch != "main":
         step(f"creating branch {branch}", lambda: api.create_branch(target.repo_id, branch=branch, exist_ok=True))
     total = sum(size for _, size in files)
-    print(f"uploading {len(files)} files ({_size(total)}) to {target.repo_id}" + (f" (branch {branch})" if branch != "main" else ""), flush=True)
-    commit = step("uploading", lambda: api.upload_folder(repo_id=target.repo_id, folder_path=folder, revision=revision,
-                                                          commit_message=message), tries=min(attempts, UPLOAD_ATTEMPTS))
+    print(
+        f"uploading {len(files)} files ({_size(total)}) to {target.repo_id}"
+        + (f" (branch {branch})" if branch != "main" else ""),
+        flush=True,
+    )
+    commit = step(
+        "uploading",
+        lambda: api.upload_folder(
+            repo_id=target.repo_id, folder_path=folder, revision=revision, commit_message=message
+        ),
+        tries=min(attempts, UPLOAD_ATTEMPTS),
+    )
     url = f"{target.endpoint}/{target.repo_id}" + (f"/tree/{branch}" if branch != "main" else "")
     print(f"pushed {folder} to {url}")
     return PushResult(target.repo_id, branch, url, str(getattr(commit, "commit_url", "") or ""), len(files), total)

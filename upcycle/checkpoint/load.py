@@ -13,10 +13,10 @@ from ..errors import UpcycleError
 
 
 def check_pickled_weights(folder: Path | str) -> None:
-    """Before transformers loads ``folder``: when its weights are pickled ``pytorch_model*.bin`` files (no safetensors),
-    one line for a file in torch's legacy format or one that ``torch.load(weights_only=True)`` refuses, saying how to
-    convert it to safetensors (what ``upcycle eval`` and the data-driven methods call; the headers and a memory-mapped
-    weights-only load, nothing unpickled beyond tensors)."""
+    """Before transformers loads ``folder``: when its weights are pickled ``pytorch_model*.bin`` files (no
+    safetensors), one line for a file in torch's legacy format or one that ``torch.load(weights_only=True)`` refuses,
+    saying how to convert it to safetensors (what ``upcycle eval`` and the data-driven methods call; the headers and a
+    memory-mapped weights-only load, nothing unpickled beyond tensors)."""
     from .reader import load_pickled_weights
 
     folder = Path(folder)
@@ -39,8 +39,14 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def load_for_analysis(folder: Path, num_parameters: int, purpose: str, dtype: torch.dtype = torch.float32,
-                      auto_class: str = "AutoModelForCausalLM", activation_bytes: int = 0):
+def load_for_analysis(
+    folder: Path,
+    num_parameters: int,
+    purpose: str,
+    dtype: torch.dtype = torch.float32,
+    auto_class: str = "AutoModelForCausalLM",
+    activation_bytes: int = 0,
+):
     """Load the dense model at ``folder`` (a causal LM unless ``auto_class`` says otherwise),
     saying first how much memory it needs (weights, plus ``activation_bytes`` for a backward pass).
 
@@ -53,13 +59,25 @@ def load_for_analysis(folder: Path, num_parameters: int, purpose: str, dtype: to
     weights = num_parameters * torch.finfo(dtype).bits // 8
     need = weights + activation_bytes
     have = available_memory_bytes()
-    detail = f" ({weights / 2**30:.2f} GiB {dtype} weights + {activation_bytes / 2**30:.2f} GiB activations)" if activation_bytes else f" ({dtype})"
-    print(f"{purpose}: loading the model needs about {need / 2**30:.2f} GiB{detail}; {have / 2**30:.1f} GiB available", file=sys.stderr)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": False}  # never a model folder's own code (auto_map): the family's classes
+    detail = (
+        f" ({weights / 2**30:.2f} GiB {dtype} weights + {activation_bytes / 2**30:.2f} GiB activations)"
+        if activation_bytes
+        else f" ({dtype})"
+    )
+    print(
+        f"{purpose}: loading the model needs about {need / 2**30:.2f} GiB{detail}; {have / 2**30:.1f} GiB available",
+        file=sys.stderr,
+    )
+    kwargs: dict = {
+        "dtype": dtype,
+        "trust_remote_code": False,
+    }  # never a model folder's own code (auto_map): the family's classes
     if need > 0.85 * have:
         offload = tempfile.mkdtemp(prefix="upcycle-offload-")
         print(f"{purpose}: it does not fit; offloading the rest to {offload}", file=sys.stderr)
-        kwargs.update(device_map="auto", offload_folder=offload, max_memory={"cpu": max(int(0.7 * have) - activation_bytes, 0)})
+        kwargs.update(
+            device_map="auto", offload_folder=offload, max_memory={"cpu": max(int(0.7 * have) - activation_bytes, 0)}
+        )
     verbosity = transformers.logging.get_verbosity()
     if auto_class == "AutoModel":  # the base model of a checkpoint with a head: its unused head weights are expected
         transformers.logging.set_verbosity_error()

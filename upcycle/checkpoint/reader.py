@@ -32,7 +32,15 @@ for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "README.md"]  # README: the license for the card
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer*",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+    "README.md",
+]  # README: the license for the card
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,9 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, TensorInfo], dic
         if not valid:
             raise _corrupted(file, f"bad header entry for {name}")
         if code not in SAFETENSORS_DTYPES:
-            raise UpcycleError(f"{file}: tensor {name} has unsupported dtype {code}; convert the checkpoint to bf16/fp16/fp32 first")
+            raise UpcycleError(
+                f"{file}: tensor {name} has unsupported dtype {code}; convert the checkpoint to bf16/fp16/fp32 first"
+            )
         dtype = SAFETENSORS_DTYPES[code]
         nbytes = dtype.itemsize * _numel(shape)
         if end - begin != nbytes:
@@ -143,37 +153,52 @@ def _read_json(file: Path, what: str) -> Any:
         raise UpcycleError(f"{file} is not valid JSON ({_one_line(error)}); fix or re-download {what}") from None
 
 
-LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # pickle protocol 2 of torch's legacy magic number 0x1950a86a20f9469cfc6c
-TO_SAFETENSORS = ("load it yourself where you trust it (state_dict = torch.load(path, weights_only=False): a pickle can run code), "
-                  "save it with safetensors.torch.save_file({{k: v.contiguous() for k, v in state_dict.items()}}, "
-                  "'{folder}/model.safetensors'), then remove the pytorch_model*.bin files (and their index)")
+# pickle protocol 2 of torch's legacy magic number 0x1950a86a20f9469cfc6c
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+TO_SAFETENSORS = (
+    "load it yourself where you trust it (state_dict = torch.load(path, weights_only=False): a pickle can run code), "
+    "save it with safetensors.torch.save_file({{k: v.contiguous() for k, v in state_dict.items()}}, "
+    "'{folder}/model.safetensors'), then remove the pytorch_model*.bin files (and their index)"
+)
 
 
 def load_pickled_weights(file: Path) -> Any:
-    """``torch.load`` of a pytorch_model*.bin with ``weights_only=True`` (memory-mapped): never unpickles code. A file in
-    torch's legacy format, one that holds more than tensors, or one that is not a torch file is one line saying so."""
+    """``torch.load`` of a pytorch_model*.bin with ``weights_only=True`` (memory-mapped): never unpickles code. A file
+    in torch's legacy format, one that holds more than tensors, or one that is not a torch file is one line saying
+    so."""
     file = Path(file)
     fix = TO_SAFETENSORS.format(folder=file.parent)
     with open(file, "rb") as handle:
         head = handle.read(len(LEGACY_TORCH_MAGIC))
     if head.startswith(LEGACY_TORCH_MAGIC):
-        raise UpcycleError(f"{file} is in torch's legacy serialization format (torch before 1.6, not a zip archive), which upcycle does "
-                           f"not read; {fix}")
+        raise UpcycleError(
+            f"{file} is in torch's legacy serialization format (torch before 1.6, not a zip archive), "
+            f"which upcycle does not read; {fix}"
+        )
     if not head.startswith(b"PK\x03\x04"):
-        raise UpcycleError(f"{file} could not be unpickled (it is not a torch zip archive: truncated, corrupted or not a torch file); "
-                           "re-download it or use a safetensors checkpoint")
+        raise UpcycleError(
+            f"{file} could not be unpickled "
+            "(it is not a torch zip archive: truncated, corrupted or not a torch file); "
+            "re-download it or use a safetensors checkpoint"
+        )
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         needs = re.search(r"Unsupported (?:global|operand)[^.]*?(GLOBAL [\w.]+|\w+)", str(error))
         what = f"it needs {needs.group(1).removeprefix('GLOBAL ')}" if needs else _one_line(error)[:120]
-        raise UpcycleError(f"{file} is a pickle that holds more than tensors ({what}), and upcycle loads only what "
-                           f"torch.load(weights_only=True) accepts, never pickled code; convert it to safetensors: {fix}") from None
+        raise UpcycleError(
+            f"{file} is a pickle that holds more than tensors ({what}), and upcycle loads only what "
+            f"torch.load(weights_only=True) accepts, never pickled code; convert it to safetensors: {fix}"
+        ) from None
     except Exception as error:
-        raise UpcycleError(f"{file} could not be unpickled ({_one_line(error)}); re-download it or use a safetensors checkpoint") from None
+        raise UpcycleError(
+            f"{file} could not be unpickled ({_one_line(error)}); re-download it or use a safetensors checkpoint"
+        ) from None
 
 
-RUNTIME_DIR = Path(__file__).resolve().parents[1] / "modeling"  # upcycle's model runtime: what methods/base.py's auto_map names
+RUNTIME_DIR = (
+    Path(__file__).resolve().parents[1] / "modeling"
+)  # upcycle's model runtime: what methods/base.py's auto_map names
 RUNTIME_MODULES = ("configuration_upcycle", "modeling_upcycle")
 
 
@@ -226,7 +251,10 @@ def foreign_code(config: dict) -> str | None:
     return ", ".join(dict.fromkeys(files))
 
 
-CODE_CONFIGS = ("config.json", "tokenizer_config.json")  # the files whose auto_map makes transformers import a folder's code
+CODE_CONFIGS = (
+    "config.json",
+    "tokenizer_config.json",
+)  # the files whose auto_map makes transformers import a folder's code
 
 
 def folder_foreign_code(folder: Path | str, config: dict | None = None) -> tuple[str, str] | None:
@@ -245,16 +273,24 @@ def folder_foreign_code(folder: Path | str, config: dict | None = None) -> tuple
     return None
 
 
-def refuse_remote_code(folder: Path | str, config: dict | None = None, trust_remote_code: bool = False, *, fix: str | None = None) -> None:
-    """A model folder whose config.json or tokenizer_config.json has an ``auto_map`` naming code other than upcycle's runtime
-    is refused, in one line, unless ``trust_remote_code``. Even then upcycle never runs that code, nor copies it into an output."""
+def refuse_remote_code(
+    folder: Path | str, config: dict | None = None, trust_remote_code: bool = False, *, fix: str | None = None
+) -> None:
+    """A model folder whose config.json or tokenizer_config.json has an ``auto_map`` naming code other than upcycle's
+    runtime is refused, in one line, unless ``trust_remote_code``. Even then upcycle never runs that code, nor copies
+    it into an output."""
     found = folder_foreign_code(folder, config)
     if found and not trust_remote_code:
         name, code = found
-        fix = fix or ("pass --trust-remote-code to convert its weights anyway (the output loads with the family's standard classes, "
-                      f"without that code), or remove auto_map from its {name}")
-        raise UpcycleError(f"{folder}: {name}'s auto_map names code that is not upcycle's runtime ({code}); upcycle never runs "
-                           f"a model folder's own code nor copies it into an output: {fix}")
+        fix = fix or (
+            "pass --trust-remote-code to convert its weights anyway "
+            "(the output loads with the family's standard classes, "
+            f"without that code), or remove auto_map from its {name}"
+        )
+        raise UpcycleError(
+            f"{folder}: {name}'s auto_map names code that is not upcycle's runtime ({code}); upcycle never runs "
+            f"a model folder's own code nor copies it into an output: {fix}"
+        )
 
 
 class CheckpointReader:
@@ -266,7 +302,9 @@ class CheckpointReader:
             raise UpcycleError(f"{self.folder} is not a directory; pass a model folder that holds config.json")
         config_file = self.folder / "config.json"
         if not config_file.is_file():
-            raise UpcycleError(f"{self.folder} is not a model folder: no config.json; pass the folder of a Hugging Face checkpoint")
+            raise UpcycleError(
+                f"{self.folder} is not a model folder: no config.json; pass the folder of a Hugging Face checkpoint"
+            )
         self.config: dict = _read_json(config_file, "config.json")
         if not isinstance(self.config, dict):
             raise UpcycleError(f"{config_file} is not a JSON object; fix or re-download config.json")
@@ -295,7 +333,9 @@ class CheckpointReader:
                 shards = list(dict.fromkeys(folder / shard for shard in weight_map.values()))
                 for shard in shards:
                     if not shard.is_file():
-                        raise UpcycleError(f"{index_file} names shard {shard.name} but it is missing; re-download the checkpoint")
+                        raise UpcycleError(
+                            f"{index_file} names shard {shard.name} but it is missing; re-download the checkpoint"
+                        )
                 return fmt, shards, weight_map
             if (folder / single).is_file():
                 return fmt, [folder / single], None
@@ -303,7 +343,9 @@ class CheckpointReader:
             found = sorted(p for p in folder.glob(pattern) if p.is_file())
             if found:
                 return fmt, found, None
-        raise UpcycleError(f"{folder} has no weights (no *.safetensors or pytorch_model*.bin); download the model weights into it")
+        raise UpcycleError(
+            f"{folder} has no weights (no *.safetensors or pytorch_model*.bin); download the model weights into it"
+        )
 
     def _open_safetensors(self, weight_map: dict[str, str] | None) -> None:
         per_file: dict[Path, tuple[dict[str, TensorInfo], dict[str, int]]] = {}
@@ -314,14 +356,19 @@ class CheckpointReader:
             for shard, (infos, offsets) in per_file.items():
                 for name in infos:
                     if name in self._infos:
-                        raise UpcycleError(f"tensor {name} appears in both {self._infos[name].file.name} and {shard.name}; keep only one set of weight files in {self.folder}")
+                        raise UpcycleError(
+                            f"tensor {name} appears in both {self._infos[name].file.name} and {shard.name}; "
+                            f"keep only one set of weight files in {self.folder}"
+                        )
                 self._infos.update(infos)
                 self._offsets.update(offsets)
             return
         for name, shard_name in weight_map.items():
             infos, offsets = per_file[self.folder / shard_name]
             if name not in infos:
-                raise UpcycleError(f"the index says {name} is in {shard_name} but it is not there; re-download the checkpoint")
+                raise UpcycleError(
+                    f"the index says {name} is in {shard_name} but it is not there; re-download the checkpoint"
+                )
             self._infos[name] = infos[name]
             self._offsets[name] = offsets[name]
 
@@ -331,9 +378,13 @@ class CheckpointReader:
         for name, shard_name in weight_map.items():
             tensors = self._load_bin(self.folder / shard_name)
             if name not in tensors:
-                raise UpcycleError(f"the index says {name} is in {shard_name} but it is not there; re-download the checkpoint")
+                raise UpcycleError(
+                    f"the index says {name} is in {shard_name} but it is not there; re-download the checkpoint"
+                )
             tensor = tensors[name]
-            self._infos[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), tensor.nbytes, self.folder / shard_name)
+            self._infos[name] = TensorInfo(
+                name, tensor.dtype, tuple(tensor.shape), tensor.nbytes, self.folder / shard_name
+            )
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
         if self._bin_file != file:
@@ -384,7 +435,11 @@ class CheckpointReader:
         if self.format == "bin" or not info.shape:
             return self.get(name)[start:stop]
         row_bytes = info.nbytes // info.shape[0]
-        return self._read(info, start * row_bytes, (stop - start) * row_bytes).view(info.dtype).reshape(stop - start, *info.shape[1:])
+        return (
+            self._read(info, start * row_bytes, (stop - start) * row_bytes)
+            .view(info.dtype)
+            .reshape(stop - start, *info.shape[1:])
+        )
 
     def byte_range(self, name: str) -> tuple[Path, int] | None:
         """(file, offset) of a tensor's raw bytes in a safetensors file; None for .bin checkpoints."""

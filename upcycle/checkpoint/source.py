@@ -31,8 +31,11 @@ LICENSE_KEYS = ("license", "license_name", "license_link")
 def names_hub_repo(reference: str) -> bool:
     """Whether ``reference`` is a Hub id (owner/name) rather than a local path: no such file or folder exists and it
     does not start with ``.`` or ``~``."""
-    return (bool(HUB_ID.match(reference)) and not reference.startswith((".", "~"))
-            and not Path(reference).expanduser().exists())
+    return (
+        bool(HUB_ID.match(reference))
+        and not reference.startswith((".", "~"))
+        and not Path(reference).expanduser().exists()
+    )
 
 
 def snapshot_hub_id(path: str | Path) -> str | None:
@@ -108,8 +111,10 @@ def refuse_converted(config: dict, source: str) -> None:
     if block or str(config.get("model_type", "")).startswith("upcycle_"):
         method = (block or {}).get("method", "unknown")
         base = (block or {}).get("base_model_type", config.get("model_type"))
-        raise UpcycleError(f"{source} is already an upcycle {method} model (converted from a {base} checkpoint); "
-                           "convert the original dense checkpoint instead")
+        raise UpcycleError(
+            f"{source} is already an upcycle {method} model (converted from a {base} checkpoint); "
+            "convert the original dense checkpoint instead"
+        )
 
 
 @dataclass(frozen=True)

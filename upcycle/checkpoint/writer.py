@@ -26,11 +26,32 @@ from upcycle.checkpoint.reader import SAFETENSORS_DTYPES, CheckpointReader
 from upcycle.errors import UpcycleError
 
 DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
 SUPPORT_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.*",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "*.tiktoken",
-    "generation_config.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.*",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.tiktoken",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
 )
 
 
@@ -63,7 +84,9 @@ class TensorSpec:
 class ShardedWriter:
     """Write a known layout of tensors, in order, as transformers-style safetensors shards."""
 
-    def __init__(self, folder: Path, layout: list[TensorSpec], max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, folder: Path, layout: list[TensorSpec], max_shard_bytes: int, metadata: dict[str, str] | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.layout = [TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in layout]
         names = [spec.name for spec in self.layout]
@@ -111,7 +134,9 @@ class ShardedWriter:
             self._handle.write(data.numpy())
         self._advance()
 
-    def write_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]) -> None:
+    def write_chunks(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]
+    ) -> None:
         """Append the next tensor of the layout from consecutive row chunks (so it is never whole in memory)."""
         self._check_next(name, dtype, tuple(shape))
         written = 0
@@ -164,7 +189,11 @@ class ShardedWriter:
         header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0
         for spec in specs:
-            header[spec.name] = {"dtype": DTYPE_CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            header[spec.name] = {
+                "dtype": DTYPE_CODES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
@@ -177,7 +206,10 @@ class ShardedWriter:
         """Check that the whole layout was written, write the index if sharded, and return the files."""
         if self._next != len(self.layout):
             self.abort()
-            raise ValueError(f"only {self._next} of {len(self.layout)} tensors were written; next expected {self.layout[self._next].name}")
+            raise ValueError(
+                f"only {self._next} of {len(self.layout)} tensors were written; "
+                f"next expected {self.layout[self._next].name}"
+            )
         if len(self.shard_files) == 1:
             return list(self.shard_files)
         weight_map = {spec.name: file.name for specs, file in zip(self.shards, self.shard_files) for spec in specs}
@@ -213,14 +245,18 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
     while offset < end:
         chunk = os.pread(src_fd, min(end - offset, 1 << 24), offset)
         if not chunk:
-            raise UpcycleError(f"a source file ended while copying from it (at byte {offset}); re-download the checkpoint")
+            raise UpcycleError(
+                f"a source file ended while copying from it (at byte {offset}); re-download the checkpoint"
+            )
         view = memoryview(chunk)
         while view:
-            view = view[os.write(dst_fd, view):]
+            view = view[os.write(dst_fd, view) :]
         offset += len(chunk)
 
 
-OWNER_FILE = ".upcycle-owner"  # in a temp folder: {"pid", "host"} of the process writing it (removed before the rename)
+OWNER_FILE = (
+    ".upcycle-owner"  # in a temp folder: {"pid", "host"} of the process writing it (removed before the rename)
+)
 ABANDONED_AFTER_S = 3600  # a temp folder without an owner file (older upcycle) whose files are this old is abandoned
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -235,8 +271,8 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """While the block runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) instead of killing the process at once,
-    so temp folders are removed. Only in the main thread, and only where SIGTERM still has its default action."""
+    """While the block runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) instead of killing the process at
+    once, so temp folders are removed. Only in the main thread, and only where SIGTERM still has its default action."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
@@ -279,7 +315,7 @@ def _remove(path: Path) -> None:
 
 
 def _owner_state(folder: Path) -> str:
-    """"alive", "dead" (its process is gone: safe to remove) or "unknown" (no readable owner, or another host)."""
+    """ "alive", "dead" (its process is gone: safe to remove) or "unknown" (no readable owner, or another host)."""
     try:
         owner = json.loads((folder / OWNER_FILE).read_text())
         pid, host = int(owner["pid"]), owner["host"]
@@ -332,7 +368,11 @@ def recover_output(out: Path, log=None) -> list[str]:
     with _signals_held():
         for entry in sorted(e for e in entries if e.name.startswith(temp_prefix)):
             state = _owner_state(entry)
-            if state == "unknown" and not (entry / OWNER_FILE).exists() and time.time() - _last_change(entry) > ABANDONED_AFTER_S:
+            if (
+                state == "unknown"
+                and not (entry / OWNER_FILE).exists()
+                and time.time() - _last_change(entry) > ABANDONED_AFTER_S
+            ):
                 state = "dead"
             if state == "dead":
                 _remove(entry)
@@ -340,8 +380,11 @@ def recover_output(out: Path, log=None) -> list[str]:
             elif state == "alive":
                 writer_alive = True
             else:
-                notes.append(f"left {entry} alone: it may belong to a run still writing {out} (on another host or an older upcycle); "
-                             "delete it if none is")
+                notes.append(
+                    f"left {entry} alone: it may belong to a run still writing {out} "
+                    "(on another host or an older upcycle); "
+                    "delete it if none is"
+                )
         olds = [e for e in entries if e.name.startswith(old_prefix)]
         if olds and not writer_alive:
             olds.sort(key=lambda e: e.lstat().st_mtime, reverse=True)
@@ -378,12 +421,14 @@ def space_margin(needed: int) -> int:
 
 
 def check_output_location(out: Path, needed_bytes: int | None = None) -> None:
-    """One line, before anything is written, when OUT cannot be created: the nearest existing folder above it is a file,
-    is read-only or not writable, or (``needed_bytes``) has less free space than the output plus a margin."""
+    """One line, before anything is written, when OUT cannot be created: the nearest existing folder above it is a
+    file, is read-only or not writable, or (``needed_bytes``) has less free space than the output plus a margin."""
     out = Path(out)
     base = _nearest_existing(out.parent)
     if not base.is_dir():
-        raise UpcycleError(f"cannot create {out}: {base} is a file, not a folder; pick an OUT whose parent folders are folders")
+        raise UpcycleError(
+            f"cannot create {out}: {base} is a file, not a folder; pick an OUT whose parent folders are folders"
+        )
     if not os.access(base, os.W_OK | os.X_OK):
         try:
             read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
@@ -395,8 +440,10 @@ def check_output_location(out: Path, needed_bytes: int | None = None) -> None:
         free = shutil.disk_usage(base).free
         required = needed_bytes + space_margin(needed_bytes)
         if free < required:
-            raise UpcycleError(f"not enough free space for {out}: it needs about {format_bytes(required)} (with a margin) but "
-                               f"{base} has {format_bytes(free)} free; free some space or write OUT to another disk")
+            raise UpcycleError(
+                f"not enough free space for {out}: it needs about {format_bytes(required)} (with a margin) but "
+                f"{base} has {format_bytes(free)} free; free some space or write OUT to another disk"
+            )
 
 
 @contextmanager
@@ -432,13 +479,22 @@ def _disk_message(error: OSError, out: Path, needed_bytes: int | None) -> str:
     where = error.filename or out
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         need = f" (the output needs about {format_bytes(needed_bytes)})" if needed_bytes else ""
-        return (f"{error.strerror or 'no space left on device'} while writing {where}; nothing was written to {out}{need}: "
-                "free some space or write OUT to another disk")
+        return (
+            f"{error.strerror or 'no space left on device'} while writing {where}; "
+            f"nothing was written to {out}{need}: "
+            "free some space or write OUT to another disk"
+        )
     if error.errno == errno.EROFS:
         return f"{where} is on a read-only file system; nothing was written to {out}: write OUT to a writable folder"
     if error.errno in (errno.ENOTDIR, errno.EEXIST):
-        return f"cannot create {out}: a parent of it is a file, not a folder ({where}); pick an OUT whose parent folders are folders"
-    return f"{error.strerror or error} ({where}); nothing was written to {out}: check its permissions or write OUT to a folder you can write to"
+        return (
+            f"cannot create {out}: a parent of it is a file, not a folder ({where}); "
+            "pick an OUT whose parent folders are folders"
+        )
+    return (
+        f"{error.strerror or error} ({where}); nothing was written to {out}: "
+        "check its permissions or write OUT to a folder you can write to"
+    )
 
 
 @contextmanager
@@ -446,9 +502,9 @@ def atomic_output(out: Path, overwrite: bool, *, needed_bytes: int | None = None
     """Yield a temp folder beside `out` that replaces `out` only if the block finishes without error.
 
     The temp folder ``.OUT.upcycle-tmp-*`` holds an owner file (this process's pid) until the rename, so a later run
-    can remove it if this process is killed; the previous OUT is moved to ``.OUT.upcycle-old-*`` for the instant between
-    the two renames (a later run renames it back if a kill lands there). SIGTERM cleans up like Ctrl-C; a full disk, a
-    read-only or unwritable folder become one line (``needed_bytes``: the output's size, for the message)."""
+    can remove it if this process is killed; the previous OUT is moved to ``.OUT.upcycle-old-*`` for the instant
+    between the two renames (a later run renames it back if a kill lands there). SIGTERM cleans up like Ctrl-C; a full
+    disk, a read-only or unwritable folder become one line (``needed_bytes``: the output's size, for the message)."""
     out = Path(out)
     recover_output(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
@@ -462,7 +518,9 @@ def atomic_output(out: Path, overwrite: bool, *, needed_bytes: int | None = None
             with _signals_held():
                 temp = _fresh_sibling(out, "tmp")
                 try:
-                    (temp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+                    (temp / OWNER_FILE).write_text(
+                        json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n"
+                    )
                 except BaseException:
                     shutil.rmtree(temp, ignore_errors=True)
                     raise
@@ -503,9 +561,10 @@ def _fresh_sibling(out: Path, tag: str) -> Path:
 
 
 def copy_support_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer files and generation_config.json from src to dst; return the names copied. A tokenizer_config.json
-    whose auto_map names code of its own (accepted with --trust-remote-code) is copied without that auto_map: the code
-    is never copied, and the tokenizer loads with the class its tokenizer_class / tokenizer.json give."""
+    """Copy tokenizer files and generation_config.json from src to dst; return the names copied. A
+    tokenizer_config.json whose auto_map names code of its own (accepted with --trust-remote-code) is copied without
+    that auto_map: the code is never copied, and the tokenizer loads with the class its tokenizer_class /
+    tokenizer.json give."""
     from .reader import foreign_code
 
     src, dst = Path(src), Path(dst)

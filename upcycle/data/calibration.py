@@ -21,7 +21,10 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:
-        raise UpcycleError(f"{folder} has no usable tokenizer for the calibration text ({str(error).splitlines()[0]}); add the tokenizer files") from None
+        raise UpcycleError(
+            f"{folder} has no usable tokenizer for the calibration text ({str(error).splitlines()[0]}); "
+            "add the tokenizer files"
+        ) from None
 
 
 class SepAsEos:
@@ -49,7 +52,9 @@ def encoder_tokenizer(folder: Path):
     """A BERT-style tokenizer with [CLS] and [SEP], or one line saying what is missing."""
     tokenizer = load_tokenizer(folder)
     if tokenizer.sep_token_id is None or tokenizer.cls_token_id is None:
-        raise UpcycleError(f"the tokenizer of {folder} has no [CLS]/[SEP] tokens; pass a BERT checkpoint with its tokenizer")
+        raise UpcycleError(
+            f"the tokenizer of {folder} has no [CLS]/[SEP] tokens; pass a BERT checkpoint with its tokenizer"
+        )
     return tokenizer
 
 
@@ -62,7 +67,9 @@ def contrastive_pairs(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([cls, part, sep], dim=1) for part in (tokens[:, :half], tokens[:, half : 2 * half])])
 
 
-def calibration_blocks(folder: Path, config: dict, text: Path | str, tokens: int, seq_len: int, encoder: bool) -> torch.Tensor:
+def calibration_blocks(
+    folder: Path, config: dict, text: Path | str, tokens: int, seq_len: int, encoder: bool
+) -> torch.Tensor:
     """Packed calibration blocks [N, T] of the text at ``text``: EOS between documents for decoders;
     ``[CLS] ... [SEP]`` blocks with [SEP] between documents for encoders."""
     documents = read_documents(Path(text))

@@ -31,8 +31,15 @@ import torch
 from pydantic import ValidationError
 
 from upcycle.assets import KJV_HELDOUT_EVERY, PYTHON_HELDOUT_EVERY, TEXT_ASSETS, cache_root, text_asset
-from upcycle.data.text import (DataSettings, check_text_file, document_eos, encode_documents, iter_blocks,
-                               split_paragraphs, token_stream)
+from upcycle.data.text import (
+    DataSettings,
+    check_text_file,
+    document_eos,
+    encode_documents,
+    iter_blocks,
+    split_paragraphs,
+    token_stream,
+)
 from upcycle.errors import UpcycleError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -56,8 +63,9 @@ class DataConfig(DataSettings):
         except ValidationError as error:
             first = error.errors()[0]
             key = str(first["loc"][0]) if first["loc"] else "(all)"
-            raise UpcycleError(f"data setting {key!r}: {first['msg'].lower()} (got {first.get('input')!r}): "
-                               "fix it") from None
+            raise UpcycleError(
+                f"data setting {key!r}: {first['msg'].lower()} (got {first.get('input')!r}): fix it"
+            ) from None
 
 
 def corpus_name(source: str) -> str:
@@ -83,6 +91,7 @@ def _validation_corpus(sets: dict[str, torch.Tensor], config: DataConfig) -> tor
 
 
 # --- documents -------------------------------------------------------------------------------------------------
+
 
 def _local_files(path: Path) -> list[Path]:
     if path.is_dir():
@@ -115,20 +124,26 @@ def _load_local(path: Path, streaming: bool) -> tuple[datasets.Dataset | dataset
     for file in files:  # an empty or binary file: one line naming it, not a vague error from datasets
         if builder == "parquet":
             if file.stat().st_size == 0:
-                raise UpcycleError(f"{file} is empty (no data in it): write the data into it, or leave it out of the data")
+                raise UpcycleError(
+                    f"{file} is empty (no data in it): write the data into it, or leave it out of the data"
+                )
         else:
             check_text_file(file)
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
-        data = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                     streaming=streaming, **kwargs)
+        data = datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", streaming=streaming, **kwargs
+        )
     except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
         if _caused_by(e, UnicodeDecodeError):  # past the first bytes that check_text_file read
             name = files[0] if len(files) == 1 else f"a file in {path}"
-            raise UpcycleError(f"{name} is not UTF-8 text: convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) or "
-                               "leave it out of the data") from None
-        raise UpcycleError(f"cannot read {path} ({type(e).__name__}: {_first_line(e)}): "
-                           f"give valid {'/'.join(BUILDERS)} data") from e
+            raise UpcycleError(
+                f"{name} is not UTF-8 text: convert it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) or "
+                "leave it out of the data"
+            ) from None
+        raise UpcycleError(
+            f"cannot read {path} ({type(e).__name__}: {_first_line(e)}): give valid {'/'.join(BUILDERS)} data"
+        ) from e
     return (data.map(_split_paragraphs, batched=True), True) if builder == "text" else (data, False)
 
 
@@ -161,12 +176,15 @@ def _load_hub(name: str, split: str, streaming: bool):
     try:
         return datasets.load_dataset(path, config or None, split=split, streaming=streaming)
     except Exception as e:  # noqa: BLE001 - network, auth, not found, bad split: all "cannot load from the Hub"
-        raise UpcycleError(f"could not load dataset {name!r} from the Hub ({type(e).__name__}; offline?): "
-                           f"pass a local {'/'.join(BUILDERS)} file or folder") from e
+        raise UpcycleError(
+            f"could not load dataset {name!r} from the Hub ({type(e).__name__}; offline?): "
+            f"pass a local {'/'.join(BUILDERS)} file or folder"
+        ) from e
 
 
-def load_documents(source: str, text_field: str = "text", streaming: bool = False,
-                   split: str = "train") -> datasets.Dataset | datasets.IterableDataset:
+def load_documents(
+    source: str, text_field: str = "text", streaming: bool = False, split: str = "train"
+) -> datasets.Dataset | datasets.IterableDataset:
     """Documents of ``source`` as a dataset with one string column ``"text"`` (empty documents dropped).
 
     ``.txt``: a document is a paragraph (blank-line separated, stripped); ``.jsonl``/``.json``/``.parquet`` and Hub
@@ -187,8 +205,10 @@ def load_documents(source: str, text_field: str = "text", streaming: bool = Fals
         data = _load_hub(source, split, streaming)
     columns = data.column_names if data.column_names is not None else list(next(iter(data), {}))
     if text_field not in columns:
-        raise UpcycleError(f"{source} has no field {text_field!r} (fields: {', '.join(map(str, columns)) or 'none'}): "
-                           "set text_field to the column holding the text")
+        raise UpcycleError(
+            f"{source} has no field {text_field!r} (fields: {', '.join(map(str, columns)) or 'none'}): "
+            "set text_field to the column holding the text"
+        )
     feature = (data.features or {}).get(text_field)
     if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise UpcycleError(f"field {text_field!r} of {source} is {feature}, not text: set text_field to a text column")
@@ -208,10 +228,13 @@ def load_mix(sources: list[str], weights: list[float] | None, text_field: str, s
     if len(parts) == 1:
         return parts[0]
     probabilities = [w / sum(weights) for w in weights] if weights else [1 / len(parts)] * len(parts)
-    return datasets.interleave_datasets(parts, probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted_without_replacement")
+    return datasets.interleave_datasets(
+        parts, probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted_without_replacement"
+    )
 
 
 # --- tokens and blocks -----------------------------------------------------------------------------------------
+
 
 def _iter_blocks(documents: Iterable[dict], tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
     """Blocks of ``seq_len`` tokens from documents given as batches ``{"text": [...]}``, tail dropped."""
@@ -224,8 +247,9 @@ def _tokenize_batch(batch: dict[str, list[str]], tokenizer, eos: int) -> dict[st
     return {"input_ids": ids, "length": [len(x) for x in ids]}
 
 
-def _pack_batch(_batch, indices: list[int], tokens: datasets.Dataset, offsets: np.ndarray, seq_len: int,
-                n_blocks: int) -> dict[str, np.ndarray]:
+def _pack_batch(
+    _batch, indices: list[int], tokens: datasets.Dataset, offsets: np.ndarray, seq_len: int, n_blocks: int
+) -> dict[str, np.ndarray]:
     """The blocks that start in this batch of documents (token ``1 + b*seq_len`` of the stream starts block ``b``),
     reading on into later documents for a block that ends there."""
     start, stop = int(offsets[indices[0]]), int(offsets[indices[-1] + 1])
@@ -238,35 +262,55 @@ def _pack_batch(_batch, indices: list[int], tokens: datasets.Dataset, offsets: n
     return {"input_ids": flat[1 + first * seq_len - start : end - start].reshape(-1, seq_len)}
 
 
-def _pack_dataset(documents: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | None, work: Path,
-                  fingerprint: str) -> datasets.Dataset:
+def _pack_dataset(
+    documents: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | None, work: Path, fingerprint: str
+) -> datasets.Dataset:
     """Tokenise (batched ``map``, only as many documents as ``max_tokens`` needs) and pack into blocks."""
-    eos, features = document_eos(tokenizer), datasets.Features(
-        {"input_ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int64")})
+    eos, features = (
+        document_eos(tokenizer),
+        datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int64")}),
+    )
     parts, total, start, step = [], 0, 0, 4 * BATCH_SIZE
     while start < len(documents) and (max_tokens is None or total - 1 < max_tokens):
         stop = len(documents) if max_tokens is None else min(len(documents), start + step)
         part = documents.select(range(start, stop)).map(
-            _tokenize_batch, batched=True, batch_size=BATCH_SIZE, fn_kwargs={"tokenizer": tokenizer, "eos": eos},
-            remove_columns=["text"], features=features, cache_file_name=str(work / f"tokens-{len(parts)}.arrow"),
-            load_from_cache_file=False, new_fingerprint=f"{fingerprint}-tokens-{len(parts)}", desc="tokenising")
+            _tokenize_batch,
+            batched=True,
+            batch_size=BATCH_SIZE,
+            fn_kwargs={"tokenizer": tokenizer, "eos": eos},
+            remove_columns=["text"],
+            features=features,
+            cache_file_name=str(work / f"tokens-{len(parts)}.arrow"),
+            load_from_cache_file=False,
+            new_fingerprint=f"{fingerprint}-tokens-{len(parts)}",
+            desc="tokenising",
+        )
         parts.append(part)
         total += int(np.sum(part.with_format("numpy")["length"]))
         start, step = stop, step * 2
     usable = max(total - 1, 0) if max_tokens is None else min(max(total - 1, 0), max_tokens)
     n_blocks = usable // seq_len
     if n_blocks == 0:
-        raise UpcycleError(f"the training text has {max(total - 1, 0)} tokens, fewer than one block of "
-                           f"seq_len={seq_len}: give more text or lower seq_len")
+        raise UpcycleError(
+            f"the training text has {max(total - 1, 0)} tokens, fewer than one block of "
+            f"seq_len={seq_len}: give more text or lower seq_len"
+        )
     tokens = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     offsets = np.concatenate([[0], np.cumsum(tokens.with_format("numpy")["length"])])
     tokens = tokens.with_format("arrow")
     return tokens.map(
-        _pack_batch, batched=True, batch_size=BATCH_SIZE, with_indices=True, remove_columns=tokens.column_names,
+        _pack_batch,
+        batched=True,
+        batch_size=BATCH_SIZE,
+        with_indices=True,
+        remove_columns=tokens.column_names,
         fn_kwargs={"tokens": tokens, "offsets": offsets, "seq_len": seq_len, "n_blocks": n_blocks},
         features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"), length=seq_len)}),
-        cache_file_name=str(work / "blocks.arrow"), load_from_cache_file=False,
-        new_fingerprint=f"{fingerprint}-blocks", desc="packing")
+        cache_file_name=str(work / "blocks.arrow"),
+        load_from_cache_file=False,
+        new_fingerprint=f"{fingerprint}-blocks",
+        desc="packing",
+    )
 
 
 class PackedBlocks(torch.utils.data.Dataset):
@@ -295,8 +339,15 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
     from the main process (``dispatch_batches``), so every process sees different blocks.
     """
 
-    def __init__(self, documents: datasets.IterableDataset, tokenizer, seq_len: int, skip_documents: int = 0,
-                 skip: int = 0, max_blocks: int | None = None):
+    def __init__(
+        self,
+        documents: datasets.IterableDataset,
+        tokenizer,
+        seq_len: int,
+        skip_documents: int = 0,
+        skip: int = 0,
+        max_blocks: int | None = None,
+    ):
         super().__init__()
         self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
         self.skip_documents, self.skip, self.max_blocks = skip_documents, skip, max_blocks
@@ -309,8 +360,9 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         documents = self.documents.skip(self.skip_documents) if self.skip_documents else self.documents
-        blocks = islice(_iter_blocks(documents.iter(BATCH_SIZE), self.tokenizer, self.seq_len),
-                        self.skip, self.max_blocks)
+        blocks = islice(
+            _iter_blocks(documents.iter(BATCH_SIZE), self.tokenizer, self.seq_len), self.skip, self.max_blocks
+        )
         worker = torch.utils.data.get_worker_info()
         if worker is not None:
             blocks = islice(blocks, worker.id, None, worker.num_workers)
@@ -319,6 +371,7 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
 
 # --- corpus ----------------------------------------------------------------------------------------------------
+
 
 def _source_identity(source: str | list[str] | None) -> object:
     if isinstance(source, list):
@@ -348,8 +401,11 @@ def _tokenizer_identity(tokenizer) -> str:
 
 def corpus_fingerprint(config: DataConfig, tokenizer) -> str:
     """Hash of the tokenizer, the data (local files by path, size and mtime) and every setting that shapes blocks."""
-    settings = config.model_dump() | {"train": _source_identity(config.train),
-                                      "validation": _source_identity(config.validation), "cache_dir": None}
+    settings = config.model_dump() | {
+        "train": _source_identity(config.train),
+        "validation": _source_identity(config.validation),
+        "cache_dir": None,
+    }
     if config.validation is not None:
         settings |= {"validation_fraction": None, "seed": None}
     key = json.dumps([FORMAT_VERSION, _tokenizer_identity(tokenizer), settings], sort_keys=True)
@@ -360,8 +416,10 @@ def _validation_blocks(documents: Iterable[dict], tokenizer, config: DataConfig)
     limit = None if config.validation_tokens is None else config.validation_tokens // config.seq_len
     blocks = list(islice(_iter_blocks(documents, tokenizer, config.seq_len), limit))
     if not blocks:
-        raise UpcycleError(f"the validation text is shorter than one block of seq_len={config.seq_len}: "
-                           "give more validation text, raise validation_fraction or lower seq_len")
+        raise UpcycleError(
+            f"the validation text is shorter than one block of seq_len={config.seq_len}: "
+            "give more validation text, raise validation_fraction or lower seq_len"
+        )
     return torch.stack(blocks)
 
 
@@ -370,8 +428,10 @@ def _holdout(documents: datasets.Dataset, config: DataConfig) -> tuple[datasets.
     n = len(documents)
     k = min(n - 1, max(1, round(n * config.validation_fraction)))
     if n < 2:
-        raise UpcycleError(f"{config.train} has {n} document(s), too few to hold out validation: "
-                           "pass a validation source or set validation_fraction=0")
+        raise UpcycleError(
+            f"{config.train} has {n} document(s), too few to hold out validation: "
+            "pass a validation source or set validation_fraction=0"
+        )
     held = np.sort(np.random.default_rng(config.seed).permutation(n)[:k])
     return documents.select(np.setdiff1d(np.arange(n), held)), documents.select(held)
 
@@ -391,8 +451,10 @@ def _streaming_corpus(config: DataConfig, tokenizer, fingerprint: str) -> Corpus
             sets[corpus_name(source)] = _validation_blocks(held.iter(BATCH_SIZE), tokenizer, config)
     elif config.validation is None and wants_validation and config.validation_fraction > 0:
         if config.validation_tokens is None:
-            raise UpcycleError("streaming cannot hold out a fraction of an unknown number of documents: "
-                               "set validation_tokens or pass a validation source")
+            raise UpcycleError(
+                "streaming cannot hold out a fraction of an unknown number of documents: "
+                "set validation_tokens or pass a validation source"
+            )
         eos, texts = document_eos(tokenizer), []
         needed = config.validation_tokens // config.seq_len * config.seq_len + 1
         for row in documents:  # the first documents that give validation_tokens tokens
@@ -416,19 +478,26 @@ def build_corpus(config: DataConfig, tokenizer) -> Corpus:
         documents = load_mix(config.train_sources(), config.train_weights, config.text_field, False, config.seed)
         if config.validation is not None:
             train_docs = documents
-            held = {corpus_name(source): load_documents(source, config.text_field) for source in config.validation_sources()}
+            held = {
+                corpus_name(source): load_documents(source, config.text_field)
+                for source in config.validation_sources()
+            }
         elif config.validation_fraction > 0 and config.validation_tokens != 0:
             train_docs, held_docs = _holdout(documents, config)
             held = {"held-out": held_docs}
         else:
             train_docs, held = documents, {}
-        sets = {} if config.validation_tokens == 0 else {
-            name: _validation_blocks(docs.iter(BATCH_SIZE), tokenizer, config) for name, docs in held.items()}
+        sets = (
+            {}
+            if config.validation_tokens == 0
+            else {name: _validation_blocks(docs.iter(BATCH_SIZE), tokenizer, config) for name, docs in held.items()}
+        )
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=target.parent))
         try:
-            blocks = _pack_dataset(train_docs, tokenizer, config.seq_len, config.max_train_tokens, tmp / "work",
-                                   fingerprint)
+            blocks = _pack_dataset(
+                train_docs, tokenizer, config.seq_len, config.max_train_tokens, tmp / "work", fingerprint
+            )
             blocks.save_to_disk(str(tmp / "train"))
             del blocks
             shutil.rmtree(tmp / "work")

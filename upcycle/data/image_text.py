@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import string
 import random
+import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +44,7 @@ SIZES = {"small": 0.45, "large": 0.85}  # shape extent as a fraction of its quad
 
 # --- loading ---------------------------------------------------------------------------------------------------
 
+
 def _first(record: dict, keys: Sequence[str]):
     return next((record[k] for k in keys if k in record), None)
 
@@ -59,15 +60,18 @@ def _read_records(path: Path) -> tuple[list[str], list[str]]:
     images, texts, missing = [], [], []
     for number, record in json_lines(path, raw):
         if not isinstance(record, dict):
-            raise UpcycleError(f"{path}:{number} is not a JSON object: write one "
-                               '{"file_name": ..., "text": ...} object per line')
+            raise UpcycleError(
+                f'{path}:{number} is not a JSON object: write one {{"file_name": ..., "text": ...}} object per line'
+            )
         image, text = _first(record, IMAGE_KEYS), _first(record, TEXT_KEYS)
         if not isinstance(image, str) or not image.strip():
-            raise UpcycleError(f'{path}:{number} has no string "image" or "file_name" field: '
-                               "give each line the path of its image")
+            raise UpcycleError(
+                f'{path}:{number} has no string "image" or "file_name" field: give each line the path of its image'
+            )
         if not isinstance(text, str) or not text.strip():
-            raise UpcycleError(f'{path}:{number} has no non-empty string "text" or "caption" field: '
-                               "give each line its caption")
+            raise UpcycleError(
+                f'{path}:{number} has no non-empty string "text" or "caption" field: give each line its caption'
+            )
         file = Path(image).expanduser()
         file = file if file.is_absolute() else path.parent / file
         if not file.is_file():
@@ -76,11 +80,14 @@ def _read_records(path: Path) -> tuple[list[str], list[str]]:
         texts.append(text)
     if missing:
         number, file = missing[0]
-        raise UpcycleError(f"{len(missing)} of {len(images)} images listed in {path} do not exist, the first is "
-                           f"{file} (line {number}): fix the paths (relative to {path.parent}) or add the images")
+        raise UpcycleError(
+            f"{len(missing)} of {len(images)} images listed in {path} do not exist, the first is "
+            f"{file} (line {number}): fix the paths (relative to {path.parent}) or add the images"
+        )
     if not images:
-        raise UpcycleError(f"no image-text pairs in {path}: write one "
-                           '{"file_name": ..., "text": ...} object per line')
+        raise UpcycleError(
+            f'no image-text pairs in {path}: write one {{"file_name": ..., "text": ...}} object per line'
+        )
     return images, texts
 
 
@@ -89,12 +96,15 @@ def load_pairs(source: str | Path) -> datasets.Dataset:
     (a :class:`datasets.Image` feature, decoded to an RGB PIL image on access) and ``text`` (str), in file order."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise UpcycleError(f"image-text data path {path} does not exist: "
-                           f"give a .jsonl file or a folder with {METADATA}")
+        raise UpcycleError(
+            f"image-text data path {path} does not exist: give a .jsonl file or a folder with {METADATA}"
+        )
     if path.is_dir():
         if not (path / METADATA).is_file():
-            raise UpcycleError(f"no {METADATA} in {path}: write one "
-                               '{"file_name": ..., "text": ...} object per image there, or give a .jsonl file')
+            raise UpcycleError(
+                f"no {METADATA} in {path}: write one "
+                '{"file_name": ..., "text": ...} object per image there, or give a .jsonl file'
+            )
         path = path / METADATA
     elif path.suffix.lower() != ".jsonl":
         raise UpcycleError(f"unsupported image-text file {path}: give a .jsonl file or a folder with {METADATA}")
@@ -104,6 +114,7 @@ def load_pairs(source: str | Path) -> datasets.Dataset:
 
 
 # --- batching --------------------------------------------------------------------------------------------------
+
 
 class ImageTextCollator:
     """Batches rows ``{"image": PIL image, "text": str}`` with a CLIP processor into ``pixel_values`` [B, 3, H, W],
@@ -123,21 +134,31 @@ class ImageTextCollator:
         for row in rows:
             image, text = row.get("image"), row.get("text")
             if not isinstance(image, Image.Image) or not isinstance(text, str):
-                raise UpcycleError(f"a row holds {type(image).__name__} image and {type(text).__name__} text, "
-                                   "not a PIL image and a str: load the pairs with load_pairs")
+                raise UpcycleError(
+                    f"a row holds {type(image).__name__} image and {type(text).__name__} text, "
+                    "not a PIL image and a str: load the pairs with load_pairs"
+                )
             images.append(image if image.mode == "RGB" else image.convert("RGB"))
             texts.append(text)
-        batch = self.processor(images=images, text=texts, return_tensors="pt", padding="longest", truncation=True,
-                               max_length=self.max_length)
+        batch = self.processor(
+            images=images,
+            text=texts,
+            return_tensors="pt",
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+        )
         keys = ("pixel_values", "input_ids", "attention_mask")
         absent = [k for k in keys if k not in batch]
         if absent:
-            raise UpcycleError(f"the processor returned no {', '.join(absent)}: pass a CLIP processor "
-                               "(image processor and tokenizer)")
+            raise UpcycleError(
+                f"the processor returned no {', '.join(absent)}: pass a CLIP processor (image processor and tokenizer)"
+            )
         return {k: batch[k] for k in keys}
 
 
 # --- synthetic shapes ------------------------------------------------------------------------------------------
+
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour) -> None:
     x0, y0, x1, y1 = box  # inclusive corners
@@ -156,8 +177,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 def _render(rng: random.Random, image_size: int) -> tuple[Image.Image, dict[str, str]]:
     """One image with one shape fully inside one quadrant, jittered in place, and its attributes."""
-    attributes = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)),
-                  "position": rng.choice(POSITIONS), "size": rng.choice(list(SIZES))}
+    attributes = {
+        "shape": rng.choice(SHAPES),
+        "colour": rng.choice(list(COLOURS)),
+        "position": rng.choice(POSITIONS),
+        "size": rng.choice(list(SIZES)),
+    }
     half = image_size // 2
     side = max(3, round(half * SIZES[attributes["size"]]))
     left = attributes["position"].endswith("right") * (image_size - half)
@@ -165,8 +190,12 @@ def _render(rng: random.Random, image_size: int) -> tuple[Image.Image, dict[str,
     x0 = left + rng.randint(0, half - side)
     y0 = top + rng.randint(0, half - side)
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
-    _draw_shape(ImageDraw.Draw(image), attributes["shape"], (x0, y0, x0 + side - 1, y0 + side - 1),
-                COLOURS[attributes["colour"]])
+    _draw_shape(
+        ImageDraw.Draw(image),
+        attributes["shape"],
+        (x0, y0, x0 + side - 1, y0 + side - 1),
+        COLOURS[attributes["colour"]],
+    )
     return image, attributes
 
 
@@ -191,8 +220,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_synthetic_shapes(folder: Path, count: int, seed: int = 0, image_size: int = 32,
-                           heldout_fraction: float = 0.2) -> tuple[Path, Path]:
+def write_synthetic_shapes(
+    folder: Path, count: int, seed: int = 0, image_size: int = 32, heldout_fraction: float = 0.2
+) -> tuple[Path, Path]:
     """Render ``count`` images of one shape (``SHAPES``) in one colour (``COLOURS``), small or large, in one quadrant
     (``POSITIONS``) on white, into ``folder/images/``; write ``folder/train.jsonl`` and ``folder/heldout.jsonl``
     (a seeded ``heldout_fraction`` of the samples; a combination may occur in both, as different samples) and return
@@ -214,14 +244,18 @@ def write_synthetic_shapes(folder: Path, count: int, seed: int = 0, image_size: 
         name = f"images/{i:0{width}d}.png"
         image.save(folder / name)
         records.append({"image": name, "text": caption(attributes), **attributes})
-    held = set(np.random.default_rng(seed).permutation(count)[: min(count - 1, max(1, round(count * heldout_fraction)))]
-               .tolist())
+    held = set(
+        np.random.default_rng(seed)
+        .permutation(count)[: min(count - 1, max(1, round(count * heldout_fraction)))]
+        .tolist()
+    )
     _write_jsonl(paths[1], [r for i, r in enumerate(records) if i in held])
     _write_jsonl(paths[0], [r for i, r in enumerate(records) if i not in held])
     return paths
 
 
 # --- logging ---------------------------------------------------------------------------------------------------
+
 
 def _image_size(value) -> tuple[int, int]:
     if isinstance(value, Image.Image):
@@ -243,8 +277,11 @@ def pairs_summary(dataset: datasets.Dataset) -> str:
         size = _image_size(value)
         counts[size] = counts.get(size, 0) + 1
     sizes = [f"{w}x{h}" for w, h in sorted(counts, key=lambda s: (s[0] * s[1], s))]
-    shown = sizes[0] if len(sizes) == 1 else f"{len(sizes)} sizes (" + (
-        ", ".join(sizes) if len(sizes) <= 3 else f"{sizes[0]} to {sizes[-1]}") + ")"
+    shown = (
+        sizes[0]
+        if len(sizes) == 1
+        else f"{len(sizes)} sizes (" + (", ".join(sizes) if len(sizes) <= 3 else f"{sizes[0]} to {sizes[-1]}") + ")"
+    )
     if n > len(head):
         shown += f" (first {len(head)})"
     words = sum(len(text.split()) for text in dataset["text"]) / n
@@ -252,22 +289,31 @@ def pairs_summary(dataset: datasets.Dataset) -> str:
 
 
 def synthetic_clip_processor(image_size: int = 32):
-    """A CLIP processor for the synthetic shapes set, built offline: the real CLIP image processor and a real CLIPTokenizer (byte-level BPE,
-    lower-cased) whose vocabulary and merges are trained here on the synthetic caption words, so each of those words
-    is one token and any other lower-case word falls back to letters. 117 tokens; the last three are ``<unk>``,
-    ``<|startoftext|>`` and ``<|endoftext|>`` (also the pad token), so the end token has the highest id, as in CLIP."""
+    """A CLIP processor for the synthetic shapes set, built offline: the real CLIP image processor and a real
+    CLIPTokenizer (byte-level BPE, lower-cased) whose vocabulary and merges are trained here on the synthetic caption
+    words, so each of those words is one token and any other lower-case word falls back to letters. 117 tokens; the
+    last three are ``<unk>``, ``<|startoftext|>`` and ``<|endoftext|>`` (also the pad token), so the end token has
+    the highest id, as in CLIP."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.train_from_iterator(synthetic_vocabulary() + list(string.ascii_lowercase), trainers.BpeTrainer(
-        vocab_size=1000, show_progress=False, end_of_word_suffix="</w>", initial_alphabet=list(string.ascii_lowercase)))
+    bpe.train_from_iterator(
+        synthetic_vocabulary() + list(string.ascii_lowercase),
+        trainers.BpeTrainer(
+            vocab_size=1000,
+            show_progress=False,
+            end_of_word_suffix="</w>",
+            initial_alphabet=list(string.ascii_lowercase),
+        ),
+    )
     model = json.loads(bpe.to_str())["model"]
     vocab = dict(model["vocab"])
     for special in ("<unk>", "<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]], unk_token="<unk>")
-    images = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                crop_size={"height": image_size, "width": image_size})
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     return CLIPProcessor(image_processor=images, tokenizer=tokenizer)

@@ -45,13 +45,17 @@ def check_text_bytes(path: Path | str, data: bytes, complete: bool = True) -> No
     if not data.strip() and complete:
         raise UpcycleError(f"{path} is empty (no text in it): put text in it, or leave it out of the data")
     if b"\0" in data:
-        raise UpcycleError(f"{path} is not UTF-8 text (it holds NUL bytes: a binary file, or UTF-16 text): convert it to "
-                           "UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) or leave it out of the data")
+        raise UpcycleError(
+            f"{path} is not UTF-8 text (it holds NUL bytes: a binary file, or UTF-16 text): convert it to "
+            "UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) or leave it out of the data"
+        )
     try:
         codecs.getincrementaldecoder("utf-8")().decode(data, final=complete)
     except UnicodeDecodeError as e:
-        raise UpcycleError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid): convert "
-                           "it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) or leave it out of the data") from None
+        raise UpcycleError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid): convert "
+            "it to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) or leave it out of the data"
+        ) from None
 
 
 def check_text_file(path: Path | str) -> None:
@@ -68,6 +72,7 @@ def check_text_file(path: Path | str) -> None:
 
 # --- documents -------------------------------------------------------------------------------------------------
 
+
 def split_paragraphs(text: str) -> list[str]:
     """The documents of plain text: its paragraphs (separated by blank lines, which may hold whitespace), stripped,
     empty ones left out. ``.txt`` files become documents this way here and in :mod:`upcycle.data.corpus`."""
@@ -78,7 +83,9 @@ def _read_file(path: Path) -> list[str]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise UpcycleError(f"cannot read {path} ({e.strerror or e}): give a readable UTF-8 .txt or .jsonl file") from None
+        raise UpcycleError(
+            f"cannot read {path} ({e.strerror or e}): give a readable UTF-8 .txt or .jsonl file"
+        ) from None
     check_text_bytes(path, data)
     raw = data.decode("utf-8")
     if path.suffix.lower() == ".txt":
@@ -86,7 +93,9 @@ def _read_file(path: Path) -> list[str]:
     documents = []
     for number, record in json_lines(path, raw):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UpcycleError(f'{path}:{number} has no string "text" field: write one {{"text": ...}} object per line')
+            raise UpcycleError(
+                f'{path}:{number} has no string "text" field: write one {{"text": ...}} object per line'
+            )
         if record["text"].strip():
             documents.append(record["text"])
     return documents
@@ -113,6 +122,7 @@ def read_documents(path: Path | str) -> list[str]:
 
 
 # --- tokens and blocks -----------------------------------------------------------------------------------------
+
 
 def document_eos(tokenizer) -> int:
     """The token put between documents: the tokenizer's EOS, or one line saying it has none."""
@@ -183,6 +193,7 @@ def pack_tokens(documents: list[str], tokenizer, seq_len: int, max_tokens: int |
 
 # --- the data: settings ----------------------------------------------------------------------------------------
 
+
 def as_sources(value: str | list[str] | None) -> list[str]:
     """A data key that names one source or a list of them (``data.train``, ``data.validation``) as a list."""
     return [] if value is None else [value] if isinstance(value, str) else list(value)
@@ -212,8 +223,10 @@ class DataSettings(BaseModel):
             raise UpcycleError("data.train names no source: give a file, a folder, an asset or a Hub dataset")
         weights = self.train_weights
         if weights is not None and (len(weights) != len(sources) or min(weights) <= 0):
-            raise UpcycleError(f"train_weights {weights} must give one positive weight per train source "
-                               f"({len(sources)}): fix them or drop them for an even mix")
+            raise UpcycleError(
+                f"train_weights {weights} must give one positive weight per train source "
+                f"({len(sources)}): fix them or drop them for an even mix"
+            )
         names = self.validation_sources()
         if len(set(names)) != len(names):
             raise UpcycleError(f"validation lists a source twice ({', '.join(names)}): list each held-out corpus once")

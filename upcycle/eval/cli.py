@@ -13,14 +13,30 @@ SOURCE = "source"  # --compare source: the dense model PATH was converted from
 DEFAULT_WINDOW = 512  # --window when not given (or the model's max_position_embeddings, when smaller)
 
 
-def run_eval(path: str, data: list[str], *, compare: str | None, tokens: int, window: int | None, stride: int | None,
-             output: Path | None, attention: str = "auto") -> dict:
+def run_eval(
+    path: str,
+    data: list[str],
+    *,
+    compare: str | None,
+    tokens: int,
+    window: int | None,
+    stride: int | None,
+    output: Path | None,
+    attention: str = "auto",
+) -> dict:
     """Score PATH (and ``compare``; ``source``: PATH's recorded source) on every ``--data`` corpus, each tokenised with
-    PATH's tokenizer and cut to ``tokens``; print the table, write ``output`` (JSON) when given; returns the evaluation.
-    ``window`` None: 512, or the models' ``max_position_embeddings`` when smaller. Every input and the output's folder
-    are checked before any model is scored."""
+    PATH's tokenizer and cut to ``tokens``; print the table, write ``output`` (JSON) when given; returns the
+    evaluation. ``window`` None: 512, or the models' ``max_position_embeddings`` when smaller. Every input and the
+    output's folder are checked before any model is scored."""
     from ..train.finetune import resolve_model
-    from .evaluate import eval_tokens_from_text, evaluate_corpora, json_text, format_recovery_table, load_tokenizer, recovery
+    from .evaluate import (
+        eval_tokens_from_text,
+        evaluate_corpora,
+        format_recovery_table,
+        json_text,
+        load_tokenizer,
+        recovery,
+    )
 
     if output is not None:
         check_writable(output)
@@ -45,8 +61,10 @@ def run_eval(path: str, data: list[str], *, compare: str | None, tokens: int, wi
         try:
             write_text_atomic(output.expanduser(), json_text(evaluation))
         except OSError as error:
-            raise UpcycleError(f"--json {output}: cannot write it ({error.strerror or error}); free space or pick another path "
-                               "(the results are printed above)") from None
+            raise UpcycleError(
+                f"--json {output}: cannot write it ({error.strerror or error}); free space or pick another path "
+                "(the results are printed above)"
+            ) from None
     return evaluation
 
 
@@ -61,19 +79,26 @@ def check_writable(output: Path) -> None:
         above = next((p for p in parent.parents if p.exists()), None)
         if above is not None and not above.is_dir():
             raise UpcycleError(f"--json {output}: {above} is a file, not a folder; give a path in an existing folder")
-        raise UpcycleError(f"--json {output}: the folder {parent} does not exist; create it first or give a path in an existing folder")
+        raise UpcycleError(
+            f"--json {output}: the folder {parent} does not exist; "
+            "create it first or give a path in an existing folder"
+        )
     if not parent.is_dir():
         raise UpcycleError(f"--json {output}: {parent} is a file, not a folder; give a path in an existing folder")
     try:
         handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     except OSError as error:
-        raise UpcycleError(f"--json {output}: cannot write in {parent} ({error.strerror or error}); give a path in a folder you may write to") from None
+        raise UpcycleError(
+            f"--json {output}: cannot write in {parent} ({error.strerror or error}); "
+            "give a path in a folder you may write to"
+        ) from None
     os.close(handle)
     os.unlink(probe)
 
 
 def max_positions(folder: Path) -> int | None:
-    """The ``max_position_embeddings`` of a model folder's config.json (or of its ``text_config``), when it says one."""
+    """The ``max_position_embeddings`` of a model folder's config.json (or of its ``text_config``), when it says
+    one."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -87,7 +112,8 @@ def max_positions(folder: Path) -> int | None:
 
 
 def check_window(window: int | None, folders: list[Path]) -> int:
-    """``window``, refused above a model's ``max_position_embeddings``; None: 512, or the smallest of them when below."""
+    """``window``, refused above a model's ``max_position_embeddings``; None: 512, or the smallest of them when
+    below."""
     limits = [(limit, folder) for folder in folders if (limit := max_positions(folder)) is not None]
     if window is None:
         return min([DEFAULT_WINDOW, *(limit for limit, _ in limits)])
@@ -95,13 +121,16 @@ def check_window(window: int | None, folders: list[Path]) -> int:
         raise UpcycleError(f"--window {window} must be at least 1; give a positive number of tokens")
     for limit, folder in limits:
         if window > limit:
-            raise UpcycleError(f"--window {window} is above the max_position_embeddings ({limit}) of {folder}; "
-                               f"pass --window {limit} or less")
+            raise UpcycleError(
+                f"--window {window} is above the max_position_embeddings ({limit}) of {folder}; "
+                f"pass --window {limit} or less"
+            )
     return window
 
 
 def corpus_files(data: list[str]) -> dict[str, Path]:
-    """Corpus name -> text file or folder for each ``--data``: a path (named by its file name) or ``asset:NAME`` (named NAME)."""
+    """Corpus name -> text file or folder for each ``--data``: a path (named by its file name) or ``asset:NAME``
+    (named NAME)."""
     from ..train.finetune import resolve_text
 
     if not data:
@@ -111,11 +140,16 @@ def corpus_files(data: list[str]) -> dict[str, Path]:
         name = reference.removeprefix("asset:") if reference.startswith("asset:") else Path(reference).name
         file = Path(resolve_text(reference)).expanduser()
         if not file.exists():
-            raise UpcycleError(f"--data {reference} does not exist: give a .txt/.jsonl file, a folder of them, or asset:NAME")
+            raise UpcycleError(
+                f"--data {reference} does not exist: give a .txt/.jsonl file, a folder of them, or asset:NAME"
+            )
         if name in files:
             same = files[name].resolve() == file.resolve()
-            raise UpcycleError(f"--data {reference} is given twice: give each corpus once" if same else
-                               f"two --data corpora are named {name} ({files[name]} and {file}): rename one")
+            raise UpcycleError(
+                f"--data {reference} is given twice: give each corpus once"
+                if same
+                else f"two --data corpora are named {name} ({files[name]} and {file}): rename one"
+            )
         files[name] = file
     return files
 
@@ -130,9 +164,13 @@ def recorded_source(folder: Path) -> Path:
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UpcycleError(f"--compare source: {folder} has no upcycle_report.json, so its source is not known; {hint}") from None
+        raise UpcycleError(
+            f"--compare source: {folder} has no upcycle_report.json, so its source is not known; {hint}"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UpcycleError(f"--compare source: {report_path} is not valid JSON ({' '.join(str(error).split())}); {hint}") from None
+        raise UpcycleError(
+            f"--compare source: {report_path} is not valid JSON ({' '.join(str(error).split())}); {hint}"
+        ) from None
     source = report.get("source") if isinstance(report, dict) else None
     if not source:
         raise UpcycleError(f"--compare source: {report_path} records no source (not a conversion); {hint}")

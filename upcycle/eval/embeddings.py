@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def sentence_embeddings(folder: Path | str, sentences: list[str], tokenizer_folder: Path | str | None = None,
-                        max_length: int = 128) -> torch.Tensor:
+def sentence_embeddings(
+    folder: Path | str, sentences: list[str], tokenizer_folder: Path | str | None = None, max_length: int = 128
+) -> torch.Tensor:
     """Mean-pooled, L2-normalised last hidden states of the encoder at ``folder``: [N, D]."""
     from transformers import AutoModel, AutoTokenizer
 

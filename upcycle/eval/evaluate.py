@@ -1,4 +1,5 @@
-"""Evaluate saved models (dense or converted) on token streams: perplexity, speed, head usage, and recovery against a reference."""
+"""Evaluate saved models (dense or converted) on token streams: perplexity, speed, head usage, and recovery against a
+reference."""
 
 from __future__ import annotations
 
@@ -38,7 +39,14 @@ def eval_tokens_from_text(path: str | Path, tokenizer, max_tokens: int | None = 
     return torch.tensor(tokens[:max_tokens], dtype=torch.long)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 def load_tokenizer(folder: str | Path):
@@ -46,8 +54,10 @@ def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
     folder = Path(folder).expanduser()
-    fix = ("copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) of the model it was made from into it, "
-           "e.g. AutoTokenizer.from_pretrained(SOURCE).save_pretrained(FOLDER)")
+    fix = (
+        "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) of the model it was made from into it, "
+        "e.g. AutoTokenizer.from_pretrained(SOURCE).save_pretrained(FOLDER)"
+    )
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UpcycleError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); {fix}")
     try:
@@ -59,8 +69,9 @@ def load_tokenizer(folder: str | Path):
 
 def load_model(model_path: str | Path, device: str | None = None) -> torch.nn.Module:
     """A dense or converted causal LM in eval mode: fp32 on CPU, bf16 on CUDA (``device`` None: CUDA if available)."""
-    import upcycle  # noqa: F401  (registers the Auto classes: converted folders load without remote code)
     from transformers import AutoModelForCausalLM
+
+    import upcycle  # noqa: F401  (registers the Auto classes: converted folders load without remote code)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -72,13 +83,22 @@ def load_model(model_path: str | Path, device: str | None = None) -> torch.nn.Mo
     try:
         model = AutoModelForCausalLM.from_pretrained(Path(model_path).expanduser(), dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
-        raise UpcycleError(f"cannot load {model_path} as a causal LM ({str(e).splitlines()[0] if str(e) else type(e).__name__}): give a model folder") from e
+        raise UpcycleError(
+            f"cannot load {model_path} as a causal LM "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): give a model folder"
+        ) from e
     return model.to(device).eval()
 
 
 def evaluate(
-    model_path: str | Path, token_ids: torch.LongTensor, *, window: int = 512, stride: int | None = None,
-    batch_size: int = 1, device: str | None = None, attention: str = "auto",
+    model_path: str | Path,
+    token_ids: torch.LongTensor,
+    *,
+    window: int = 512,
+    stride: int | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    attention: str = "auto",
 ) -> dict:
     """Sliding-window perplexity (``stride`` None: ``window``), predicted tokens per second and head usage.
 
@@ -86,21 +106,51 @@ def evaluate(
     ``head_usage`` is [layers][heads] fractions of the N - 1 scored positions that used each head (None for a
     dense model); ``active_fraction`` is their mean (1.0 for dense). ``seconds`` times the scoring only.
     """
-    return _evaluate_streams(model_path, [token_ids], window=window, stride=stride, batch_size=batch_size, device=device, attention=attention)[0]
+    return _evaluate_streams(
+        model_path,
+        [token_ids],
+        window=window,
+        stride=stride,
+        batch_size=batch_size,
+        device=device,
+        attention=attention,
+    )[0]
 
 
 def evaluate_corpora(
-    model_path: str | Path, corpora: Mapping[str, torch.LongTensor], *, window: int = 512, stride: int | None = None,
-    batch_size: int = 1, device: str | None = None, attention: str = "auto",
+    model_path: str | Path,
+    corpora: Mapping[str, torch.LongTensor],
+    *,
+    window: int = 512,
+    stride: int | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    attention: str = "auto",
 ) -> list[dict]:
     """``evaluate`` on every corpus (name -> token stream [N]) with the model loaded once: one row per corpus,
     in order, each with ``data``: the corpus name."""
-    rows = _evaluate_streams(model_path, list(corpora.values()), window=window, stride=stride, batch_size=batch_size, device=device, attention=attention)
+    rows = _evaluate_streams(
+        model_path,
+        list(corpora.values()),
+        window=window,
+        stride=stride,
+        batch_size=batch_size,
+        device=device,
+        attention=attention,
+    )
     return [row | {"data": name} for name, row in zip(corpora, rows)]
 
 
-def _evaluate_streams(model_path: str | Path, streams: list[torch.LongTensor], *, window: int, stride: int | None, batch_size: int,
-                      device: str | None, attention: str) -> list[dict]:
+def _evaluate_streams(
+    model_path: str | Path,
+    streams: list[torch.LongTensor],
+    *,
+    window: int,
+    stride: int | None,
+    batch_size: int,
+    device: str | None,
+    attention: str,
+) -> list[dict]:
     """Load the model once and score each token stream [N] on its own (head usage counted per stream)."""
     model = load_model(model_path, device)
     from ..modeling.gated_attention import set_attention_backend
@@ -111,7 +161,10 @@ def _evaluate_streams(model_path: str | Path, streams: list[torch.LongTensor], *
         raise UpcycleError(str(error)) from None
     try:
         method = (getattr(model.config, "upcycle", None) or {}).get("method", "dense")
-        rows = [{"model": str(model_path), "method": method} | _score(model, ids, window, stride or window, batch_size) for ids in streams]
+        rows = [
+            {"model": str(model_path), "method": method} | _score(model, ids, window, stride or window, batch_size)
+            for ids in streams
+        ]
     finally:
         del model
         gc.collect()
@@ -121,7 +174,8 @@ def _evaluate_streams(model_path: str | Path, streams: list[torch.LongTensor], *
 
 
 def _score(model: torch.nn.Module, token_ids: torch.LongTensor, window: int, stride: int, batch_size: int) -> dict:
-    """One stream's perplexity, speed and head usage with a loaded model (the fields of ``evaluate`` but model and method)."""
+    """One stream's perplexity, speed and head usage with a loaded model (the fields of ``evaluate`` but model and
+    method)."""
     with HeadUsage(model) as usage:
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
@@ -134,16 +188,28 @@ def _score(model: torch.nn.Module, token_ids: torch.LongTensor, window: int, str
     active = usage.active_fraction()
     mean = nll / tokens
     return {
-        "perplexity": math.exp(mean) if mean < 709 else math.inf, "nll": nll, "tokens": tokens, "seconds": seconds,
+        "perplexity": math.exp(mean) if mean < 709 else math.inf,
+        "nll": nll,
+        "tokens": tokens,
+        "seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else math.inf,
-        "head_usage": fraction.tolist() if fraction.numel() else None, "active_fraction": 1.0 if active is None else active,
-        "window": window, "stride": stride,
+        "head_usage": fraction.tolist() if fraction.numel() else None,
+        "active_fraction": 1.0 if active is None else active,
+        "window": window,
+        "stride": stride,
     }
 
 
 def recovery(
-    model_path: str | Path, reference_path: str | Path, corpora: Mapping[str, torch.LongTensor], *, window: int = 512,
-    stride: int | None = None, batch_size: int = 1, device: str | None = None, attention: str = "auto",
+    model_path: str | Path,
+    reference_path: str | Path,
+    corpora: Mapping[str, torch.LongTensor],
+    *,
+    window: int = 512,
+    stride: int | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    attention: str = "auto",
 ) -> dict:
     """How much of ``reference_path``'s quality ``model_path`` keeps: each model loaded once (one at a time) and
     scored on every corpus (name -> token stream [N], e.g. held-out text of kinds the tuning never saw).
@@ -159,16 +225,32 @@ def recovery(
     kwargs = {"window": window, "stride": stride, "batch_size": batch_size, "device": device, "attention": attention}
     rows = evaluate_corpora(model_path, corpora, **kwargs)
     reference_rows = evaluate_corpora(reference_path, corpora, **kwargs)
-    return {"results": rows + reference_rows, "recovery": recovery_block(model_path, reference_path, list(corpora), rows, reference_rows)}
+    return {
+        "results": rows + reference_rows,
+        "recovery": recovery_block(model_path, reference_path, list(corpora), rows, reference_rows),
+    }
 
 
-def recovery_block(model_path: str | Path, reference_path: str | Path, names: list[str], rows: list[dict],
-                   reference_rows: list[dict]) -> dict:
-    """The ``recovery`` entry from ``evaluate_corpora``'s rows of a model and of its reference (same corpora, in order)."""
-    block = {name: {"perplexity": a["perplexity"], "reference_perplexity": b["perplexity"], "ratio": a["perplexity"] / b["perplexity"], "tokens": a["tokens"]}
-             for name, a, b in zip(names, rows, reference_rows)}
+def recovery_block(
+    model_path: str | Path, reference_path: str | Path, names: list[str], rows: list[dict], reference_rows: list[dict]
+) -> dict:
+    """The ``recovery`` entry from ``evaluate_corpora``'s rows of a model and of its reference (same corpora, in
+    order)."""
+    block = {
+        name: {
+            "perplexity": a["perplexity"],
+            "reference_perplexity": b["perplexity"],
+            "ratio": a["perplexity"] / b["perplexity"],
+            "tokens": a["tokens"],
+        }
+        for name, a, b in zip(names, rows, reference_rows)
+    }
     ratios = [entry["ratio"] for entry in block.values()]
-    mean_ratio = math.nan if any(math.isnan(r) or r <= 0 for r in ratios) else math.exp(math.fsum(map(math.log, ratios)) / len(ratios))
+    mean_ratio = (
+        math.nan
+        if any(math.isnan(r) or r <= 0 for r in ratios)
+        else math.exp(math.fsum(map(math.log, ratios)) / len(ratios))
+    )
     return {"model": str(model_path), "reference": str(reference_path), "corpora": block, "mean_ratio": mean_ratio}
 
 
@@ -194,7 +276,8 @@ def compare(model_paths: list[str | Path], token_ids: torch.LongTensor, **kwargs
 
 
 def _name(result: dict) -> str:
-    """A row label: the result's ``name`` if set, else the model folder's name (its Hub id in the Hugging Face cache)."""
+    """A row label: the result's ``name`` if set, else the model folder's name (its Hub id in the Hugging Face
+    cache)."""
     return str(result.get("name") or _local_name(str(result["model"])))
 
 
@@ -203,22 +286,39 @@ def _number(value: float | None) -> str:
 
 
 def _columns(rows: list[tuple[str, ...]], left: int) -> list[str]:
-    """``rows`` (the header first) as aligned text columns: the first ``left`` left-aligned, the others right-aligned."""
+    """``rows`` (the header first) as aligned text columns: the first ``left`` left-aligned, the others
+    right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    ]
     return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
 
 
 def _head_usage_lines(name: str, usage: list[list[float]], scope: str = "") -> list[str]:
     """Per-layer head usage [layers][heads] in % of tokens."""
-    lines = [f"\nhead usage of {name} (% of tokens per head{scope})", "layer " + " ".join(f"{h:>3}" for h in range(len(usage[0])))]
+    lines = [
+        f"\nhead usage of {name} (% of tokens per head{scope})",
+        "layer " + " ".join(f"{h:>3}" for h in range(len(usage[0]))),
+    ]
     return lines + [f"{i:>5} " + " ".join(f"{round(100 * f):>3}" for f in layer) for i, layer in enumerate(usage)]
 
 
 def format_table(results: list[dict]) -> str:
     """Plain-text table (one row per model), the perplexity ratio when there are two, and per-layer head usage in %."""
     rows = [("model", "method", "perplexity", "tokens", "tok/s", "active")]
-    rows += [(_name(r), r["method"], _number(r["perplexity"]), str(r["tokens"]), f"{r['tokens_per_second']:.1f}", f"{r['active_fraction']:.3f}") for r in results]
+    rows += [
+        (
+            _name(r),
+            r["method"],
+            _number(r["perplexity"]),
+            str(r["tokens"]),
+            f"{r['tokens_per_second']:.1f}",
+            f"{r['active_fraction']:.3f}",
+        )
+        for r in results
+    ]
     lines = _columns(rows, 2)
     if len(results) == 2:
         a, b = results
@@ -231,24 +331,42 @@ def format_table(results: list[dict]) -> str:
 
 
 def format_recovery_table(evaluation: dict) -> str:
-    """``evaluation`` (``recovery``'s result, or ``{"results": rows, "recovery": None}`` from ``evaluate_corpora``) as text:
-    one row per corpus (corpus, tokens, perplexity; with a recovery block also the reference's perplexity and the
-    ratio, and their geometric mean over several corpora), then tokens/s, active heads and head usage per model,
+    """``evaluation`` (``recovery``'s result, or ``{"results": rows, "recovery": None}`` from ``evaluate_corpora``) as
+    text: one row per corpus (corpus, tokens, perplexity; with a recovery block also the reference's perplexity and
+    the ratio, and their geometric mean over several corpora), then tokens/s, active heads and head usage per model,
     pooled over the corpora."""
     rows, block = evaluation["results"], evaluation.get("recovery")
     if block:
         corpora = block["corpora"]
         table = [("corpus", "tokens", "perplexity", "compare", "ratio")]
-        table += [(name, str(c["tokens"]), _number(c["perplexity"]), _number(c["reference_perplexity"]), _number(c["ratio"])) for name, c in corpora.items()]
+        table += [
+            (name, str(c["tokens"]), _number(c["perplexity"]), _number(c["reference_perplexity"]), _number(c["ratio"]))
+            for name, c in corpora.items()
+        ]
         if len(corpora) > 1:
             table.append(("geometric mean", "", "", "", _number(block["mean_ratio"])))
-        lines = [f"perplexity of {_local_name(block['model'])}; compare: {_local_name(block['reference'])}", *_columns(table, 1),
-                 "ratio = perplexity / compare's perplexity: 1.00 is full recovery, above 1 is worse"]
+        lines = [
+            f"perplexity of {_local_name(block['model'])}; compare: {_local_name(block['reference'])}",
+            *_columns(table, 1),
+            "ratio = perplexity / compare's perplexity: 1.00 is full recovery, above 1 is worse",
+        ]
     else:
-        lines = _columns([("corpus", "tokens", "perplexity"), *((str(r["data"]), str(r["tokens"]), _number(r["perplexity"])) for r in rows)], 1)
-    groups: list[list[dict]] = []  # one per model: consecutive rows of one model, each corpus once (a model compared with itself twice)
+        lines = _columns(
+            [
+                ("corpus", "tokens", "perplexity"),
+                *((str(r["data"]), str(r["tokens"]), _number(r["perplexity"])) for r in rows),
+            ],
+            1,
+        )
+    groups: list[
+        list[dict]
+    ] = []  # one per model: consecutive rows of one model, each corpus once (a model compared with itself twice)
     for row in rows:
-        if groups and groups[-1][0]["model"] == row["model"] and all(r.get("data") != row.get("data") for r in groups[-1]):
+        if (
+            groups
+            and groups[-1][0]["model"] == row["model"]
+            and all(r.get("data") != row.get("data") for r in groups[-1])
+        ):
             groups[-1].append(row)
         else:
             groups.append([row])
@@ -262,5 +380,7 @@ def format_recovery_table(evaluation: dict) -> str:
         if group[0].get("head_usage"):
             usage = torch.tensor([r["head_usage"] for r in group], dtype=torch.float64)  # [C, layers, heads]
             pooled = (usage * tokens[:, None, None]).sum(0) / tokens.sum()  # [layers, heads]
-            usage_lines += _head_usage_lines(_name(group[0]), pooled.tolist(), ", all corpora" if len(group) > 1 else "")
+            usage_lines += _head_usage_lines(
+                _name(group[0]), pooled.tolist(), ", all corpora" if len(group) > 1 else ""
+            )
     return "\n".join([*lines, "", *_columns(summary, 2), *usage_lines])

@@ -35,7 +35,8 @@ def _mixtral_hook(router: nn.Module, args: tuple, output: tuple) -> None:
 
 
 def instrument_mixtral_routers(model: nn.Module) -> int:
-    """Give transformers' Mixtral-style routers ``aux_loss``, ``z_loss`` and ``expert_weights`` (once); returns how many."""
+    """Give transformers' Mixtral-style routers ``aux_loss``, ``z_loss`` and ``expert_weights`` (once); returns how
+    many."""
     count = 0
     for module in model.modules():
         if _is_mixtral_router(module) and not getattr(module, "_upcycle_instrumented", False):
@@ -82,8 +83,9 @@ class ExpertUsage:
 
     def __enter__(self) -> ExpertUsage:
         with ExitStack() as hooks:
-            hooks.enter_context(forward_hooks(self.model, is_expert_router,
-                                              lambda index, _name, _module: self._hook(index)))
+            hooks.enter_context(
+                forward_hooks(self.model, is_expert_router, lambda index, _name, _module: self._hook(index))
+            )
             self._hooks = hooks.pop_all()
         return self
 
@@ -94,4 +96,7 @@ class ExpertUsage:
 
     def fraction(self) -> dict[str, list[float]]:
         """Router name -> mean weight per expert over the counted tokens."""
-        return {name: (total / count if count else total).tolist() for (name, _), total, count in zip(self.routers, self.sums, self.tokens)}
+        return {
+            name: (total / count if count else total).tolist()
+            for (name, _), total, count in zip(self.routers, self.sums, self.tokens)
+        }

@@ -10,9 +10,14 @@ from torch.utils.hooks import RemovableHandle
 
 
 @contextmanager
-def forward_hooks(model: nn.Module, select: Callable[[str, nn.Module], bool],
-                  hook: Callable[[int, str, nn.Module], Callable], *, pre: bool = False,
-                  with_kwargs: bool = False) -> Iterator[list[tuple[str, nn.Module]]]:
+def forward_hooks(
+    model: nn.Module,
+    select: Callable[[str, nn.Module], bool],
+    hook: Callable[[int, str, nn.Module], Callable],
+    *,
+    pre: bool = False,
+    with_kwargs: bool = False,
+) -> Iterator[list[tuple[str, nn.Module]]]:
     """Register ``hook(index, name, module)`` (the hook function for that module; ``index``: its place among the
     selected modules) on every module of ``model.named_modules()`` (the model itself is named "") that
     ``select(name, module)`` accepts, in model order; yields the selected (name, module) pairs and removes every

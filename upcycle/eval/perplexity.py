@@ -58,7 +58,12 @@ def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def sliding_window_nll(
-    model: torch.nn.Module, token_ids: torch.LongTensor, window: int, stride: int, batch_size: int = 1, usage: HeadUsage | None = None
+    model: torch.nn.Module,
+    token_ids: torch.LongTensor,
+    window: int,
+    stride: int,
+    batch_size: int = 1,
+    usage: HeadUsage | None = None,
 ) -> tuple[float, int]:
     """(summed NLL, number of predicted tokens) of one token stream [N], scored with sliding windows.
 
@@ -72,9 +77,14 @@ def sliding_window_nll(
     Runs in eval mode under ``torch.no_grad`` on the model's device; the train/eval mode is restored.
     """
     if token_ids.dim() != 1 or token_ids.numel() < 2:
-        raise UpcycleError(f"sliding-window perplexity needs a 1-D token stream of >= 2 tokens, got shape {tuple(token_ids.shape)}: give more text")
+        raise UpcycleError(
+            "sliding-window perplexity needs a 1-D token stream of >= 2 tokens, "
+            f"got shape {tuple(token_ids.shape)}: give more text"
+        )
     if window < 1 or not 1 <= stride <= window:
-        raise UpcycleError(f"need window >= 1 and 1 <= stride <= window, got window={window}, stride={stride}: fix them")
+        raise UpcycleError(
+            f"need window >= 1 and 1 <= stride <= window, got window={window}, stride={stride}: fix them"
+        )
     if batch_size < 1:
         raise UpcycleError(f"batch_size must be at least 1, got {batch_size}: raise it")
     device = next(model.parameters()).device
@@ -100,7 +110,9 @@ def sliding_window_nll(
                 if usage is not None:
                     usage.set_mask(labels != -100)  # [B, L]: position j predicts a scored token
                 logits = model(input_ids=inputs, use_cache=False).logits.float()  # [B, L, V]
-                total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
+                total += F.cross_entropy(
+                    logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+                ).item()
                 count += int((labels != -100).sum())
     finally:
         model.train(training)

@@ -48,16 +48,24 @@ def _read_metrics(path: Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise UpcycleError(f"{path}:{number} is not valid JSON ({e.msg}): write one JSON object per line") from e
+                raise UpcycleError(
+                    f"{path}:{number} is not valid JSON ({e.msg}): write one JSON object per line"
+                ) from e
     return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
 
 
 def plot_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path:
-    """Train loss vs step, validation loss points (``val_loss``) and aux loss on a second axis (``aux_loss``) if present."""
+    """Train loss vs step, validation loss points (``val_loss``) and aux loss on a second axis (``aux_loss``) if
+    present."""
     records = _read_metrics(metrics_jsonl)
-    series = {key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))] for key in ("loss", "val_loss", "aux_loss")}
+    series = {
+        key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        for key in ("loss", "val_loss", "aux_loss")
+    }
     if not series["loss"] and not series["val_loss"]:
-        raise UpcycleError(f"{metrics_jsonl} has no records with 'step' and 'loss' or 'val_loss': give the metrics of a run")
+        raise UpcycleError(
+            f"{metrics_jsonl} has no records with 'step' and 'loss' or 'val_loss': give the metrics of a run"
+        )
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if series["loss"]:
@@ -70,7 +78,9 @@ def plot_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path:
     handles, labels = ax.get_legend_handles_labels()
     if series["aux_loss"]:
         aux = ax.twinx()
-        aux.plot(*zip(*series["aux_loss"]), color="tab:green", linewidth=0.8, alpha=0.7, label="aux (load-balance) loss")
+        aux.plot(
+            *zip(*series["aux_loss"]), color="tab:green", linewidth=0.8, alpha=0.7, label="aux (load-balance) loss"
+        )
         aux.set_ylabel("aux loss")
         more = aux.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
@@ -85,7 +95,9 @@ def plot_head_usage(usage, out_png: Path, title: str = "") -> Path:
 
     data = np.asarray(usage.tolist() if hasattr(usage, "tolist") else usage, dtype=float)
     if data.ndim != 2 or data.size == 0:
-        raise UpcycleError(f"head usage must be a non-empty [layers][heads] table, got shape {data.shape}: dense models have none")
+        raise UpcycleError(
+            f"head usage must be a non-empty [layers][heads] table, got shape {data.shape}: dense models have none"
+        )
     plt = _pyplot()
     layers, heads = data.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * heads + 2), max(3.0, 0.25 * layers + 1.5)))

@@ -17,7 +17,8 @@ def is_head_router(name: str, module: nn.Module) -> bool:
 
 
 def routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every head router in ``model`` (modules with ``shared_heads`` and ``routed_heads``), in layer order."""
+    """(name, module) of every head router in ``model`` (modules with ``shared_heads`` and ``routed_heads``), in layer
+    order."""
     return [(name, m) for name, m in model.named_modules() if is_head_router(name, m)]
 
 
@@ -42,11 +43,15 @@ class HeadUsage:
 
     def reset(self) -> None:
         """Forget all counts."""
-        self.counts = [torch.zeros(getattr(r, "num_heads", len(r.shared_heads) + len(r.routed_heads)), dtype=torch.float64) for r in self._routers]
+        self.counts = [
+            torch.zeros(getattr(r, "num_heads", len(r.shared_heads) + len(r.routed_heads)), dtype=torch.float64)
+            for r in self._routers
+        ]
         self.tokens = [0] * len(self._routers)
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
-        """Count only tokens where ``mask`` [B, T] is non-zero in the following forwards (None: back to the default)."""
+        """Count only tokens where ``mask`` [B, T] is non-zero in the following forwards (None: back to the
+        default)."""
         self._mask = None if mask is None else mask.detach().bool()
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -59,7 +64,10 @@ class HeadUsage:
             mask = self._mask if self._mask is not None else self._call_mask
             if mask is not None:
                 if mask.shape[0] != used.shape[0] or mask.shape[1] < used.shape[1]:
-                    raise UpcycleError(f"head-usage mask of shape {tuple(mask.shape)} does not cover gates of shape {tuple(used.shape[:2])}: pass a [B, T] mask of this batch")
+                    raise UpcycleError(
+                        f"head-usage mask of shape {tuple(mask.shape)} does not cover gates of shape "
+                        f"{tuple(used.shape[:2])}: pass a [B, T] mask of this batch"
+                    )
                 keep = mask[:, -used.shape[1] :].to(used.device)  # [B, T]
                 used = used & keep.unsqueeze(-1)
                 self.tokens[index] += int(keep.sum())
@@ -71,10 +79,18 @@ class HeadUsage:
 
     def __enter__(self) -> HeadUsage:
         with ExitStack() as hooks:
-            hooks.enter_context(forward_hooks(self.model, is_head_router,
-                                              lambda index, _name, _module: self._hook(index)))
-            hooks.enter_context(forward_hooks(self.model, lambda _name, module: module is self.model,
-                                              lambda *_: self._pre_hook, pre=True, with_kwargs=True))
+            hooks.enter_context(
+                forward_hooks(self.model, is_head_router, lambda index, _name, _module: self._hook(index))
+            )
+            hooks.enter_context(
+                forward_hooks(
+                    self.model,
+                    lambda _name, module: module is self.model,
+                    lambda *_: self._pre_hook,
+                    pre=True,
+                    with_kwargs=True,
+                )
+            )
             self._hooks = hooks.pop_all()
         return self
 
@@ -85,12 +101,14 @@ class HeadUsage:
         self._call_mask = None
 
     def fraction(self) -> torch.Tensor:
-        """[layers, heads] fraction (0..1) of counted tokens that used each head; zeros before any token; (0, 0) without routers."""
+        """[layers, heads] fraction (0..1) of counted tokens that used each head; zeros before any token; (0, 0)
+        without routers."""
         if not self._routers:
             return torch.empty(0, 0)
         return torch.stack([c / t if t else torch.zeros_like(c) for c, t in zip(self.counts, self.tokens)])  # float64
 
     def active_fraction(self) -> float | None:
-        """Used (token, head) pairs / all counted (token, head) pairs over every layer; None without routers or tokens."""
+        """Used (token, head) pairs / all counted (token, head) pairs over every layer; None without routers or
+        tokens."""
         total = sum(t * c.numel() for c, t in zip(self.counts, self.tokens))
         return sum(float(c.sum()) for c in self.counts) / total if total else None

@@ -11,7 +11,14 @@ import importlib
 from .base import ChunkedTensor, Conversion, SourceTensor
 from .spec import MethodCard, MethodSpec, option
 
-MODULES = {"moh": "moh", "prune-heads": "prune_heads", "gqa": "gqa", "mhe": "mhe", "bam": "bam", "clip-moe": "clip_moe"}
+MODULES = {
+    "moh": "moh",
+    "prune-heads": "prune_heads",
+    "gqa": "gqa",
+    "mhe": "mhe",
+    "bam": "bam",
+    "clip-moe": "clip_moe",
+}
 METHODS = tuple(MODULES)
 _REGISTERED: dict[str, MethodSpec] = {}
 
@@ -43,5 +50,16 @@ def all_specs() -> list[MethodSpec]:
     return [method_spec(name) for name in method_names()]
 
 
-__all__ = ["ChunkedTensor", "Conversion", "METHODS", "MethodCard", "MethodSpec", "SourceTensor", "all_specs", "method_names",
-           "method_spec", "option", "register"]
+__all__ = [
+    "ChunkedTensor",
+    "Conversion",
+    "METHODS",
+    "MethodCard",
+    "MethodSpec",
+    "SourceTensor",
+    "all_specs",
+    "method_names",
+    "method_spec",
+    "option",
+    "register",
+]

@@ -45,9 +45,24 @@ RouterInit = Literal["random", "zero"]
 ATTENTION_MODES, ROUTER_INITS = get_args(AttentionMode), get_args(RouterInit)
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "tie_word_embeddings",
-                     "attention_bias", "mlp_bias", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling")
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "hidden_act",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_parameters",
+    "rope_scaling",
+)
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -55,18 +70,30 @@ CHUNK_BYTES = 64 * 2**20
 class BAMOptions:
     """The BAM/BTX flags of ``upcycle convert``."""
 
-    experts: list[str] = option(flag="--expert", default_factory=list,
-                                help="a model branched from SRC (the seed, expert 0) and trained further. Repeat for each "
-                                "expert.")
-    attention: AttentionMode = option("expert-kv", help="expert-kv (per-expert Q, K, V, O), shared-kv (per-expert Q, O; "
-                                      "K, V averaged) or average (BTX).")
-    ffn_top_k: int | None = option(None, help="FFN experts per token (default 1; 2 with --attention average, as in BTX).")
-    router_init: RouterInit = option("random", help="random (the paper; normal with the model's initializer_range, "
-                                     "--seed) or zero (uniform mixture at first).")
-    parallel_block: bool = option(False, help="parallel attention+FFN blocks, x + A(LN x) + F(LN x) (changes a "
-                                  "sequential seed's function).")
+    experts: list[str] = option(
+        flag="--expert",
+        default_factory=list,
+        help="a model branched from SRC (the seed, expert 0) and trained further. Repeat for each expert.",
+    )
+    attention: AttentionMode = option(
+        "expert-kv",
+        help="expert-kv (per-expert Q, K, V, O), shared-kv (per-expert Q, O; K, V averaged) or average (BTX).",
+    )
+    ffn_top_k: int | None = option(
+        None, help="FFN experts per token (default 1; 2 with --attention average, as in BTX)."
+    )
+    router_init: RouterInit = option(
+        "random",
+        help="random (the paper; normal with the model's initializer_range, "
+        "--seed) or zero (uniform mixture at first).",
+    )
+    parallel_block: bool = option(
+        False, help="parallel attention+FFN blocks, x + A(LN x) + F(LN x) (changes a sequential seed's function)."
+    )
     seed: int = option(0, panel=DATA_PANEL, help="seed of the random routers.")
-    trust_remote_code: bool = False  # use the checkpoints although their config names code of their own (never run nor copied)
+    trust_remote_code: bool = (
+        False  # use the checkpoints although their config names code of their own (never run nor copied)
+    )
 
 
 Options = BAMOptions
@@ -85,14 +112,23 @@ def open_experts(reader: CheckpointReader, options: BAMOptions) -> list[Checkpoi
 def validate(options: BAMOptions, experts: int) -> int:
     """Check the flags; returns the FFN top-k."""
     if options.attention not in ATTENTION_MODES:
-        raise UpcycleError(f"--attention {options.attention!r} is unknown; choose one of: {', '.join(ATTENTION_MODES)}")
+        raise UpcycleError(
+            f"--attention {options.attention!r} is unknown; choose one of: {', '.join(ATTENTION_MODES)}"
+        )
     if options.router_init not in ROUTER_INITS:
-        raise UpcycleError(f"--router-init {options.router_init!r} is unknown; choose one of: {', '.join(ROUTER_INITS)}")
+        raise UpcycleError(
+            f"--router-init {options.router_init!r} is unknown; choose one of: {', '.join(ROUTER_INITS)}"
+        )
     if not options.experts:
-        raise UpcycleError("--method bam needs at least one --expert PATH: a model branched from SRC (the seed, expert 0) and trained further")
+        raise UpcycleError(
+            "--method bam needs at least one --expert PATH: "
+            "a model branched from SRC (the seed, expert 0) and trained further"
+        )
     top_k = options.ffn_top_k or (2 if options.attention == "average" else 1)
     if not 1 <= top_k <= experts:
-        raise UpcycleError(f"--ffn-top-k {top_k} is outside [1, {experts}] for {experts} experts; choose a value in that range")
+        raise UpcycleError(
+            f"--ffn-top-k {top_k} is outside [1, {experts}] for {experts} experts; choose a value in that range"
+        )
     return top_k
 
 
@@ -128,8 +164,9 @@ def mean_tensor(readers: list[CheckpointReader], name: str, dtype: torch.dtype) 
     return ChunkedTensor(dtype, shape, chunks)
 
 
-def mixed_attention(readers: list[CheckpointReader], spec: DecoderSpec, layer: int, proj: str, kind: str,
-                    shared_kv: bool) -> torch.Tensor | ChunkedTensor:
+def mixed_attention(
+    readers: list[CheckpointReader], spec: DecoderSpec, layer: int, proj: str, kind: str, shared_kv: bool
+) -> torch.Tensor | ChunkedTensor:
     """One attention tensor of the mixed layer: experts side by side (heads in the mixed order), or the mean."""
     name = spec.attention(layer, proj, kind)
     dtype = readers[0].info(name).dtype
@@ -145,8 +182,11 @@ def mixed_attention(readers: list[CheckpointReader], spec: DecoderSpec, layer: i
     return torch.stack(picked, dim=dim).flatten(dim, dim + 1).contiguous()  # [N*h*d, D] or [D, N*h*d]
 
 
-def native_mixtral(spec: DecoderSpec, config: dict, options: BAMOptions, experts: int, top_k: int) -> tuple[dict | None, str]:
-    """(Mixtral config, '') when the mix is BTX from llama/mistral that Mixtral expresses exactly, else (None, why not)."""
+def native_mixtral(
+    spec: DecoderSpec, config: dict, options: BAMOptions, experts: int, top_k: int
+) -> tuple[dict | None, str]:
+    """(Mixtral config, '') when the mix is BTX from llama/mistral that Mixtral expresses exactly, else (None, why
+    not)."""
     if options.attention != "average":
         return None, "soft attention experts need the upcycle runtime"
     if spec.model_type not in ("llama", "mistral"):
@@ -155,10 +195,21 @@ def native_mixtral(spec: DecoderSpec, config: dict, options: BAMOptions, experts
         return None, "Mixtral has no parallel block"
     if config.get("attention_bias") or config.get("mlp_bias"):
         return None, "Mixtral has no attention or MLP biases"
-    mixtral = {key: value for key, value in config.items() if key not in ("attention_bias", "mlp_bias", "pretraining_tp", "auto_map")}
-    mixtral.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts, num_experts_per_tok=top_k,
-                   head_dim=spec.head_dim, router_aux_loss_coef=0.01, output_router_logits=False,
-                   sliding_window=config.get("sliding_window"))
+    mixtral = {
+        key: value
+        for key, value in config.items()
+        if key not in ("attention_bias", "mlp_bias", "pretraining_tp", "auto_map")
+    }
+    mixtral.update(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        head_dim=spec.head_dim,
+        router_aux_loss_coef=0.01,
+        output_router_logits=False,
+        sliding_window=config.get("sliding_window"),
+    )
     refusal = native_refusal(mixtral)
     return (None, f"transformers refuses the Mixtral config: {refusal}") if refusal else (mixtral, "")
 
@@ -191,9 +242,14 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
     top_k = validate(options, len(options.experts) + 1)
     readers = open_experts(reader, options)
     labels = ["seed"] + [f"expert {i} ({path})" for i, path in enumerate(options.experts, 1)]
-    problems = checkpoint_differences(readers, labels, lambda config: {key: config.get(key) for key in ARCHITECTURE_KEYS})
+    problems = checkpoint_differences(
+        readers, labels, lambda config: {key: config.get(key) for key in ARCHITECTURE_KEYS}
+    )
     if problems:
-        raise UpcycleError(f"the experts do not match the seed {reader.folder}: {'; '.join(problems)}. Mix models branched from the same seed")
+        raise UpcycleError(
+            f"the experts do not match the seed {reader.folder}: {'; '.join(problems)}. "
+            "Mix models branched from the same seed"
+        )
     experts, mode = len(readers), options.attention
     shared_kv = mode == "shared-kv"
     mixtral, why = native_mixtral(spec, reader.config, options, experts, top_k)
@@ -206,10 +262,18 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
             return torch.zeros(rows, spec.hidden_size, dtype=dtype)
         return (torch.randn(rows, spec.hidden_size, generator=generator) * std).to(dtype)
 
-    attention_names = {spec.attention(layer, proj, kind): (layer, proj, kind) for layer in range(spec.num_layers)
-                       for proj in ("q_proj", "k_proj", "v_proj", "o_proj") for kind in ("weight", "bias")}
-    mlp_names = {f"{spec.layer_prefix(layer)}mlp.{proj}.{kind}": (layer, proj, kind) for layer in range(spec.num_layers)
-                 for proj in MLP_PROJECTIONS for kind in ("weight", "bias")}
+    attention_names = {
+        spec.attention(layer, proj, kind): (layer, proj, kind)
+        for layer in range(spec.num_layers)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+        for kind in ("weight", "bias")
+    }
+    mlp_names = {
+        f"{spec.layer_prefix(layer)}mlp.{proj}.{kind}": (layer, proj, kind)
+        for layer in range(spec.num_layers)
+        for proj in MLP_PROJECTIONS
+        for kind in ("weight", "bias")
+    }
     layout: list[TensorSpec] = []
     sources: dict[str, object] = {}  # output name -> tensor | SourceTensor | ChunkedTensor | callable
 
@@ -221,10 +285,17 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
         info = reader.info(name)
         if name in attention_names and mode != "average":
             layer, proj, kind = attention_names[name]
-            source = (lambda layer=layer, proj=proj, kind=kind: mixed_attention(readers, spec, layer, proj, kind, shared_kv))
+
+            def source(layer=layer, proj=proj, kind=kind):
+                return mixed_attention(readers, spec, layer, proj, kind, shared_kv)
+
             add(name, mixed_shape(spec, proj, kind, experts, shared_kv, tuple(info.shape)), source, info.dtype)
             if proj == "o_proj" and kind == "weight":
-                add(f"{spec.layer_prefix(layer)}self_attn.head_router.weight", (experts, spec.hidden_size), lambda: router(experts))
+                add(
+                    f"{spec.layer_prefix(layer)}self_attn.head_router.weight",
+                    (experts, spec.hidden_size),
+                    lambda: router(experts),
+                )
         elif name in mlp_names:
             layer, proj, kind = mlp_names[name]
             for expert, expert_reader in enumerate(readers):
@@ -258,11 +329,20 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
     kv_bytes = 2 * kv_heads * spec.head_dim * dtype.itemsize
     name = "BTX" if mode == "average" else f"BAM ({mode})"
     report = {
-        "options": {"experts": list(options.experts), "attention": mode, "ffn_top_k": top_k, "router_init": options.router_init,
-                    "parallel_block": options.parallel_block, "seed": options.seed},
+        "options": {
+            "experts": list(options.experts),
+            "attention": mode,
+            "ffn_top_k": top_k,
+            "router_init": options.router_init,
+            "parallel_block": options.parallel_block,
+            "seed": options.seed,
+        },
         "experts": [str(r.folder) for r in readers],
         "attention_parameters_per_layer": {"before": per_layer_before, "after": per_layer_after},
-        "kv_cache_bytes_per_token_per_layer": {"before": 2 * spec.num_kv_heads * spec.head_dim * dtype.itemsize, "after": kv_bytes},
+        "kv_cache_bytes_per_token_per_layer": {
+            "before": 2 * spec.num_kv_heads * spec.head_dim * dtype.itemsize,
+            "after": kv_bytes,
+        },
         "output_format": "mixtral" if mixtral else f"upcycle ({why})",
     }
     return Conversion(
@@ -270,13 +350,19 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_printout(spec, name, experts, top_k, mode, options, labels, readers, report, mixtral is not None, why),
+        plan_lines=plan_printout(
+            spec, name, experts, top_k, mode, options, labels, readers, report, mixtral is not None, why
+        ),
         report=report,
-        tags=["bam", "moe", "mixture-of-experts"] if mode != "average" else ["btx", "moe", "mixture-of-experts", "mixtral"],
+        tags=["bam", "moe", "mixture-of-experts"]
+        if mode != "average"
+        else ["btx", "moe", "mixture-of-experts", "mixtral"],
         description=(
-            f"{name} mix of {experts} dense {spec.model_type} models branched from one seed: every FFN is {experts} experts "
-            f"(top-{top_k}); attention is {'averaged' if mode == 'average' else f'a soft mixture of {experts} attention experts ({mode})'}; "
-            f"embeddings, norms and the LM head are averaged. Routers start {options.router_init}; tune the mix before use."
+            f"{name} mix of {experts} dense {spec.model_type} models branched from one seed: "
+            f"every FFN is {experts} experts (top-{top_k}); attention is "
+            f"{'averaged' if mode == 'average' else f'a soft mixture of {experts} attention experts ({mode})'}; "
+            "embeddings, norms and the LM head are averaged. "
+            f"Routers start {options.router_init}; tune the mix before use."
         ),
         uses_runtime=mixtral is None,
         auto_class=auto_class,
@@ -304,23 +390,52 @@ def layer_plan(mode: str, experts: int, top_k: int, parallel_block: bool) -> dic
     return plan
 
 
-def plan_printout(spec: DecoderSpec, name: str, experts: int, top_k: int, mode: str, options: BAMOptions, labels: list[str],
-               readers: list[CheckpointReader], report: dict, native: bool, why: str) -> list[str]:
+def plan_printout(
+    spec: DecoderSpec,
+    name: str,
+    experts: int,
+    top_k: int,
+    mode: str,
+    options: BAMOptions,
+    labels: list[str],
+    readers: list[CheckpointReader],
+    report: dict,
+    native: bool,
+    why: str,
+) -> list[str]:
     """What the mix is made of and what it costs per layer."""
     kv = report["kv_cache_bytes_per_token_per_layer"]
     attention = report["attention_parameters_per_layer"]
-    lines = [f"{name} plan: {experts} experts x {spec.num_layers} layers ({spec.model_type}, {spec.num_heads} query heads, "
-             f"{spec.num_kv_heads} KV heads, head_dim {spec.head_dim})"]
-    lines += [f"  expert {index}: {reader.folder}{' (the seed)' if index == 0 else ''}" for index, reader in enumerate(readers)]
-    attention_line = {"expert-kv": f"soft mixture, {experts * spec.num_heads} query heads over {experts * spec.num_kv_heads} KV heads (each expert its own Q, K, V, O)",
-                      "shared-kv": f"soft mixture, {experts * spec.num_heads} query heads over {spec.num_kv_heads} shared KV heads (the experts' mean K, V)",
-                      "average": "averaged (BTX)"}[mode]
+    lines = [
+        f"{name} plan: {experts} experts x {spec.num_layers} layers ({spec.model_type}, {spec.num_heads} query heads, "
+        f"{spec.num_kv_heads} KV heads, head_dim {spec.head_dim})"
+    ]
+    lines += [
+        f"  expert {index}: {reader.folder}{' (the seed)' if index == 0 else ''}"
+        for index, reader in enumerate(readers)
+    ]
+    attention_line = {
+        "expert-kv": (
+            f"soft mixture, {experts * spec.num_heads} query heads over {experts * spec.num_kv_heads} KV heads "
+            "(each expert its own Q, K, V, O)"
+        ),
+        "shared-kv": (
+            f"soft mixture, {experts * spec.num_heads} query heads over {spec.num_kv_heads} shared KV heads "
+            "(the experts' mean K, V)"
+        ),
+        "average": "averaged (BTX)",
+    }[mode]
     lines += [
         f"FFN: {experts} experts, top-{top_k}; attention: {attention_line}; routers: {options.router_init} init"
         + ("; parallel attention+FFN block" if options.parallel_block else ""),
         f"attention parameters per layer: {attention['before']:,} -> {attention['after']:,}; "
         f"KV cache per token per layer: {kv['before']:,} -> {kv['after']:,} bytes",
-        "output: " + ("plain Mixtral checkpoint (loads in transformers with no custom code)" if native else f"upcycle checkpoint ({why})"),
+        "output: "
+        + (
+            "plain Mixtral checkpoint (loads in transformers with no custom code)"
+            if native
+            else f"upcycle checkpoint ({why})"
+        ),
     ]
     return lines
 
@@ -338,12 +453,24 @@ def card_table(report: dict, config: dict) -> list[str]:
     router = (report.get("options") or {}).get("router_init", "?")
     count = config.get("num_hidden_layers") or 0
     if card_variant(report) == "btx" and config.get("num_local_experts"):
-        return markdown_table(("layers", "attention", *MoEFFN.COLUMNS, "router init"),
-                              [(f"0-{count - 1}", "averaged", config["num_local_experts"],
-                                f"top-{config.get('num_experts_per_tok', '?')}", router)])
+        return markdown_table(
+            ("layers", "attention", *MoEFFN.COLUMNS, "router init"),
+            [
+                (
+                    f"0-{count - 1}",
+                    "averaged",
+                    config["num_local_experts"],
+                    f"top-{config.get('num_experts_per_tok', '?')}",
+                    router,
+                )
+            ],
+        )
     layers = parse_layers((report.get("plan") or config.get("upcycle") or {}).get("layers") or [])
-    rows = [(index, *layer.get(AttentionExperts).cells(), *layer.get(MoEFFN).cells(), router)
-            for index, layer in enumerate(layers) if layer.get(AttentionExperts) and layer.get(MoEFFN)]
+    rows = [
+        (index, *layer.get(AttentionExperts).cells(), *layer.get(MoEFFN).cells(), router)
+        for index, layer in enumerate(layers)
+        if layer.get(AttentionExperts) and layer.get(MoEFFN)
+    ]
     if not rows:
         return []
     return markdown_table(("layers", *AttentionExperts.COLUMNS, *MoEFFN.COLUMNS, "router init"), layer_ranges(rows))
@@ -351,13 +478,16 @@ def card_table(report: dict, config: dict) -> list[str]:
 
 BAM_CITATION = """@article{zhang2024bam,
   title = {{BAM}! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts},
-  author = {Zhang, Qizhen and Gritsch, Nikolas and Gnaneshwar, Dwaraknath and Guo, Simon and Cairuz, David and Venkitesh, Bharat and Foerster, Jakob and Blunsom, Phil and Ruder, Sebastian and {\\"U}st{\\"u}n, Ahmet and Locatelli, Acyr},
+  author = {Zhang, Qizhen and Gritsch, Nikolas and Gnaneshwar, Dwaraknath and Guo, Simon and Cairuz, David and
+    Venkitesh, Bharat and Foerster, Jakob and Blunsom, Phil and Ruder, Sebastian and {\\"U}st{\\"u}n, Ahmet and
+    Locatelli, Acyr},
   journal = {arXiv preprint arXiv:2408.08274},
   year = {2024}
 }"""
 BTX_CITATION = """@article{sukhbaatar2024btx,
   title = {Branch-Train-MiX: Mixing Expert {LLMs} into a Mixture-of-Experts {LLM}},
-  author = {Sukhbaatar, Sainbayar and Golovneva, Olga and Sharma, Vasu and Xu, Hu and Lin, Xi Victoria and Rozi{\\`e}re, Baptiste and Kahn, Jacob and Li, Daniel and Yih, Wen-tau and Weston, Jason and Li, Xian},
+  author = {Sukhbaatar, Sainbayar and Golovneva, Olga and Sharma, Vasu and Xu, Hu and Lin, Xi Victoria and
+    Rozi{\\`e}re, Baptiste and Kahn, Jacob and Li, Daniel and Yih, Wen-tau and Weston, Jason and Li, Xian},
   journal = {arXiv preprint arXiv:2403.07816},
   year = {2024}
 }"""
@@ -375,13 +505,17 @@ SPEC = MethodSpec(
         "BAM turns dense models branched from one seed and trained on different data into a mixture of experts that "
         "reuses both their feed-forward layers (routed FFN experts) and their attention (a soft mixture of attention "
         "experts), instead of averaging the attention as BTX does (Zhang et al. 2024).",
-        (BAM_CITATION, BTX_CITATION)),
+        (BAM_CITATION, BTX_CITATION),
+    ),
     card_table=card_table,
-    variants={"btx": MethodCard(
-        "Branch-Train-MiX (BTX)",
-        "BTX mixes dense models branched from one seed and trained on different data: their feed-forward layers "
-        "become the experts of a routed MoE and everything else is averaged (Sukhbaatar et al. 2024). It is the "
-        "baseline of BAM.",
-        (BTX_CITATION,))},
+    variants={
+        "btx": MethodCard(
+            "Branch-Train-MiX (BTX)",
+            "BTX mixes dense models branched from one seed and trained on different data: their feed-forward layers "
+            "become the experts of a routed MoE and everything else is averaged (Sukhbaatar et al. 2024). It is the "
+            "baseline of BAM.",
+            (BTX_CITATION,),
+        )
+    },
     variant=card_variant,
 )

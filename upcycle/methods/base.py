@@ -48,7 +48,9 @@ class Conversion:
     plan_lines: list[str]
     report: dict = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
-    file_names: Callable[[dict[str, tuple]], dict[str, tuple]] | None = None  # model parameter shapes -> file tensor shapes, when they differ (Mixtral)
+    file_names: Callable[[dict[str, tuple]], dict[str, tuple]] | None = (
+        None  # model parameter shapes -> file tensor shapes, when they differ (Mixtral)
+    )
     description: str = ""
     uses_runtime: bool = True
     auto_class: str = "AutoModelForCausalLM"  # how the output loads (model card)
@@ -60,7 +62,7 @@ def progress(items: Iterable, label: str, *, unit: str = "it") -> Iterable:
     scoring loop of a method reports while it runs, in logs too."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=label, unit=f" {unit}s", file=sys.stderr, leave=False)
+    return tqdm(items, desc=label, unit=f" {unit}s", file=sys.stderr)
 
 
 def source_layout(reader: CheckpointReader) -> list[TensorSpec]:
@@ -71,10 +73,11 @@ def source_layout(reader: CheckpointReader) -> list[TensorSpec]:
 def check_source(reader: CheckpointReader, spec, options=None) -> None:
     """What every method runs at plan time on each checkpoint it reads (SRC, each expert), before reading a weight.
 
-    A config.json or tokenizer_config.json whose ``auto_map`` names code other than upcycle's runtime is refused unless the options say
-    ``trust_remote_code`` (the code is never run, nor copied into the output); every standard tensor must have the shape
-    config.json implies, and every layer the tensors it must have (``arch.shapes.check_shapes``), so that a corrupted
-    tensor or an edited config is one line naming the tensor and both shapes instead of a silently wrong model.
+    A config.json or tokenizer_config.json whose ``auto_map`` names code other than upcycle's runtime is refused
+    unless the options say ``trust_remote_code`` (the code is never run, nor copied into the output); every standard
+    tensor must have the shape config.json implies, and every layer the tensors it must have
+    (``arch.shapes.check_shapes``), so that a corrupted tensor or an edited config is one line naming the tensor and
+    both shapes instead of a silently wrong model.
     """
     from ..arch.shapes import check_shapes
 
@@ -89,14 +92,17 @@ def recorded_options(options) -> dict:
     return {key: value for key, value in asdict(options).items() if key != "trust_remote_code"}
 
 
-AUTO_MAPPINGS = {"AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-                 "AutoModel": "MODEL_MAPPING_NAMES"}
+AUTO_MAPPINGS = {
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "AutoModel": "MODEL_MAPPING_NAMES",
+}
 
 
 def plain_config(config: dict, auto_class: str = "AutoModelForCausalLM") -> dict:
-    """The config of a plain checkpoint of the base family (loads with transformers alone): no ``auto_map``, which would
-    name code the output does not have, and ``architectures`` a transformers class (the family's, when the source named
-    its own)."""
+    """The config of a plain checkpoint of the base family (loads with transformers alone): no ``auto_map``, which
+    would name code the output does not have, and ``architectures`` a transformers class (the family's, when the source
+    named its own)."""
     import transformers
     from transformers.models.auto import modeling_auto
 
@@ -105,11 +111,15 @@ def plain_config(config: dict, auto_class: str = "AutoModelForCausalLM") -> dict
     if any(not hasattr(transformers, str(name)) for name in names):
         mapping = getattr(modeling_auto, AUTO_MAPPINGS.get(auto_class, "MODEL_MAPPING_NAMES"), {})
         family = mapping.get(config.get("model_type"))
-        config["architectures"] = [family] if isinstance(family, str) else [name for name in names if hasattr(transformers, str(name))]
+        config["architectures"] = (
+            [family] if isinstance(family, str) else [name for name in names if hasattr(transformers, str(name))]
+        )
     return config
 
 
-def runtime_config(config: dict, spec, method: str, layers: list[dict] | dict[str, list[dict]]) -> tuple[dict, str, str]:
+def runtime_config(
+    config: dict, spec, method: str, layers: list[dict] | dict[str, list[dict]]
+) -> tuple[dict, str, str]:
     """(config, Auto class, pipeline tag) of an upcycle-format checkpoint of ``spec``'s family.
 
     The family config plus its ``upcycle_<family>`` model_type, the runtime classes in
@@ -125,9 +135,17 @@ def runtime_config(config: dict, spec, method: str, layers: list[dict] | dict[st
         classes, auto_class, tag = dict(CLIP_CLASSES["clip"]), "AutoModel", "zero-shot-image-classification"
         plan = {"base_model_type": "clip", "towers": layers}
     elif isinstance(spec, DecoderSpec):
-        classes, auto_class, tag = {"AutoModelForCausalLM": CAUSAL_LM_CLASSES[spec.model_type]}, "AutoModelForCausalLM", "text-generation"
+        classes, auto_class, tag = (
+            {"AutoModelForCausalLM": CAUSAL_LM_CLASSES[spec.model_type]},
+            "AutoModelForCausalLM",
+            "text-generation",
+        )
     else:
-        classes, auto_class, tag = {"AutoModel": ENCODER_CLASSES[spec.model_type]["AutoModel"]}, "AutoModel", "feature-extraction"
+        classes, auto_class, tag = (
+            {"AutoModel": ENCODER_CLASSES[spec.model_type]["AutoModel"]},
+            "AutoModel",
+            "feature-extraction",
+        )
         if spec.mlm_head:
             classes["AutoModelForMaskedLM"] = ENCODER_CLASSES[spec.model_type]["AutoModelForMaskedLM"]
             auto_class, tag = "AutoModelForMaskedLM", "fill-mask"
@@ -138,7 +156,8 @@ def runtime_config(config: dict, spec, method: str, layers: list[dict] | dict[st
     config.update(
         model_type=main.config_class.model_type,
         architectures=[main.__name__],
-        auto_map={"AutoConfig": f"configuration_upcycle.{main.config_class.__name__}"} | {auto: f"modeling_upcycle.{cls.__name__}" for auto, cls in classes.items()},
+        auto_map={"AutoConfig": f"configuration_upcycle.{main.config_class.__name__}"}
+        | {auto: f"modeling_upcycle.{cls.__name__}" for auto, cls in classes.items()},
         upcycle={"method": method, **plan},
     )
     return config, auto_class, tag

@@ -32,29 +32,42 @@ FFN_TENSORS = (("fc1", "weight"), ("fc1", "bias"), ("fc2", "weight"), ("fc2", "b
 class ClipMoEOptions:
     """The CLIP-MoE flags of ``upcycle convert``."""
 
-    experts: list[str] = option(flag="--expert", default_factory=list,
-                                help="an MCL stage checkpoint. Repeat for each expert.")
+    experts: list[str] = option(
+        flag="--expert", default_factory=list, help="an MCL stage checkpoint. Repeat for each expert."
+    )
     layers: int | None = option(None, help="experts in the last L layers of both towers (default: all).")
     top_k: int = option(2, help="experts per token.")
-    upcycle_copies: int | None = option(None, help="the sparse-upcycling baseline, E copies of the base FFN (instead "
-                                        "of --expert).")
+    upcycle_copies: int | None = option(
+        None, help="the sparse-upcycling baseline, E copies of the base FFN (instead of --expert)."
+    )
     seed: int = option(0, panel=DATA_PANEL, help="seed of the random routers.")
-    trust_remote_code: bool = False  # use the checkpoints although their config names code of their own (never run nor copied)
+    trust_remote_code: bool = (
+        False  # use the checkpoints although their config names code of their own (never run nor copied)
+    )
 
 
 Options = ClipMoEOptions
 
 
-def expert_readers(reader: CheckpointReader, spec: ClipSpec, options: ClipMoEOptions) -> tuple[list[CheckpointReader], list[str]]:
+def expert_readers(
+    reader: CheckpointReader, spec: ClipSpec, options: ClipMoEOptions
+) -> tuple[list[CheckpointReader], list[str]]:
     """The base followed by the stage checkpoints (or E copies of the base), validated against the base."""
     if options.upcycle_copies is not None:
         if options.experts:
-            raise UpcycleError("--upcycle-copies builds the sparse-upcycling baseline from BASE alone; drop --expert or --upcycle-copies")
+            raise UpcycleError(
+                "--upcycle-copies builds the sparse-upcycling baseline from BASE alone; "
+                "drop --expert or --upcycle-copies"
+            )
         if options.upcycle_copies < 2:
-            raise UpcycleError(f"--upcycle-copies {options.upcycle_copies} must be at least 2 (copies of the base FFN as experts)")
+            raise UpcycleError(
+                f"--upcycle-copies {options.upcycle_copies} must be at least 2 (copies of the base FFN as experts)"
+            )
         return [reader] * options.upcycle_copies, ["base"] + [f"copy {i}" for i in range(1, options.upcycle_copies)]
     if not options.experts:
-        raise UpcycleError("--method clip-moe needs --expert STAGE (an MCL stage checkpoint; repeat for each) or --upcycle-copies E")
+        raise UpcycleError(
+            "--method clip-moe needs --expert STAGE (an MCL stage checkpoint; repeat for each) or --upcycle-copies E"
+        )
     readers, labels = [reader], ["base"]
     for index, path in enumerate(options.experts, 1):
         expert = open_source(path, role="--expert").reader  # an upcycle model is refused in one line
@@ -63,14 +76,24 @@ def expert_readers(reader: CheckpointReader, spec: ClipSpec, options: ClipMoEOpt
         labels.append(f"expert {index} ({path})")
     problems = checkpoint_differences(readers, labels, clip_architecture)
     if problems:
-        raise UpcycleError(f"the experts do not match the base {reader.folder}: {'; '.join(problems)}. Use stage checkpoints of this base")
+        raise UpcycleError(
+            f"the experts do not match the base {reader.folder}: {'; '.join(problems)}. "
+            "Use stage checkpoints of this base"
+        )
     return readers, labels
 
 
 def tower_plans(spec: ClipSpec, experts: int, top_k: int, layers: int | None) -> dict[str, list[dict]]:
     """Per tower, per layer: ``moe_ffn`` for the last ``layers`` layers (None: all), nothing for the others."""
-    return {tower.name: [{"moe_ffn": {"experts": experts, "top_k": top_k}} if index >= tower.num_layers - (layers or tower.num_layers) else {}
-                         for index in range(tower.num_layers)] for tower in spec.towers}
+    return {
+        tower.name: [
+            {"moe_ffn": {"experts": experts, "top_k": top_k}}
+            if index >= tower.num_layers - (layers or tower.num_layers)
+            else {}
+            for index in range(tower.num_layers)
+        ]
+        for tower in spec.towers
+    }
 
 
 def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
@@ -80,11 +103,15 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
     readers, labels = expert_readers(reader, spec, options)
     experts = len(readers)
     if not 1 <= options.top_k <= experts:
-        raise UpcycleError(f"--top-k {options.top_k} is outside [1, {experts}] for {experts} experts; lower --top-k or add experts")
+        raise UpcycleError(
+            f"--top-k {options.top_k} is outside [1, {experts}] for {experts} experts; lower --top-k or add experts"
+        )
     shallower = min(tower.num_layers for tower in spec.towers)
     layers = options.layers
     if layers is not None and not 1 <= layers <= shallower:
-        raise UpcycleError(f"--layers {layers} is outside [1, {shallower}] (the shallower tower has {shallower} layers)")
+        raise UpcycleError(
+            f"--layers {layers} is outside [1, {shallower}] (the shallower tower has {shallower} layers)"
+        )
     plans = tower_plans(spec, experts, options.top_k, layers)
 
     edits: dict[str, tuple] = {}  # FFN tensor -> (tower, layer, proj, kind)
@@ -95,7 +122,10 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
     names = set(reader.names())
     missing = sorted(set(edits) - names)
     if missing:
-        raise UpcycleError(f"{reader.folder} lacks CLIP feed-forward tensors such as {missing[0]}; pass a CLIPModel checkpoint saved with save_pretrained")
+        raise UpcycleError(
+            f"{reader.folder} lacks CLIP feed-forward tensors such as {missing[0]}; "
+            "pass a CLIPModel checkpoint saved with save_pretrained"
+        )
     generator = torch.Generator().manual_seed(options.seed)
     dtype = reader.info(next(iter(edits))).dtype
     layout, sources = [], {}
@@ -118,7 +148,10 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
     def tensors():
         for item in layout:
             source = sources[item.name]
-            yield item.name, source if source is not None else (torch.randn(item.shape, generator=generator) * 0.02).to(item.dtype)
+            yield (
+                item.name,
+                source if source is not None else (torch.randn(item.shape, generator=generator) * 0.02).to(item.dtype),
+            )
 
     config, auto_class, pipeline_tag = runtime_config(reader.config, spec, "clip-moe", plans)
     kind = "sparse upcycling (copies of the base FFN)" if options.upcycle_copies else "CLIP-MoE (MCL stage FFNs)"
@@ -127,17 +160,33 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=[f"{kind}: {experts} experts, top-{options.top_k}, in {'all' if layers is None else f'the last {layers}'} layers of both towers "
-                    f"(text {spec.text.num_layers} layers, vision {spec.vision.num_layers} layers)"]
-                   + [f"  expert {index}: {reader.folder}" + (" (the base)" if index == 0 else " (a copy of the base FFN)" if options.upcycle_copies else "")
-                      for index, reader in enumerate(readers)],
-        report={"options": {"experts": list(options.experts), "layers": layers, "top_k": options.top_k,
-                            "upcycle_copies": options.upcycle_copies, "seed": options.seed},
-                "experts": [str(r.folder) for r in readers],
-                "moe_layers": {tower.name: tower.num_layers if layers is None else layers for tower in spec.towers}},
+        plan_lines=[
+            f"{kind}: {experts} experts, top-{options.top_k}, "
+            f"in {'all' if layers is None else f'the last {layers}'} layers of both towers "
+            f"(text {spec.text.num_layers} layers, vision {spec.vision.num_layers} layers)"
+        ]
+        + [
+            f"  expert {index}: {reader.folder}"
+            + (" (the base)" if index == 0 else " (a copy of the base FFN)" if options.upcycle_copies else "")
+            for index, reader in enumerate(readers)
+        ],
+        report={
+            "options": {
+                "experts": list(options.experts),
+                "layers": layers,
+                "top_k": options.top_k,
+                "upcycle_copies": options.upcycle_copies,
+                "seed": options.seed,
+            },
+            "experts": [str(r.folder) for r in readers],
+            "moe_layers": {tower.name: tower.num_layers if layers is None else layers for tower in spec.towers},
+        },
         tags=["clip", "clip-moe", "moe", "mixture-of-experts"],
-        description=(f"{kind}: the feed-forward layers of {'all' if layers is None else f'the last {layers}'} layers of both towers of a CLIP are {experts} "
-                     f"experts with a top-{options.top_k} router; everything else is the base model's. A drop-in CLIPModel."),
+        description=(
+            f"{kind}: the feed-forward layers of {'all' if layers is None else f'the last {layers}'} layers "
+            f"of both towers of a CLIP are {experts} "
+            f"experts with a top-{options.top_k} router; everything else is the base model's. A drop-in CLIPModel."
+        ),
         auto_class=auto_class,
         pipeline_tag=pipeline_tag,
     )
@@ -157,12 +206,13 @@ SPEC = MethodSpec(
     options=ClipMoEOptions,
     convert=convert,
     example="upcycle convert ./clip ./clip-moe --method clip-moe --expert ./mcl/stage-1 --expert ./mcl/stage-2 "
-            "--expert ./mcl/stage-3",
+    "--expert ./mcl/stage-3",
     tunes=False,
     card=MethodCard(
         "CLIP-MoE (Diversified Multiplet Upcycling)",
         "CLIP models fine-tuned to capture complementary information (multistage contrastive learning) become the "
         "feed-forward experts of a sparse mixture: a drop-in CLIP with more capacity for little extra compute "
         "(Zhang et al. 2024).",
-        (CITATION,)),
+        (CITATION,),
+    ),
 )

@@ -73,21 +73,35 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         raise UpcycleError("--method gqa needs --kv-heads G, the new number of key/value heads (1 for MQA)")
     if target < 1 or spec.num_kv_heads % target:
         divisors = [d for d in range(1, spec.num_kv_heads + 1) if spec.num_kv_heads % d == 0]
-        raise UpcycleError(f"--kv-heads {target} does not divide the {spec.num_kv_heads} KV heads of {reader.folder}; "
-                           f"choose one of: {', '.join(map(str, divisors))}")
+        raise UpcycleError(
+            f"--kv-heads {target} does not divide the {spec.num_kv_heads} KV heads of {reader.folder}; "
+            f"choose one of: {', '.join(map(str, divisors))}"
+        )
     check_refit(options.refit, options.calibration)
     if options.calibration_tokens < 1:
         raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
     names = set(reader.names())
     edits = set()
     if target != spec.num_kv_heads:
-        edits = {spec.attention(layer, proj, kind) for layer in range(spec.num_layers) for proj in ("k_proj", "v_proj")
-                 for kind in ("weight", "bias")} & names
+        edits = {
+            spec.attention(layer, proj, kind)
+            for layer in range(spec.num_layers)
+            for proj in ("k_proj", "v_proj")
+            for kind in ("weight", "bias")
+        } & names
     refits, refit_report = {}, None
     if options.refit != "none":
         changed = list(range(spec.num_layers)) if target != spec.num_kv_heads else []
-        refits, refit_report = refit_conversion(reader, spec, options.refit, changed, lambda model: pool_in_memory(model, target, spec.head_dim),
-                                                options.calibration, options.calibration_tokens, options.calibration_seq_len)
+        refits, refit_report = refit_conversion(
+            reader,
+            spec,
+            options.refit,
+            changed,
+            lambda model: pool_in_memory(model, target, spec.head_dim),
+            options.calibration,
+            options.calibration_tokens,
+            options.calibration_seq_len,
+        )
     layout = []
     for name in reader.names():
         info = reader.info(name)
@@ -111,9 +125,12 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         layout=layout,
         tensors=tensors,
         plan_lines=plan_printout(spec, target) + ([refit_plan_line(refit_report)] if refit_report else []),
-        report={"options": recorded_options(options) | {"calibration": str(options.calibration) if options.calibration else None},
-                "kv_heads": {"before": spec.num_kv_heads, "after": target, "query_heads": spec.num_heads}}
-               | ({"refit": refit_report} if refit_report else {}),
+        report={
+            "options": recorded_options(options)
+            | {"calibration": str(options.calibration) if options.calibration else None},
+            "kv_heads": {"before": spec.num_kv_heads, "after": target, "query_heads": spec.num_heads},
+        }
+        | ({"refit": refit_report} if refit_report else {}),
         tags=["gqa", "mqa"] if target == 1 else ["gqa"],
         description=(
             f"{kind}: the {spec.num_kv_heads} key/value heads of every layer were mean-pooled into {target} "
@@ -128,8 +145,11 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
 def plan_printout(spec: DecoderSpec, target: int) -> list[str]:
     """The KV heads each new KV head averages."""
     per = spec.num_kv_heads // target
-    lines = [f"GQA plan: {spec.num_layers} layers x {spec.num_heads} query heads; KV heads {spec.num_kv_heads} -> {target} "
-             f"(query heads per KV head {spec.num_heads // spec.num_kv_heads} -> {spec.num_heads // target}); output: plain base-architecture checkpoint"]
+    lines = [
+        f"GQA plan: {spec.num_layers} layers x {spec.num_heads} query heads; KV heads {spec.num_kv_heads} -> {target} "
+        f"(query heads per KV head {spec.num_heads // spec.num_kv_heads} -> {spec.num_heads // target}); "
+        "output: plain base-architecture checkpoint"
+    ]
     lines += [f"  new KV head {j}: mean of KV heads {list(range(j * per, (j + 1) * per))}" for j in range(target)]
     return lines
 
@@ -142,14 +162,23 @@ def card_table(report: dict, config: dict) -> list[str]:
     if not kv:
         return []
     count = config.get("num_hidden_layers") or 0
-    return markdown_table(("layers", "query heads", "KV heads", "query heads per KV head"),
-                          [(f"0-{count - 1}", kv["query_heads"], f"{kv['before']} -> {kv['after']}",
-                            f"{kv['query_heads'] // kv['before']} -> {kv['query_heads'] // kv['after']}")])
+    return markdown_table(
+        ("layers", "query heads", "KV heads", "query heads per KV head"),
+        [
+            (
+                f"0-{count - 1}",
+                kv["query_heads"],
+                f"{kv['before']} -> {kv['after']}",
+                f"{kv['query_heads'] // kv['before']} -> {kv['query_heads'] // kv['after']}",
+            )
+        ],
+    )
 
 
 GQA_CITATION = """@inproceedings{ainslie2023gqa,
   title = {{GQA}: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints},
-  author = {Ainslie, Joshua and Lee-Thorp, James and de Jong, Michiel and Zemlyanskiy, Yury and Lebr{\\'o}n, Federico and Sanghai, Sumit},
+  author = {Ainslie, Joshua and Lee-Thorp, James and de Jong, Michiel and Zemlyanskiy, Yury and
+    Lebr{\\'o}n, Federico and Sanghai, Sumit},
   booktitle = {Proceedings of the 2023 Conference on Empirical Methods in Natural Language Processing},
   year = {2023},
   eprint = {2305.13245},
@@ -172,7 +201,9 @@ SPEC = MethodSpec(
     card=MethodCard(
         "multi-head to grouped-query attention (GQA/MQA)",
         "Fewer key/value heads shrink the KV cache and the memory traffic of decoding. Each new key/value head is "
-        "the mean of the heads it replaces, and a short uptraining recovers most of the quality (Ainslie et al. 2023).",
-        (GQA_CITATION, MQA_CITATION)),
+        "the mean of the heads it replaces, and a short uptraining recovers most of the quality "
+        "(Ainslie et al. 2023).",
+        (GQA_CITATION, MQA_CITATION),
+    ),
     card_table=card_table,
 )

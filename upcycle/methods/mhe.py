@@ -44,7 +44,6 @@ model's attention output on the dense input, so it includes the error from the l
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,19 +62,26 @@ from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodC
 
 INITS = ("svd", "calibrated", "sequential")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-FITS = {"svd": "on the weights", "calibrated": "each layer on the dense model's activations",
-        "sequential": "each layer on the outputs of the converted layers below it, against the dense model's"}
+FITS = {
+    "svd": "on the weights",
+    "calibrated": "each layer on the dense model's activations",
+    "sequential": "each layer on the outputs of the converted layers below it, against the dense model's",
+}
 
 
 @dataclass
 class MHEOptions:
     """The MHE flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
-    variant: Literal[MHE_VARIANTS] = option("mul", help="head embeddings multiply (mul) or add to the shared projection.")
+    variant: Literal[MHE_VARIANTS] = option(
+        "mul", help="head embeddings multiply (mul) or add to the shared projection."
+    )
     init: Literal[INITS] = option(
-        "svd", help="svd (best fit on the weights, no data), calibrated (least squares on --calibration activations) "
+        "svd",
+        help="svd (best fit on the weights, no data), calibrated (least squares on --calibration activations) "
         "or sequential (calibrated, each layer fitted on the already-compressed layers' outputs against the dense "
-        "model's).")
+        "model's).",
+    )
     calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
     calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
     calibration_seq_len: int = 512
@@ -120,11 +126,19 @@ def whitening_factor(second_moment: torch.Tensor) -> torch.Tensor:
         factor, info = torch.linalg.cholesky_ex(second_moment + damping * scale * identity)
         if info.item() == 0:
             return factor
-    raise UpcycleError("the calibration activations are degenerate (their second moment is not positive definite); give more or more varied calibration text")
+    raise UpcycleError(
+        "the calibration activations are degenerate (their second moment is not positive definite); "
+        "give more or more varied calibration text"
+    )
 
 
-def fit_projection(stacked: torch.Tensor, variant: str, second_moment: torch.Tensor | None,
-                   mean: torch.Tensor, drift: Drift | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def fit_projection(
+    stacked: torch.Tensor,
+    variant: str,
+    second_moment: torch.Tensor | None,
+    mean: torch.Tensor,
+    drift: Drift | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Fit the MHE form to per-head rows ``stacked [d_h, H, k]``.
 
     ``second_moment [k, k]`` and ``mean [k]`` are E[x~ x~^T] and E[x~] of the projection's
@@ -142,14 +156,20 @@ def fit_projection(stacked: torch.Tensor, variant: str, second_moment: torch.Ten
         left, singular, right = torch.linalg.svd(whitened, full_matrices=False)  # [d_h, H, r], [d_h, r], [d_h, r, k]
         coefficients = left[:, :, 0]  # [d_h, H]
         row = singular[:, :1] * right[:, 0]  # [d_h, k]
-        sign = torch.where(coefficients.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(stacked.dtype)  # mostly positive embeddings
+        sign = torch.where(coefficients.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(
+            stacked.dtype
+        )  # mostly positive embeddings
         coefficients, row = coefficients * sign * math.sqrt(heads), row * sign / math.sqrt(heads)
-        shared = torch.linalg.solve_triangular(factor, row, upper=False, left=False) if factor is not None else row  # X L = row
+        shared = (
+            torch.linalg.solve_triangular(factor, row, upper=False, left=False) if factor is not None else row
+        )  # X L = row
     else:
         shared = stacked.mean(dim=1)  # [d_h, k]
         if drift is not None:  # w~ = mean w~_i - Cov(x~)^-1 Cov(x~, v) mean w~_i
             covariance = whitening_factor(second_moment - torch.outer(mean, mean))  # [k, k]
-            correction = torch.cholesky_solve((drift.cross - torch.outer(mean, drift.mean)) @ shared.T, covariance)  # [k, d_h]
+            correction = torch.cholesky_solve(
+                (drift.cross - torch.outer(mean, drift.mean)) @ shared.T, covariance
+            )  # [k, d_h]
             shared = shared - correction.T
         coefficients = (stacked - shared.unsqueeze(1)) @ mean  # [d_h, H]: e_i = E[x~] . (w~_i - w~)
         if drift is not None:  # e_i = E[x~_d] . w~_i - E[x~] . w~
@@ -166,8 +186,15 @@ def data_free_mean(k: int, bias: bool) -> torch.Tensor:
     return mean
 
 
-def relative_error(stacked: torch.Tensor, shared: torch.Tensor, embedding: torch.Tensor, variant: str,
-                   second_moment: torch.Tensor | None, mean: torch.Tensor, drift: Drift | None = None) -> float:
+def relative_error(
+    stacked: torch.Tensor,
+    shared: torch.Tensor,
+    embedding: torch.Tensor,
+    variant: str,
+    second_moment: torch.Tensor | None,
+    mean: torch.Tensor,
+    drift: Drift | None = None,
+) -> float:
     """sqrt(E sum (x~_d.w~_i - approx_i(x~))^2 / E sum (x~_d.w~_i)^2) over coordinates and heads (C = I without data).
 
     ``stacked [d_h, H, k]``: the dense rows; ``shared [d_h, k]`` and ``embedding [H, d_h]``: the MHE form;
@@ -184,29 +211,39 @@ def relative_error(stacked: torch.Tensor, shared: torch.Tensor, embedding: torch
         quadratic = torch.einsum("chi,ij,chj->", delta, second_moment, delta)
         norm = torch.einsum("chi,ij,chj->", stacked, second_moment, stacked)
     error = quadratic - 2 * (offsets * (delta @ mean)).sum() + offsets.pow(2).sum()
-    if drift is not None:  # the residual gains -v . w~_i: E[(-x~.delta + v.w~_i + offset)^2], target norm E[((x~ - v).w~_i)^2]
+    if (
+        drift is not None
+    ):  # the residual gains -v . w~_i: E[(-x~.delta + v.w~_i + offset)^2], target norm E[((x~ - v).w~_i)^2]
         drifted = torch.einsum("chi,ij,chj->", stacked, drift.second, stacked)
-        error = error - 2 * torch.einsum("chi,ij,chj->", delta, drift.cross, stacked) + drifted + 2 * (offsets * (stacked @ drift.mean)).sum()
+        error = (
+            error
+            - 2 * torch.einsum("chi,ij,chj->", delta, drift.cross, stacked)
+            + drifted
+            + 2 * (offsets * (stacked @ drift.mean)).sum()
+        )
         norm = norm - 2 * torch.einsum("chi,ij,chj->", stacked, drift.cross, stacked) + drifted
     return math.sqrt(max(error.item(), 0.0) / max(norm.item(), 1e-300))
 
 
-def read_stacked(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, layer: int, proj: str) -> tuple[torch.Tensor, bool]:
+def read_stacked(
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, layer: int, proj: str
+) -> tuple[torch.Tensor, bool]:
     """A layer projection's rows ``[d_h, H, k]`` (see :func:`stack_heads`) and whether it has a bias."""
     bias_name = spec.attention(layer, proj, "bias")
     bias = reader.get(bias_name) if bias_name in reader else None
     return stack_heads(reader.get(spec.attention(layer, proj)), bias, spec.head_dim), bias is not None
 
 
-def input_moments(moment: torch.Tensor | None, k: int, bias: bool, drift: bool = False
-                  ) -> tuple[torch.Tensor | None, torch.Tensor, Drift | None]:
+def input_moments(
+    moment: torch.Tensor | None, k: int, bias: bool, drift: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor, Drift | None]:
     """(E[x~ x~^T], E[x~], the drift's moments or None) restricted to the k inputs a projection sees
     (the bias input, last of x~, is dropped without bias). ``moment``: E[x~ x~^T] [d+1, d+1], or with
     ``drift`` the joint second moment [2d+2, 2d+2] of ``[x~, v]`` (see :meth:`CalibrationPass.run_sequential`)."""
     if moment is None:
         return None, data_free_mean(k, bias), None
     n = moment.shape[0] // 2 if drift else moment.shape[0]  # x~ is z[:n]; its constant 1 is z[n - 1]
-    moments = Drift(moment[:k, n:n + k], moment[n:n + k, n:n + k], moment[n - 1, n:n + k]) if drift else None
+    moments = Drift(moment[:k, n : n + k], moment[n : n + k, n : n + k], moment[n - 1, n : n + k]) if drift else None
     return moment[:k, :k], moment[n - 1, :k], moments
 
 
@@ -219,8 +256,9 @@ class CalibrationPass:
         self.model, self.blocks = model, blocks
 
     @torch.no_grad()
-    def run(self, label: str, moments: bool, replacements: list[dict[str, nn.Module]] | None = None
-            ) -> tuple[list[torch.Tensor] | None, list[float] | None]:
+    def run(
+        self, label: str, moments: bool, replacements: list[dict[str, nn.Module]] | None = None
+    ) -> tuple[list[torch.Tensor] | None, list[float] | None]:
         """(per-layer E[x~ x~^T] [d+1, d+1] or None, per-layer attention output relative error or None)."""
         from ..modeling.surgery import attention_of, layers_of, projections_of
 
@@ -280,7 +318,9 @@ class CalibrationPass:
             for handle in handles:
                 handle.remove()
         second_moments = [total / count for total, count in zip(sums, counts)] if moments else None
-        output_errors = (errors[:, 0] / errors[:, 1].clamp_min(1e-300)).sqrt().tolist() if replacements is not None else None
+        output_errors = (
+            (errors[:, 0] / errors[:, 1].clamp_min(1e-300)).sqrt().tolist() if replacements is not None else None
+        )
         return second_moments, output_errors
 
     def layer_inputs(self, first_layer: nn.Module) -> tuple[torch.Tensor, tuple, dict]:
@@ -305,8 +345,9 @@ class CalibrationPass:
         return torch.cat(states), *call["rest"]
 
     @torch.no_grad()
-    def run_sequential(self, fit: Callable[[int, torch.Tensor], dict[str, ProjectionFit]], variant: str
-                       ) -> tuple[list[dict[str, ProjectionFit]], list[float]]:
+    def run_sequential(
+        self, fit: Callable[[int, torch.Tensor], dict[str, ProjectionFit]], variant: str
+    ) -> tuple[list[dict[str, ProjectionFit]], list[float]]:
         """Fit layer by layer on the compressed model's inputs; returns the fits and per-layer attention output errors.
 
         Keeps the hidden states ``[N, T, D]`` entering layer l of the compressed model and of the
@@ -323,24 +364,50 @@ class CalibrationPass:
         fits, output_errors = [], []
         for index, layer in enumerate(progress(layers, "MHE sequential fit", unit="layer")):
             query, attention, seen = getattr(*projections_of(layer)["q_proj"]), attention_of(layer), {}
-            joint = torch.zeros(2 * compressed.shape[-1] + 2, 2 * compressed.shape[-1] + 2, dtype=torch.float64)  # E[z z^T] (summed)
+            joint = torch.zeros(
+                2 * compressed.shape[-1] + 2, 2 * compressed.shape[-1] + 2, dtype=torch.float64
+            )  # E[z z^T] (summed)
             for block in range(len(compressed)):
-                dense[block] = run_layer(layer, dense[block:block + 1], rest, kwargs, [(query.register_forward_pre_hook, take_input(seen, "target")),
-                                                                                        (attention.register_forward_hook, take_output(seen, "reference"))])[0]
+                dense[block] = run_layer(
+                    layer,
+                    dense[block : block + 1],
+                    rest,
+                    kwargs,
+                    [
+                        (query.register_forward_pre_hook, take_input(seen, "target")),
+                        (attention.register_forward_hook, take_output(seen, "reference")),
+                    ],
+                )[0]
                 references[block] = seen["reference"]  # [T, D]
-                run_layer(layer, compressed[block:block + 1], rest, kwargs, [(query.register_forward_pre_hook, take_input(seen, "input", stop=True))])
+                run_layer(
+                    layer,
+                    compressed[block : block + 1],
+                    rest,
+                    kwargs,
+                    [(query.register_forward_pre_hook, take_input(seen, "input", stop=True))],
+                )
                 inputs = seen["input"].float()  # [T, d]
                 ones = inputs.new_ones(len(inputs), 1)
-                joint_inputs = torch.cat([inputs, ones, inputs - seen["target"].float(), 0 * ones], dim=1)  # [T, 2d+2]: z = [x~, v]
+                joint_inputs = torch.cat(
+                    [inputs, ones, inputs - seen["target"].float(), 0 * ones], dim=1
+                )  # [T, 2d+2]: z = [x~, v]
                 joint += (joint_inputs.T @ joint_inputs).double().cpu()
             layer_fits = fit(index, joint / (len(compressed) * len(seen["input"])))
             for proj, module in mhe_modules([layer_fits], variant, compressed.device)[0].items():
                 setattr(*projections_of(layer)[proj], module)
             error = torch.zeros(2, dtype=torch.float64)  # (squared error, squared norm)
             for block in range(len(compressed)):
-                compressed[block] = run_layer(layer, compressed[block:block + 1], rest, kwargs, [(attention.register_forward_hook, take_output(seen, "output"))])[0]
+                compressed[block] = run_layer(
+                    layer,
+                    compressed[block : block + 1],
+                    rest,
+                    kwargs,
+                    [(attention.register_forward_hook, take_output(seen, "output"))],
+                )[0]
                 reference = references[block].double()
-                error += torch.stack([(seen["output"].double() - reference).pow(2).sum(), reference.pow(2).sum()]).cpu()
+                error += torch.stack(
+                    [(seen["output"].double() - reference).pow(2).sum(), reference.pow(2).sum()]
+                ).cpu()
             fits.append(layer_fits)
             output_errors.append(math.sqrt(error[0].item() / max(error[1].item(), 1e-300)))
         return fits, output_errors
@@ -356,25 +423,31 @@ def _first(output):
 
 
 def take_input(seen: dict, key: str, stop: bool = False):
-    """A forward pre-hook keeping a copy of its module's input as ``seen[key]`` ``[T, d]`` (and ending the pass with ``stop``).
+    """A forward pre-hook keeping a copy of its module's input as ``seen[key]`` ``[T, d]`` (and ending the pass with
+    ``stop``).
 
     A copy: the input may be a view of the hidden-state buffer the layer's output overwrites (BERT)."""
+
     def hook(_module: nn.Module, args: tuple) -> None:
         seen[key] = args[0].reshape(-1, args[0].shape[-1]).clone()
         if stop:
             raise _Stop
+
     return hook
 
 
 def take_output(seen: dict, key: str):
     """A forward hook keeping its module's output as ``seen[key]`` ``[T, D]``."""
+
     def hook(_module: nn.Module, _args: tuple, output) -> None:
         seen[key] = _first(output).reshape(-1, _first(output).shape[-1])
+
     return hook
 
 
 def run_layer(layer: nn.Module, states: torch.Tensor, rest: tuple, kwargs: dict, hooks: list) -> torch.Tensor | None:
-    """``layer`` on ``states [1, T, D]`` with ``hooks`` ((register method, hook) pairs) attached; None when a hook ended it."""
+    """``layer`` on ``states [1, T, D]`` with ``hooks`` ((register method, hook) pairs) attached; None when a hook
+    ended it."""
     handles = [register(hook) for register, hook in hooks]
     try:
         return _first(layer(states, *rest, **kwargs))
@@ -385,62 +458,114 @@ def run_layer(layer: nn.Module, states: torch.Tensor, rest: tuple, kwargs: dict,
             handle.remove()
 
 
-def load_calibration(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: MHEOptions) -> CalibrationPass:
+def load_calibration(
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: MHEOptions
+) -> CalibrationPass:
     """Tokenise the calibration text and load the dense base model (no LM head) for the passes."""
     from ..checkpoint.load import load_for_analysis
     from ..data.calibration import calibration_blocks
 
-    blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens,
-                                options.calibration_seq_len, encoder=isinstance(spec, EncoderSpec))  # [N, T]
+    blocks = calibration_blocks(
+        reader.folder,
+        reader.config,
+        options.calibration,
+        options.calibration_tokens,
+        options.calibration_seq_len,
+        encoder=isinstance(spec, EncoderSpec),
+    )  # [N, T]
     num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
     activations = spec.num_layers * (spec.hidden_size + 1) ** 2 * 8  # the per-layer moments
-    if options.init == "sequential":  # compressed and dense hidden states, dense attention outputs; one layer's joint moment
+    if (
+        options.init == "sequential"
+    ):  # compressed and dense hidden states, dense attention outputs; one layer's joint moment
         activations = 3 * blocks.numel() * spec.hidden_size * 4 + (2 * spec.hidden_size + 2) ** 2 * 8
-    model = load_for_analysis(reader.folder, num_parameters, f"MHE calibration ({blocks.numel()} tokens)",
-                              auto_class="AutoModel", activation_bytes=activations)
+    model = load_for_analysis(
+        reader.folder,
+        num_parameters,
+        f"MHE calibration ({blocks.numel()} tokens)",
+        auto_class="AutoModel",
+        activation_bytes=activations,
+    )
     model.requires_grad_(False)
     return CalibrationPass(model, blocks)
 
 
-def fit_layer(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, variant: str, layer: int,
-              moment: torch.Tensor | None, drift: bool = False) -> dict[str, ProjectionFit]:
+def fit_layer(
+    reader: CheckpointReader,
+    spec: DecoderSpec | EncoderSpec,
+    variant: str,
+    layer: int,
+    moment: torch.Tensor | None,
+    drift: bool = False,
+) -> dict[str, ProjectionFit]:
     """Fit one layer's Q, K and V in float64 (``moment``: see :func:`input_moments`; None for the data-free fit)."""
     layer_fits = {}
     for proj in PROJECTIONS:
         stacked, bias = read_stacked(reader, spec, layer, proj)
-        shared, embedding, error = fit_projection(stacked, variant, *input_moments(moment, stacked.shape[-1], bias, drift))
-        layer_fits[proj] = ProjectionFit(shared[:, :spec.hidden_size].float(), shared[:, spec.hidden_size].float() if bias else None,
-                                         embedding.float(), error)
+        shared, embedding, error = fit_projection(
+            stacked, variant, *input_moments(moment, stacked.shape[-1], bias, drift)
+        )
+        layer_fits[proj] = ProjectionFit(
+            shared[:, : spec.hidden_size].float(),
+            shared[:, spec.hidden_size].float() if bias else None,
+            embedding.float(),
+            error,
+        )
     return layer_fits
 
 
-def fit_layers(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, variant: str,
-               second_moments: list[torch.Tensor] | None) -> list[dict[str, ProjectionFit]]:
+def fit_layers(
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, variant: str, second_moments: list[torch.Tensor] | None
+) -> list[dict[str, ProjectionFit]]:
     """Fit every layer's Q, K and V (``second_moments``: per layer, or None for the data-free fit)."""
     fits = []
     for layer in progress(range(spec.num_layers), "MHE fit", unit="layer"):
-        fits.append(fit_layer(reader, spec, variant, layer, second_moments[layer] if second_moments is not None else None))
+        fits.append(
+            fit_layer(reader, spec, variant, layer, second_moments[layer] if second_moments is not None else None)
+        )
     return fits
 
 
-def measure_errors(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, variant: str,
-                   fits: list[dict[str, ProjectionFit]], second_moments: list[torch.Tensor]) -> None:
+def measure_errors(
+    reader: CheckpointReader,
+    spec: DecoderSpec | EncoderSpec,
+    variant: str,
+    fits: list[dict[str, ProjectionFit]],
+    second_moments: list[torch.Tensor],
+) -> None:
     """Replace each fit's error by its error on calibration activations (for the data-free fit)."""
     for layer, layer_fits in enumerate(fits):
         for proj, fit in layer_fits.items():
             stacked, bias = read_stacked(reader, spec, layer, proj)
-            shared = fit.weight.double() if fit.bias is None else torch.cat([fit.weight.double(), fit.bias.double()[:, None]], dim=1)  # [d_h, k]
-            fit.error = relative_error(stacked, shared, fit.head_embedding.double(), variant,
-                                       *input_moments(second_moments[layer], stacked.shape[-1], bias))
+            shared = (
+                fit.weight.double()
+                if fit.bias is None
+                else torch.cat([fit.weight.double(), fit.bias.double()[:, None]], dim=1)
+            )  # [d_h, k]
+            fit.error = relative_error(
+                stacked,
+                shared,
+                fit.head_embedding.double(),
+                variant,
+                *input_moments(second_moments[layer], stacked.shape[-1], bias),
+            )
 
 
-def mhe_modules(fits: list[dict[str, ProjectionFit]], variant: str, device: torch.device) -> list[dict[str, nn.Module]]:
+def mhe_modules(
+    fits: list[dict[str, ProjectionFit]], variant: str, device: torch.device
+) -> list[dict[str, nn.Module]]:
     """The runtime's MHE projections holding the fits (fp32), for the attention-output check."""
     modules = []
     for layer_fits in fits:
         layer_modules = {}
         for proj, fit in layer_fits.items():
-            module = MHEProjection(fit.weight.shape[1], fit.weight.shape[0], fit.head_embedding.shape[0], variant, bias=fit.bias is not None)
+            module = MHEProjection(
+                fit.weight.shape[1],
+                fit.weight.shape[0],
+                fit.head_embedding.shape[0],
+                variant,
+                bias=fit.bias is not None,
+            )
             module.weight.data.copy_(fit.weight)
             module.head_embedding.data.copy_(fit.head_embedding)
             if fit.bias is not None:
@@ -465,9 +590,14 @@ def validate(options: MHEOptions) -> None:
     if options.init not in INITS:
         raise UpcycleError(f"--init {options.init!r} is unknown; choose one of: {', '.join(INITS)}")
     if options.init in ("calibrated", "sequential") and not options.calibration:
-        raise UpcycleError(f"--init {options.init} fits on activations and needs calibration text; pass --calibration FILE or use --init svd")
+        raise UpcycleError(
+            f"--init {options.init} fits on activations and needs calibration text; "
+            "pass --calibration FILE or use --init svd"
+        )
     if options.calibration and not Path(options.calibration).exists():
-        raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file, or a folder of them")
+        raise UpcycleError(
+            f"--calibration {options.calibration} does not exist; pass a text or jsonl file, or a folder of them"
+        )
     if options.calibration_tokens < 1:
         raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
 
@@ -484,7 +614,8 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
     second_moments = output_errors = None
     if options.init == "sequential":
         fits, output_errors = calibration.run_sequential(
-            lambda layer, moment: fit_layer(reader, spec, options.variant, layer, moment, drift=True), options.variant)
+            lambda layer, moment: fit_layer(reader, spec, options.variant, layer, moment, drift=True), options.variant
+        )
     elif options.init == "calibrated":
         second_moments, _ = calibration.run("MHE calibration: attention inputs", moments=True)
         fits = fit_layers(reader, spec, options.variant, second_moments)
@@ -492,14 +623,20 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
         fits = fit_layers(reader, spec, options.variant, None)
     if calibration is not None and options.init != "sequential":
         replacements = mhe_modules(fits, options.variant, calibration.model.device)
-        measured, output_errors = calibration.run("MHE calibration: attention output error", moments=second_moments is None, replacements=replacements)
+        measured, output_errors = calibration.run(
+            "MHE calibration: attention output error", moments=second_moments is None, replacements=replacements
+        )
         if second_moments is None:  # svd init: the projection errors on the same activations as the calibrated fit's
             measure_errors(reader, spec, options.variant, fits, measured)
     del calibration
 
     dtype = reader.info(spec.attention(0, "q_proj")).dtype
-    edited = {spec.attention(layer, proj, kind): (layer, proj, kind) for layer in range(spec.num_layers)
-              for proj in PROJECTIONS for kind in ("weight", "bias")}
+    edited = {
+        spec.attention(layer, proj, kind): (layer, proj, kind)
+        for layer in range(spec.num_layers)
+        for proj in PROJECTIONS
+        for kind in ("weight", "bias")
+    }
     layout = []
     for name in reader.names():
         info = reader.info(name)
@@ -511,7 +648,9 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
             layout.append(TensorSpec(name, info.dtype, (spec.head_dim,)))
         else:
             layout.append(TensorSpec(name, info.dtype, (spec.head_dim, info.shape[1])))
-            layout.append(TensorSpec(spec.attention(layer, proj, "head_embedding"), dtype, (heads[proj], spec.head_dim)))
+            layout.append(
+                TensorSpec(spec.attention(layer, proj, "head_embedding"), dtype, (heads[proj], spec.head_dim))
+            )
     new_tensors = {}
     for layer, layer_fits in enumerate(fits):
         for proj, fit in layer_fits.items():
@@ -533,9 +672,18 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
     after = attention_parameters({item.name: item.shape for item in layout}, spec)
     space = "calibration activations" if options.calibration else "weights"
     if options.init == "sequential":
-        space = "calibration activations: the compressed model's, against the dense model's (errors from the layers below included)"
-    per_layer = [{"layer": layer, **{proj: fit.error for proj, fit in layer_fits.items()},
-                  "attention_output": output_errors[layer] if output_errors else None} for layer, layer_fits in enumerate(fits)]
+        space = (
+            "calibration activations: the compressed model's, against the dense model's "
+            "(errors from the layers below included)"
+        )
+    per_layer = [
+        {
+            "layer": layer,
+            **{proj: fit.error for proj, fit in layer_fits.items()},
+            "attention_output": output_errors[layer] if output_errors else None,
+        }
+        for layer, layer_fits in enumerate(fits)
+    ]
     attention = {"before": before, "after": after, "saved_percent": round(100 * (1 - after / before), 2)}
     settings = recorded_options(options) | {"calibration": str(options.calibration) if options.calibration else None}
     return Conversion(
@@ -544,26 +692,40 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
         layout=layout,
         tensors=tensors,
         plan_lines=plan_printout(spec, options, attention, per_layer, space),
-        report={"options": settings, "attention_parameters": attention,
-                "reconstruction_error": {"measured_on": space, "fit": f"{options.init}: {FITS[options.init]}", "layers": per_layer}},
+        report={
+            "options": settings,
+            "attention_parameters": attention,
+            "reconstruction_error": {
+                "measured_on": space,
+                "fit": f"{options.init}: {FITS[options.init]}",
+                "layers": per_layer,
+            },
+        },
         tags=["mhe", "multi-head-embedding"],
         description=(
-            f"MHE-{options.variant.upper()} attention ({options.init} init): in every layer Q ({spec.num_heads} heads) and K, V "
-            f"({spec.num_kv_heads} heads each) are one shared {spec.head_dim}-wide projection plus one embedding per head "
+            f"MHE-{options.variant.upper()} attention ({options.init} init): "
+            f"in every layer Q ({spec.num_heads} heads) and K, V "
+            f"({spec.num_kv_heads} heads each) are one shared {spec.head_dim}-wide projection "
+            "plus one embedding per head "
             f"({'multiplied' if options.variant == 'mul' else 'added'}); o_proj unchanged. Attention parameters "
-            f"{before:,} -> {after:,} ({attention['saved_percent']}% fewer). Heal it with continued training before use."
+            f"{before:,} -> {after:,} ({attention['saved_percent']}% fewer). "
+            "Heal it with continued training before use."
         ),
         auto_class=auto_class,
         pipeline_tag=pipeline_tag,
     )
 
 
-def plan_printout(spec: DecoderSpec | EncoderSpec, options: MHEOptions, attention: dict, per_layer: list[dict], space: str) -> list[str]:
+def plan_printout(
+    spec: DecoderSpec | EncoderSpec, options: MHEOptions, attention: dict, per_layer: list[dict], space: str
+) -> list[str]:
     """Header, parameter saving and one line per layer of reconstruction errors."""
     lines = [
-        f"MHE plan: {spec.num_layers} layers; Q over {spec.num_heads} heads, K and V over {spec.num_kv_heads} heads, head_dim {spec.head_dim}; "
+        f"MHE plan: {spec.num_layers} layers; Q over {spec.num_heads} heads, "
+        f"K and V over {spec.num_kv_heads} heads, head_dim {spec.head_dim}; "
         f"variant {options.variant}, init {options.init} (fitted {FITS[options.init]}); o_proj unchanged",
-        f"attention parameters: {attention['before']:,} -> {attention['after']:,} ({attention['saved_percent']}% fewer)",
+        f"attention parameters: {attention['before']:,} -> {attention['after']:,} "
+        f"({attention['saved_percent']}% fewer)",
         f"relative reconstruction error (on {space}):",
         f"{'layer':>5}  {'q_proj':>8}  {'k_proj':>8}  {'v_proj':>8}  {'attn out':>8}",
     ]
@@ -613,6 +775,7 @@ SPEC = MethodSpec(
         "MHE keeps one shared query, key and value projection per layer and tells the heads apart with one small "
         "embedding each, which removes most of the attention projection parameters (Xue and Aletras 2023). The "
         "conversion from a dense model is upcycle's own fit; expect to heal the model with continued training.",
-        (CITATION,)),
+        (CITATION,),
+    ),
     card_table=card_table,
 )

@@ -38,19 +38,25 @@ class MoHOptions:
     """The MoH flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
     router: Literal["query-norm", "learned", "fitted"] = option(
-        "query-norm", help="query-norm (parameter-free, MoH-LLaMA3), learned (two-stage, zero-initialised) or fitted "
-        "(a linear scorer fitted on --calibration text to pick the heads that contribute most; binary gates).")
+        "query-norm",
+        help="query-norm (parameter-free, MoH-LLaMA3), learned (two-stage, zero-initialised) or fitted "
+        "(a linear scorer fitted on --calibration text to pick the heads that contribute most; binary gates).",
+    )
     shared_heads: str = option("0.5", help="query heads always on, as a fraction (0.5) or a count (4).")
-    active_heads: float = option(0.75, help="fraction of query heads active per token, in (shared fraction, 1].",
-                                 example="0.75")
+    active_heads: float = option(
+        0.75, help="fraction of query heads active per token, in (shared fraction, 1].", example="0.75"
+    )
     shared_selection: Selection | None = option(
-        None, help="which heads are shared. Default: contribution with --calibration, else weight-norm.")
+        None, help="which heads are shared. Default: contribution with --calibration, else weight-norm."
+    )
     calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
     calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
     calibration_seq_len: int = 512
     rescale: Rescale = option(
-        "none", help="scale o_proj by one factor per layer (layer) or per output channel (channel), fitted layer after "
-        "layer by least squares so the attention output best matches dense on --calibration text; none keeps o_proj.")
+        "none",
+        help="scale o_proj by one factor per layer (layer) or per output channel (channel), fitted layer after "
+        "layer by least squares so the attention output best matches dense on --calibration text; none keeps o_proj.",
+    )
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
@@ -65,7 +71,9 @@ def head_counts(num_heads: int, shared_heads: str, active_heads: float) -> tuple
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise UpcycleError(f"--shared-heads {text!r} is not a finite number; give a fraction like 0.5 or a head count like 4") from None
+        raise UpcycleError(
+            f"--shared-heads {text!r} is not a finite number; give a fraction like 0.5 or a head count like 4"
+        ) from None
     if "." in text or value < 1:
         if not 0 <= value <= 1:
             raise UpcycleError(f"--shared-heads {text} is not a fraction in [0, 1]; give a fraction or a head count")
@@ -73,13 +81,17 @@ def head_counts(num_heads: int, shared_heads: str, active_heads: float) -> tuple
     else:
         shared = int(value)
         if value != shared or not 0 <= shared <= num_heads:
-            raise UpcycleError(f"--shared-heads {text} is not a head count in [0, {num_heads}]; give a count or a fraction")
+            raise UpcycleError(
+                f"--shared-heads {text} is not a head count in [0, {num_heads}]; give a count or a fraction"
+            )
     if not 0 < active_heads <= 1:
         raise UpcycleError(f"--active-heads {active_heads} is outside (shared fraction, 1]; give a fraction like 0.75")
     active = math.floor(active_heads * num_heads + 0.5)
     if active_heads < 1 and shared >= num_heads:
         raise UpcycleError(
-            f"--shared-heads {text} makes all {num_heads} heads shared, which leaves no routed head for --active-heads {active_heads}; share fewer heads or use --active-heads 1.0"
+            f"--shared-heads {text} makes all {num_heads} heads shared, "
+            f"which leaves no routed head for --active-heads {active_heads}; "
+            "share fewer heads or use --active-heads 1.0"
         )
     if active <= shared and active < num_heads:
         raise UpcycleError(
@@ -108,8 +120,14 @@ def contribution_scores(reader: CheckpointReader, spec: DecoderSpec, options: Mo
     from ..checkpoint.load import load_for_analysis
     from ..data.calibration import calibration_blocks
 
-    blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens,
-                                options.calibration_seq_len, encoder=False)  # [N, T]
+    blocks = calibration_blocks(
+        reader.folder,
+        reader.config,
+        options.calibration,
+        options.calibration_tokens,
+        options.calibration_seq_len,
+        encoder=False,
+    )  # [N, T]
     num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
     model = load_for_analysis(reader.folder, num_parameters, "contribution scores")
     sums = torch.zeros(spec.num_layers, spec.num_heads, dtype=torch.float64)
@@ -186,7 +204,8 @@ def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> to
 
 def _record_dense(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
     """Run the layer over every block with every head on, recording per token (M = N*T) the router's input
-    ``x`` [M, D] and its ``gates`` [M, h] (what it would choose), o_proj's input ``heads`` [M, h*d] and output ``o`` [M, D]."""
+    ``x`` [M, D] and its ``gates`` [M, h] (what it would choose), o_proj's input ``heads`` [M, h*d] and output
+    ``o`` [M, D]."""
     attention = layer.self_attn
     seen: dict[str, list[torch.Tensor]] = {"x": [], "gates": [], "heads": [], "o": []}
 
@@ -197,7 +216,9 @@ def _record_dense(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) ->
 
     handles = [
         attention.head_router.register_forward_hook(router_hook),
-        attention.o_proj.register_forward_pre_hook(lambda module, args: seen["heads"].append(args[0].flatten(0, 1).float())),
+        attention.o_proj.register_forward_pre_hook(
+            lambda module, args: seen["heads"].append(args[0].flatten(0, 1).float())
+        ),
         attention.o_proj.register_forward_hook(lambda module, args, out: seen["o"].append(out.flatten(0, 1).float())),
     ]
     try:
@@ -208,7 +229,9 @@ def _record_dense(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) ->
     return {name: torch.cat(values) for name, values in seen.items()}
 
 
-def _routed_contributions(heads: torch.Tensor, o_weight: torch.Tensor, routed: list[int], head_dim: int) -> torch.Tensor:
+def _routed_contributions(
+    heads: torch.Tensor, o_weight: torch.Tensor, routed: list[int], head_dim: int
+) -> torch.Tensor:
     """||H_i W_o^i|| per token of each routed head: heads [M, h*d], o_weight [D, h*d] -> [M, hr]."""
     index = torch.tensor(routed)
     weight = o_weight.float().unflatten(1, (-1, head_dim))[:, index]  # [D, hr, d]
@@ -224,7 +247,9 @@ def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores).scatter(-1, scores.topk(k, dim=-1).indices, 1.0)
 
 
-def fit_scorer(x: torch.Tensor, contributions: torch.Tensor, steps: int = FIT_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_scorer(
+    x: torch.Tensor, contributions: torch.Tensor, steps: int = FIT_STEPS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit ``s = W x + b`` so that softmax(s) matches each token's distribution of routed-head contributions
     (cross-entropy, full-batch Adam); x [M, D], contributions [M, hr] -> (W [hr, D], b [hr])."""
     target = contributions / contributions.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # [M, hr]
@@ -258,7 +283,9 @@ def _relative_error(o_moh: torch.Tensor, o_dense: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def calibration_fit(reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions, plans: list[dict]) -> list[LayerFit]:
+def calibration_fit(
+    reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions, plans: list[dict]
+) -> list[LayerFit]:
     """Fit, layer after layer on calibration text, the fitted router's scorer and/or the o_proj scale (``rescale``).
 
     Layer l is measured on the hidden states of the converted layers < l (routers and scales already in
@@ -269,34 +296,49 @@ def calibration_fit(reader: CheckpointReader, spec: DecoderSpec, options: MoHOpt
     from ..modeling.gated_attention import ATTENTION_NAME, attach_head_router, register_attention
     from ..modeling.routers import build_router
 
-    blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens,
-                                options.calibration_seq_len, encoder=False)  # [N, T]
+    blocks = calibration_blocks(
+        reader.folder,
+        reader.config,
+        options.calibration,
+        options.calibration_tokens,
+        options.calibration_seq_len,
+        encoder=False,
+    )  # [N, T]
     num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
     model = load_for_analysis(reader.folder, num_parameters, "MoH calibration fit")
     register_attention()
     model.config._attn_implementation = ATTENTION_NAME  # attention without a head_router stays plain SDPA
     hidden, layer_kwargs = _layer_inputs(model, blocks)
     fits = []
-    for index, (layer, plan) in enumerate(progress(list(zip(model.model.layers, plans)), "MoH calibration fit", unit="layer")):
+    for index, (layer, plan) in enumerate(
+        progress(list(zip(model.model.layers, plans)), "MoH calibration fit", unit="layer")
+    ):
         gate = plan["head_gate"]
         heads = (spec.hidden_size, spec.num_heads, gate["shared_heads"], gate["routed_heads"], gate["top_k"])
         attention = layer.self_attn
         attach_head_router(attention, build_router("query-norm", *heads))
         dense = _record_dense(layer, hidden, layer_kwargs[index])
         routed = torch.tensor(gate["routed_heads"])
-        contributions = _routed_contributions(dense["heads"], attention.o_proj.weight, gate["routed_heads"], spec.head_dim)
+        contributions = _routed_contributions(
+            dense["heads"], attention.o_proj.weight, gate["routed_heads"], spec.head_dim
+        )
         oracle = _top_k(contributions, gate["top_k"])  # [M, hr]
 
         def agreement(gates: torch.Tensor) -> float:
             return (gates[:, routed] == oracle).all(dim=-1).float().mean().item()
 
         def gated_output(gates: torch.Tensor) -> torch.Tensor:  # [M, h] -> [M, D]: the output of the gated heads only
-            skipped = (dense["heads"].unflatten(1, (spec.num_heads, spec.head_dim)) * (1 - gates)[..., None]).flatten(1)  # [M, h*d]
+            skipped = (dense["heads"].unflatten(1, (spec.num_heads, spec.head_dim)) * (1 - gates)[..., None]).flatten(
+                1
+            )  # [M, h*d]
             return dense["o"] - skipped @ attention.o_proj.weight.float().T
 
         o_moh = gated_output(dense["gates"])
-        report = {"layer": index, "oracle_match": {"query-norm": agreement(dense["gates"])},
-                  "attention_error": {"query-norm": _relative_error(o_moh, dense["o"])}}
+        report = {
+            "layer": index,
+            "oracle_match": {"query-norm": agreement(dense["gates"])},
+            "attention_error": {"query-norm": _relative_error(o_moh, dense["o"])},
+        }
         tensors = {}
         if options.router == "fitted":
             weight, bias = fit_scorer(dense["x"], contributions)
@@ -327,12 +369,20 @@ def fit_summary(fits: list[LayerFit]) -> dict:
     for key in ("oracle_match", "attention_error"):
         names = fits[0].report[key]
         mean[key] = {name: sum(f.report[key][name] for f in fits) / len(fits) for name in names}
-    print("MoH calibration fit, mean over layers: " + "; ".join(
-        f"{key.replace('_', ' ')} " + ", ".join(f"{name} {value:.3f}" for name, value in values.items()) for key, values in mean.items()), file=sys.stderr)
+    print(
+        "MoH calibration fit, mean over layers: "
+        + "; ".join(
+            f"{key.replace('_', ' ')} " + ", ".join(f"{name} {value:.3f}" for name, value in values.items())
+            for key, values in mean.items()
+        ),
+        file=sys.stderr,
+    )
     return {"mean": mean, "layers": [f.report for f in fits]}
 
 
-def layer_plans(spec: DecoderSpec, router: str, shared_count: int, top_k: int, scores: list[list[float]] | None) -> list[dict]:
+def layer_plans(
+    spec: DecoderSpec, router: str, shared_count: int, top_k: int, scores: list[list[float]] | None
+) -> list[dict]:
     """Per-layer ``head_gate`` entries: the top-scored heads shared (or the first ones)."""
     plans = []
     for layer in range(spec.num_layers):
@@ -355,13 +405,20 @@ def router_tensors(spec: DecoderSpec, plans: list[dict], dtype: torch.dtype) -> 
         prefix = f"{spec.layer_prefix(layer)}self_attn.head_router."
         routed = len(gate["routed_heads"])
         if gate["router"] == "fitted" and routed:
-            new += [TensorSpec(f"{prefix}score_proj.weight", dtype, (routed, spec.hidden_size)), TensorSpec(f"{prefix}score_proj.bias", dtype, (routed,))]
+            new += [
+                TensorSpec(f"{prefix}score_proj.weight", dtype, (routed, spec.hidden_size)),
+                TensorSpec(f"{prefix}score_proj.bias", dtype, (routed,)),
+            ]
         if gate["router"] != "learned":
             continue
         sizes = {"shared_proj": len(gate["shared_heads"]), "routed_proj": routed}
         if sizes["shared_proj"] and sizes["routed_proj"]:
             sizes["mix_proj"] = 2
-        new += [TensorSpec(f"{prefix}{proj}.weight", dtype, (rows, spec.hidden_size)) for proj, rows in sizes.items() if rows]
+        new += [
+            TensorSpec(f"{prefix}{proj}.weight", dtype, (rows, spec.hidden_size))
+            for proj, rows in sizes.items()
+            if rows
+        ]
     return new
 
 
@@ -373,11 +430,15 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     if selection not in SELECTIONS:
         raise UpcycleError(f"--shared-selection {selection!r} is unknown; choose one of: {', '.join(SELECTIONS)}")
     if selection == "contribution" and not options.calibration:
-        raise UpcycleError("--shared-selection contribution needs calibration text; pass --calibration FILE or choose weight-norm")
+        raise UpcycleError(
+            "--shared-selection contribution needs calibration text; pass --calibration FILE or choose weight-norm"
+        )
     if options.rescale not in RESCALES:
         raise UpcycleError(f"--rescale {options.rescale!r} is unknown; choose one of: {', '.join(RESCALES)}")
-    for flag, needed, other in (("--router fitted", options.router == "fitted", "--router query-norm"),
-                                (f"--rescale {options.rescale}", options.rescale != "none", "--rescale none")):
+    for flag, needed, other in (
+        ("--router fitted", options.router == "fitted", "--router query-norm"),
+        (f"--rescale {options.rescale}", options.rescale != "none", "--rescale none"),
+    ):
         if needed and not options.calibration:
             raise UpcycleError(f"{flag} is fitted on calibration text; pass --calibration FILE or use {other}")
     if options.calibration and not Path(options.calibration).exists():
@@ -386,8 +447,10 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     shared_count, top_k = head_counts(spec.num_heads, options.shared_heads, options.active_heads)
     if shared_count >= spec.num_heads:  # head_counts allows it (--active-heads 1.0 is the dense model in MoH form)
         raise UpcycleError(
-            f"--shared-heads {options.shared_heads} makes all {spec.num_heads} heads shared, which leaves no routed head "
-            f"(the output would only be the dense model); share fewer heads, e.g. --shared-heads {spec.num_heads // 2} or 0.5"
+            f"--shared-heads {options.shared_heads} makes all {spec.num_heads} heads shared, "
+            "which leaves no routed head "
+            "(the output would only be the dense model); "
+            f"share fewer heads, e.g. --shared-heads {spec.num_heads // 2} or 0.5"
         )
     check_source(reader, spec, options)
 
@@ -405,10 +468,19 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
 
     fit = top_k < spec.num_heads - shared_count and (options.router == "fitted" or options.rescale != "none")
     active = shared_count + top_k
-    settings = recorded_options(options) | {"shared_selection": selection, "calibration": str(options.calibration) if options.calibration else None}
+    settings = recorded_options(options) | {
+        "shared_selection": selection,
+        "calibration": str(options.calibration) if options.calibration else None,
+    }
     report = {
         "options": settings,
-        "heads": {"total": spec.num_heads, "shared": shared_count, "routed": spec.num_heads - shared_count, "top_k": top_k, "active_fraction": active / spec.num_heads},
+        "heads": {
+            "total": spec.num_heads,
+            "shared": shared_count,
+            "routed": spec.num_heads - shared_count,
+            "top_k": top_k,
+            "active_fraction": active / spec.num_heads,
+        },
         "head_scores": scores,
     }
 
@@ -416,8 +488,17 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
         # the fit runs here, when the output is written (not for --dry-run); with every head active it is skipped:
         # no routed head is ever off, so the fitted router is all ties and o_proj keeps the dense output's scale
         fits = calibration_fit(reader, spec, options, plans) if fit else []
-        scales = {spec.attention(i, "o_proj", part): f.o_scale for i, f in enumerate(fits) if f.o_scale is not None for part in ("weight", "bias")}
-        fitted = {f"{spec.layer_prefix(i)}self_attn.head_router.{name}": tensor for i, f in enumerate(fits) for name, tensor in f.router.items()}
+        scales = {
+            spec.attention(i, "o_proj", part): f.o_scale
+            for i, f in enumerate(fits)
+            if f.o_scale is not None
+            for part in ("weight", "bias")
+        }
+        fitted = {
+            f"{spec.layer_prefix(i)}self_attn.head_router.{name}": tensor
+            for i, f in enumerate(fits)
+            for name, tensor in f.router.items()
+        }
         if fits:
             report["calibration_fit"] = fit_summary(fits)
         for item in passthrough:
@@ -427,7 +508,10 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
             else:
                 yield item.name, SourceTensor(item.name)
         for item in new:
-            yield item.name, fitted[item.name].to(item.dtype) if item.name in fitted else torch.zeros(item.shape, dtype=item.dtype)
+            yield (
+                item.name,
+                fitted[item.name].to(item.dtype) if item.name in fitted else torch.zeros(item.shape, dtype=item.dtype),
+            )
 
     config, _, _ = runtime_config(reader.config, spec, "moh", plans)
     return Conversion(
@@ -439,11 +523,17 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
         report=report,
         tags=["moh", "mixture-of-heads"],
         description=(
-            f"Mixture-of-Head attention: in every layer {shared_count} of {spec.num_heads} query heads are shared (always on) "
-            f"and each token uses the top {top_k} of the other {spec.num_heads - shared_count} ({options.router} router), "
+            f"Mixture-of-Head attention: in every layer {shared_count} of {spec.num_heads} query heads "
+            "are shared (always on) "
+            f"and each token uses the top {top_k} of the other {spec.num_heads - shared_count} "
+            f"({options.router} router), "
             f"so {active}/{spec.num_heads} = {active / spec.num_heads:.1%} of the heads are active per token. "
             f"Shared heads chosen by {selection}."
-            + (f" o_proj rescaled per {options.rescale} to match the dense attention output on calibration text." if options.rescale != "none" else "")
+            + (
+                f" o_proj rescaled per {options.rescale} to match the dense attention output on calibration text."
+                if options.rescale != "none"
+                else ""
+            )
         ),
     )
 
@@ -453,7 +543,8 @@ def plan_printout(spec: DecoderSpec, plans: list[dict], selection: str) -> list[
     first = plans[0]["head_gate"]
     active = len(first["shared_heads"]) + first["top_k"]
     lines = [
-        f"MoH plan: {spec.num_layers} layers x {spec.num_heads} query heads ({spec.num_kv_heads} KV heads, head_dim {spec.head_dim}); "
+        f"MoH plan: {spec.num_layers} layers x {spec.num_heads} query heads "
+        f"({spec.num_kv_heads} KV heads, head_dim {spec.head_dim}); "
         f"router {first['router']}; shared heads by {selection}",
         f"active heads per token: {active}/{spec.num_heads} = {active / spec.num_heads:.4f} "
         f"({len(first['shared_heads'])} shared + top-{first['top_k']} of {len(first['routed_heads'])} routed)",
@@ -487,5 +578,6 @@ SPEC = MethodSpec(
         "router selects, so a head-sparse attention computes fewer heads per token. The MoH paper reports that "
         "LLaMA3-8B, continue-tuned with 75% of its heads active, stays close to the dense model (64.0 against 64.7 "
         "on average over 14 benchmarks).",
-        (CITATION,)),
+        (CITATION,),
+    ),
 )

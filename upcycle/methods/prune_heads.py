@@ -37,7 +37,6 @@ the refitted o_proj is written instead of the sliced one.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,35 +50,58 @@ from ..arch import DecoderSpec, EncoderSpec, attention_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from .base import Conversion, SourceTensor, check_source, native_refusal, plain_config, progress, recorded_options, runtime_config
+from .base import (
+    Conversion,
+    SourceTensor,
+    check_source,
+    native_refusal,
+    plain_config,
+    progress,
+    recorded_options,
+    runtime_config,
+)
 from .refit import REFIT_HELP, check_refit, refit_conversion, refit_plan_line
 from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
 
 Importance = Literal["gradient", "random"]
 IMPORTANCES = get_args(Importance)
-ATTENTION_TENSORS = (("q_proj", "weight"), ("q_proj", "bias"), ("k_proj", "weight"), ("k_proj", "bias"),
-                     ("v_proj", "weight"), ("v_proj", "bias"), ("o_proj", "weight"))
+ATTENTION_TENSORS = (
+    ("q_proj", "weight"),
+    ("q_proj", "bias"),
+    ("k_proj", "weight"),
+    ("k_proj", "bias"),
+    ("v_proj", "weight"),
+    ("v_proj", "bias"),
+    ("o_proj", "weight"),
+)
 
 
 @dataclass
 class PruneHeadsOptions:
     """The head-pruning flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
-    ratio: float | None = option(None, example="0.25", help="fraction of prunable units removed, 0 <= R < 1 (units: "
-                                 "heads for MHA, KV groups for GQA models).")
-    importance: Importance = option("gradient", help="gradient (E|dL/dgate| per unit on --calibration text) or random "
-                                    "(the control, with --seed).")
+    ratio: float | None = option(
+        None,
+        example="0.25",
+        help="fraction of prunable units removed, 0 <= R < 1 (units: heads for MHA, KV groups for GQA models).",
+    )
+    importance: Importance = option(
+        "gradient", help="gradient (E|dL/dgate| per unit on --calibration text) or random (the control, with --seed)."
+    )
     seed: int = option(0, panel=DATA_PANEL, help="seed of --importance random and of the masked-LM masking.")
     iterative: int = option(1, help="prune in N cumulative steps, recomputing importance before each (1: score once).")
     min_heads_per_layer: int = option(1, help="query heads every layer keeps at least.")
-    uniform: bool = option(False, help="remove the same number of units in every layer (decoders: a plain "
-                           "base-architecture checkpoint).")
+    uniform: bool = option(
+        False, help="remove the same number of units in every layer (decoders: a plain base-architecture checkpoint)."
+    )
     calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
     calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
     calibration_seq_len: int = 512
     normalize: Literal["auto", "layer", "none"] = option(
-        "auto", help="L2-normalise gradient importance per layer: layer (the paper), none, or auto (layer only with "
-        ">= 8 units per layer).")
+        "auto",
+        help="L2-normalise gradient importance per layer: layer (the paper), none, or auto (layer only with "
+        ">= 8 units per layer).",
+    )
     encoder_batch: int = 8  # blocks per backward pass for encoders (the contrastive proxy needs >= 2)
     refit: Literal["none", "rescale", "lstsq"] = option("none", help=REFIT_HELP)
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
@@ -107,19 +129,33 @@ def removal_targets(spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions)
     if not 0 <= ratio < 1:
         raise UpcycleError(f"--ratio {ratio} is outside [0, 1); give the fraction of heads to remove, e.g. 0.25")
     if not 1 <= options.min_heads_per_layer <= spec.num_heads:
-        raise UpcycleError(f"--min-heads-per-layer {options.min_heads_per_layer} is outside [1, {spec.num_heads}]; give a head count in that range")
+        raise UpcycleError(
+            f"--min-heads-per-layer {options.min_heads_per_layer} is outside [1, {spec.num_heads}]; "
+            "give a head count in that range"
+        )
     if options.iterative < 1:
-        raise UpcycleError(f"--iterative {options.iterative} must be at least 1 (1 scores once); give the number of pruning steps")
+        raise UpcycleError(
+            f"--iterative {options.iterative} must be at least 1 (1 scores once); give the number of pruning steps"
+        )
     min_units = math.ceil(options.min_heads_per_layer / group)
     if options.uniform:
         per_layer = round_half_up(ratio * count)
-        total, where, fits = per_layer * spec.num_layers, f"{per_layer} of {count} {unit_name} in every layer", per_layer <= count - min_units
+        total, where, fits = (
+            per_layer * spec.num_layers,
+            f"{per_layer} of {count} {unit_name} in every layer",
+            per_layer <= count - min_units,
+        )
     else:
         total = round_half_up(ratio * count * spec.num_layers)
-        where, fits = f"{total} of {count * spec.num_layers} {unit_name}", total <= (count - min_units) * spec.num_layers
+        where, fits = (
+            f"{total} of {count * spec.num_layers} {unit_name}",
+            total <= (count - min_units) * spec.num_layers,
+        )
     if not fits:
-        raise UpcycleError(f"--ratio {ratio} removes {where}, which leaves a layer with fewer than --min-heads-per-layer "
-                           f"{options.min_heads_per_layer} heads ({group} per unit); lower --ratio or --min-heads-per-layer")
+        raise UpcycleError(
+            f"--ratio {ratio} removes {where}, which leaves a layer with fewer than --min-heads-per-layer "
+            f"{options.min_heads_per_layer} heads ({group} per unit); lower --ratio or --min-heads-per-layer"
+        )
     return total, min_units
 
 
@@ -134,7 +170,9 @@ def normalize_per_layer(mode: str, units_per_layer: int) -> bool:
     return mode == "layer" or (mode == "auto" and units_per_layer >= AUTO_NORMALIZE_MIN_UNITS)
 
 
-def choose_removals(scores: torch.Tensor, removed: list[set[int]], target: int, min_units: int, uniform: bool) -> list[set[int]]:
+def choose_removals(
+    scores: torch.Tensor, removed: list[set[int]], target: int, min_units: int, uniform: bool
+) -> list[set[int]]:
     """Remove the lowest-scored kept units until ``target`` are removed in all (per layer when uniform)."""
     removed = [set(layer) for layer in removed]
     layers, count = scores.shape
@@ -143,8 +181,11 @@ def choose_removals(scores: torch.Tensor, removed: list[set[int]], target: int, 
             order = [u for u in scores[layer].argsort(stable=True).tolist() if u not in removed[layer]]
             removed[layer] |= set(order[: target // layers - len(removed[layer])])
         return removed
-    order = [(layer, u) for layer, u in sorted(((l, u) for l in range(layers) for u in range(count)), key=lambda lu: scores[lu].item())
-             if u not in removed[layer]]
+    order = [
+        (layer, u)
+        for layer, u in sorted(((i, u) for i in range(layers) for u in range(count)), key=lambda lu: scores[lu].item())
+        if u not in removed[layer]
+    ]
     for layer, unit in order:
         if sum(map(len, removed)) >= target:
             break
@@ -170,7 +211,9 @@ class UnitGates(nn.Module):
     def forward(self, hidden_states: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
         # query: [B, h, T, d] -> gates [B, T, h]
         batch, _, seq, _ = query.shape
-        self.leaf = torch.ones(batch, seq, self.keep.numel(), device=query.device, requires_grad=torch.is_grad_enabled())
+        self.leaf = torch.ones(
+            batch, seq, self.keep.numel(), device=query.device, requires_grad=torch.is_grad_enabled()
+        )
         return (self.leaf * self.keep.to(query.device)).repeat_interleave(self.heads_per_unit, dim=-1)
 
 
@@ -194,26 +237,38 @@ def attach_unit_gates(model: nn.Module, removed: list[set[int]], units: int, hea
     return gates
 
 
-def calibration_batches(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions) -> tuple[list[torch.Tensor], str]:
+def calibration_batches(
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions
+) -> tuple[list[torch.Tensor], str]:
     """Calibration token batches (the calibration blocks of every method that looks at data) and the loss they feed."""
     from ..data.calibration import calibration_blocks, contrastive_pairs
 
     decoder = isinstance(spec, DecoderSpec)
-    blocks = calibration_blocks(reader.folder, reader.config, options.calibration, options.calibration_tokens,
-                                options.calibration_seq_len, encoder=not decoder)  # [N, T]; encoders: [CLS] ... [SEP]
+    blocks = calibration_blocks(
+        reader.folder,
+        reader.config,
+        options.calibration,
+        options.calibration_tokens,
+        options.calibration_seq_len,
+        encoder=not decoder,
+    )  # [N, T]; encoders: [CLS] ... [SEP]
     if decoder:
         return list(blocks.split(1)), "causal-lm"  # [1, T] each
     if spec.mlm_head:
         return list(blocks.split(options.encoder_batch)), "masked-lm"
     if blocks.shape[0] < 2:
         size = blocks.shape[1] - 2
-        raise UpcycleError(f"the contrastive importance proxy needs at least 2 calibration blocks of {size} tokens, "
-                           f"got {blocks.shape[0]}; give more text or raise --calibration-tokens")
+        raise UpcycleError(
+            f"the contrastive importance proxy needs at least 2 calibration blocks of {size} tokens, "
+            f"got {blocks.shape[0]}; give more text or raise --calibration-tokens"
+        )
     chunks = blocks.split(options.encoder_batch)  # each pair batch [2B, 2 + (T - 2) // 2]: first halves, second halves
     return [contrastive_pairs(chunk) for chunk in chunks if chunk.shape[0] >= 2], "contrastive"
 
 
-def batch_loss(model: nn.Module, batch: torch.Tensor, loss: str, mask_token: int | None, generator: torch.Generator) -> torch.Tensor:
+def batch_loss(
+    model: nn.Module, batch: torch.Tensor, loss: str, mask_token: int | None, generator: torch.Generator
+) -> torch.Tensor:
     """The importance loss of one calibration batch."""
     batch = batch.to(model.device)
     if loss == "causal-lm":
@@ -234,7 +289,8 @@ def batch_loss(model: nn.Module, batch: torch.Tensor, loss: str, mask_token: int
 
 
 def activation_bytes(spec: DecoderSpec | EncoderSpec, batch: torch.Tensor, vocab: int, decoder: bool) -> int:
-    """Rough fp32 activation memory of one forward + backward (Korthikanti et al.'s per-layer estimate, plus logits)."""
+    """Rough fp32 activation memory of one forward + backward (Korthikanti et al.'s per-layer estimate, plus
+    logits)."""
     tokens, seq = batch.numel(), batch.shape[-1]
     per_layer = 2 * tokens * (34 * spec.hidden_size + 5 * spec.num_heads * seq)
     return spec.num_layers * per_layer + (12 * tokens * vocab if decoder or getattr(spec, "mlm_head", False) else 0)
@@ -251,13 +307,20 @@ class GradientScorer:
         auto_class = "AutoModelForCausalLM" if decoder else "AutoModelForMaskedLM" if spec.mlm_head else "AutoModel"
         num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
         extra = activation_bytes(spec, self.batches[0], int(reader.config.get("vocab_size") or 0), decoder)
-        self.model = load_for_analysis(reader.folder, num_parameters, f"gradient importance ({self.loss} loss)",
-                                       auto_class=auto_class, activation_bytes=extra)
+        self.model = load_for_analysis(
+            reader.folder,
+            num_parameters,
+            f"gradient importance ({self.loss} loss)",
+            auto_class=auto_class,
+            activation_bytes=extra,
+        )
         self.model.requires_grad_(False)
         self.spec, self.options = spec, options
         from transformers import AutoTokenizer
 
-        self.mask_token = AutoTokenizer.from_pretrained(reader.folder).mask_token_id if self.loss == "masked-lm" else None
+        self.mask_token = (
+            AutoTokenizer.from_pretrained(reader.folder).mask_token_id if self.loss == "masked-lm" else None
+        )
 
     def __call__(self, removed: list[set[int]]) -> torch.Tensor:
         """Importance [layers, units] with the ``removed`` units gated off (normalised per ``--normalize``)."""
@@ -301,10 +364,14 @@ def apply_plans(model: nn.Module, plans: list[dict], layers: list[int]) -> None:
 
 def head_rows(tensor: torch.Tensor, kept: list[int], head_dim: int, dim: int) -> torch.Tensor:
     """Keep the heads ``kept`` of a projection: rows (dim 0: q/k/v weight or bias) or columns (dim 1: o_proj)."""
-    return tensor.unflatten(dim, (-1, head_dim)).index_select(dim, torch.tensor(kept)).flatten(dim, dim + 1).contiguous()
+    return (
+        tensor.unflatten(dim, (-1, head_dim)).index_select(dim, torch.tensor(kept)).flatten(dim, dim + 1).contiguous()
+    )
 
 
-def sliced_tensors(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]) -> dict[str, tuple[list[int], int]]:
+def sliced_tensors(
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]
+) -> dict[str, tuple[list[int], int]]:
     """name -> (kept heads, dim) for every attention tensor that loses heads."""
     edits, names = {}, set(reader.names())
     for layer, plan in enumerate(plans):
@@ -318,8 +385,11 @@ def sliced_tensors(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, pl
     return edits
 
 
-def output_config(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]) -> tuple[dict, bool, str, str]:
-    """(config, uses the runtime, Auto class, why): native for uniform decoders that transformers accepts, else the upcycle format."""
+def output_config(
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]
+) -> tuple[dict, bool, str, str]:
+    """(config, uses the runtime, Auto class, why): native for uniform decoders that transformers accepts, else the
+    upcycle format."""
     config = plain_config(reader.config)  # runtime_config below replaces what it drops
     heads = {len(p["attention_heads"]["kept_heads"]) for p in plans}
     kv_heads = {len(p["attention_heads"]["kept_kv_heads"]) for p in plans}
@@ -333,7 +403,10 @@ def output_config(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, pla
                 return native, False, "AutoModelForCausalLM", "uniform"
             why = f"transformers refuses the plain {spec.model_type} config: {refusal}"
     else:
-        why = "BertConfig derives the head size from hidden_size / num_attention_heads, so plain BERT cannot hold fewer heads of the same size"
+        why = (
+            "BertConfig derives the head size from hidden_size / num_attention_heads, "
+            "so plain BERT cannot hold fewer heads of the same size"
+        )
     config, auto_class, _ = runtime_config(config, spec, "prune-heads", plans)
     return config, True, auto_class, why
 
@@ -349,19 +422,27 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
     total, min_units = removal_targets(spec, options)
     units, heads_per_unit, unit_name = units_of(spec)
     if total and options.importance == "gradient" and not options.calibration:
-        raise UpcycleError("--importance gradient needs calibration text; pass --calibration FILE or use --importance random")
+        raise UpcycleError(
+            "--importance gradient needs calibration text; pass --calibration FILE or use --importance random"
+        )
 
     removed: list[set[int]] = [set() for _ in range(spec.num_layers)]
     scores = torch.zeros(spec.num_layers, units, dtype=torch.float64)
     steps = options.iterative if total else 0
     if total and options.importance == "random":
-        scores = torch.rand(spec.num_layers, units, generator=torch.Generator().manual_seed(options.seed), dtype=torch.float64)
+        scores = torch.rand(
+            spec.num_layers, units, generator=torch.Generator().manual_seed(options.seed), dtype=torch.float64
+        )
         removed = choose_removals(scores, removed, total, min_units, options.uniform)
     elif total:
         scorer: Callable[[list[set[int]]], torch.Tensor] = GradientScorer(reader, spec, options)
         for step in range(1, steps + 1):
             scores = scorer(removed)
-            target = round_half_up(total * step / steps) if not options.uniform else round_half_up(total // spec.num_layers * step / steps) * spec.num_layers
+            target = (
+                round_half_up(total * step / steps)
+                if not options.uniform
+                else round_half_up(total // spec.num_layers * step / steps) * spec.num_layers
+            )
             removed = choose_removals(scores, removed, target, min_units, options.uniform)
         del scorer
     plans = kept_heads(spec, removed)
@@ -370,9 +451,19 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
     edits = sliced_tensors(reader, spec, plans)
     refits, refit_report = {}, None
     if options.refit != "none":
-        changed = [layer for layer, plan in enumerate(plans) if len(plan["attention_heads"]["kept_heads"]) < spec.num_heads]
-        refits, refit_report = refit_conversion(reader, spec, options.refit, changed, lambda model: apply_plans(model, plans, changed),
-                                                options.calibration, options.calibration_tokens, options.calibration_seq_len)
+        changed = [
+            layer for layer, plan in enumerate(plans) if len(plan["attention_heads"]["kept_heads"]) < spec.num_heads
+        ]
+        refits, refit_report = refit_conversion(
+            reader,
+            spec,
+            options.refit,
+            changed,
+            lambda model: apply_plans(model, plans, changed),
+            options.calibration,
+            options.calibration_tokens,
+            options.calibration_seq_len,
+        )
     layout = []
     for name in reader.names():
         info = reader.info(name)
@@ -394,44 +485,67 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
 
     kept_per_layer = [len(p["attention_heads"]["kept_heads"]) for p in plans]
     settings = recorded_options(options) | {"calibration": str(options.calibration) if options.calibration else None}
-    form = "a plain checkpoint of the base architecture" if not uses_runtime else "an upcycle checkpoint with per-layer head counts"
+    form = (
+        "a plain checkpoint of the base architecture"
+        if not uses_runtime
+        else "an upcycle checkpoint with per-layer head counts"
+    )
     return Conversion(
         method="prune-heads",
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_printout(spec, plans, options, unit_name, why) + ([refit_plan_line(refit_report)] if refit_report else []),
+        plan_lines=plan_printout(spec, plans, options, unit_name, why)
+        + ([refit_plan_line(refit_report)] if refit_report else []),
         report={
             "options": settings,
-            "units": {"kind": unit_name, "per_layer": units, "heads_per_unit": heads_per_unit, "removed": sum(map(len, removed))},
+            "units": {
+                "kind": unit_name,
+                "per_layer": units,
+                "heads_per_unit": heads_per_unit,
+                "removed": sum(map(len, removed)),
+            },
             "heads_kept_per_layer": kept_per_layer,
             "kept": [p["attention_heads"] for p in plans],
             "kv_heads_kept_per_layer": [len(p["attention_heads"]["kept_kv_heads"]) for p in plans],
             "head_scores": scores.tolist(),
             "output_format": "native" if not uses_runtime else f"upcycle ({why})",
-        } | ({"refit": refit_report} if refit_report else {}),
+        }
+        | ({"refit": refit_report} if refit_report else {}),
         tags=["pruned", "head-pruning"],
         description=(
-            f"Attention-head pruning ({options.importance} importance{', ' + str(options.iterative) + ' steps' if options.iterative > 1 else ''}): "
-            f"{sum(map(len, removed))} of {units * spec.num_layers} {unit_name} removed ({'the same number in every layer' if len(set(kept_per_layer)) == 1 else 'per-layer counts'}), "
+            f"Attention-head pruning ({options.importance} importance"
+            f"{', ' + str(options.iterative) + ' steps' if options.iterative > 1 else ''}): "
+            f"{sum(map(len, removed))} of {units * spec.num_layers} {unit_name} removed "
+            f"({'the same number in every layer' if len(set(kept_per_layer)) == 1 else 'per-layer counts'}), "
             f"{sum(kept_per_layer)} of {spec.num_heads * spec.num_layers} query heads kept"
             f"{f'; o_proj refitted ({options.refit}) on calibration text' if refits else ''}; written as {form}."
         ),
         uses_runtime=uses_runtime,
         auto_class=auto_class,
-        pipeline_tag="text-generation" if isinstance(spec, DecoderSpec) else "fill-mask" if spec.mlm_head else "feature-extraction",
+        pipeline_tag="text-generation"
+        if isinstance(spec, DecoderSpec)
+        else "fill-mask"
+        if spec.mlm_head
+        else "feature-extraction",
     )
 
 
-def plan_printout(spec: DecoderSpec | EncoderSpec, plans: list[dict], options: PruneHeadsOptions, unit_name: str,
-                  why: str) -> list[str]:
+def plan_printout(
+    spec: DecoderSpec | EncoderSpec, plans: list[dict], options: PruneHeadsOptions, unit_name: str, why: str
+) -> list[str]:
     """One line per layer: query heads and KV heads kept."""
     kept = [len(p["attention_heads"]["kept_heads"]) for p in plans]
     lines = [
-        f"head pruning plan: {spec.num_layers} layers x {spec.num_heads} query heads ({spec.num_kv_heads} KV heads, head_dim {spec.head_dim}); "
+        f"head pruning plan: {spec.num_layers} layers x {spec.num_heads} query heads "
+        f"({spec.num_kv_heads} KV heads, head_dim {spec.head_dim}); "
         f"units: {unit_name}; importance {options.importance}; ratio {options.ratio}",
         f"query heads kept: {sum(kept)}/{spec.num_heads * spec.num_layers}; output: "
-        + ("plain base-architecture checkpoint" if why == "uniform" else f"upcycle checkpoint with per-layer head counts ({why})"),
+        + (
+            "plain base-architecture checkpoint"
+            if why == "uniform"
+            else f"upcycle checkpoint with per-layer head counts ({why})"
+        ),
         f"{'layer':>5}  {'kept':>4}  kept heads (KV heads)",
     ]
     for layer, plan in enumerate(plans):
@@ -477,6 +591,7 @@ SPEC = MethodSpec(
         "attention-head pruning",
         "Many attention heads can be removed with little loss (Michel et al. 2019): removing the least important "
         "ones, ranked by the gradient of a gate on each head, gives a smaller model with a smaller KV cache.",
-        (CITATION,)),
+        (CITATION,),
+    ),
     card_table=card_table,
 )

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,8 +47,10 @@ from ..errors import UpcycleError
 from .base import progress
 
 MODES = ("none", "rescale", "lstsq")
-REFIT_HELP = ("refit each changed layer's o_proj on --calibration text so its attention output matches the dense one: "
-              "none (default), rescale (per-channel RMS) or lstsq (least squares, sequential).")
+REFIT_HELP = (
+    "refit each changed layer's o_proj on --calibration text so its attention output matches the dense one: "
+    "none (default), rescale (per-channel RMS) or lstsq (least squares, sequential)."
+)
 RIDGE = 1e-3  # lambda = RIDGE * trace(A^T A) / k
 BATCH_BLOCKS = 4  # calibration blocks per forward
 
@@ -59,12 +60,19 @@ def check_refit(mode: str, calibration: Path | str | None) -> None:
     if mode not in MODES:
         raise UpcycleError(f"--refit {mode!r} is unknown; choose one of: {', '.join(MODES)}")
     if mode != "none" and not calibration:
-        raise UpcycleError(f"--refit {mode} fits o_proj on calibration activations and needs calibration text; pass --calibration FILE or use --refit none")
+        raise UpcycleError(
+            f"--refit {mode} fits o_proj on calibration activations and needs calibration text; "
+            "pass --calibration FILE or use --refit none"
+        )
     if calibration and not Path(calibration).exists():
-        raise UpcycleError(f"--calibration {calibration} does not exist; pass a text or jsonl file, or a folder of them")
+        raise UpcycleError(
+            f"--calibration {calibration} does not exist; pass a text or jsonl file, or a folder of them"
+        )
 
 
-def load_dense_and_copy(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, blocks: torch.Tensor, mode: str) -> tuple[nn.Module, nn.Module]:
+def load_dense_and_copy(
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, blocks: torch.Tensor, mode: str
+) -> tuple[nn.Module, nn.Module]:
     """The dense base model (no LM head) and a deep copy of it for the caller to convert in memory.
 
     Says first what the refit needs: two float32 copies of the weights, three hidden-state
@@ -74,9 +82,16 @@ def load_dense_and_copy(reader: CheckpointReader, spec: DecoderSpec | EncoderSpe
 
     num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
     width = spec.num_heads * spec.head_dim
-    extra = num_parameters * 4 + 3 * blocks.numel() * spec.hidden_size * 4 + (width * width + width * spec.hidden_size) * 8
-    dense = load_for_analysis(reader.folder, num_parameters, f"--refit {mode} ({blocks.numel()} calibration tokens; a second copy to convert)",
-                              auto_class="AutoModel", activation_bytes=extra)
+    extra = (
+        num_parameters * 4 + 3 * blocks.numel() * spec.hidden_size * 4 + (width * width + width * spec.hidden_size) * 8
+    )
+    dense = load_for_analysis(
+        reader.folder,
+        num_parameters,
+        f"--refit {mode} ({blocks.numel()} calibration tokens; a second copy to convert)",
+        auto_class="AutoModel",
+        activation_bytes=extra,
+    )
     dense.requires_grad_(False)
     return dense, copy.deepcopy(dense)
 
@@ -108,9 +123,11 @@ def layer_inputs(model: nn.Module, blocks: torch.Tensor) -> list[tuple[torch.Ten
     return captured
 
 
-def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, o_proj: nn.Linear,
-              capture: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(layer output [B, T, D], o_proj's input [B*T, k] (capture="input") or output without bias [B*T, D] (capture="output"))."""
+def run_layer(
+    layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, o_proj: nn.Linear, capture: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(layer output [B, T, D], o_proj's input [B*T, k] (capture="input") or output without bias [B*T, D]
+    (capture="output"))."""
     seen = []
     if capture == "input":
         handle = o_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
@@ -159,8 +176,9 @@ class NormalEquations:
 
 
 @torch.no_grad()
-def refit_output_projections(dense: nn.Module, converted: nn.Module, blocks: torch.Tensor, mode: str,
-                             layers: list[int]) -> tuple[dict[int, torch.Tensor], dict]:
+def refit_output_projections(
+    dense: nn.Module, converted: nn.Module, blocks: torch.Tensor, mode: str, layers: list[int]
+) -> tuple[dict[int, torch.Tensor], dict]:
     """Refit the o_proj weight of each layer in ``layers`` of ``converted`` (a base model: same family and
     depth as ``dense``, its attention changed in memory) sequentially on the calibration ``blocks`` [N, T].
 
@@ -176,7 +194,9 @@ def refit_output_projections(dense: nn.Module, converted: nn.Module, blocks: tor
     dense_stream = [hidden for hidden, _, _ in captured]
     plain_stream, fitted_stream = list(dense_stream), list(dense_stream)  # converted without / with refit
     weights, per_layer = {}, []
-    for index, (dense_layer, layer) in enumerate(progress(list(zip(dense_layers, converted_layers)), f"refit {mode}", unit="layer")):
+    for index, (dense_layer, layer) in enumerate(
+        progress(list(zip(dense_layers, converted_layers)), f"refit {mode}", unit="layer")
+    ):
         dense_o, o_proj = (getattr(*projections_of(x)["o_proj"]) for x in (dense_layer, layer))
         fit = index in layers
         equations = NormalEquations(o_proj.in_features, o_proj.out_features) if fit else None
@@ -197,17 +217,29 @@ def refit_output_projections(dense: nn.Module, converted: nn.Module, blocks: tor
         for b, (_, args, kwargs) in enumerate(captured):
             fitted_stream[b], _ = run_layer(layer, fitted_stream[b], args, kwargs, o_proj)
         weights[index] = weight.float()
-        per_layer.append({"layer": index, "error_before": round(math.sqrt(before[0].item() / max(before[1].item(), 1e-300)), 6),
-                          "error_after": round(equations.error(weight), 6)})
+        per_layer.append(
+            {
+                "layer": index,
+                "error_before": round(math.sqrt(before[0].item() / max(before[1].item(), 1e-300)), 6),
+                "error_after": round(equations.error(weight), 6),
+            }
+        )
     report = {"mode": mode, "calibration_tokens": blocks.numel(), "per_layer": per_layer}
     if mode == "lstsq":
         report["ridge"] = RIDGE
     return weights, report
 
 
-def refit_conversion(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, mode: str, layers: list[int],
-                     convert_in_memory: Callable[[nn.Module], None], calibration: Path | str, tokens: int,
-                     seq_len: int) -> tuple[dict[str, torch.Tensor], dict]:
+def refit_conversion(
+    reader: CheckpointReader,
+    spec: DecoderSpec | EncoderSpec,
+    mode: str,
+    layers: list[int],
+    convert_in_memory: Callable[[nn.Module], None],
+    calibration: Path | str,
+    tokens: int,
+    seq_len: int,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """(o_proj weight name -> refitted weight in the source dtype, the report entry) for the ``layers``
     that the method changed; ``convert_in_memory`` applies the method's change to a loaded dense base model.
     Nothing is loaded or fitted when ``layers`` is empty (a null setting keeps o_proj byte-identical)."""
@@ -215,12 +247,16 @@ def refit_conversion(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, 
 
     if not layers:
         return {}, {"mode": mode, "calibration_tokens": 0, "per_layer": []}
-    blocks = calibration_blocks(reader.folder, reader.config, calibration, tokens, seq_len, encoder=isinstance(spec, EncoderSpec))  # [N, T]
+    blocks = calibration_blocks(
+        reader.folder, reader.config, calibration, tokens, seq_len, encoder=isinstance(spec, EncoderSpec)
+    )  # [N, T]
     dense, converted = load_dense_and_copy(reader, spec, blocks, mode)
     convert_in_memory(converted)
     weights, report = refit_output_projections(dense, converted, blocks, mode, layers)
     names = {layer: spec.attention(layer, "o_proj") for layer in weights}
-    return {names[layer]: weight.to(reader.info(names[layer]).dtype).contiguous() for layer, weight in weights.items()}, report
+    return {
+        names[layer]: weight.to(reader.info(names[layer]).dtype).contiguous() for layer, weight in weights.items()
+    }, report
 
 
 def refit_plan_line(report: dict) -> str:
@@ -230,5 +266,8 @@ def refit_plan_line(report: dict) -> str:
         return f"refit {report['mode']}: skipped (no layer changed)"
     before = sum(e["error_before"] for e in per_layer) / len(per_layer)
     after = sum(e["error_after"] for e in per_layer) / len(per_layer)
-    return (f"refit {report['mode']} of o_proj on {report['calibration_tokens']} calibration tokens, {len(per_layer)} layer{'s' if len(per_layer) > 1 else ''}: "
-            f"mean attention-output error {before:.4f} -> {after:.4f} (||Y - Y_dense|| / ||Y_dense||)")
+    return (
+        f"refit {report['mode']} of o_proj on {report['calibration_tokens']} calibration tokens, "
+        f"{len(per_layer)} layer{'s' if len(per_layer) > 1 else ''}: "
+        f"mean attention-output error {before:.4f} -> {after:.4f} (||Y - Y_dense|| / ||Y_dense||)"
+    )

@@ -18,13 +18,20 @@ CALIBRATION_HELP = "Calibration text (.txt, .jsonl or a folder) for data-driven 
 CALIBRATION_TOKENS_HELP = "Tokens of calibration text to use."
 
 
-def option(default: Any = MISSING, *, help: str, panel: str | None = None, example: str | None = None,
-           flag: str | None = None, default_factory: Callable[[], Any] | Any = MISSING) -> Any:
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    panel: str | None = None,
+    example: str | None = None,
+    flag: str | None = None,
+    default_factory: Callable[[], Any] | Any = MISSING,
+) -> Any:
     """A field of a method's ``Options`` that is also an ``upcycle convert`` flag and a recipe key.
 
-    ``help``: the flag's help text; ``panel``: its ``--help`` group (default: the method's); ``example``: a valid value,
-    named in the one-line error for a non-finite number; ``flag``: the flag when not ``--field-name`` (a list field is
-    a repeatable flag, e.g. ``--expert`` for ``experts``)."""
+    ``help``: the flag's help text; ``panel``: its ``--help`` group (default: the method's); ``example``: a valid
+    value, named in the one-line error for a non-finite number; ``flag``: the flag when not ``--field-name`` (a list
+    field is a repeatable flag, e.g. ``--expert`` for ``experts``)."""
     metadata = {"help": help, "panel": panel, "example": example, "flag": flag}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
@@ -76,6 +83,7 @@ class MethodSpec:
         return self.has_option("experts")
 
     def card_for(self, report: dict) -> tuple[str, MethodCard]:
-        """(card key, card) of a conversion: its variant's, when ``variant`` names one for this report, else the method's."""
+        """(card key, card) of a conversion: its variant's, when ``variant`` names one for this report, else the
+        method's."""
         key = self.variant(report) if self.variant else None
         return (key, self.variants[key]) if key in self.variants else (self.name, self.card)

@@ -6,4 +6,11 @@ from .routers import LearnedRouter, QueryNormRouter
 
 register_auto_classes()
 
-__all__ = ["CAUSAL_LM_CLASSES", "CONFIG_CLASSES", "ENCODER_CLASSES", "LearnedRouter", "QueryNormRouter", "register_auto_classes"]
+__all__ = [
+    "CAUSAL_LM_CLASSES",
+    "CONFIG_CLASSES",
+    "ENCODER_CLASSES",
+    "LearnedRouter",
+    "QueryNormRouter",
+    "register_auto_classes",
+]

@@ -34,5 +34,14 @@ class UpcycleCLIPConfig(CLIPConfig):
     model_type = "upcycle_clip"
 
 
-CONFIG_CLASSES = {cls.model_type.removeprefix("upcycle_"): cls for cls in (UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config,
-                                                                          UpcycleBertConfig, UpcycleCLIPConfig)}
+CONFIG_CLASSES = {
+    cls.model_type.removeprefix("upcycle_"): cls
+    for cls in (
+        UpcycleLlamaConfig,
+        UpcycleMistralConfig,
+        UpcycleQwen2Config,
+        UpcycleQwen3Config,
+        UpcycleBertConfig,
+        UpcycleCLIPConfig,
+    )
+}

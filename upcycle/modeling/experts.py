@@ -93,7 +93,9 @@ class SoftExpertRouter(nn.Module):
         probs = logits.softmax(dim=-1)
         self.expert_weights = probs.detach().reshape(-1, self.num_experts)
         if hidden_states.device not in self._cached:
-            self._cached[hidden_states.device] = torch.tensor(self.head_experts, dtype=torch.long, device=hidden_states.device)  # [N*h]
+            self._cached[hidden_states.device] = torch.tensor(
+                self.head_experts, dtype=torch.long, device=hidden_states.device
+            )  # [N*h]
         return probs.index_select(-1, self._cached[hidden_states.device]).to(query.dtype)
 
 

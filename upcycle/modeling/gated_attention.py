@@ -48,23 +48,41 @@ def head_gated_attention(
 
             key_padding, representable = key_padding_of(attention_mask, causal, query.shape[2], key.shape[2])
             if representable:
-                output = head_sparse_attention_kernel(*heads, key_padding, router.shared_heads, router.routed_heads,
-                                                      causal=causal, scaling=kwargs.get("scaling"))
+                output = head_sparse_attention_kernel(
+                    *heads,
+                    key_padding,
+                    router.shared_heads,
+                    router.routed_heads,
+                    causal=causal,
+                    scaling=kwargs.get("scaling"),
+                )
                 return output, None
-        output = head_sparse_attention(*heads, attention_mask, router.shared_heads, router.routed_heads,
-                                       causal=causal, scaling=kwargs.get("scaling"))
+        output = head_sparse_attention(
+            *heads,
+            attention_mask,
+            router.shared_heads,
+            router.routed_heads,
+            causal=causal,
+            scaling=kwargs.get("scaling"),
+        )
         return output, None
     output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return output * gates.unsqueeze(-1).to(output.dtype), weights
 
 
-def key_padding_of(attention_mask: torch.Tensor | None, causal: bool, length: int, keys: int) -> tuple[torch.Tensor | None, bool]:
+def key_padding_of(
+    attention_mask: torch.Tensor | None, causal: bool, length: int, keys: int
+) -> tuple[torch.Tensor | None, bool]:
     """The kernel takes a key-padding mask [B, S] (True: a real key), not a 4-D mask: derive it from a
     [B, 1, T, S] mask and say whether it represents the mask exactly (causal and padding only; not, e.g.,
     sliding windows or packed documents, which then take the torch path)."""
     if attention_mask is None:
         return None, True
-    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    keep = (
+        attention_mask
+        if attention_mask.dtype == torch.bool
+        else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    )
     if keep.shape[1] != 1:
         return None, False
     keep = keep[:, 0].expand(keep.shape[0], length, keys)  # [B, T, S]
@@ -72,7 +90,7 @@ def key_padding_of(attention_mask: torch.Tensor | None, causal: bool, length: in
     expected = key_padding[:, None, :].expand_as(keep)
     if causal:
         positions = torch.arange(keys, device=keep.device)
-        expected = expected & (positions[None, :] <= positions[keys - length:, None])[None]
+        expected = expected & (positions[None, :] <= positions[keys - length :, None])[None]
     return key_padding, bool(torch.equal(keep, expected))
 
 
@@ -134,7 +152,9 @@ def gated_attention_class(attention_cls: type) -> type:
         def forward(self, hidden_states, *args, **kwargs):
             return attention_cls.forward(self, hidden_states, *args, router_input=hidden_states, **kwargs)
 
-        _GATED_CLASSES[attention_cls] = type(f"HeadGated{attention_cls.__name__}", (attention_cls,), {"forward": forward})
+        _GATED_CLASSES[attention_cls] = type(
+            f"HeadGated{attention_cls.__name__}", (attention_cls,), {"forward": forward}
+        )
     return _GATED_CLASSES[attention_cls]
 
 

@@ -24,8 +24,16 @@ class MHEProjection(nn.Module):
 
     trains_fully_under_lora = True  # not an nn.Linear, so LoRA cannot adapt it: it trains whole beside the adapters
 
-    def __init__(self, in_features: int, head_dim: int, num_heads: int, variant: str = "mul", bias: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        head_dim: int,
+        num_heads: int,
+        variant: str = "mul",
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if variant not in MHE_VARIANTS:
             raise ValueError(f"MHE variant {variant!r} is unknown; choose one of: {', '.join(MHE_VARIANTS)}")
@@ -37,7 +45,7 @@ class MHEProjection(nn.Module):
         initial = torch.ones if variant == "mul" else torch.zeros
         self.head_embedding = nn.Parameter(initial(num_heads, head_dim, **factory))
         if self.weight.device.type != "meta":
-            nn.init.normal_(self.weight, std=in_features ** -0.5)
+            nn.init.normal_(self.weight, std=in_features**-0.5)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shared = F.linear(hidden_states, self.weight, self.bias)  # [..., d_h]
@@ -48,5 +56,7 @@ class MHEProjection(nn.Module):
         return heads.flatten(-2)  # [..., H * d_h]
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, head_dim={self.head_dim}, num_heads={self.num_heads}, "
-                f"variant={self.variant}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, head_dim={self.head_dim}, num_heads={self.num_heads}, "
+            f"variant={self.variant}, bias={self.bias is not None}"
+        )

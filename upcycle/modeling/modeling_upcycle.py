@@ -9,12 +9,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForZeroShotImageClassification, BertForMaskedLM,
-    BertModel, CLIPModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForZeroShotImageClassification,
+    BertForMaskedLM,
+    BertModel,
+    CLIPModel,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
 )
 
 from .configuration_upcycle import (
-    UpcycleBertConfig, UpcycleCLIPConfig, UpcycleLlamaConfig, UpcycleMistralConfig, UpcycleQwen2Config, UpcycleQwen3Config,
+    UpcycleBertConfig,
+    UpcycleCLIPConfig,
+    UpcycleLlamaConfig,
+    UpcycleMistralConfig,
+    UpcycleQwen2Config,
+    UpcycleQwen3Config,
 )
 from .gated_attention import ATTENTION_NAME, register_attention
 from .surgery import apply_plan, layers_of
@@ -77,15 +92,26 @@ class UpcycleCLIPModel(CLIPModel):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         towers = config.upcycle["towers"]
-        for name, tower, tower_config in (("text", self.text_model, config.text_config), ("vision", self.vision_model, config.vision_config)):
-            apply_plan(tower.encoder.layers, {"layers": towers[name]}, tower_config.hidden_size, tower_config.num_attention_heads)
+        for name, tower, tower_config in (
+            ("text", self.text_model, config.text_config),
+            ("vision", self.vision_model, config.vision_config),
+        ):
+            apply_plan(
+                tower.encoder.layers,
+                {"layers": towers[name]},
+                tower_config.hidden_size,
+                tower_config.num_attention_heads,
+            )
 
     def router_aux_losses(self) -> list:
         """Load-balance terms of every expert router from the latest training forward."""
         return router_losses(self, "aux_loss")
 
 
-CAUSAL_LM_CLASSES = {cls.config_class.model_type.removeprefix("upcycle_"): cls for cls in (UpcycleLlamaForCausalLM, UpcycleMistralForCausalLM, UpcycleQwen2ForCausalLM, UpcycleQwen3ForCausalLM)}
+CAUSAL_LM_CLASSES = {
+    cls.config_class.model_type.removeprefix("upcycle_"): cls
+    for cls in (UpcycleLlamaForCausalLM, UpcycleMistralForCausalLM, UpcycleQwen2ForCausalLM, UpcycleQwen3ForCausalLM)
+}
 ENCODER_CLASSES = {"bert": {"AutoModel": UpcycleBertModel, "AutoModelForMaskedLM": UpcycleBertForMaskedLM}}
 CLIP_CLASSES = {"clip": {"AutoModel": UpcycleCLIPModel, "AutoModelForZeroShotImageClassification": UpcycleCLIPModel}}
 
@@ -95,9 +121,14 @@ def register_auto_classes() -> None:
     for cls in CAUSAL_LM_CLASSES.values():
         AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
         AutoModelForCausalLM.register(cls.config_class, cls, exist_ok=True)
-    autos = {"AutoModel": AutoModel, "AutoModelForMaskedLM": AutoModelForMaskedLM,
-             "AutoModelForZeroShotImageClassification": AutoModelForZeroShotImageClassification}
+    autos = {
+        "AutoModel": AutoModel,
+        "AutoModelForMaskedLM": AutoModelForMaskedLM,
+        "AutoModelForZeroShotImageClassification": AutoModelForZeroShotImageClassification,
+    }
     for classes in (*ENCODER_CLASSES.values(), *CLIP_CLASSES.values()):
-        AutoConfig.register(classes["AutoModel"].config_class.model_type, classes["AutoModel"].config_class, exist_ok=True)
+        AutoConfig.register(
+            classes["AutoModel"].config_class.model_type, classes["AutoModel"].config_class, exist_ok=True
+        )
         for auto, cls in classes.items():
             autos[auto].register(cls.config_class, cls, exist_ok=True)

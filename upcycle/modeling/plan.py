@@ -16,8 +16,10 @@ class PlanError(ValueError):
     """A plan this runtime cannot apply."""
 
 
-UPGRADE = ("the checkpoint was written by a newer upcycle than the runtime loading it: upgrade upcycle "
-           "(pip install -U upcycle) or load it with its own runtime files (trust_remote_code=True)")
+UPGRADE = (
+    "the checkpoint was written by a newer upcycle than the runtime loading it: upgrade upcycle "
+    "(pip install -U upcycle) or load it with its own runtime files (trust_remote_code=True)"
+)
 
 
 def _heads(indices: list[int]) -> str:
@@ -26,8 +28,9 @@ def _heads(indices: list[int]) -> str:
 
 @dataclass(frozen=True)
 class Change:
-    """One change of a layer (``KEY`` and ``COLUMNS`` are class attributes, not fields). ``KEY`` names it in the JSON plan; ``COLUMNS`` / :meth:`cells` are its columns in the
-    card's plan table, :meth:`describe` its line in ``upcycle inspect``."""
+    """One change of a layer (``KEY`` and ``COLUMNS`` are class attributes, not fields). ``KEY`` names it in the JSON
+    plan; ``COLUMNS`` / :meth:`cells` are its columns in the card's plan table, :meth:`describe` its line in
+    ``upcycle inspect``."""
 
     KEY = ""
     COLUMNS = ()
@@ -67,12 +70,18 @@ class HeadGate(Change):
     def describe(self) -> str:
         active = len(self.shared_heads) + self.top_k
         total = len(self.shared_heads) + len(self.routed_heads)
-        return (f"{self.router} router, shared {self.shared_heads}, top-{self.top_k} of {self.routed_heads} "
-                f"({active}/{total} active)")
+        return (
+            f"{self.router} router, shared {self.shared_heads}, top-{self.top_k} of {self.routed_heads} "
+            f"({active}/{total} active)"
+        )
 
     def cells(self) -> tuple:
-        return (_heads(self.shared_heads), _heads(self.routed_heads),
-                f"{len(self.shared_heads)} + top-{self.top_k} of {len(self.routed_heads)}", self.router)
+        return (
+            _heads(self.shared_heads),
+            _heads(self.routed_heads),
+            f"{len(self.shared_heads)} + top-{self.top_k} of {len(self.routed_heads)}",
+            self.router,
+        )
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,10 @@ class AttentionHeads(Change):
     kept_kv_heads: list[int]
 
     def describe(self) -> str:
-        return (f"{len(self.kept_heads)} query heads kept {self.kept_heads}, "
-                f"{len(self.kept_kv_heads)} KV heads {self.kept_kv_heads}")
+        return (
+            f"{len(self.kept_heads)} query heads kept {self.kept_heads}, "
+            f"{len(self.kept_kv_heads)} KV heads {self.kept_kv_heads}"
+        )
 
     def cells(self) -> tuple:
         return (len(self.kept_heads), _heads(self.kept_heads), _heads(self.kept_kv_heads) or "-")
@@ -102,8 +113,11 @@ class MHE(Change):
     heads: dict[str, int]
 
     def describe(self) -> str:
-        counts = ", ".join(f"{proj[0].upper()} over {self.heads[proj]} heads"
-                           for proj in ("q_proj", "k_proj", "v_proj") if proj in self.heads)
+        counts = ", ".join(
+            f"{proj[0].upper()} over {self.heads[proj]} heads"
+            for proj in ("q_proj", "k_proj", "v_proj")
+            if proj in self.heads
+        )
         return f"MHE-{self.variant}, one shared projection each: {counts}"
 
     def cells(self) -> tuple:
@@ -165,8 +179,9 @@ class ParallelBlock(Change):
         return ("parallel",)
 
 
-CHANGES: dict[str, type[Change]] = {cls.KEY: cls for cls in (HeadGate, AttentionHeads, MHE, MoEFFN, AttentionExperts,
-                                                             ParallelBlock)}
+CHANGES: dict[str, type[Change]] = {
+    cls.KEY: cls for cls in (HeadGate, AttentionHeads, MHE, MoEFFN, AttentionExperts, ParallelBlock)
+}
 ORDER = ("moe_ffn", "attention_experts", "parallel_block", "mhe", "attention_heads", "head_gate")  # how a layer reads
 
 

@@ -78,7 +78,9 @@ class QueryNormRouter(_HeadRouter):
         if not self.routed_heads:
             self.aux_loss = None
             return self._assemble(shared, shared[..., :0])
-        scores = query.index_select(1, self._indices(query.device)[1]).float().norm(dim=-1).transpose(1, 2)  # [B, T, hr]
+        scores = (
+            query.index_select(1, self._indices(query.device)[1]).float().norm(dim=-1).transpose(1, 2)
+        )  # [B, T, hr]
         if scores.shape[-1] > 1:
             scores = scores / scores.std(dim=-1, keepdim=True).clamp_min(1e-6)
         probs = scores.softmax(dim=-1)
@@ -161,7 +163,9 @@ class FittedRouter(_HeadRouter):
 ROUTERS = {"query-norm": QueryNormRouter, "learned": LearnedRouter, "fitted": FittedRouter}
 
 
-def build_router(kind: str, hidden_size: int, num_heads: int, shared_heads: list[int], routed_heads: list[int], top_k: int) -> _HeadRouter:
+def build_router(
+    kind: str, hidden_size: int, num_heads: int, shared_heads: list[int], routed_heads: list[int], top_k: int
+) -> _HeadRouter:
     """Build the router named in a layer's plan."""
     if kind in ("learned", "fitted"):
         return ROUTERS[kind](hidden_size, num_heads, shared_heads, routed_heads, top_k)

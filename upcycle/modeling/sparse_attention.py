@@ -38,7 +38,9 @@ def _as_index(indices: list[int], device: torch.device) -> slice | torch.Tensor:
     return torch.tensor(indices, device=device)
 
 
-def _shared_layout(shared_heads: list[int], group: int, device: torch.device) -> tuple[slice | torch.Tensor, slice | torch.Tensor, bool]:
+def _shared_layout(
+    shared_heads: list[int], group: int, device: torch.device
+) -> tuple[slice | torch.Tensor, slice | torch.Tensor, bool]:
     """(query heads, KV heads, whether SDPA's GQA applies) for the one SDPA call of the shared heads.
 
     When the shared heads are whole KV groups each KV head is read once (SDPA's GQA); otherwise every
@@ -47,12 +49,25 @@ def _shared_layout(shared_heads: list[int], group: int, device: torch.device) ->
     kv_of_shared = sorted({head // group for head in shared_heads})
     if sorted(shared_heads) == [head for kv in kv_of_shared for head in range(kv * group, (kv + 1) * group)]:
         return _as_index(sorted(shared_heads), device), _as_index(kv_of_shared, device), group > 1
-    return _as_index(list(shared_heads), device), torch.tensor([head // group for head in shared_heads], device=device), False
+    return (
+        _as_index(list(shared_heads), device),
+        torch.tensor([head // group for head in shared_heads], device=device),
+        False,
+    )
 
 
-def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor,
-                          attention_mask: torch.Tensor | None, shared_heads: list[int], routed_heads: list[int],
-                          causal: bool, scaling: float | None = None, chunk: int = CHUNK) -> torch.Tensor:
+def head_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gates: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    shared_heads: list[int],
+    routed_heads: list[int],
+    causal: bool,
+    scaling: float | None = None,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
     """Attention of the gated (token, head) pairs only.
 
     query: [B, h, T, d]; key, value: [B, g, S, d] (S >= T: the last T key positions are the queries');
@@ -70,11 +85,20 @@ def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
         heads_index, kv_index, gqa = _shared_layout(shared_heads, group, query.device)
         mask = None if keep is None else keep if keep.shape[1] == 1 else keep[:, heads_index]
         if causal and length > 1 and (mask is not None or offset):  # SDPA's is_causal aligns queries to the first keys
-            causal_mask = torch.arange(keys, device=query.device)[None, :] <= torch.arange(offset, keys, device=query.device)[:, None]
+            causal_mask = (
+                torch.arange(keys, device=query.device)[None, :]
+                <= torch.arange(offset, keys, device=query.device)[:, None]
+            )
             mask = causal_mask if mask is None else mask & causal_mask
         dense = F.scaled_dot_product_attention(
-            query[:, heads_index], key[:, kv_index], value[:, kv_index], attn_mask=None if mask is None else _additive(mask, query.dtype),
-            is_causal=causal and mask is None and length > 1, scale=scaling, enable_gqa=gqa)  # [B, s, T, d]
+            query[:, heads_index],
+            key[:, kv_index],
+            value[:, kv_index],
+            attn_mask=None if mask is None else _additive(mask, query.dtype),
+            is_causal=causal and mask is None and length > 1,
+            scale=scaling,
+            enable_gqa=gqa,
+        )  # [B, s, T, d]
         output[:, :, heads_index] = dense.transpose(1, 2) * gates[:, :, heads_index, None]
     if length == 1 and routed_heads and (keep is None or keep.shape[1] == 1):
         _decode_step(query, key, value, gates, keep, routed_heads, group, scaling, output)
@@ -95,13 +119,28 @@ def head_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     attended = []
     for window, queries_here in zip(windows, queries):
         routed, most = window.tokens.shape
-        mask, last = _window_mask(keep, window.item, window.heads, window.tokens, window.start, min(window.start + chunk, length),
-                                  offset, keys, causal, key_positions, query.dtype)
-        attended.append(F.scaled_dot_product_attention(
-            queries_here.view(1, routed, most, dim),
-            key_rows[window.item][window.kv][:last].expand(1, routed, last, dim),
-            value_rows[window.item][window.kv][:last].expand(1, routed, last, dim),
-            attn_mask=None if mask is None else mask[None], scale=scaling).view(-1, dim))  # [r * n, d]
+        mask, last = _window_mask(
+            keep,
+            window.item,
+            window.heads,
+            window.tokens,
+            window.start,
+            min(window.start + chunk, length),
+            offset,
+            keys,
+            causal,
+            key_positions,
+            query.dtype,
+        )
+        attended.append(
+            F.scaled_dot_product_attention(
+                queries_here.view(1, routed, most, dim),
+                key_rows[window.item][window.kv][:last].expand(1, routed, last, dim),
+                value_rows[window.item][window.kv][:last].expand(1, routed, last, dim),
+                attn_mask=None if mask is None else mask[None],
+                scale=scaling,
+            ).view(-1, dim)
+        )  # [r * n, d]
     items, heads_index, tokens = items[valid], heads_index[valid], tokens[valid]
     output[items, tokens, heads_index] = torch.cat(attended)[valid] * gates[items, tokens, heads_index, None]
     return output
@@ -120,17 +159,21 @@ class _Window:
     valid: torch.Tensor
 
 
-def _routed_windows(gates: torch.Tensor, routed_heads: list[int], group: int, kv_heads: int, chunk: int) -> list[_Window]:
+def _routed_windows(
+    gates: torch.Tensor, routed_heads: list[int], group: int, kv_heads: int, chunk: int
+) -> list[_Window]:
     """The routed heads' windows that hold at least one selected token."""
     windows = []
     batch, length = gates.shape[:2]
     for kv in range(kv_heads):
-        heads = torch.tensor([head for head in routed_heads if head // group == kv], device=gates.device, dtype=torch.long)
+        heads = torch.tensor(
+            [head for head in routed_heads if head // group == kv], device=gates.device, dtype=torch.long
+        )
         if not heads.numel():
             continue
         for item in range(batch):
             for start in range(0, length, chunk):  # position windows: every routed head of this KV head in one call
-                selected = gates[item, start:start + chunk][:, heads].T != 0  # [r, w]
+                selected = gates[item, start : start + chunk][:, heads].T != 0  # [r, w]
                 counts = selected.sum(dim=1)  # [r]
                 most = int(counts.max())
                 if not most:
@@ -141,8 +184,17 @@ def _routed_windows(gates: torch.Tensor, routed_heads: list[int], group: int, kv
     return windows
 
 
-def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None,
-                 routed_heads: list[int], group: int, scaling: float | None, output: torch.Tensor) -> None:
+def _decode_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gates: torch.Tensor,
+    keep: torch.Tensor | None,
+    routed_heads: list[int],
+    group: int,
+    scaling: float | None,
+    output: torch.Tensor,
+) -> None:
     """The routed heads of a one-token step (decode with a KV cache), in one SDPA call, into ``output``.
 
     The single query of a sequence sees the same keys in every head, so the routed heads a token
@@ -161,21 +213,34 @@ def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ga
     most = int(counts.max())
     if not most:
         return
-    order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[..., :most]  # selected first: [B, m, n]
+    order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[
+        ..., :most
+    ]  # selected first: [B, m, n]
     rows = heads[torch.arange(len(kv_list), device=device)[:, None], order]  # head of each row: [B, m, n]
     valid = torch.arange(most, device=device) < counts[..., None]  # [B, m, n]
     items = torch.arange(batch, device=device)[:, None, None].expand_as(rows)
     kv_index = _as_index(kv_list, device)
     mask = None if keep is None else _additive(keep[:, :, -1:], query.dtype)  # [B, 1, 1, S]: padding only
-    attended = F.scaled_dot_product_attention(query[items, rows, 0], key[:, kv_index], value[:, kv_index],
-                                              attn_mask=mask, scale=scaling)  # [B, m, n, d]
+    attended = F.scaled_dot_product_attention(
+        query[items, rows, 0], key[:, kv_index], value[:, kv_index], attn_mask=mask, scale=scaling
+    )  # [B, m, n, d]
     item_index, head_index = items[valid], rows[valid]
     output[item_index, 0, head_index] = attended[valid] * gates[item_index, 0, head_index, None]
 
 
-def _window_mask(keep: torch.Tensor | None, item: int, heads: torch.Tensor, tokens: torch.Tensor, start: int, end: int,
-                 offset: int, keys: int, causal: bool, key_positions: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor | None, int]:
+def _window_mask(
+    keep: torch.Tensor | None,
+    item: int,
+    heads: torch.Tensor,
+    tokens: torch.Tensor,
+    start: int,
+    end: int,
+    offset: int,
+    keys: int,
+    causal: bool,
+    key_positions: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, int]:
     """The additive mask [r, n, S'] of one window's gathered queries (tokens [r, n]) and the keys it reads (S').
 
     Causal: the window reads keys up to its last position; keys before its first position are seen by all of

@@ -70,7 +70,9 @@ class Tiles:
     count: int
 
 
-def pack_tiles(gates: torch.Tensor, routed_heads: list[int], causal: bool, offset: int, keys: int, block: int) -> Tiles | None:
+def pack_tiles(
+    gates: torch.Tensor, routed_heads: list[int], causal: bool, offset: int, keys: int, block: int
+) -> Tiles | None:
     """Tiles of the selected (sequence, routed head) query rows, in position order; None when nothing is selected."""
     batch, length, heads = gates.shape
     device = gates.device
@@ -98,8 +100,15 @@ def pack_tiles(gates: torch.Tensor, routed_heads: list[int], causal: bool, offse
     end = torch.zeros(batch, heads, dtype=torch.int32, device=device)
     start[:, routed] = starts.view(batch, -1).to(torch.int32)
     end[:, routed] = ends.view(batch, -1).to(torch.int32)
-    return Tiles(rows, (tile_pair // routed.numel()).to(torch.int32), routed[tile_pair % routed.numel()].to(torch.int32),
-                 tile_keys.to(torch.int32), start, end, total)
+    return Tiles(
+        rows,
+        (tile_pair // routed.numel()).to(torch.int32),
+        routed[tile_pair % routed.numel()].to(torch.int32),
+        tile_keys.to(torch.int32),
+        start,
+        end,
+        total,
+    )
 
 
 def first_tiles(tiles: Tiles, keys: int, block: int) -> torch.Tensor:
@@ -108,8 +117,11 @@ def first_tiles(tiles: Tiles, keys: int, block: int) -> torch.Tensor:
     batch, heads = tiles.start.shape
     blocks = torch.arange(0, keys, block, device=tiles.keys.device)  # [K]
     # keys read, made increasing across (sequence, head) segments: pair * (keys + 1) + tile keys
-    tile_pair = torch.repeat_interleave(torch.arange(batch * heads, device=blocks.device),
-                                        (tiles.end - tiles.start).flatten().long(), output_size=tiles.count)
+    tile_pair = torch.repeat_interleave(
+        torch.arange(batch * heads, device=blocks.device),
+        (tiles.end - tiles.start).flatten().long(),
+        output_size=tiles.count,
+    )
     ordered = tile_pair * (keys + 1) + tiles.keys.long()
     wanted = torch.arange(batch * heads, device=blocks.device)[:, None] * (keys + 1) + blocks[None, :]  # [B*h, K]
     first = torch.searchsorted(ordered, wanted.flatten(), right=True).view(batch, heads, -1)
@@ -119,8 +131,12 @@ def first_tiles(tiles: Tiles, keys: int, block: int) -> torch.Tensor:
 def _row_index(tiles: Tiles, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per packed row: (valid, batch, token, head) as long tensors (token 0 on padding rows)."""
     valid = tiles.rows >= 0
-    return (valid, tiles.batch.long().repeat_interleave(block), tiles.rows.long().clamp_min(0),
-            tiles.head.long().repeat_interleave(block))
+    return (
+        valid,
+        tiles.batch.long().repeat_interleave(block),
+        tiles.rows.long().clamp_min(0),
+        tiles.head.long().repeat_interleave(block),
+    )
 
 
 def _precision(query: torch.Tensor) -> str:
@@ -131,7 +147,9 @@ class RoutedAttention(torch.autograd.Function):
     """The routed heads' gated attention: [B, T, h, d], zero outside the selected (token, routed head) pairs."""
 
     @staticmethod
-    def forward(ctx, query, key, value, gates, key_padding, tiles: Tiles, causal: bool, scale: float, config: KernelConfig):
+    def forward(
+        ctx, query, key, value, gates, key_padding, tiles: Tiles, causal: bool, scale: float, config: KernelConfig
+    ):
         from .sparse_kernel_triton import routed_forward
 
         batch, heads, length, dim = query.shape
@@ -139,15 +157,47 @@ class RoutedAttention(torch.autograd.Function):
         output = query.new_zeros(batch, length, heads, dim)
         packed = query.new_empty(tiles.count * config.rows, dim)  # ungated rows, for the backward
         lse = torch.empty(tiles.count * config.rows, dtype=torch.float32, device=query.device)
-        keep = key_padding.to(torch.int8).contiguous() if key_padding is not None else lse.new_zeros(1, dtype=torch.int8)
+        keep = (
+            key_padding.to(torch.int8).contiguous() if key_padding is not None else lse.new_zeros(1, dtype=torch.int8)
+        )
         group, offset = heads // key.shape[1], key.shape[2] - length
         routed_forward[(tiles.count,)](
-            query, key, value, gates, output, packed, lse, keep, tiles.rows, tiles.batch, tiles.head, tiles.keys,
-            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-            gates.stride(0), gates.stride(1), output.stride(0), output.stride(1), output.stride(2),
-            keep.stride(0) if key_padding is not None else 0, group, offset, scale,
-            CAUSAL=causal, HAS_KEEP=key_padding is not None, PRECISION=_precision(query), D=dim, BM=config.rows, BN=config.keys,
-            num_warps=config.warps, num_stages=config.stages)
+            query,
+            key,
+            value,
+            gates,
+            output,
+            packed,
+            lse,
+            keep,
+            tiles.rows,
+            tiles.batch,
+            tiles.head,
+            tiles.keys,
+            query.stride(0),
+            query.stride(1),
+            query.stride(2),
+            key.stride(0),
+            key.stride(1),
+            key.stride(2),
+            gates.stride(0),
+            gates.stride(1),
+            output.stride(0),
+            output.stride(1),
+            output.stride(2),
+            keep.stride(0) if key_padding is not None else 0,
+            group,
+            offset,
+            scale,
+            CAUSAL=causal,
+            HAS_KEEP=key_padding is not None,
+            PRECISION=_precision(query),
+            D=dim,
+            BM=config.rows,
+            BN=config.keys,
+            num_warps=config.warps,
+            num_stages=config.stages,
+        )
         ctx.save_for_backward(query, key, value, gates, keep, packed, lse)
         ctx.settings = (tiles, causal, scale, config, key_padding is not None)
         return output
@@ -169,19 +219,74 @@ class RoutedAttention(torch.autograd.Function):
         delta = (grad_gate * row_gate).contiguous()  # rowsum(grad * ungated output)
         grad_query = torch.zeros_like(query)
         grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
-        common = dict(CAUSAL=causal, HAS_KEEP=has_keep, PRECISION=_precision(query), D=dim, BM=config.rows, BN=config.keys)
+        common = dict(
+            CAUSAL=causal, HAS_KEEP=has_keep, PRECISION=_precision(query), D=dim, BM=config.rows, BN=config.keys
+        )
         keep_stride = keep.stride(0) if has_keep else 0
         routed_backward_query[(tiles.count,)](
-            query, key, value, grad_query, grad, lse, delta, keep, tiles.rows, tiles.batch, tiles.head, tiles.keys,
-            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2), keep_stride,
-            group, offset, scale, num_warps=config.warps, num_stages=config.stages, **common)
-        first = first_tiles(tiles, keys, config.keys) if causal else tiles.start[..., None].expand(
-            batch, heads, -(-keys // config.keys)).contiguous()
+            query,
+            key,
+            value,
+            grad_query,
+            grad,
+            lse,
+            delta,
+            keep,
+            tiles.rows,
+            tiles.batch,
+            tiles.head,
+            tiles.keys,
+            query.stride(0),
+            query.stride(1),
+            query.stride(2),
+            key.stride(0),
+            key.stride(1),
+            key.stride(2),
+            keep_stride,
+            group,
+            offset,
+            scale,
+            num_warps=config.warps,
+            num_stages=config.stages,
+            **common,
+        )
+        first = (
+            first_tiles(tiles, keys, config.keys)
+            if causal
+            else tiles.start[..., None].expand(batch, heads, -(-keys // config.keys)).contiguous()
+        )
         routed_backward_key_value[(-(-keys // config.keys), batch * kv_heads)](
-            query, key, value, grad_key, grad_value, grad, lse, delta, keep, tiles.rows, first, tiles.end,
-            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2), keep_stride,
-            first.stride(0), first.stride(1), tiles.end.stride(0), keys, heads, group, offset, scale,
-            num_warps=config.backward_warps, num_stages=config.stages, **common)
+            query,
+            key,
+            value,
+            grad_key,
+            grad_value,
+            grad,
+            lse,
+            delta,
+            keep,
+            tiles.rows,
+            first,
+            tiles.end,
+            query.stride(0),
+            query.stride(1),
+            query.stride(2),
+            key.stride(0),
+            key.stride(1),
+            key.stride(2),
+            keep_stride,
+            first.stride(0),
+            first.stride(1),
+            tiles.end.stride(0),
+            keys,
+            heads,
+            group,
+            offset,
+            scale,
+            num_warps=config.backward_warps,
+            num_stages=config.stages,
+            **common,
+        )
         grad_gates = None
         if ctx.needs_input_grad[3]:
             grad_gates = torch.zeros(gates.shape, dtype=torch.float32, device=gates.device)
@@ -190,22 +295,33 @@ class RoutedAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, grad_gates, None, None, None, None, None
 
 
-def head_sparse_attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor,
-                                 key_padding: torch.Tensor | None, shared_heads: list[int], routed_heads: list[int],
-                                 causal: bool, scaling: float | None = None, config: KernelConfig | None = None) -> torch.Tensor:
+def head_sparse_attention_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gates: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    shared_heads: list[int],
+    routed_heads: list[int],
+    causal: bool,
+    scaling: float | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
     """Like :func:`sparse_attention.head_sparse_attention`, differentiable, with a key-padding mask [B, S]
     (True: a real key) instead of a 4-D mask. query [B, h, T, d]; key, value [B, g, S, d]; gates [B, T, h].
     Returns [B, T, h, d], zero for skipped pairs."""
     batch, heads, length, dim = query.shape
     keys = key.shape[2]
     config = config or default_config(query.device)
-    scale = scaling if scaling is not None else dim ** -0.5
+    scale = scaling if scaling is not None else dim**-0.5
     gates = gates.to(query.dtype)
     output = None
     if shared_heads:
         keep = None if key_padding is None else key_padding[:, None, None, :].expand(batch, 1, length, keys)
         output = head_sparse_attention(query, key, value, gates, keep, shared_heads, [], causal, scaling)
-    tiles = pack_tiles(gates.detach(), routed_heads, causal, keys - length, keys, config.rows) if routed_heads else None
+    tiles = (
+        pack_tiles(gates.detach(), routed_heads, causal, keys - length, keys, config.rows) if routed_heads else None
+    )
     if tiles is None:
         return output if output is not None else query.new_zeros(batch, length, heads, dim)
     routed = RoutedAttention.apply(query, key, value, gates, key_padding, tiles, causal, scale, config)

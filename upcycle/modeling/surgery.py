@@ -36,8 +36,12 @@ def projections_of(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         attention = layer.self_attn
         return {proj: (attention, proj) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
     attention = layer.attention
-    return {"q_proj": (attention.self, "query"), "k_proj": (attention.self, "key"), "v_proj": (attention.self, "value"),
-            "o_proj": (attention.output, "dense")}
+    return {
+        "q_proj": (attention.self, "query"),
+        "k_proj": (attention.self, "key"),
+        "v_proj": (attention.self, "value"),
+        "o_proj": (attention.output, "dense"),
+    }
 
 
 def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
@@ -59,7 +63,9 @@ def apply_attention_heads(layer: nn.Module, spec: AttentionHeads) -> None:
     heads, kv_heads = list(spec.kept_heads), list(spec.kept_kv_heads)
 
     def rows(kept: list[int]) -> torch.Tensor:
-        return (torch.tensor(kept, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).flatten()  # [len(kept) * d]
+        return (
+            torch.tensor(kept, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)
+        ).flatten()  # [len(kept) * d]
 
     for proj, (parent, name) in projections_of(layer).items():
         kept = heads if proj in ("q_proj", "o_proj") else kv_heads
@@ -79,8 +85,15 @@ def _apply_mhe(layer: nn.Module, spec: MHE) -> None:
     for proj, heads in spec.heads.items():
         parent, name = projections[proj]
         old = getattr(parent, name)
-        new = MHEProjection(old.in_features, head_dim, heads, spec.variant, bias=old.bias is not None,
-                            device=old.weight.device, dtype=old.weight.dtype)
+        new = MHEProjection(
+            old.in_features,
+            head_dim,
+            heads,
+            spec.variant,
+            bias=old.bias is not None,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
+        )
         new.requires_grad_(old.weight.requires_grad)
         setattr(parent, name, new)
 

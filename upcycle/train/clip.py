@@ -1,4 +1,5 @@
-"""CLIP recipes on accelerate: contrastive tuning (``type: clip``) and Multistage Contrastive Learning (``type: clip-mcl``).
+"""CLIP recipes on accelerate: contrastive tuning (``type: clip``) and Multistage Contrastive Learning
+(``type: clip-mcl``).
 
 MCL (CLIP-MoE) makes the experts of a CLIP-MoE: stage 0 is the base. Before each stage the
 data is encoded with the latest model, each modality's L2-normalised features are clustered
@@ -36,8 +37,10 @@ from .recipe import ClipRecipe
 def contrastive_loss(logits_per_image: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of B matching pairs; logits [B, B] (already times the logit scale)."""
     target = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-    return (F.cross_entropy(logits_per_image, target, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits_per_image.T, target, label_smoothing=label_smoothing)) / 2
+    return (
+        F.cross_entropy(logits_per_image, target, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits_per_image.T, target, label_smoothing=label_smoothing)
+    ) / 2
 
 
 def gather_with_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -53,7 +56,11 @@ def gather_with_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     import torch.distributed.nn.functional as distributed
 
     longest = max(sizes)
-    padded = torch.cat([tensor, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])]) if tensor.shape[0] < longest else tensor
+    padded = (
+        torch.cat([tensor, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])])
+        if tensor.shape[0] < longest
+        else tensor
+    )
     parts = distributed.all_gather(padded.contiguous())
     return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
 
@@ -70,7 +77,7 @@ def tower_balance_loss(model) -> torch.Tensor | None:
 def shuffled_batches(count: int, batch_size: int, seed: int) -> list[list[int]]:
     """Seeded random batches of ``batch_size`` indices (a last batch of at least 2 is kept)."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    batches = [order[i:i + batch_size] for i in range(0, count, batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, count, batch_size)]
     return [batch for batch in batches if len(batch) >= 2]
 
 
@@ -87,7 +94,7 @@ def cluster_batches(labels: list[int], batch_size: int, seed: int) -> tuple[list
     for label in sorted(groups):
         members = [groups[label][i] for i in torch.randperm(len(groups[label]), generator=generator).tolist()]
         for start in range(0, len(members), batch_size):
-            batch = members[start:start + batch_size]
+            batch = members[start : start + batch_size]
             if len(batch) >= 2:
                 batches.append(batch)
             else:
@@ -96,8 +103,9 @@ def cluster_batches(labels: list[int], batch_size: int, seed: int) -> tuple[list
     return [batches[i] for i in order], unused
 
 
-def joint_labels(image_clusters: torch.Tensor, text_clusters: torch.Tensor, clusters: int,
-                 previous: torch.Tensor | None) -> torch.Tensor:
+def joint_labels(
+    image_clusters: torch.Tensor, text_clusters: torch.Tensor, clusters: int, previous: torch.Tensor | None
+) -> torch.Tensor:
     """``c = k c_text + c_image``; accumulated ``l = k^2 l_prev + c`` (int64)."""
     joint = clusters * text_clusters.long() + image_clusters.long()
     return joint if previous is None else clusters * clusters * previous.long() + joint
@@ -108,7 +116,10 @@ def kmeans_labels(features: torch.Tensor, clusters: int, seed: int) -> torch.Ten
     from sklearn.cluster import MiniBatchKMeans
 
     if features.shape[0] < clusters:
-        raise UpcycleError(f"MCL needs at least mcl.clusters={clusters} pairs to cluster, got {features.shape[0]}; add data or lower mcl.clusters")
+        raise UpcycleError(
+            f"MCL needs at least mcl.clusters={clusters} pairs to cluster, got {features.shape[0]}; "
+            "add data or lower mcl.clusters"
+        )
     kmeans = MiniBatchKMeans(n_clusters=clusters, random_state=seed, n_init=3, batch_size=1024)
     return torch.from_numpy(kmeans.fit_predict(features.double().numpy())).long()
 
@@ -134,12 +145,15 @@ def retrieval_recall(images: torch.Tensor, texts: torch.Tensor, captions: list[s
     image_to_text = similarity.argmax(dim=1).tolist()
     text_to_image = similarity.argmax(dim=0).tolist()
     n = len(captions)
-    return {"image_to_text_r1": sum(captions[j] == captions[i] for i, j in enumerate(image_to_text)) / n,
-            "text_to_image_r1": sum(captions[j] == captions[i] for i, j in enumerate(text_to_image)) / n}
+    return {
+        "image_to_text_r1": sum(captions[j] == captions[i] for i, j in enumerate(image_to_text)) / n,
+        "text_to_image_r1": sum(captions[j] == captions[i] for i, j in enumerate(text_to_image)) / n,
+    }
 
 
 def set_trainable(model, trainable: str) -> int:
-    """Freeze all but ``trainable`` (all, ffn: fc1/fc2 of both towers and the logit scale, routers); returns the count."""
+    """Freeze all but ``trainable`` (all, ffn: fc1/fc2 of both towers and the logit scale, routers); returns the
+    count."""
     for name, param in model.named_parameters():
         if trainable == "all":
             param.requires_grad = True
@@ -149,7 +163,10 @@ def set_trainable(model, trainable: str) -> int:
             param.requires_grad = ".mlp.router." in name
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not count:
-        raise UpcycleError(f"trainable: {trainable} selects no parameter of this model (routers need a CLIP-MoE from `upcycle convert --method clip-moe`)")
+        raise UpcycleError(
+            f"trainable: {trainable} selects no parameter of this model "
+            "(routers need a CLIP-MoE from `upcycle convert --method clip-moe`)"
+        )
     return count
 
 
@@ -173,19 +190,25 @@ class ClipRunner:
         try:
             self.processor = AutoProcessor.from_pretrained(self.base)
         except (OSError, ValueError) as error:
-            raise UpcycleError(f"{self.base} has no usable CLIP processor ({str(error).splitlines()[0]}); save the processor with the model") from None
+            raise UpcycleError(
+                f"{self.base} has no usable CLIP processor ({str(error).splitlines()[0]}); "
+                "save the processor with the model"
+            ) from None
         self.collator = ImageTextCollator(self.processor, recipe.data.max_length)
         self.train = load_pairs(recipe.data.train)
         self.validation = load_pairs(recipe.data.validation) if recipe.data.validation else None
         self.output.mkdir(parents=True, exist_ok=True)
 
     def load(self, path: Path):
-        import upcycle  # noqa: F401  (registers upcycled classes)
         from transformers import AutoModel
+
+        import upcycle  # noqa: F401  (registers upcycled classes)
 
         model = AutoModel.from_pretrained(path, dtype=torch.float32)
         if not hasattr(model, "get_image_features") or not hasattr(model, "logit_scale"):
-            raise UpcycleError(f"{path} is a {type(model).__name__}, not a CLIP model; CLIP recipes need a CLIPModel checkpoint")
+            raise UpcycleError(
+                f"{path} is a {type(model).__name__}, not a CLIP model; CLIP recipes need a CLIPModel checkpoint"
+            )
         return model
 
     def log(self, record: dict) -> None:
@@ -196,7 +219,9 @@ class ClipRunner:
     def evaluate(self, model) -> dict | None:
         if self.validation is None:
             return None
-        images, texts = encode(self.accelerator.unwrap_model(model), self.validation, self.collator, 64, self.accelerator.device)
+        images, texts = encode(
+            self.accelerator.unwrap_model(model), self.validation, self.collator, 64, self.accelerator.device
+        )
         return retrieval_recall(images, texts, list(self.validation["text"]))
 
     def fit(self, model, batches: list[list[int]], label: str) -> dict:
@@ -208,10 +233,15 @@ class ClipRunner:
         batches = [batch for batch in batches if len(batch) >= max(2, world)]  # every process needs a pair
         steps = max(1, math.ceil(training.epochs * len(batches)))
         if not batches:
-            raise UpcycleError(f"{label}: no batch of at least {max(2, world)} pairs; add data or lower training.batch_size / processes")
+            raise UpcycleError(
+                f"{label}: no batch of at least {max(2, world)} pairs; "
+                "add data or lower training.batch_size / processes"
+            )
         plan = [batches[i % len(batches)] for i in range(steps)]
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=training.lr, betas=training.adam_betas, weight_decay=training.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=training.lr, betas=training.adam_betas, weight_decay=training.weight_decay
+        )
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(training.warmup_steps, steps // 2), steps)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         model.train()
@@ -219,9 +249,15 @@ class ClipRunner:
         for step, batch in enumerate(plan, 1):
             local = batch[rank::world]  # every process the same cluster (the same global batch), its share of it
             sizes = [len(batch[r::world]) for r in range(world)]
-            inputs = {key: value.to(self.accelerator.device) for key, value in self.collator([self.train[i] for i in local]).items()}
+            inputs = {
+                key: value.to(self.accelerator.device)
+                for key, value in self.collator([self.train[i] for i in local]).items()
+            }
             out = model(**inputs)
-            all_image, all_text = gather_with_grad(out.image_embeds, sizes), gather_with_grad(out.text_embeds, sizes)  # [B, P]
+            all_image, all_text = (
+                gather_with_grad(out.image_embeds, sizes),
+                gather_with_grad(out.text_embeds, sizes),
+            )  # [B, P]
             scale = self.accelerator.unwrap_model(model).logit_scale.exp()
             loss = contrastive_loss(scale * all_image @ all_text.T, losses.label_smoothing)
             balance = tower_balance_loss(self.accelerator.unwrap_model(model))
@@ -235,21 +271,38 @@ class ClipRunner:
             else:
                 skipped.append(step)
                 if self.accelerator.is_main_process:
-                    print(f"\nwarning: {label} step {step}: the loss or gradient is not finite; the step was skipped", file=sys.stderr)
+                    print(
+                        f"\nwarning: {label} step {step}: the loss or gradient is not finite; the step was skipped",
+                        file=sys.stderr,
+                    )
                 if len(skipped) >= MAX_SKIPPED_STEPS:
-                    raise UpcycleError(f"{label}: training stopped at step {step}: the loss or gradient was not finite at steps "
-                                       f"{', '.join(map(str, skipped))} (each skipped); lower training.lr or check the data, "
-                                       "then start again with --overwrite")
-            with warnings.catch_warnings():  # a skipped first step: torch warns that the scheduler steps before the optimizer
+                    raise UpcycleError(
+                        f"{label}: training stopped at step {step}: the loss or gradient was not finite at steps "
+                        f"{', '.join(map(str, skipped))} (each skipped); lower training.lr or check the data, "
+                        "then start again with --overwrite"
+                    )
+            with (
+                warnings.catch_warnings()
+            ):  # a skipped first step: torch warns that the scheduler steps before the optimizer
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            last = {"stage": label, "step": step, "pairs": len(batch), "loss": loss.item(), "aux_loss": balance.item() if balance is not None else 0.0,
-                    "lr": scheduler.get_last_lr()[0], "logit_scale": scale.item(), "seconds": round(time.time() - started, 1)}
+            last = {
+                "stage": label,
+                "step": step,
+                "pairs": len(batch),
+                "loss": loss.item(),
+                "aux_loss": balance.item() if balance is not None else 0.0,
+                "lr": scheduler.get_last_lr()[0],
+                "logit_scale": scale.item(),
+                "seconds": round(time.time() - started, 1),
+            }
             if step % training.log_every == 0 or step == steps:
                 self.log(last)
                 if self.accelerator.is_main_process:
-                    print(f"\r{label}: step {step}/{steps} loss {last['loss']:.4f}", end="", file=sys.stderr, flush=True)
+                    print(
+                        f"\r{label}: step {step}/{steps} loss {last['loss']:.4f}", end="", file=sys.stderr, flush=True
+                    )
         if self.accelerator.is_main_process:
             print(file=sys.stderr)
         return last
@@ -259,19 +312,38 @@ class ClipRunner:
         if self.accelerator.is_main_process:
             from .finetune import record_tuning
 
-            finetune = {"type": self.recipe.type, "processes": self.accelerator.num_processes, **finetune,
-                        "recipe": self.recipe.model_dump(mode="json")}
-            record_tuning(folder, self.base, self.recipe.model, name=name or self.output.name, finetune=finetune, evaluation=evaluation)
+            finetune = {
+                "type": self.recipe.type,
+                "processes": self.accelerator.num_processes,
+                **finetune,
+                "recipe": self.recipe.model_dump(mode="json"),
+            }
+            record_tuning(
+                folder,
+                self.base,
+                self.recipe.model,
+                name=name or self.output.name,
+                finetune=finetune,
+                evaluation=evaluation,
+            )
 
     def save(self, model, folder: Path) -> None:
         """save_pretrained plus the processor (and the runtime files of upcycled models), atomically; never
         non-finite weights."""
         self.accelerator.wait_for_everyone()
-        bad = next((name for name, tensor in self.accelerator.unwrap_model(model).state_dict().items()
-                    if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        bad = next(
+            (
+                name
+                for name, tensor in self.accelerator.unwrap_model(model).state_dict().items()
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+            ),
+            None,
+        )
         if bad is not None:  # every process holds the same replica, so all raise together
-            raise UpcycleError(f"the tuned weights are not finite ({bad}), so {folder} was not written; lower training.lr "
-                               "and start again with --overwrite")
+            raise UpcycleError(
+                f"the tuned weights are not finite ({bad}), so {folder} was not written; lower training.lr "
+                "and start again with --overwrite"
+            )
         if self.accelerator.is_main_process:
             from ..checkpoint.writer import atomic_output, copy_support_files
             from .loop import copy_runtime
@@ -292,12 +364,21 @@ def run_clip_recipe(recipe: ClipRecipe, overwrite: bool = False) -> Path:
         model = runner.load(runner.base)
         report["trainable_parameters"] = set_trainable(model, recipe.trainable)
         report["before"] = runner.evaluate(model)
-        report["last"] = runner.fit(model, shuffled_batches(len(runner.train), training.batch_size, training.seed), "clip")
+        report["last"] = runner.fit(
+            model, shuffled_batches(len(runner.train), training.batch_size, training.seed), "clip"
+        )
         report["after"] = runner.evaluate(model)
         final = runner.output / "final"
         runner.save(model, final)
-        runner.record(final, {"pairs": report["pairs"], "trainable_parameters": report["trainable_parameters"]},
-                      [row | {"name": name} for name, row in (("before tuning", report["before"]), ("after tuning", report["after"])) if row])
+        runner.record(
+            final,
+            {"pairs": report["pairs"], "trainable_parameters": report["trainable_parameters"]},
+            [
+                row | {"name": name}
+                for name, row in (("before tuning", report["before"]), ("after tuning", report["after"]))
+                if row
+            ],
+        )
     else:
         final = run_mcl(runner, report)
     if runner.accelerator.is_main_process:
@@ -314,9 +395,16 @@ def run_mcl(runner: ClipRunner, report: dict) -> Path:
     report["stages"] = [{"stage": 0, "model": str(runner.base), "validation": runner.evaluate(model)}]
     folder = runner.base
     for stage in range(1, mcl.stages + 1):
-        images, texts = encode(runner.accelerator.unwrap_model(model), runner.train, runner.collator, 64, runner.accelerator.device)
+        images, texts = encode(
+            runner.accelerator.unwrap_model(model), runner.train, runner.collator, 64, runner.accelerator.device
+        )
         seed = training.seed + 1000 * stage
-        labels = joint_labels(kmeans_labels(images, mcl.clusters, seed), kmeans_labels(texts, mcl.clusters, seed + 1), mcl.clusters, labels)
+        labels = joint_labels(
+            kmeans_labels(images, mcl.clusters, seed),
+            kmeans_labels(texts, mcl.clusters, seed + 1),
+            mcl.clusters,
+            labels,
+        )
         batches, unused = cluster_batches(labels.tolist(), training.batch_size, seed)
         model = runner.load(runner.base)
         if training.logit_scale_init is not None:
@@ -327,11 +415,27 @@ def run_mcl(runner: ClipRunner, report: dict) -> Path:
         folder = runner.output / f"stage-{stage}"
         runner.save(model, folder)
         if runner.accelerator.is_main_process:
-            (folder / "mcl_labels.json").write_text(json.dumps({"stage": stage, "clusters": mcl.clusters, "labels": labels.tolist()}) + "\n")
+            (folder / "mcl_labels.json").write_text(
+                json.dumps({"stage": stage, "clusters": mcl.clusters, "labels": labels.tolist()}) + "\n"
+            )
         model = runner.accelerator.unwrap_model(model)
-        report["stages"].append({"stage": stage, "model": str(folder), "pseudo_labels": int(labels.unique().numel()), "batches": len(batches),
-                                 "unused_pairs": unused, "trainable_parameters": trainable, "last": last, "validation": runner.evaluate(model)})
+        report["stages"].append(
+            {
+                "stage": stage,
+                "model": str(folder),
+                "pseudo_labels": int(labels.unique().numel()),
+                "batches": len(batches),
+                "unused_pairs": unused,
+                "trainable_parameters": trainable,
+                "last": last,
+                "validation": runner.evaluate(model),
+            }
+        )
         validation = report["stages"][-1]["validation"]
-        runner.record(folder, {"stage": stage, "stages": mcl.stages, "pairs": len(runner.train), "trainable_parameters": trainable},
-                      [validation | {"name": f"stage {stage}"}] if validation else [], name=f"{runner.output.name}-stage-{stage}")
+        runner.record(
+            folder,
+            {"stage": stage, "stages": mcl.stages, "pairs": len(runner.train), "trainable_parameters": trainable},
+            [validation | {"name": f"stage {stage}"}] if validation else [],
+            name=f"{runner.output.name}-stage-{stage}",
+        )
     return folder

@@ -26,8 +26,13 @@ def chunk_tokens_for(vocab_size: int, chunk_tokens: int | None = None) -> int:
     return chunk_tokens or max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
-def _kl_chunk(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def _kl_chunk(
+    student_logits: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
     """sum over the chunk's positions of KL(p_teacher || p_student) at ``temperature``.
 
     student_logits: [n, V]; teacher_hidden: [n, D]; weight: [V, D] (the teacher's LM head)."""
@@ -37,8 +42,14 @@ def _kl_chunk(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, weight
     return F.kl_div(student, teacher, reduction="sum", log_target=True)
 
 
-def chunked_kl(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, head: nn.Linear, *, temperature: float = 1.0,
-               chunk_tokens: int | None = None) -> torch.Tensor:
+def chunked_kl(
+    student_logits: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    head: nn.Linear,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
     """Mean over positions of ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``.
 
     student_logits: [B, T, V] (with grad); teacher_hidden: [B, T, D] (the teacher's final, normed hidden states);
@@ -51,8 +62,10 @@ def chunked_kl(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, head:
     step = chunk_tokens_for(logits.shape[-1], chunk_tokens)
     total = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, logits.shape[0], step):
-        args = (logits[start:start + step], hidden[start:start + step], head.weight, head.bias, temperature)
-        total = total + (checkpoint(_kl_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _kl_chunk(*args))
+        args = (logits[start : start + step], hidden[start : start + step], head.weight, head.bias, temperature)
+        total = total + (
+            checkpoint(_kl_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _kl_chunk(*args)
+        )
     return total * temperature**2 / logits.shape[0]
 
 
@@ -60,9 +73,14 @@ def state_matching(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> 
     """Mean over layers of ``||s - t||^2 / ||t||^2``: each layer's states (or attention outputs) [B, T, D] against
     the teacher's, relative so that every layer weighs the same whatever its scale."""
     if len(student) != len(teacher):
-        raise UpcycleError(f"the student has {len(student)} layers to match and the teacher {len(teacher)}; "
-                           "hidden-state distillation needs the same number of layers: set losses.distill_hidden to 0")
-    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12) for s, t in zip(student, teacher)]
+        raise UpcycleError(
+            f"the student has {len(student)} layers to match and the teacher {len(teacher)}; "
+            "hidden-state distillation needs the same number of layers: set losses.distill_hidden to 0"
+        )
+    terms = [
+        (s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+        for s, t in zip(student, teacher)
+    ]
     return torch.stack(terms).mean()
 
 
@@ -71,8 +89,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) and hasattr(module[0], "self_attn"):
             return module
-    raise UpcycleError("found no decoder layers with self_attn in the model, so attention outputs cannot be matched; "
-                       "use losses.distill_hidden_on: hidden_states")
+    raise UpcycleError(
+        "found no decoder layers with self_attn in the model, so attention outputs cannot be matched; "
+        "use losses.distill_hidden_on: hidden_states"
+    )
 
 
 class AttentionOutputs:
@@ -115,8 +135,10 @@ def resolve_reference(reference: str, model_path: Path, key: str, converted_from
     if reference == "source":
         reference = converted_from or _report_source(Path(model_path))
         if reference is None:
-            raise UpcycleError(f"{key}: source, but {model_path} records no source model (it was not converted by upcycle); "
-                               f"set {key} to the dense model's folder or Hub id")
+            raise UpcycleError(
+                f"{key}: source, but {model_path} records no source model (it was not converted by upcycle); "
+                f"set {key} to the dense model's folder or Hub id"
+            )
     try:
         return resolve_model(reference)
     except UpcycleError as error:
@@ -135,9 +157,11 @@ def check_same_tokenizer(student: Path, teacher: Path) -> None:
     (student_vocab, student_eos), (teacher_vocab, teacher_eos) = _vocabulary(student), _vocabulary(teacher)
     if student_vocab != teacher_vocab or student_eos != teacher_eos:
         differing = len(set(student_vocab.items()) ^ set(teacher_vocab.items()))
-        raise UpcycleError(f"teacher {teacher} has another tokenizer than the student {student} ({len(teacher_vocab)} vs "
-                           f"{len(student_vocab)} tokens, {differing} entries differ); distillation needs the same tokenizer: "
-                           "choose a teacher with the student's tokenizer")
+        raise UpcycleError(
+            f"teacher {teacher} has another tokenizer than the student {student} ({len(teacher_vocab)} vs "
+            f"{len(student_vocab)} tokens, {differing} entries differ); distillation needs the same tokenizer: "
+            "choose a teacher with the student's tokenizer"
+        )
 
 
 class Teacher:
@@ -152,12 +176,16 @@ class Teacher:
         head = model.get_output_embeddings()
         if head is None or head.weight.shape[0] != vocab_size:
             found = None if head is None else head.weight.shape[0]
-            raise UpcycleError(f"teacher {folder} predicts {found} tokens, the student {vocab_size}; "
-                               "distillation needs the same vocabulary: choose a teacher with the student's tokenizer")
+            raise UpcycleError(
+                f"teacher {folder} predicts {found} tokens, the student {vocab_size}; "
+                "distillation needs the same vocabulary: choose a teacher with the student's tokenizer"
+            )
         self.folder, self.model, self.head = folder, model.to(device).eval().requires_grad_(False), head
 
     @torch.no_grad()
-    def states(self, input_ids: torch.Tensor, per_layer: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    def states(
+        self, input_ids: torch.Tensor, per_layer: str | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """(final hidden states [B, T, D], per-layer states or None). ``per_layer``: ``hidden_states`` (each layer's
         output, as the student's ``output_hidden_states`` gives them) or ``attention_outputs``."""
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model

@@ -14,14 +14,26 @@ import torch
 import yaml
 
 from ..errors import UpcycleError
-from ..paths import refuse_inputs_inside
 from ..eval.evaluate import json_text
+from ..paths import refuse_inputs_inside
 from .loop import CHECKPOINTS, FINAL, BatchPlan, Trainer, latest_checkpoint, process_state, recover_checkpoints
 from .recipe import ClipRecipe, Recipe
 
-# what finetune (and a CLIP recipe) writes into its output folder; --overwrite replaces only a folder holding nothing else
-OUTPUT_ENTRIES = (CHECKPOINTS, FINAL, "converted", "metrics.jsonl", "eval.json", "loss.png", "head_usage.png", "stage-*",
-                  ".*.tmp", ".*.upcycle-tmp-*", ".*.upcycle-old-*")
+# what finetune (and a CLIP recipe) writes into its output folder; --overwrite replaces only a folder holding nothing
+# else
+OUTPUT_ENTRIES = (
+    CHECKPOINTS,
+    FINAL,
+    "converted",
+    "metrics.jsonl",
+    "eval.json",
+    "loss.png",
+    "head_usage.png",
+    "stage-*",
+    ".*.tmp",
+    ".*.upcycle-tmp-*",
+    ".*.upcycle-old-*",
+)
 
 
 def resolve_model(reference: str) -> Path:
@@ -58,7 +70,9 @@ def recipe_inputs(recipe: Recipe | ClipRecipe) -> dict[str, str | None]:
     inputs: dict[str, str | None] = {"model": recipe.model, "accelerate_config": recipe.accelerate_config}
     for key in ("train", "validation"):
         sources = as_sources(getattr(recipe.data, key))
-        inputs |= {f"data.{key}" if len(sources) == 1 else f"data.{key}[{i}]": source for i, source in enumerate(sources)}
+        inputs |= {
+            f"data.{key}" if len(sources) == 1 else f"data.{key}[{i}]": source for i, source in enumerate(sources)
+        }
     for key in ("teacher", "compare"):
         value = getattr(recipe, key, None)
         inputs[key] = None if value == "source" else value
@@ -67,32 +81,51 @@ def recipe_inputs(recipe: Recipe | ClipRecipe) -> dict[str, str | None]:
     return inputs
 
 
-def claim_output(recipe: Recipe | ClipRecipe, state, *, resume: bool, overwrite: bool,
-                 inputs: dict[str, Path | str | None] | None = None) -> None:
+def claim_output(
+    recipe: Recipe | ClipRecipe,
+    state,
+    *,
+    resume: bool,
+    overwrite: bool,
+    inputs: dict[str, Path | str | None] | None = None,
+) -> None:
     """The output rule: no input inside it; a new folder, or an existing one with ``--overwrite`` (replaced now, if it
     holds only what finetune writes) or ``--resume`` (a complete upcycle checkpoint in it). Checked on every
     process before any of them changes anything."""
     output = Path(recipe.output)
     refuse_inputs_inside(output, recipe_inputs(recipe) | (inputs or {}), what="output")
     if resume and overwrite:
-        raise UpcycleError("--resume continues the run in the output folder and --overwrite replaces it; pass one of them")
+        raise UpcycleError(
+            "--resume continues the run in the output folder and --overwrite replaces it; pass one of them"
+        )
     if output.exists() and not output.is_dir():
         raise UpcycleError(f"output {output} is a file; choose a folder")
     checkpoint = latest_checkpoint(output)
     if resume and checkpoint is None:
         where = "interrupted save only" if any((output / CHECKPOINTS).glob(".step-*")) else "none"
-        raise UpcycleError(f"--resume: no complete checkpoint in {output / CHECKPOINTS} ({where}); start again with --overwrite"
-                           if output.exists() else f"--resume: output {output} does not exist; start without --resume")
+        raise UpcycleError(
+            f"--resume: no complete checkpoint in {output / CHECKPOINTS} ({where}); start again with --overwrite"
+            if output.exists()
+            else f"--resume: output {output} does not exist; start without --resume"
+        )
     if not resume and (output.exists() or output.is_symlink()):
         if not overwrite and checkpoint is not None:
-            raise UpcycleError(f"output {output} has checkpoints (last: {checkpoint.name}); pass --resume to continue, "
-                               "--overwrite to start again, or choose another output")
+            raise UpcycleError(
+                f"output {output} has checkpoints (last: {checkpoint.name}); pass --resume to continue, "
+                "--overwrite to start again, or choose another output"
+            )
         if not overwrite:
-            raise UpcycleError(f"output {output} already exists; pass --overwrite to replace it, or choose another output")
-        foreign = sorted(e.name for e in output.iterdir() if not any(fnmatch.fnmatch(e.name, p) for p in OUTPUT_ENTRIES))
+            raise UpcycleError(
+                f"output {output} already exists; pass --overwrite to replace it, or choose another output"
+            )
+        foreign = sorted(
+            e.name for e in output.iterdir() if not any(fnmatch.fnmatch(e.name, p) for p in OUTPUT_ENTRIES)
+        )
         if foreign:
-            raise UpcycleError(f"output {output} holds files finetune does not write ({', '.join(foreign[:3])}), which --overwrite "
-                               "would delete; move them away or choose another output")
+            raise UpcycleError(
+                f"output {output} holds files finetune does not write ({', '.join(foreign[:3])}), which --overwrite "
+                "would delete; move them away or choose another output"
+            )
     state.wait_for_everyone()
     if state.is_main_process:
         if overwrite and output.exists():
@@ -104,13 +137,17 @@ def claim_output(recipe: Recipe | ClipRecipe, state, *, resume: bool, overwrite:
 
 def refuse_folder_code(recipe: Recipe | ClipRecipe, role: str, folder: Path) -> None:
     """A model, teacher or compare folder whose auto_map names code of its own is refused before anything is written,
-    unless the recipe sets ``trust_remote_code`` (that code is still never run: the family's standard classes load it)."""
+    unless the recipe sets ``trust_remote_code`` (that code is still never run: the family's standard classes load
+    it)."""
     from ..checkpoint.reader import refuse_remote_code
 
     try:
-        refuse_remote_code(folder, trust_remote_code=recipe.trust_remote_code,
-                           fix="set trust_remote_code: true in the recipe (or --set trust_remote_code=true) to tune it anyway with "
-                               "the family's standard classes, or remove that auto_map; nothing was written")
+        refuse_remote_code(
+            folder,
+            trust_remote_code=recipe.trust_remote_code,
+            fix="set trust_remote_code: true in the recipe (or --set trust_remote_code=true) to tune it anyway with "
+            "the family's standard classes, or remove that auto_map; nothing was written",
+        )
     except UpcycleError as error:
         raise UpcycleError(f"{role} {error}") from None
 
@@ -121,11 +158,19 @@ def check_model_folder(recipe: Recipe, source: Path):
     if config_file.is_file():
         config = json.loads(config_file.read_text())
         config = config.get("text_config") or config
-        limit = next((config[key] for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                      if isinstance(config.get(key), int)), None)
+        limit = next(
+            (
+                config[key]
+                for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                if isinstance(config.get(key), int)
+            ),
+            None,
+        )
         if limit is not None and recipe.data.seq_len > limit:
-            raise UpcycleError(f"data.seq_len {recipe.data.seq_len} is above the model's max_position_embeddings {limit}; "
-                               f"pass data.seq_len={limit} or less")
+            raise UpcycleError(
+                f"data.seq_len {recipe.data.seq_len} is above the model's max_position_embeddings {limit}; "
+                f"pass data.seq_len={limit} or less"
+            )
     return load_tokenizer(source)
 
 
@@ -137,12 +182,15 @@ def load_tokenizer(folder: Path, role: str = "model"):
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         reason = " ".join(str(error).split())[:160]
-        raise UpcycleError(f"{role} {folder} has no usable tokenizer ({reason}); copy the tokenizer files (tokenizer.json, "
-                           "tokenizer_config.json, ...) of the model it came from into it") from None
+        raise UpcycleError(
+            f"{role} {folder} has no usable tokenizer ({reason}); copy the tokenizer files (tokenizer.json, "
+            "tokenizer_config.json, ...) of the model it came from into it"
+        ) from None
 
 
 def prepare_model(recipe: Recipe, state, source: Path | None = None) -> Path:
-    """The folder to tune: the recipe's model (``source``: already resolved), converted first into OUTPUT/converted when asked."""
+    """The folder to tune: the recipe's model (``source``: already resolved), converted first into OUTPUT/converted
+    when asked."""
     source = source or resolve_model(recipe.model)
     if recipe.convert is None:
         return source
@@ -159,7 +207,9 @@ def prepare_model(recipe: Recipe, state, source: Path | None = None) -> Path:
     return converted
 
 
-def resolve_references(recipe: Recipe, model_path: Path, *, check_tokenizer: bool = True) -> tuple[Path | None, Path | None]:
+def resolve_references(
+    recipe: Recipe, model_path: Path, *, check_tokenizer: bool = True
+) -> tuple[Path | None, Path | None]:
     """(teacher folder, reference folder) of a recipe; ``source`` is the model ``model_path`` was converted from.
     A teacher must share the student's tokenizer (one line otherwise; ``check_tokenizer=False``: checked later)."""
     from .distill import check_same_tokenizer, resolve_reference
@@ -184,7 +234,9 @@ def build_data(recipe: Recipe, tokenizer, state):
         return build_corpus(config, tokenizer)
 
 
-def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> Path | None:
+def run_finetune(
+    recipe: Recipe, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False
+) -> Path | None:
     """Run a whole recipe; returns OUTPUT/final, or None when stopped early by ``stop_after``."""
     from .distill import check_same_tokenizer
 
@@ -195,11 +247,19 @@ def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None
     refuse_folder_code(recipe, "model", source)
     check_model_folder(recipe, source)
     # a converting recipe tunes OUTPUT/converted (written below); the teacher and compare models resolve without it
-    teacher, reference = resolve_references(recipe, source if recipe.convert is None else output / "converted", check_tokenizer=False)
+    teacher, reference = resolve_references(
+        recipe, source if recipe.convert is None else output / "converted", check_tokenizer=False
+    )
     for role, folder in (("teacher", teacher), ("compare", reference)):
         if folder is not None:
             refuse_folder_code(recipe, role, folder)
-    claim_output(recipe, state, resume=resume, overwrite=overwrite, inputs={"model": source, "teacher": teacher, "compare": reference})
+    claim_output(
+        recipe,
+        state,
+        resume=resume,
+        overwrite=overwrite,
+        inputs={"model": source, "teacher": teacher, "compare": reference},
+    )
     model_path = prepare_model(recipe, state, source)
     tokenizer = load_tokenizer(model_path)
     if teacher is not None:
@@ -207,7 +267,9 @@ def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None
         check_same_tokenizer(model_path, teacher)
     corpus = build_data(recipe, tokenizer, state)
     started = time.time()
-    trainer = Trainer(recipe, model_path, corpus, resume=resume, stop_after=stop_after, teacher=teacher, reference=reference)
+    trainer = Trainer(
+        recipe, model_path, corpus, resume=resume, stop_after=stop_after, teacher=teacher, reference=reference
+    )
     final = trainer.run()
     if final is None or not state.is_main_process:
         return final
@@ -227,8 +289,14 @@ def run_finetune(recipe: Recipe, *, resume: bool = False, stop_after: int | None
     return final
 
 
-def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation_sets: dict[str, torch.Tensor], summary: dict,
-                   reference: Path | None = None) -> None:
+def finish_outputs(
+    recipe: Recipe,
+    model_path: Path,
+    final: Path,
+    validation_sets: dict[str, torch.Tensor],
+    summary: dict,
+    reference: Path | None = None,
+) -> None:
     """Evaluate tuned vs untuned on every validation corpus (and the reference model, ``compare`` or the teacher,
     when there is one: the recovery before and after tuning), draw the plots, write the card and report."""
     from ..eval.evaluate import evaluate_corpora, format_recovery_table, recovery_block
@@ -242,24 +310,34 @@ def finish_outputs(recipe: Recipe, model_path: Path, final: Path, validation_set
     rows, blocks = before + after, None
     if reference is not None:
         reference_rows = [row | {"name": "reference"} for row in evaluate_corpora(reference, corpora, window=window)]
-        blocks = [recovery_block(final, reference, list(corpora), after, reference_rows),
-                  recovery_block(model_path, reference, list(corpora), before, reference_rows)]
+        blocks = [
+            recovery_block(final, reference, list(corpora), after, reference_rows),
+            recovery_block(model_path, reference, list(corpora), before, reference_rows),
+        ]
         rows += reference_rows
         print(format_recovery_table({"results": after + reference_rows, "recovery": blocks[0]}))
     (output / "eval.json").write_text(json_text({"results": rows, "recovery": blocks}))
     plot_loss_curve(output / "metrics.jsonl", output / "loss.png")
     if after[0].get("head_usage"):
-        plot_head_usage(after[0]["head_usage"], output / "head_usage.png", title="head usage after tuning (fraction of tokens)")
+        plot_head_usage(
+            after[0]["head_usage"], output / "head_usage.png", title="head usage after tuning (fraction of tokens)"
+        )
 
     keep = ("name", "perplexity", "tokens", "window", "active_fraction", "data")
-    evaluation = {"results": [{k: r[k] for k in keep if k in r} for r in rows],
-                  "recovery": None if blocks is None else [b | {"model": name} for b, name in zip(blocks, ("after tuning", "before tuning"))]}
+    evaluation = {
+        "results": [{k: r[k] for k in keep if k in r} for r in rows],
+        "recovery": None
+        if blocks is None
+        else [b | {"model": name} for b, name in zip(blocks, ("after tuning", "before tuning"))],
+    }
     finetune = {k: v for k, v in summary.items() if k != "recipe_yaml"} | {"recipe": recipe.model_dump(mode="json")}
     record_tuning(final, model_path, recipe.model, name=output.name, finetune=finetune, evaluation=evaluation)
     print(f"wrote {final}")
 
 
-def record_tuning(final: Path, source: Path, reference: str, *, name: str, finetune: dict, evaluation: dict | list[dict]) -> None:
+def record_tuning(
+    final: Path, source: Path, reference: str, *, name: str, finetune: dict, evaluation: dict | list[dict]
+) -> None:
     """Write the tuned folder's ``upcycle_report.json`` (the source's conversion record, or a dense one, plus the
     fine-tuning and its evaluation) and its model card. ``reference``: the model as the recipe names it."""
     from ..checkpoint.card import REPORT_FILE, hub_model_id, source_license, write_card, write_text_atomic
@@ -274,15 +352,22 @@ def record_tuning(final: Path, source: Path, reference: str, *, name: str, finet
         reader = CheckpointReader(final)
         total = sum(math.prod(reader.info(n).shape) for n in reader.names())
         hub_id = hub_model_id(reference, source, reader.config)
-        report = {"method": "dense", "base_model": hub_id or source.name, "base_models": [hub_id] if hub_id else [],
-                  "base_license": source_license(source), "parameters": {"before": total, "after": total},
-                  "description": "A dense model continue-tuned with upcycle."}
+        report = {
+            "method": "dense",
+            "base_model": hub_id or source.name,
+            "base_models": [hub_id] if hub_id else [],
+            "base_license": source_license(source),
+            "parameters": {"before": total, "after": total},
+            "description": "A dense model continue-tuned with upcycle.",
+        }
     report |= {"name": name, "finetune": finetune, "evaluation": evaluation}
     write_text_atomic(final / REPORT_FILE, json_text(report))
     write_card(final)
 
 
-def interruption_report(recipe: Recipe | ClipRecipe | None, command: list[str], *, signal_name: str = "interrupted") -> str:
+def interruption_report(
+    recipe: Recipe | ClipRecipe | None, command: list[str], *, signal_name: str = "interrupted"
+) -> str:
     """One line after Ctrl-C or SIGTERM: what the output folder keeps and the exact command that continues."""
     if recipe is None or not Path(recipe.output).exists():
         return f"{signal_name}: nothing was written"
@@ -294,7 +379,9 @@ def interruption_report(recipe: Recipe | ClipRecipe | None, command: list[str], 
     kept += [str(output / name) for name in ("final", "converted", "metrics.jsonl") if (output / name).exists()]
     kept += [str(p) for p in sorted(output.glob("stage-*"))]
     if not kept:
-        return f"{signal_name}: nothing was kept in {output}; start again with: {shlex.join([*command, '--overwrite'])}"
+        return (
+            f"{signal_name}: nothing was kept in {output}; start again with: {shlex.join([*command, '--overwrite'])}"
+        )
     flag = "--resume" if checkpoint is not None else "--overwrite"
     action = "continue" if checkpoint is not None else "start again"
     return f"{signal_name}: kept {', '.join(kept)}; {action} with: {shlex.join([*command, flag])}"

@@ -26,25 +26,34 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..errors import UpcycleError
+from ..eval.evaluate import json_safe, json_text
 from ..modeling.modeling_upcycle import router_losses
 from .recipe import Recipe
-from ..eval.evaluate import json_safe, json_text
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_FORMAT = 2  # 1: accelerate's save_state (pickles), no longer read
 MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
-FSDP_MODEL, FSDP_OPTIMIZER = "fsdp_model", "fsdp_optimizer"  # folders of accelerate's FSDP state (per-rank .bin, weights only)
+FSDP_MODEL, FSDP_OPTIMIZER = (
+    "fsdp_model",
+    "fsdp_optimizer",
+)  # folders of accelerate's FSDP state (per-rank .bin, weights only)
 FSDP_FILE = re.compile(rf"({FSDP_MODEL}|{FSDP_OPTIMIZER})/[A-Za-z0-9_.-]+\.bin")
 MAX_SKIPPED_STEPS = 3  # consecutive steps with a non-finite loss or gradient, skipped, before training stops
 # metrics.jsonl names of the loss terms: loss is the weighted sum of lm, distill and hidden (router terms apart)
-METRIC_NAMES = {"loss": "loss", "lm": "lm_loss", "aux": "aux_loss", "z": "z_loss", "distill": "distill_loss", "hidden": "hidden_loss"}
+METRIC_NAMES = {
+    "loss": "loss",
+    "lm": "lm_loss",
+    "aux": "aux_loss",
+    "z": "z_loss",
+    "distill": "distill_loss",
+    "hidden": "hidden_loss",
+}
 
 
 @dataclass
@@ -60,12 +69,16 @@ class BatchPlan:
     def from_recipe(cls, recipe: Recipe, world_size: int) -> BatchPlan:
         seq_len, training = recipe.data.seq_len, recipe.training
         if training.global_batch_tokens % seq_len:
-            raise UpcycleError(f"training.global_batch_tokens {training.global_batch_tokens} is not a multiple of data.seq_len {seq_len}; make it one")
+            raise UpcycleError(
+                f"training.global_batch_tokens {training.global_batch_tokens} is not a multiple of "
+                f"data.seq_len {seq_len}; make it one"
+            )
         sequences = training.global_batch_tokens // seq_len
         per_pass = training.micro_batch_size * world_size
         if sequences % per_pass:
             raise UpcycleError(
-                f"a step's {sequences} sequences do not split into micro-batches of {training.micro_batch_size} on {world_size} process(es); "
+                f"a step's {sequences} sequences do not split into micro-batches of {training.micro_batch_size} "
+                f"on {world_size} process(es); "
                 "change training.micro_batch_size or training.global_batch_tokens"
             )
         return cls(sequences, training.micro_batch_size, sequences // per_pass, world_size)
@@ -73,10 +86,14 @@ class BatchPlan:
     def step_indices(self, step: int, dataset_size: int, seed: int, rank: int) -> list[torch.Tensor]:
         """This rank's micro-batches of dataset indices for ``step``: [accumulation] x [micro_batch_size]."""
         start = step * self.sequences_per_step
-        indices = torch.cat([_epoch_order(epoch, dataset_size, seed)
-                             for epoch in range(start // dataset_size, (start + self.sequences_per_step - 1) // dataset_size + 1)])
+        indices = torch.cat(
+            [
+                _epoch_order(epoch, dataset_size, seed)
+                for epoch in range(start // dataset_size, (start + self.sequences_per_step - 1) // dataset_size + 1)
+            ]
+        )
         offset = start - (start // dataset_size) * dataset_size
-        step_ids = indices[offset: offset + self.sequences_per_step]  # [S]
+        step_ids = indices[offset : offset + self.sequences_per_step]  # [S]
         mine = step_ids.view(self.accumulation, self.world_size, self.micro_batch_size)[:, rank]  # [A, M]
         return list(mine)
 
@@ -106,12 +123,18 @@ def lr_schedule(optimizer, recipe: Recipe):
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     training = recipe.training
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, training.warmup_steps, training.steps, min_lr=training.min_lr)
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, training.warmup_steps, training.steps, min_lr=training.min_lr
+    )
 
 
 def is_router_parameter(name: str) -> bool:
     """Head routers (MoH, BAM attention), upcycle's MoE FFN routers and Mixtral's."""
-    return ".head_router." in name or ".mlp.router." in name or name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight"))
+    return (
+        ".head_router." in name
+        or ".mlp.router." in name
+        or name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight"))
+    )
 
 
 def select_trainable(model, recipe: Recipe):
@@ -120,7 +143,10 @@ def select_trainable(model, recipe: Recipe):
         return model
     if recipe.trainable == "routers":
         if not any(is_router_parameter(name) for name, _ in model.named_parameters()):
-            raise UpcycleError("trainable: routers, but the model has no router parameters (query-norm routers have none); use trainable: all or lora")
+            raise UpcycleError(
+                "trainable: routers, but the model has no router parameters (query-norm routers have none); "
+                "use trainable: all or lora"
+            )
         for name, param in model.named_parameters():
             param.requires_grad = is_router_parameter(name)
         return model
@@ -128,11 +154,19 @@ def select_trainable(model, recipe: Recipe):
 
     lora = recipe.lora
     # Only nn.Linear layers get adapters; modules a conversion created that say so (MHE projections) train fully.
-    targets = [name for name, module in model.named_modules()
-               if name.rsplit(".", 1)[-1] in lora.target_modules and isinstance(module, torch.nn.Linear)]
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in lora.target_modules and isinstance(module, torch.nn.Linear)
+    ]
     if not targets:
-        raise UpcycleError(f"lora.target_modules {lora.target_modules} match no linear layer of the model; name its projections (e.g. o_proj, up_proj)")
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+        raise UpcycleError(
+            f"lora.target_modules {lora.target_modules} match no linear layer of the model; "
+            "name its projections (e.g. o_proj, up_proj)"
+        )
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(model, config)
     for name, param in model.named_parameters():
         if is_router_parameter(name):
@@ -166,8 +200,11 @@ def rng_file(rank: int) -> str:
 def latest_checkpoint(output: Path) -> Path | None:
     """The last complete checkpoint (``checkpoints/step-N`` with its ``trainer_state.json``); temp folders of an
     interrupted save (``.step-N.tmp``) never count."""
-    found = [p for p in (Path(output) / CHECKPOINTS).glob("step-*")
-             if re.fullmatch(r"step-\d+", p.name) and p.is_dir() and (p / TRAINER_STATE).is_file()]
+    found = [
+        p
+        for p in (Path(output) / CHECKPOINTS).glob("step-*")
+        if re.fullmatch(r"step-\d+", p.name) and p.is_dir() and (p / TRAINER_STATE).is_file()
+    ]
     return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
 
 
@@ -207,6 +244,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 def read_checkpoint_state(checkpoint: Path, *, processes: int, sharded: bool) -> dict:
     """The checkpoint's ``trainer_state.json``, after checking that the folder holds exactly the files upcycle
     writes for this run's layout (nothing else is ever read: a planted file is refused, not loaded)."""
+
     def refuse(problem: str, fix: str = "start again with --overwrite") -> UpcycleError:
         return UpcycleError(f"checkpoint {checkpoint} {problem}; {fix}")
 
@@ -220,18 +258,28 @@ def read_checkpoint_state(checkpoint: Path, *, processes: int, sharded: bool) ->
     if not isinstance(step, int) or isinstance(step, bool) or step != int(checkpoint.name.split("-")[1]):
         raise refuse(f"records step {step!r}, not the step of its name")
     if state.get("processes") != processes:
-        raise refuse(f"was written by {state.get('processes')} process(es), this run has {processes}",
-                     f"resume with {state.get('processes')} process(es)")
+        raise refuse(
+            f"was written by {state.get('processes')} process(es), this run has {processes}",
+            f"resume with {state.get('processes')} process(es)",
+        )
     if bool(state.get("sharded")) != sharded:
-        raise refuse("was written " + ("with" if state.get("sharded") else "without") + " FSDP",
-                     "resume with the accelerate configuration it was written with")
-    if not isinstance(state.get("scheduler"), dict) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise refuse(
+            "was written " + ("with" if state.get("sharded") else "without") + " FSDP",
+            "resume with the accelerate configuration it was written with",
+        )
+    if (
+        not isinstance(state.get("scheduler"), dict)
+        or not isinstance(files, list)
+        or not all(isinstance(f, str) for f in files)
+    ):
         raise refuse(f"has an incomplete {TRAINER_STATE}")
     expected = {rng_file(rank) for rank in range(processes)}
     if sharded:
         shards = {f for f in files if FSDP_FILE.fullmatch(f)}
         expected |= shards
-        if not any(f.startswith(FSDP_MODEL + "/") for f in shards) or not any(f.startswith(FSDP_OPTIMIZER + "/") for f in shards):
+        if not any(f.startswith(FSDP_MODEL + "/") for f in shards) or not any(
+            f.startswith(FSDP_OPTIMIZER + "/") for f in shards
+        ):
             raise refuse("lacks its FSDP model or optimizer shards")
     else:
         expected |= {MODEL_FILE, OPTIMIZER_FILE}
@@ -242,8 +290,10 @@ def read_checkpoint_state(checkpoint: Path, *, processes: int, sharded: bool) ->
     extra = sorted(present - expected - folders - {TRAINER_STATE})
     missing = sorted(expected - present)
     if extra:
-        raise refuse(f"holds files upcycle does not write ({', '.join(extra[:3])}), so it was changed after it was written",
-                     "remove them, or start again with --overwrite")
+        raise refuse(
+            f"holds files upcycle does not write ({', '.join(extra[:3])}), so it was changed after it was written",
+            "remove them, or start again with --overwrite",
+        )
     if missing:
         raise refuse(f"lacks {', '.join(missing[:3])}")
     return state
@@ -252,8 +302,17 @@ def read_checkpoint_state(checkpoint: Path, *, processes: int, sharded: bool) ->
 class Trainer:
     """Runs a recipe: prepare model and data, train, checkpoint, save the final model."""
 
-    def __init__(self, recipe: Recipe, model_path: Path, corpus, *, resume: bool = False, stop_after: int | None = None,
-                 teacher: Path | None = None, reference: Path | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        model_path: Path,
+        corpus,
+        *,
+        resume: bool = False,
+        stop_after: int | None = None,
+        teacher: Path | None = None,
+        reference: Path | None = None,
+    ):
         from accelerate import Accelerator
 
         self.recipe = recipe
@@ -278,7 +337,9 @@ class Trainer:
             enable()
         from ..eval.experts import instrument_mixtral_routers
 
-        instrument_mixtral_routers(model)  # BTX written as Mixtral: the same balance and z-loss terms as upcycle's routers
+        instrument_mixtral_routers(
+            model
+        )  # BTX written as Mixtral: the same balance and z-loss terms as upcycle's routers
         from ..modeling.gated_attention import set_attention_backend
 
         try:
@@ -289,29 +350,47 @@ class Trainer:
         if teacher is not None:
             from .distill import Teacher
 
-            # frozen, in the training precision, replicated on every process (each runs its own micro-batches through it)
+            # frozen, in the training precision, replicated on every process (each runs its own micro-batches through
+            # it)
             head = model.get_output_embeddings()
-            self.teacher = Teacher(teacher, self.accelerator.device, torch.bfloat16 if mixed == "bf16" else torch.float32,
-                                   head.weight.shape[0])
+            self.teacher = Teacher(
+                teacher,
+                self.accelerator.device,
+                torch.bfloat16 if mixed == "bf16" else torch.float32,
+                head.weight.shape[0],
+            )
         self.reference, self._reference_losses = reference, None
         model = select_trainable(model, recipe)
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": recipe.training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=recipe.training.lr, betas=recipe.training.adam_betas)
+            [
+                {"params": decay, "weight_decay": recipe.training.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=recipe.training.lr,
+            betas=recipe.training.adam_betas,
+        )
         self.scheduler = lr_schedule(optimizer, recipe)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        # the scheduler is not registered with accelerate: its state goes into trainer_state.json (accelerate pickles it)
+        # the scheduler is not registered with accelerate: its state goes into trainer_state.json (accelerate pickles
+        # it)
         from accelerate.utils import DistributedType
 
         kind = self.accelerator.distributed_type
         self._sharded = kind == DistributedType.FSDP
         checkpoints = resume or stop_after is not None or recipe.training.save_every > 0
-        if checkpoints and kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
-            raise UpcycleError(f"upcycle checkpoints support one process, several (DDP) and FSDP, not {kind.value}; "
-                               "train without save_every, --stop-after and --resume, or use DDP or FSDP")
+        if checkpoints and kind not in (
+            DistributedType.NO,
+            DistributedType.MULTI_CPU,
+            DistributedType.MULTI_GPU,
+            DistributedType.FSDP,
+        ):
+            raise UpcycleError(
+                f"upcycle checkpoints support one process, several (DDP) and FSDP, not {kind.value}; "
+                "train without save_every, --stop-after and --resume, or use DDP or FSDP"
+            )
         self.trainable_parameters = sum(p.numel() for p in params)
         self.step = 0
         self._stream = None
@@ -324,30 +403,43 @@ class Trainer:
         """Load the last complete checkpoint: only the files upcycle writes, tensors only (no pickle is executed)."""
         checkpoint = latest_checkpoint(self.output)
         if checkpoint is None:
-            raise UpcycleError(f"--resume: no complete checkpoint in {self.output / CHECKPOINTS}; "
-                               "start again with --overwrite (or without --resume in a new output)")
+            raise UpcycleError(
+                f"--resume: no complete checkpoint in {self.output / CHECKPOINTS}; "
+                "start again with --overwrite (or without --resume in a new output)"
+            )
         from safetensors import SafetensorError
 
         accelerator = self.accelerator
         state = read_checkpoint_state(checkpoint, processes=accelerator.num_processes, sharded=self._sharded)
         fresh = self.scheduler.state_dict()
         if set(state["scheduler"]) != set(fresh):
-            raise UpcycleError(f"checkpoint {checkpoint} holds another scheduler state ({', '.join(sorted(set(state['scheduler']) ^ set(fresh)))}); "
-                               "start again with --overwrite")
+            raise UpcycleError(
+                f"checkpoint {checkpoint} holds another scheduler state "
+                f"({', '.join(sorted(set(state['scheduler']) ^ set(fresh)))}); "
+                "start again with --overwrite"
+            )
         try:
             if self._sharded:
                 from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
 
                 plugin = accelerator.state.fsdp_plugin
                 load_fsdp_model(plugin, accelerator, self.model, str(checkpoint / FSDP_MODEL), use_dcp=False)
-                load_fsdp_optimizer(plugin, accelerator, self.optimizer, self.model, str(checkpoint / FSDP_OPTIMIZER), use_dcp=False)
+                load_fsdp_optimizer(
+                    plugin, accelerator, self.optimizer, self.model, str(checkpoint / FSDP_OPTIMIZER), use_dcp=False
+                )
             else:
                 from safetensors.torch import load_model
 
                 device = accelerator.device
-                load_model(accelerator.unwrap_model(self.model), str(checkpoint / MODEL_FILE), strict=True,
-                           device="cpu" if device.type == "cpu" else str(device))  # safetensors refuses "cpu:0"
-                self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+                load_model(
+                    accelerator.unwrap_model(self.model),
+                    str(checkpoint / MODEL_FILE),
+                    strict=True,
+                    device="cpu" if device.type == "cpu" else str(device),
+                )  # safetensors refuses "cpu:0"
+                self.optimizer.load_state_dict(
+                    torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+                )
             self.scheduler.load_state_dict(state["scheduler"])
             from safetensors.torch import load_file
 
@@ -355,10 +447,20 @@ class Trainer:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and accelerator.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
-        except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, OSError) as error:
+        except (
+            pickle.UnpicklingError,
+            SafetensorError,
+            RuntimeError,
+            ValueError,
+            KeyError,
+            TypeError,
+            OSError,
+        ) as error:
             reason = " ".join(str(error).split())[:200]
-            raise UpcycleError(f"checkpoint {checkpoint} does not load into this run ({type(error).__name__}: {reason}); "
-                               "resume with the recipe and model it was written with, or start again with --overwrite") from None
+            raise UpcycleError(
+                f"checkpoint {checkpoint} does not load into this run ({type(error).__name__}: {reason}); "
+                "resume with the recipe and model it was written with, or start again with --overwrite"
+            ) from None
         self.step = state["step"]
         if accelerator.is_main_process:
             recover_checkpoints(self.output)
@@ -383,7 +485,9 @@ class Trainer:
 
             plugin = accelerator.state.fsdp_plugin
             save_fsdp_model(plugin, accelerator, self.model, str(temp / FSDP_MODEL), use_dcp=False)
-            save_fsdp_optimizer(plugin, accelerator, self.optimizer, self.model, str(temp / FSDP_OPTIMIZER), use_dcp=False)
+            save_fsdp_optimizer(
+                plugin, accelerator, self.optimizer, self.model, str(temp / FSDP_OPTIMIZER), use_dcp=False
+            )
         elif accelerator.is_main_process:  # every process holds the same replica
             from safetensors.torch import save_model
 
@@ -398,8 +502,15 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if p.is_file())
-            state = {"format": CHECKPOINT_FORMAT, "step": self.step, "processes": accelerator.num_processes, "sharded": self._sharded,
-                     "files": files, "scheduler": self.scheduler.state_dict(), "recipe": self.recipe.model_dump(mode="json")}
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "step": self.step,
+                "processes": accelerator.num_processes,
+                "sharded": self._sharded,
+                "files": files,
+                "scheduler": self.scheduler.state_dict(),
+                "recipe": self.recipe.model_dump(mode="json"),
+            }
             (temp / TRAINER_STATE).write_text(json_text(state))
             if final.exists():  # the same step saved again (a resumed run stopped at once): swap, never delete first
                 old = final.with_name(f".{final.name}.old")
@@ -427,9 +538,13 @@ class Trainer:
             if self._stream is None:
                 self._stream = iter(train.skip_blocks(self.step * plan.sequences_per_step))
             try:
-                blocks = torch.stack([next(self._stream)["input_ids"] for _ in range(plan.sequences_per_step)])  # [S, T]
+                blocks = torch.stack(
+                    [next(self._stream)["input_ids"] for _ in range(plan.sequences_per_step)]
+                )  # [S, T]
             except StopIteration:
-                raise UpcycleError(f"the training data ran out at step {self.step}; lower training.steps or add data") from None
+                raise UpcycleError(
+                    f"the training data ran out at step {self.step}; lower training.steps or add data"
+                ) from None
             return list(blocks.view(plan.accumulation, plan.world_size, plan.micro_batch_size, -1)[:, rank])
         ids = plan.step_indices(self.step, len(train), self.recipe.training.seed, rank)
         return [torch.stack([train[int(i)]["input_ids"] for i in micro]) for micro in ids]
@@ -443,18 +558,30 @@ class Trainer:
         per_layer = losses.distill_hidden_on if self.teacher is not None and losses.distill_hidden > 0 else None
         recorder = AttentionOutputs(self.model) if per_layer == "attention_outputs" else nullcontext()
         with recorder:
-            out = self.model(input_ids=batch, labels=batch if losses.lm > 0 else None,
-                             output_hidden_states=per_layer == "hidden_states")
+            out = self.model(
+                input_ids=batch,
+                labels=batch if losses.lm > 0 else None,
+                output_hidden_states=per_layer == "hidden_states",
+            )
         if losses.lm > 0:
             terms = {"lm": out.loss}
         else:  # logged, not trained on
             with torch.no_grad():
-                terms = {"lm": torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())}
+                terms = {
+                    "lm": torch.nn.functional.cross_entropy(
+                        out.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten()
+                    )
+                }
         if self.teacher is not None:
             last, states = self.teacher.states(batch, per_layer)
             if losses.distill > 0:
-                terms["distill"] = chunked_kl(out.logits, last, self.teacher.head, temperature=losses.distill_temperature,
-                                              chunk_tokens=losses.distill_chunk_tokens)
+                terms["distill"] = chunked_kl(
+                    out.logits,
+                    last,
+                    self.teacher.head,
+                    temperature=losses.distill_temperature,
+                    chunk_tokens=losses.distill_chunk_tokens,
+                )
             if per_layer is not None:
                 student = recorder.take() if per_layer == "attention_outputs" else list(out.hidden_states[1:])
                 terms["hidden"] = state_matching(student, states)
@@ -483,18 +610,26 @@ class Trainer:
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.training.grad_clip))
         names = ["loss", "lm", "aux", "z", *(name for name in ("distill", "hidden") if name in totals)]
         zero = torch.zeros((), device=self.accelerator.device)
-        values = self.accelerator.reduce(torch.stack([totals.get(name, zero) for name in names]), reduction="mean").tolist()
+        values = self.accelerator.reduce(
+            torch.stack([totals.get(name, zero) for name in names]), reduction="mean"
+        ).tolist()
         # the reduced losses and the (all-reduced) gradient norm are the same on every process: all skip together
         finite = all(math.isfinite(v) for v in values) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-        with warnings.catch_warnings():  # a skipped first step: torch warns that the scheduler steps before the optimizer
+        with (
+            warnings.catch_warnings()
+        ):  # a skipped first step: torch warns that the scheduler steps before the optimizer
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         metrics = {"step": self.step} | {METRIC_NAMES[name]: value for name, value in zip(names, values)}
-        return metrics | {"lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm} | ({} if finite else {"skipped": True})
+        return (
+            metrics
+            | {"lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+            | ({} if finite else {"skipped": True})
+        )
 
     def _check_finite(self, metrics: dict) -> None:
         """A skipped step (non-finite loss or gradient) is a warning; ``MAX_SKIPPED_STEPS`` in a row stop training."""
@@ -502,14 +637,18 @@ class Trainer:
             self._skipped = []
             return
         self._skipped.append(self.step)
-        self._print(f"warning: step {self.step}: the loss or gradient is not finite (loss {metrics['loss']}, grad norm "
-                    f"{metrics['grad_norm']}); the step was skipped, weights unchanged")
+        self._print(
+            f"warning: step {self.step}: the loss or gradient is not finite (loss {metrics['loss']}, grad norm "
+            f"{metrics['grad_norm']}); the step was skipped, weights unchanged"
+        )
         if len(self._skipped) >= MAX_SKIPPED_STEPS:
             kept = latest_checkpoint(self.output)
-            raise UpcycleError(f"training stopped at step {self.step}: the loss or gradient was not finite at steps "
-                               f"{', '.join(map(str, self._skipped))} (each skipped) and no final model was written; lower "
-                               f"training.lr or check the data, then start again with --overwrite"
-                               + (f" or --resume from {kept.name}" if kept is not None else ""))
+            raise UpcycleError(
+                f"training stopped at step {self.step}: the loss or gradient was not finite at steps "
+                f"{', '.join(map(str, self._skipped))} (each skipped) and no final model was written; lower "
+                f"training.lr or check the data, then start again with --overwrite"
+                + (f" or --resume from {kept.name}" if kept is not None else "")
+            )
 
     def _block_losses(self, model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean next-token loss of ``model`` on each validation corpus's blocks."""
@@ -517,7 +656,7 @@ class Trainer:
         for name, blocks in sets.items():
             total = 0.0
             for start in range(0, len(blocks), self.plan.micro_batch_size):
-                batch = blocks[start:start + self.plan.micro_batch_size].to(self.accelerator.device)
+                batch = blocks[start : start + self.plan.micro_batch_size].to(self.accelerator.device)
                 with self.accelerator.autocast():
                     total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
             result[name] = total / max(len(blocks), 1)
@@ -531,7 +670,11 @@ class Trainer:
             else:
                 from transformers import AutoModelForCausalLM
 
-                model = AutoModelForCausalLM.from_pretrained(self.reference, dtype=torch.float32).to(self.accelerator.device).eval()
+                model = (
+                    AutoModelForCausalLM.from_pretrained(self.reference, dtype=torch.float32)
+                    .to(self.accelerator.device)
+                    .eval()
+                )
                 self._reference_losses = self._block_losses(model, self.corpus.validation_sets)
                 del model
         return self._reference_losses
@@ -554,7 +697,9 @@ class Trainer:
             metrics["val_loss_by_corpus"] = per_corpus
         if self.reference is not None:
             reference = self.reference_losses()
-            metrics["recovery"] = {name: _ratio(per_corpus[name] - reference[name]) for name in per_corpus if name in reference}
+            metrics["recovery"] = {
+                name: _ratio(per_corpus[name] - reference[name]) for name in per_corpus if name in reference
+            }
         fraction = usage.fraction()
         if fraction.numel():
             metrics["head_usage"] = [[round(v, 4) for v in row] for row in fraction.tolist()]
@@ -573,17 +718,27 @@ class Trainer:
             if self.step == 0 and metrics_path.exists():
                 metrics_path.unlink()
         tokens_per_step = self.plan.sequences_per_step * self.recipe.data.seq_len
-        self._print(f"training {self.trainable_parameters:,} parameters ({self.recipe.trainable}) for {training.steps} steps of "
-                    f"{tokens_per_step:,} tokens ({self.plan.sequences_per_step} sequences = {self.plan.world_size} process(es) x "
-                    f"{self.plan.accumulation} accumulation x {self.plan.micro_batch_size}) on {self.accelerator.device}")
+        self._print(
+            f"training {self.trainable_parameters:,} parameters ({self.recipe.trainable}) "
+            f"for {training.steps} steps of "
+            f"{tokens_per_step:,} tokens ({self.plan.sequences_per_step} sequences = "
+            f"{self.plan.world_size} process(es) x "
+            f"{self.plan.accumulation} accumulation x {self.plan.micro_batch_size}) on {self.accelerator.device}"
+        )
         if self.step == 0 and training.eval_every:  # the curve's start: before any tuning
             start = {"step": 0, "tokens": 0} | self.validate()
             if self.accelerator.is_main_process:
                 with metrics_path.open("a") as log:
                     log.write(json_line(start))
         last = training.steps if self.stop_after is None else min(training.steps, self.step + self.stop_after)
-        progress = tqdm(total=training.steps, initial=self.step, desc="finetune", unit="step", file=sys.stderr,
-                        disable=not self.accelerator.is_main_process)
+        progress = tqdm(
+            total=training.steps,
+            initial=self.step,
+            desc="finetune",
+            unit="step",
+            file=sys.stderr,
+            disable=not self.accelerator.is_main_process,
+        )
         self._progress = progress
         try:  # closed on any exit, so that an error or interrupt line starts a line of its own
             while self.step < last:
@@ -593,7 +748,9 @@ class Trainer:
                 metrics |= {"tokens": self.step * tokens_per_step, "tokens_per_second": tokens_per_step / seconds}
                 if training.eval_every and (self.step % training.eval_every == 0 or self.step == training.steps):
                     metrics |= self.validate()
-                if self.accelerator.is_main_process and (self.step % training.log_every == 0 or "val_loss" in metrics or "skipped" in metrics):
+                if self.accelerator.is_main_process and (
+                    self.step % training.log_every == 0 or "val_loss" in metrics or "skipped" in metrics
+                ):
                     with metrics_path.open("a") as log:
                         log.write(json_line(metrics))
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
@@ -635,8 +792,12 @@ class Trainer:
         bad = self._nonfinite_weight()
         if bad is not None:
             kept = latest_checkpoint(self.output)
-            raise UpcycleError(f"the tuned weights are not finite in {self.source_dtype} ({bad}), so {self.output / FINAL} was not written; "
-                               "lower training.lr and start again with --overwrite" + (f" or --resume from {kept.name}" if kept else ""))
+            raise UpcycleError(
+                f"the tuned weights are not finite in {self.source_dtype} ({bad}), "
+                f"so {self.output / FINAL} was not written; "
+                "lower training.lr and start again with --overwrite"
+                + (f" or --resume from {kept.name}" if kept else "")
+            )
         final = self.output / FINAL
         if self.accelerator.is_main_process:
             from ..checkpoint.writer import atomic_output, copy_support_files
@@ -668,18 +829,23 @@ def _config_dtype(folder: Path) -> torch.dtype:
 
 
 def copy_runtime(source: Path, target: Path, trust_remote_code: bool = False) -> None:
-    """Give ``target`` (final/, its config.json already saved) upcycle's runtime when its auto_map names it, and no other code.
+    """Give ``target`` (final/, its config.json already saved) upcycle's runtime when its auto_map names it, and no
+    other code.
 
-    The runtime files are the installed package's (upcycle/modeling, what convert writes), never the source folder's .py
-    files. A source whose config.json or tokenizer_config.json has an auto_map naming code of its own is refused in one
-    line unless ``trust_remote_code``; even then that code is not copied, and the auto_map that would point at it is
-    dropped from target's config.json and tokenizer_config.json (the tuned model loads with its family's standard classes)."""
+    The runtime files are the installed package's (upcycle/modeling, what convert writes), never the source folder's
+    .py files. A source whose config.json or tokenizer_config.json has an auto_map naming code of its own is refused in
+    one line unless ``trust_remote_code``; even then that code is not copied, and the auto_map that would point at it
+    is dropped from target's config.json and tokenizer_config.json (the tuned model loads with its family's standard
+    classes)."""
     from ..checkpoint.reader import RUNTIME_DIR, foreign_code, is_upcycle_runtime, refuse_remote_code
 
     source, target = Path(source), Path(target)
-    refuse_remote_code(source, trust_remote_code=trust_remote_code,
-                       fix=f"{target.parent / FINAL} was not written; remove that auto_map from the source "
-                           "(the model loads with its family's standard classes) and run the finetune again")
+    refuse_remote_code(
+        source,
+        trust_remote_code=trust_remote_code,
+        fix=f"{target.parent / FINAL} was not written; remove that auto_map from the source "
+        "(the model loads with its family's standard classes) and run the finetune again",
+    )
     for name in ("config.json", "tokenizer_config.json"):
         file = target / name
         config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
@@ -689,4 +855,9 @@ def copy_runtime(source: Path, target: Path, trust_remote_code: bool = False) ->
                 if runtime.name != "__init__.py":
                     shutil.copyfile(runtime, target / runtime.name)
         elif auto_map and foreign_code(config):
-            file.write_text(json.dumps({key: value for key, value in config.items() if key != "auto_map"}, indent=2, sort_keys=True) + "\n")
+            file.write_text(
+                json.dumps(
+                    {key: value for key, value in config.items() if key != "auto_map"}, indent=2, sort_keys=True
+                )
+                + "\n"
+            )

@@ -43,18 +43,27 @@ def convert_section(method: str) -> type[BaseModel]:
 
     options = method_spec(method).options
     hints = typing.get_type_hints(options)
-    fields = {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
-              for f in dataclasses.fields(options)}
-    return create_model(f"{options.__name__}Section", __base__=_Section, __doc__=f"Convert ``model`` with {method} first.",
-                        method=(Literal[method], ...), **fields)
+    fields = {
+        f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        for f in dataclasses.fields(options)
+    }
+    return create_model(
+        f"{options.__name__}Section",
+        __base__=_Section,
+        __doc__=f"Convert ``model`` with {method} first.",
+        method=(Literal[method], ...),
+        **fields,
+    )
 
 
 def validate_convert(tree: dict) -> BaseModel:
     """Validate a ``convert:`` mapping against its method's section; errors are located under ``convert``."""
     method = tree.get("method") if isinstance(tree, dict) else None
     if method not in convert_methods():
-        raise UpcycleError(f"recipe key 'convert.method' must be one of {', '.join(convert_methods())} (got {method!r}); "
-                           "set it in the recipe or pass convert.method=NAME")
+        raise UpcycleError(
+            f"recipe key 'convert.method' must be one of {', '.join(convert_methods())} (got {method!r}); "
+            "set it in the recipe or pass convert.method=NAME"
+        )
     try:
         return convert_section(method).model_validate(tree)
     except ValidationError as error:
@@ -77,14 +86,19 @@ class LossSection(_Section):
     distill_temperature: float = Field(1.0, gt=0)  # both distributions softened by T; the KL is scaled by T^2
     distill_hidden: float = Field(0.0, ge=0)  # weight of matching per-layer states to the teacher's
     distill_hidden_on: Literal["hidden_states", "attention_outputs"] = "hidden_states"
-    distill_chunk_tokens: int | None = Field(None, gt=0)  # positions per KL chunk; None: a 64 MiB fp32 [tokens, vocab] chunk
+    distill_chunk_tokens: int | None = Field(
+        None, gt=0
+    )  # positions per KL chunk; None: a 64 MiB fp32 [tokens, vocab] chunk
     load_balance: float = Field(0.01, ge=0)
     z_loss: float = Field(0.001, ge=0)
 
     @model_validator(mode="after")
     def _some_objective(self) -> LossSection:
         if self.lm == 0 and self.distill == 0 and self.distill_hidden == 0:
-            raise ValueError("losses.lm, losses.distill and losses.distill_hidden are all 0, so nothing would train; give one a weight")
+            raise ValueError(
+                "losses.lm, losses.distill and losses.distill_hidden are all 0, so nothing would train; "
+                "give one a weight"
+            )
         return self
 
 
@@ -113,31 +127,46 @@ class TrainingSection(_Section):
 
 
 class Recipe(_Section):
-    """A fine-tuning recipe for causal LMs (the bundled ones: upcycle/recipes/*.yaml); CLIP recipes are :class:`ClipRecipe`."""
+    """A fine-tuning recipe for causal LMs (the bundled ones: upcycle/recipes/*.yaml); CLIP recipes are
+    :class:`ClipRecipe`."""
 
     type: Literal["causal-lm"] = "causal-lm"
     description: str = ""
     model: str
     output: str
     convert: Any = None  # a method's convert section (validate_convert), or None
-    teacher: str | None = None  # "source" (the model converted from), a folder or a Hub id: frozen, for losses.distill*
-    compare: str | None = None  # evaluated beside the tuned model at the end ("source", a folder or a Hub id); default: teacher
+    teacher: str | None = (
+        None  # "source" (the model converted from), a folder or a Hub id: frozen, for losses.distill*
+    )
+    compare: str | None = (
+        None  # evaluated beside the tuned model at the end ("source", a folder or a Hub id); default: teacher
+    )
     data: DataSection
     trainable: Literal["all", "routers", "lora"] = "all"
     lora: LoraSection = LoraSection()
     losses: LossSection = LossSection()
     training: TrainingSection
-    attention: Literal["auto", "kernel", "torch", "masked"] = "auto"  # head-gated attention; auto: the Triton kernel on CUDA, else masked
-    trust_remote_code: bool = False  # tune model/teacher/compare folders whose auto_map names code of their own (never run nor copied)
+    attention: Literal["auto", "kernel", "torch", "masked"] = (
+        "auto"  # head-gated attention; auto: the Triton kernel on CUDA, else masked
+    )
+    trust_remote_code: bool = (
+        False  # tune model/teacher/compare folders whose auto_map names code of their own (never run nor copied)
+    )
     accelerate_config: str | None = None
 
     @model_validator(mode="after")
     def _teacher_for_distillation(self) -> Recipe:
         distills = self.losses.distill > 0 or self.losses.distill_hidden > 0
         if distills and not self.teacher:
-            raise ValueError("losses.distill and losses.distill_hidden need a teacher; set teacher: source (the model converted from), a folder or a Hub id")
+            raise ValueError(
+                "losses.distill and losses.distill_hidden need a teacher; "
+                "set teacher: source (the model converted from), a folder or a Hub id"
+            )
         if self.teacher and not distills:
-            raise ValueError("teacher is set but losses.distill and losses.distill_hidden are 0; give one a weight, or use compare: for evaluation only")
+            raise ValueError(
+                "teacher is set but losses.distill and losses.distill_hidden are 0; "
+                "give one a weight, or use compare: for evaluation only"
+            )
         if self.convert is not None:
             if self.trust_remote_code and isinstance(self.convert, dict):
                 self.convert.setdefault("trust_remote_code", True)
@@ -150,8 +179,11 @@ class Recipe(_Section):
         seq_len, training = self.data.seq_len, self.training
         per_micro_batch = training.micro_batch_size * seq_len
         if training.global_batch_tokens % per_micro_batch:
-            raise ValueError(f"training.global_batch_tokens {training.global_batch_tokens} is not a multiple of training.micro_batch_size "
-                             f"x data.seq_len = {training.micro_batch_size} x {seq_len} = {per_micro_batch}; make it one")
+            raise ValueError(
+                f"training.global_batch_tokens {training.global_batch_tokens} is not a multiple of "
+                "training.micro_batch_size "
+                f"x data.seq_len = {training.micro_batch_size} x {seq_len} = {per_micro_batch}; make it one"
+            )
         return self
 
     def reference(self) -> str | None:
@@ -191,7 +223,8 @@ class ClipTrainingSection(_Section):
 
 
 class ClipRecipe(_Section):
-    """A CLIP recipe: ``type: clip`` (contrastive tuning of ``trainable``) or ``type: clip-mcl`` (CLIP-MoE expert stages)."""
+    """A CLIP recipe: ``type: clip`` (contrastive tuning of ``trainable``) or ``type: clip-mcl`` (CLIP-MoE expert
+    stages)."""
 
     type: Literal["clip", "clip-mcl"]
     description: str = ""
@@ -230,7 +263,10 @@ def _error_line(error: ValidationError, prefix: tuple[str, ...] = ()) -> str:
         del loc[2:]  # the union member tried, not a key of the recipe
     key = ".".join(loc) or "(top level)"
     if first["type"] == "extra_forbidden":
-        return f"recipe key {key!r} is unknown; check its spelling against the README's recipe keys or `upcycle finetune --help`"
+        return (
+            f"recipe key {key!r} is unknown; "
+            "check its spelling against the README's recipe keys or `upcycle finetune --help`"
+        )
     if first["type"] == "missing":
         return f"recipe key {key!r} is required; add it to the recipe or pass {key}=VALUE"
     if first["type"] == "value_error":  # a check across keys (model validators)
@@ -266,7 +302,11 @@ def load_recipe(name: str, overrides: list[str] = ()) -> Recipe | ClipRecipe:
             raise UpcycleError(f"override {item!r} is not key=value; write e.g. training.lr=3e-4")
         _set_dotted(tree, key.strip(), yaml.safe_load(text))
     try:
-        recipe = ClipRecipe.model_validate(tree) if str(tree.get("type", "")).startswith("clip") else Recipe.model_validate(tree)
+        recipe = (
+            ClipRecipe.model_validate(tree)
+            if str(tree.get("type", "")).startswith("clip")
+            else Recipe.model_validate(tree)
+        )
     except ValidationError as error:
         raise UpcycleError(_error_line(error)) from None
     check_files(recipe)
@@ -274,7 +314,9 @@ def load_recipe(name: str, overrides: list[str] = ()) -> Recipe | ClipRecipe:
 
 
 def _is_local_reference(value: str) -> bool:
-    return not value.startswith("asset:") and (value.count("/") != 1 or Path(value).exists() or value.startswith((".", "/", "~")))
+    return not value.startswith("asset:") and (
+        value.count("/") != 1 or Path(value).exists() or value.startswith((".", "/", "~"))
+    )
 
 
 def check_files(recipe: Recipe) -> None:
@@ -283,7 +325,11 @@ def check_files(recipe: Recipe) -> None:
     if isinstance(recipe, Recipe):
         checks += [("data.train", source) for source in as_sources(recipe.data.train)]
         checks += [("data.validation", source) for source in as_sources(recipe.data.validation)]
-        checks += [(key, value) for key, value in (("teacher", recipe.teacher), ("compare", recipe.compare)) if value != "source"]
+        checks += [
+            (key, value)
+            for key, value in (("teacher", recipe.teacher), ("compare", recipe.compare))
+            if value != "source"
+        ]
     else:
         checks += [("data.train", recipe.data.train), ("data.validation", recipe.data.validation)]
     calibration = getattr(recipe.convert, "calibration", None) if getattr(recipe, "convert", None) else None
@@ -299,5 +345,7 @@ def bundled_recipes() -> list[tuple[str, str]]:
     found = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         tree = yaml.safe_load(path.read_text()) or {}
-        found.append((path.stem, str(tree.get("description", "")).strip().splitlines()[0] if tree.get("description") else ""))
+        found.append(
+            (path.stem, str(tree.get("description", "")).strip().splitlines()[0] if tree.get("description") else "")
+        )
     return found
