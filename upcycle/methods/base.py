@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -68,6 +69,11 @@ def progress(items: Iterable, label: str, *, unit: str = "it") -> Iterable:
 def source_layout(reader: CheckpointReader) -> list[TensorSpec]:
     """Every tensor of the source as it is (name, dtype, shape): the layout a method starts from."""
     return [TensorSpec(name, reader.info(name).dtype, tuple(reader.info(name).shape)) for name in reader.names()]
+
+
+def source_parameters(reader: CheckpointReader) -> int:
+    """How many parameters the source holds (what loading it for a calibration pass needs room for)."""
+    return sum(math.prod(reader.info(name).shape) for name in reader.names())
 
 
 def check_source(reader: CheckpointReader, spec, options=None) -> None:

@@ -57,7 +57,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.mhe_projection import MHE_VARIANTS, MHEProjection
-from .base import Conversion, SourceTensor, check_source, progress, recorded_options, runtime_config
+from .base import Conversion, SourceTensor, check_source, progress, recorded_options, runtime_config, source_parameters
 from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
 
 INITS = ("svd", "calibrated", "sequential")
@@ -473,7 +473,7 @@ def load_calibration(
         options.calibration_seq_len,
         encoder=isinstance(spec, EncoderSpec),
     )  # [N, T]
-    num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
+    num_parameters = source_parameters(reader)
     activations = spec.num_layers * (spec.hidden_size + 1) ** 2 * 8  # the per-layer moments
     if (
         options.init == "sequential"

@@ -23,7 +23,16 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..modeling.routers import ROUTERS
-from .base import Conversion, SourceTensor, check_source, progress, recorded_options, runtime_config, source_layout
+from .base import (
+    Conversion,
+    SourceTensor,
+    check_source,
+    progress,
+    recorded_options,
+    runtime_config,
+    source_layout,
+    source_parameters,
+)
 from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
 
 Selection = Literal["first", "weight-norm", "contribution"]
@@ -114,9 +123,10 @@ def weight_norm_scores(reader: CheckpointReader, spec: DecoderSpec) -> list[list
     return scores
 
 
-@torch.no_grad()
-def contribution_scores(reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions) -> list[list[float]]:
-    """Per layer and query head: mean L2 norm of the head's output through o_proj on calibration text."""
+def calibration_model(
+    reader: CheckpointReader, options: MoHOptions, purpose: str
+) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The calibration blocks [N, T] and the dense model loaded for a pass over them (``purpose`` names it)."""
     from ..checkpoint.load import load_for_analysis
     from ..data.calibration import calibration_blocks
 
@@ -127,9 +137,14 @@ def contribution_scores(reader: CheckpointReader, spec: DecoderSpec, options: Mo
         options.calibration_tokens,
         options.calibration_seq_len,
         encoder=False,
-    )  # [N, T]
-    num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
-    model = load_for_analysis(reader.folder, num_parameters, "contribution scores")
+    )
+    return blocks, load_for_analysis(reader.folder, source_parameters(reader), purpose)
+
+
+@torch.no_grad()
+def contribution_scores(reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions) -> list[list[float]]:
+    """Per layer and query head: mean L2 norm of the head's output through o_proj on calibration text."""
+    blocks, model = calibration_model(reader, options, "contribution scores")  # blocks [N, T]
     sums = torch.zeros(spec.num_layers, spec.num_heads, dtype=torch.float64)
 
     def hook(layer: int):
@@ -291,21 +306,10 @@ def calibration_fit(
     Layer l is measured on the hidden states of the converted layers < l (routers and scales already in
     place), against the same layer with every head on.
     """
-    from ..checkpoint.load import load_for_analysis
-    from ..data.calibration import calibration_blocks
     from ..modeling.gated_attention import ATTENTION_NAME, attach_head_router, register_attention
     from ..modeling.routers import build_router
 
-    blocks = calibration_blocks(
-        reader.folder,
-        reader.config,
-        options.calibration,
-        options.calibration_tokens,
-        options.calibration_seq_len,
-        encoder=False,
-    )  # [N, T]
-    num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
-    model = load_for_analysis(reader.folder, num_parameters, "MoH calibration fit")
+    blocks, model = calibration_model(reader, options, "MoH calibration fit")  # blocks [N, T]
     register_attention()
     model.config._attn_implementation = ATTENTION_NAME  # attention without a head_router stays plain SDPA
     hidden, layer_kwargs = _layer_inputs(model, blocks)

@@ -59,6 +59,7 @@ from .base import (
     progress,
     recorded_options,
     runtime_config,
+    source_parameters,
 )
 from .refit import REFIT_HELP, check_refit, refit_conversion, refit_plan_line
 from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
@@ -305,7 +306,7 @@ class GradientScorer:
         self.batches, self.loss = calibration_batches(reader, spec, options)
         decoder = isinstance(spec, DecoderSpec)
         auto_class = "AutoModelForCausalLM" if decoder else "AutoModelForMaskedLM" if spec.mlm_head else "AutoModel"
-        num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
+        num_parameters = source_parameters(reader)
         extra = activation_bytes(spec, self.batches[0], int(reader.config.get("vocab_size") or 0), decoder)
         self.model = load_for_analysis(
             reader.folder,

@@ -44,7 +44,7 @@ from torch import nn
 from ..arch import DecoderSpec, EncoderSpec
 from ..checkpoint.reader import CheckpointReader
 from ..errors import UpcycleError
-from .base import progress
+from .base import progress, source_parameters
 
 MODES = ("none", "rescale", "lstsq")
 REFIT_HELP = (
@@ -80,7 +80,7 @@ def load_dense_and_copy(
     """
     from ..checkpoint.load import load_for_analysis
 
-    num_parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
+    num_parameters = source_parameters(reader)
     width = spec.num_heads * spec.head_dim
     extra = (
         num_parameters * 4 + 3 * blocks.numel() * spec.hidden_size * 4 + (width * width + width * spec.hidden_size) * 8
