@@ -24,7 +24,7 @@ def describe(path: str) -> dict:
         "family": base_type,
         "format": reader.format,
         "parameters": sum(math.prod(i.shape) for i in infos),
-        "dtypes": dict(Counter(str(i.dtype).removeprefix("torch.") for i in infos)),
+        "dtypes": dict(Counter(i.dtype_name for i in infos)),
         "shards": [{"file": shard.name, "bytes": shard.stat().st_size} for shard in reader.shards],
     }
     if base_type in ATTENTION_FAMILIES:

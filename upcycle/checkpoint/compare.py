@@ -32,14 +32,14 @@ def checkpoint_differences(
             name
             for name in sorted(names & set(first_infos))
             if tuple(first_infos[name].shape) != tuple(other.info(name).shape)
-            or first_infos[name].dtype != other.info(name).dtype
+            or first_infos[name].code != other.info(name).code
         ]
         if other_shape:
             mine, theirs = other.info(other_shape[0]), first_infos[other_shape[0]]
             items.append(
                 f"{len(other_shape)} tensor(s) of another shape or dtype such as {other_shape[0]} {tuple(mine.shape)} "
-                f"{str(mine.dtype).removeprefix('torch.')} "
-                f"({labels[0]}: {tuple(theirs.shape)} {str(theirs.dtype).removeprefix('torch.')})"
+                f"{mine.dtype_name} "
+                f"({labels[0]}: {tuple(theirs.shape)} {theirs.dtype_name})"
             )
         if items:
             found.append(f"{label}: {', '.join(items)}")

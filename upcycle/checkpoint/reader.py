@@ -2,34 +2,51 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from upcycle.checkpoint.source import names_hub_repo
 from upcycle.errors import UpcycleError
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..lazy import torch
+
+# safetensors dtype code -> (torch dtype name, bytes per element): headers are read without importing torch
+SAFETENSORS_CODES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
+
+
+@functools.cache
+def safetensors_dtypes() -> dict[str, torch.dtype]:
+    """Safetensors dtype code -> torch dtype, for the codes this torch has."""
+    return {code: getattr(torch, name) for code, (name, _) in SAFETENSORS_CODES.items() if hasattr(torch, name)}
+
+
+@functools.cache
+def dtype_codes() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors dtype code."""
+    return {dtype: code for code, dtype in safetensors_dtypes().items()}
+
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HUB_PATTERNS = [
@@ -46,10 +63,19 @@ HUB_PATTERNS = [
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
+    code: str  # the safetensors dtype code, e.g. BF16
     shape: tuple[int, ...]
     nbytes: int
     file: Path
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return safetensors_dtypes()[self.code]
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype as torch names it (bfloat16), without importing torch."""
+        return SAFETENSORS_CODES[self.code][0]
 
 
 def _one_line(error: BaseException) -> str:
@@ -121,17 +147,16 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, TensorInfo], dic
             valid = False
         if not valid:
             raise _corrupted(file, f"bad header entry for {name}")
-        if code not in SAFETENSORS_DTYPES:
+        if code not in SAFETENSORS_CODES:
             raise UpcycleError(
                 f"{file}: tensor {name} has unsupported dtype {code}; convert the checkpoint to bf16/fp16/fp32 first"
             )
-        dtype = SAFETENSORS_DTYPES[code]
-        nbytes = dtype.itemsize * _numel(shape)
+        nbytes = SAFETENSORS_CODES[code][1] * _numel(shape)
         if end - begin != nbytes:
             raise _corrupted(file, f"{name} has {end - begin} bytes but its shape needs {nbytes}")
         if data_start + end > size:
             raise _corrupted(file, f"{name} ends past the end of the file")
-        infos[name] = TensorInfo(name, dtype, shape, nbytes, file)
+        infos[name] = TensorInfo(name, code, shape, nbytes, file)
         offsets[name] = data_start + begin
         data_end = max(data_end, end)
     if data_start + data_end != size:
@@ -382,8 +407,13 @@ class CheckpointReader:
                     f"the index says {name} is in {shard_name} but it is not there; re-download the checkpoint"
                 )
             tensor = tensors[name]
+            if tensor.dtype not in dtype_codes():
+                raise UpcycleError(
+                    f"{self.folder / shard_name}: tensor {name} has unsupported dtype {tensor.dtype}; "
+                    "convert the checkpoint to bf16/fp16/fp32 first"
+                )
             self._infos[name] = TensorInfo(
-                name, tensor.dtype, tuple(tensor.shape), tensor.nbytes, self.folder / shard_name
+                name, dtype_codes()[tensor.dtype], tuple(tensor.shape), tensor.nbytes, self.folder / shard_name
             )
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:

@@ -18,14 +18,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
-import torch
-
-from upcycle.checkpoint.reader import SAFETENSORS_DTYPES, CheckpointReader
+from upcycle.checkpoint.reader import CheckpointReader, dtype_codes
 from upcycle.errors import UpcycleError
 
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..lazy import torch
+
 SIZE_UNITS = {
     "": 1,
     "K": 10**3,
@@ -93,7 +95,7 @@ class ShardedWriter:
         if len(set(names)) != len(names):
             raise ValueError("layout has duplicate tensor names")
         for spec in self.layout:
-            if spec.dtype not in DTYPE_CODES:
+            if spec.dtype not in dtype_codes():
                 raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be stored in safetensors")
         self.metadata = {"format": "pt", **(metadata or {})}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
@@ -190,7 +192,7 @@ class ShardedWriter:
         offset = 0
         for spec in specs:
             header[spec.name] = {
-                "dtype": DTYPE_CODES[spec.dtype],
+                "dtype": dtype_codes()[spec.dtype],
                 "shape": list(spec.shape),
                 "data_offsets": [offset, offset + spec.nbytes],
             }

@@ -15,11 +15,16 @@ import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from upcycle.errors import UpcycleError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..lazy import torch
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")  # a blank line between documents (whitespace on it allowed)

@@ -26,9 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
-
-import torch
+from typing import TYPE_CHECKING, Literal, get_args
 
 from ..arch import DecoderSpec, decoder_spec
 from ..checkpoint.compare import checkpoint_differences
@@ -36,9 +34,14 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.source import open_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from ..modeling.experts import head_expert_order
 from .base import ChunkedTensor, Conversion, SourceTensor, check_source, native_refusal, runtime_config
 from .spec import DATA_PANEL, MethodCard, MethodSpec, option
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..lazy import torch
+
 
 AttentionMode = Literal["expert-kv", "shared-kv", "average"]
 RouterInit = Literal["random", "zero"]
@@ -168,6 +171,8 @@ def mixed_attention(
     readers: list[CheckpointReader], spec: DecoderSpec, layer: int, proj: str, kind: str, shared_kv: bool
 ) -> torch.Tensor | ChunkedTensor:
     """One attention tensor of the mixed layer: experts side by side (heads in the mixed order), or the mean."""
+    from ..modeling.experts import head_expert_order
+
     name = spec.attention(layer, proj, kind)
     dtype = readers[0].info(name).dtype
     if proj in ("k_proj", "v_proj") and shared_kv or proj == "o_proj" and kind == "bias":

@@ -6,11 +6,15 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint.reader import CheckpointReader, refuse_remote_code
 from ..checkpoint.writer import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..lazy import torch
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ CLIPModel (same processor, ``get_image_features``, ``get_text_features``, ``logi
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..arch.clip import ClipSpec, clip_architecture, clip_spec
 from ..checkpoint.compare import checkpoint_differences
@@ -24,6 +23,12 @@ from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from .base import Conversion, SourceTensor, check_source, runtime_config
 from .spec import DATA_PANEL, MethodCard, MethodSpec, option
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..lazy import torch
+
 
 FFN_TENSORS = (("fc1", "weight"), ("fc1", "bias"), ("fc2", "weight"), ("fc2", "bias"))
 

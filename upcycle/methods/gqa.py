@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from ..arch import DecoderSpec, decoder_spec
 from ..checkpoint.reader import CheckpointReader
@@ -25,6 +22,12 @@ from ..errors import UpcycleError
 from .base import Conversion, SourceTensor, check_source, plain_config, recorded_options
 from .refit import REFIT_HELP, check_refit, refit_conversion, refit_plan_line
 from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    from ..lazy import nn, torch
 
 
 @dataclass

@@ -47,18 +47,22 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from ..arch import DecoderSpec, EncoderSpec, attention_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from ..modeling.mhe_projection import MHE_VARIANTS, MHEProjection
+from ..lazy import no_grad
+from ..modeling.plan import MHE_VARIANTS
 from .base import Conversion, SourceTensor, check_source, progress, recorded_options, runtime_config, source_parameters
 from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    from ..lazy import nn, torch
 
 INITS = ("svd", "calibrated", "sequential")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -255,7 +259,7 @@ class CalibrationPass:
     def __init__(self, model: nn.Module, blocks: torch.Tensor):
         self.model, self.blocks = model, blocks
 
-    @torch.no_grad()
+    @no_grad
     def run(
         self, label: str, moments: bool, replacements: list[dict[str, nn.Module]] | None = None
     ) -> tuple[list[torch.Tensor] | None, list[float] | None]:
@@ -344,7 +348,7 @@ class CalibrationPass:
             handle.remove()
         return torch.cat(states), *call["rest"]
 
-    @torch.no_grad()
+    @no_grad
     def run_sequential(
         self, fit: Callable[[int, torch.Tensor], dict[str, ProjectionFit]], variant: str
     ) -> tuple[list[dict[str, ProjectionFit]], list[float]]:
@@ -555,6 +559,8 @@ def mhe_modules(
     fits: list[dict[str, ProjectionFit]], variant: str, device: torch.device
 ) -> list[dict[str, nn.Module]]:
     """The runtime's MHE projections holding the fits (fp32), for the attention-output check."""
+    from ..modeling.mhe_projection import MHEProjection
+
     modules = []
     for layer_fits in fits:
         layer_modules = {}

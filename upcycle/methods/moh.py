@@ -14,15 +14,14 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
-
-import torch
+from typing import TYPE_CHECKING, Literal, get_args
 
 from ..arch import DecoderSpec, decoder_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
-from ..modeling.routers import ROUTERS
+from ..lazy import no_grad
+from ..modeling.plan import ROUTER_KINDS
 from .base import (
     Conversion,
     SourceTensor,
@@ -34,6 +33,11 @@ from .base import (
     source_parameters,
 )
 from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..lazy import torch
 
 Selection = Literal["first", "weight-norm", "contribution"]
 Rescale = Literal["none", "layer", "channel"]
@@ -141,7 +145,7 @@ def calibration_model(
     return blocks, load_for_analysis(reader.folder, source_parameters(reader), purpose)
 
 
-@torch.no_grad()
+@no_grad
 def contribution_scores(reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions) -> list[list[float]]:
     """Per layer and query head: mean L2 norm of the head's output through o_proj on calibration text."""
     blocks, model = calibration_model(reader, options, "contribution scores")  # blocks [N, T]
@@ -297,7 +301,7 @@ def _relative_error(o_moh: torch.Tensor, o_dense: torch.Tensor) -> float:
     return ((o_moh - o_dense).norm() / o_dense.norm().clamp_min(1e-12)).item()
 
 
-@torch.no_grad()
+@no_grad
 def calibration_fit(
     reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions, plans: list[dict]
 ) -> list[LayerFit]:
@@ -428,8 +432,8 @@ def router_tensors(spec: DecoderSpec, plans: list[dict], dtype: torch.dtype) -> 
 
 def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     """Plan the MoH conversion of the dense decoder behind ``reader``."""
-    if options.router not in ROUTERS:
-        raise UpcycleError(f"--router {options.router!r} is unknown; choose one of: {', '.join(ROUTERS)}")
+    if options.router not in ROUTER_KINDS:
+        raise UpcycleError(f"--router {options.router!r} is unknown; choose one of: {', '.join(ROUTER_KINDS)}")
     selection = options.shared_selection or ("contribution" if options.calibration else "weight-norm")
     if selection not in SELECTIONS:
         raise UpcycleError(f"--shared-selection {selection!r} is unknown; choose one of: {', '.join(SELECTIONS)}")

@@ -40,11 +40,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Literal, get_args
 
 from ..arch import DecoderSpec, EncoderSpec, attention_spec
 from ..checkpoint.reader import CheckpointReader
@@ -63,6 +59,13 @@ from .base import (
 )
 from .refit import REFIT_HELP, check_refit, refit_conversion, refit_plan_line
 from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+else:
+    from ..lazy import F, nn, torch
 
 Importance = Literal["gradient", "random"]
 IMPORTANCES = get_args(Importance)
@@ -195,8 +198,9 @@ def choose_removals(
     return removed
 
 
-class UnitGates(nn.Module):
-    """Gate producer with one gate per prunable unit, shared by its query heads.
+class UnitGates:
+    """Gate producer with one gate per prunable unit, shared by its query heads (the head router the calibration pass
+    attaches; a plain callable: it holds no parameters).
 
     Each forward makes a fresh leaf ``ones[B, T, units]`` (its ``.grad`` is the per-token
     dL/dxi, the unit's query heads' gradients summed) and returns it times ``keep``,
@@ -204,12 +208,11 @@ class UnitGates(nn.Module):
     """
 
     def __init__(self, keep: list[float], heads_per_unit: int):
-        super().__init__()
-        self.keep = torch.tensor(keep, dtype=torch.float32)  # [units]; a plain attribute, not state
+        self.keep = torch.tensor(keep, dtype=torch.float32)  # [units]
         self.heads_per_unit = heads_per_unit
         self.leaf: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden_states: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
         # query: [B, h, T, d] -> gates [B, T, h]
         batch, _, seq, _ = query.shape
         self.leaf = torch.ones(

@@ -37,14 +37,19 @@ import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..arch import DecoderSpec, EncoderSpec
 from ..checkpoint.reader import CheckpointReader
 from ..errors import UpcycleError
+from ..lazy import no_grad
 from .base import progress, source_parameters
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    from ..lazy import nn, torch
 
 MODES = ("none", "rescale", "lstsq")
 REFIT_HELP = (
@@ -175,7 +180,7 @@ class NormalEquations:
         return torch.linalg.solve(self.gram + ridge * torch.eye(k, dtype=torch.float64), self.cross).T  # [D, k]
 
 
-@torch.no_grad()
+@no_grad
 def refit_output_projections(
     dense: nn.Module, converted: nn.Module, blocks: torch.Tensor, mode: str, layers: list[int]
 ) -> tuple[dict[int, torch.Tensor], dict]:

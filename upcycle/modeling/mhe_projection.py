@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MHE_VARIANTS = ("mul", "add")
+from .plan import MHE_VARIANTS
 
 
 class MHEProjection(nn.Module):

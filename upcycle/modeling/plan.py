@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+ROUTER_KINDS = ("query-norm", "learned", "fitted")  # HeadGate.router: the classes are in routers.py
+MHE_VARIANTS = ("mul", "add")  # MHE.variant: how a head's embedding meets the shared projection (mhe_projection.py)
+
 
 class PlanError(ValueError):
     """A plan this runtime cannot apply."""
