@@ -143,6 +143,19 @@ def test_inspect_dense_and_converted(tmp_path, dense):
     assert_one_line_error(run("inspect", tmp_path / "nope"), "does not exist")
 
 
+def test_report_says_where_the_conversion_spent_its_time(tmp_path, dense):
+    assert run("convert", dense, tmp_path / "moh").exit_code == 0
+    report = json.loads((tmp_path / "moh" / "upcycle_report.json").read_text())
+    phases = report["timings"]
+    assert [name.split()[0] for name in phases] == ["plan", "write", "config,", "checks"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert len(report["checks"]) == 3 and all(check["seconds"] >= 0 for check in report["checks"])
+    assert (
+        sum(check["seconds"] for check in report["checks"])
+        <= phases["checks (each check's seconds are beside it)"] + 0.01
+    )
+
+
 def test_help_explains_every_command():
     assert run("--help").exit_code == 0
     assert run("--version").stdout.startswith("upcycle 0.")

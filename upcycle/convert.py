@@ -89,15 +89,26 @@ def run_checks(
     """Re-read the written folder and compare it with the plan and the sources (``copied``: output name -> (reader,
     source name) of the tensors passed through)."""
     checks = []
+    clock = time.perf_counter()
+
+    def timed(check: dict) -> dict:  # each check's cost goes in the report beside it
+        nonlocal clock
+        now = time.perf_counter()
+        check["seconds"] = round(now - clock, 3)
+        clock = now
+        return check
+
     written = CheckpointReader(folder)
     expected = {spec.name: (spec.dtype, tuple(spec.shape)) for spec in conversion.layout}
     found = {name: (written.info(name).dtype, tuple(written.info(name).shape)) for name in written.names()}
     checks.append(
-        {
-            "name": "shards re-read: headers valid, sizes match, tensors as planned",
-            "passed": found == expected,
-            "detail": f"{len(found)} tensors in {len(written.shards)} shard(s)",
-        }
+        timed(
+            {
+                "name": "shards re-read: headers valid, sizes match, tensors as planned",
+                "passed": found == expected,
+                "detail": f"{len(found)} tensors in {len(written.shards)} shard(s)",
+            }
+        )
     )
 
     if copied is None:
@@ -111,11 +122,13 @@ def run_checks(
         for n in sample
     )
     checks.append(
-        {
-            "name": "untouched tensors byte-identical to the source",
-            "passed": identical,
-            "detail": ", ".join(sample) or "none passed through",
-        }
+        timed(
+            {
+                "name": "untouched tensors byte-identical to the source",
+                "passed": identical,
+                "detail": ", ".join(sample) or "none passed through",
+            }
+        )
     )
 
     config = conversion.config
@@ -131,8 +144,14 @@ def run_checks(
         title = "plain transformers builds the model and its parameters match the files"
     if model_cls is not None:
         checks.append(
-            _parameters_check(
-                model_cls, config, {name: shape for name, (_, shape) in found.items()}, title, conversion.file_names
+            timed(
+                _parameters_check(
+                    model_cls,
+                    config,
+                    {name: shape for name, (_, shape) in found.items()},
+                    title,
+                    conversion.file_names,
+                )
             )
         )
     return checks
@@ -196,7 +215,9 @@ def convert_checkpoint(
         recover_output(out)
         if (out.exists() or out.is_symlink()) and not overwrite:
             raise UpcycleError(f"OUT {out} already exists; pass --overwrite to replace it")
+    planning = time.perf_counter()
     conversion = plan_conversion(reader, method, options)
+    timings = {"plan (the method's reads, scores and fits)": time.perf_counter() - planning}
 
     before = count_parameters([reader.info(n) for n in reader.names()])
     after = count_parameters(conversion.layout)
@@ -215,6 +236,14 @@ def convert_checkpoint(
     needed = output_bytes(conversion, folder)
     check_output_location(out, needed)
     started = time.time()
+    phase = time.perf_counter()
+
+    def lap(name: str) -> None:  # where a conversion spends its time, in the report
+        nonlocal phase
+        now = time.perf_counter()
+        timings[name] = now - phase
+        phase = now
+
     with output_parent(out), atomic_output(out, overwrite, needed_bytes=needed) as tmp:
         with ShardedWriter(tmp, conversion.layout, max_shard, metadata={"upcycle_method": method}) as writer:
             progress = tqdm(total=out_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr, disable=None)
@@ -233,13 +262,16 @@ def convert_checkpoint(
                     progress.update(tensor.numel() * tensor.element_size())
             progress.close()
             writer.close()
+        lap("write tensors (headers, copies, computed tensors)")
         (tmp / "config.json").write_text(json.dumps(conversion.config, indent=2, sort_keys=True) + "\n")
         copied = copy_support_files(folder, tmp)
         if conversion.uses_runtime:
             for file in sorted(RUNTIME_DIR.glob("*.py")):
                 if file.name != "__init__.py":
                     shutil.copyfile(file, tmp / file.name)
+        lap("config, support and runtime files")
         checks = run_checks(tmp, reader, conversion, passed_through)
+        lap("checks (each check's seconds are beside it)")
         if not all(check["passed"] for check in checks):
             failed = "; ".join(c["name"] for c in checks if not c["passed"])
             raise UpcycleError(
@@ -265,6 +297,7 @@ def convert_checkpoint(
             **conversion.report,
             "files_copied": copied,
             "checks": checks,
+            "timings": {name: round(seconds, 3) for name, seconds in timings.items()},
         }
         (tmp / "upcycle_report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_card(tmp)
