@@ -1,11 +1,14 @@
 """Benchmark `upcycle convert` on synthetic LLaMA checkpoints: against a file copy, and against mergekit-moe.
 
 Cases (--case, default all):
-  moh  `upcycle convert --method moh` (or --method) against a plain file copy of the checkpoint.
+  startup  the light commands (--help, convert --help, recipes, inspect OUT) and `import upcycle`, each beside
+       python and its imports alone.
+  moh  `upcycle convert --method moh` (or --method) against a plain file copy of the checkpoint, at each --size-gb,
+       with where the conversion spent its time (from the report).
   btx  the same four-expert Mixtral (BTX: averaged attention, top-2 FFN experts, random routers)
        built by `upcycle convert --method bam` and by `mergekit-moe`, from one synthetic checkpoint.
 
-Usage: python bench/convert.py [--case moh|btx|all] [--size-gb 4] [--shard-gb 1]
+Usage: python bench/convert.py [--case startup|moh|btx|all] [--size-gb 4 [16]] [--shard-gb N]
            [--btx-size-gb 2.07] [--btx-shard-mb 512] [--btx-repeat 1] [--mergekit PATH] [--workdir DIR] [--keep]
 """
 
@@ -32,9 +35,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from upcycle.checkpoint.writer import ShardedWriter, TensorSpec  # noqa: E402
 
-TIME_TARGET = 1.5
 MEMORY_TARGET = 0.25
-BTX_TIME_TARGET = 0.6  # upcycle / mergekit-moe wall time
+STARTUP_TARGET = 0.5  # seconds, wall, for each light command
+IMPORT_MARGIN = 0.3  # seconds `import upcycle` may add to `import torch, transformers`
+BTX_TIME_TARGET = 0.5  # upcycle / mergekit-moe wall time
 BTX_MEMORY_TARGET = 0.3  # upcycle / mergekit-moe peak RSS
 BTX_EXPERTS = 4
 BF16 = torch.bfloat16
@@ -162,7 +166,7 @@ def copy_folder(src: Path, dst: Path) -> float:
 
 
 def convert_command(src: Path, out: Path, method: str, *options: str) -> list[str]:
-    return [sys.executable, "-m", "upcycle.cli", "convert", str(src), str(out), "--method", method, *options]
+    return [sys.executable, "-m", "upcycle", "convert", str(src), str(out), "--method", method, *options]
 
 
 # A small launcher runs the command: on Linux a child's ru_maxrss starts at its parent's RSS at exec,
@@ -236,10 +240,35 @@ def synthetic_checkpoint(
     return src
 
 
-def moh_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, float], Path]) -> int:
-    """`upcycle convert --method METHOD` against a plain copy; 0 if both targets are met, 1 if not, 2 on failure."""
-    print(f"== {args.method}: upcycle convert against a file copy ==")
-    src = synthetic_checkpoint(workdir, args.size_gb, args.shard_gb, made)
+def time_target(size_gb: float) -> float:
+    """convert / copy target: 1.5 up to a few GB, 1.3 at LLaMA-3-8B size (16 GB), where start-up weighs less."""
+    return 1.3 if size_gb >= 16 else 1.5
+
+
+def shard_gb_for(args: argparse.Namespace, size_gb: float) -> float:
+    """--shard-gb, or 1 GB shards below 16 GB and 5 GB ones (LLaMA-3-8B's) from there."""
+    return args.shard_gb if args.shard_gb is not None else (5.0 if size_gb >= 16 else 1.0)
+
+
+def print_timings(report: dict, convert_seconds: float, startup_seconds: float) -> None:
+    """Where the conversion spent its time: start-up, then the report's phases and checks, then the rest."""
+    phases = report.get("timings", {})
+    print(f"  where the time went ({convert_seconds:.2f} s):")
+    print(f"    {startup_seconds:6.2f} s  start-up (python + imports of `upcycle convert`, measured alone)")
+    for name, seconds in phases.items():
+        print(f"    {seconds:6.2f} s  {name}")
+        if name.startswith("checks"):
+            for check in report.get("checks", []):
+                print(f"    {'':8}  {check.get('seconds', 0):6.2f} s  {check['name']}")
+    rest = convert_seconds - startup_seconds - sum(phases.values())
+    print(f"    {rest:6.2f} s  the rest (source opened and checked, card, rename into place, exit)")
+
+
+def moh_size(args: argparse.Namespace, workdir: Path, made: dict, size_gb: float) -> int:
+    """One row of the moh case: 0 if both targets are met, 1 if not, 2 on failure."""
+    shard_gb = shard_gb_for(args, size_gb)
+    print(f"-- {size_gb:g} GB in {shard_gb:g} GB shards --")
+    src = synthetic_checkpoint(workdir, size_gb, shard_gb, made)
     copy_dst, out, log = workdir / "copy", workdir / "out", workdir / "convert.log"
     checkpoint_bytes = folder_bytes(src)
 
@@ -248,7 +277,7 @@ def moh_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, fl
     os.sync()
     print(
         "page cache: the OS cache cannot be dropped, so one warm-up copy ran first; "
-        "copy and convert both read warm files"
+        "copy and convert both read the files as the cache left them"
     )
     copy_seconds = copy_folder(src, copy_dst)
     shutil.rmtree(copy_dst)
@@ -262,26 +291,103 @@ def moh_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, fl
         print(log_tail(log))
         return 2
     _, import_seconds, import_rss, *_ = run_measured(
-        [sys.executable, "-c", "import upcycle.cli"], workdir / "import.log"
+        [sys.executable, "-c", "import upcycle.convert"], workdir / "import.log"
     )
+    report = json.loads((out / "upcycle_report.json").read_text())
+    shutil.rmtree(out)
 
+    target = time_target(size_gb)
     time_ratio = convert_seconds / copy_seconds
     memory_ratio = peak_rss / checkpoint_bytes
-    print(f"checkpoint size      {gb(checkpoint_bytes)}  (output {gb(folder_bytes(out))})")
+    print(f"checkpoint size      {gb(checkpoint_bytes)}")
     print(f"copy time            {copy_seconds:.2f} s")
     print(f"convert time         {convert_seconds:.2f} s")
+    print_timings(report, convert_seconds, import_seconds)
     print(
-        f"  of which start-up  {import_seconds:.2f} s  (python + torch + transformers import, measured alone; "
-        f"convert minus start-up / copy = {(convert_seconds - import_seconds) / copy_seconds:.2f})"
+        f"convert peak RSS     {peak_rss / 2**20:.0f} MiB  "
+        f"(importing upcycle.convert alone: {import_rss / 2**20:.0f} MiB)"
     )
-    print(
-        f"convert peak RSS     {peak_rss / 2**20:.0f} MiB  (importing upcycle.cli alone: {import_rss / 2**20:.0f} MiB)"
-    )
-    print(f"convert / copy time  {time_ratio:.2f}  target <= {TIME_TARGET}   {verdict(time_ratio, TIME_TARGET)}")
+    print(f"convert / copy time  {time_ratio:.2f}  target <= {target}   {verdict(time_ratio, target)}")
     print(
         f"peak RSS / size      {memory_ratio:.3f}  target <= {MEMORY_TARGET}  {verdict(memory_ratio, MEMORY_TARGET)}"
     )
-    return 0 if time_ratio <= TIME_TARGET and memory_ratio <= MEMORY_TARGET else 1
+    return 0 if time_ratio <= target and memory_ratio <= MEMORY_TARGET else 1
+
+
+def moh_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, float], Path]) -> int:
+    """`upcycle convert --method METHOD` against a plain copy at each --size-gb (each source is deleted after its
+    row, so the disk holds one at a time)."""
+    print(f"== {args.method}: upcycle convert against a file copy ==")
+    worst = 0
+    for size_gb in args.size_gb:
+        worst = max(worst, moh_size(args, workdir, made, size_gb))
+        shutil.rmtree(made.pop((size_gb, shard_gb_for(args, size_gb))), ignore_errors=True)
+    return worst
+
+
+def best_wall(command: list[str], repeat: int, env: dict[str, str]) -> float:
+    """The fastest of ``repeat`` runs of ``command`` (wall seconds; output discarded)."""
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO_ROOT)
+        best = min(best, time.perf_counter() - start)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.decode(errors='replace')[-2000:]}")
+    return best
+
+
+def startup_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, float], Path]) -> int:
+    """Wall time of the light commands and of `import upcycle`, each beside python and its imports alone; 0 if every
+    target is met, 1 if not."""
+    print("== start-up: the light commands, fastest of", args.startup_repeat, "runs each ==")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed wheel has its bytecode compiled (pip does it)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO_ROOT / "upcycle")], check=True, env=env)
+    src = synthetic_checkpoint(workdir, 0.05, 1.0, made)
+    converted = workdir / "startup-moh"
+    subprocess.run(convert_command(src, converted, "moh"), check=True, env=env, capture_output=True)
+    python = [sys.executable]
+    cli = [*python, "-m", "upcycle"]
+    alone = {
+        "python": [*python, "-c", "pass"],
+        "python + import upcycle.cli": [*python, "-c", "import upcycle.cli"],
+    }
+    commands = {
+        "upcycle --help": [*cli, "--help"],
+        "upcycle convert --help": [*cli, "convert", "--help"],
+        "upcycle recipes": [*cli, "recipes"],
+        "upcycle inspect OUT": [*cli, "inspect", str(converted)],
+    }
+    imports = {
+        "import torch, transformers": [*python, "-c", "import torch, transformers"],
+        "import upcycle": [*python, "-c", "import upcycle"],
+        "import upcycle; load OUT with AutoModelForCausalLM": [
+            *python,
+            "-c",
+            f"import upcycle, transformers; transformers.AutoModelForCausalLM.from_pretrained({str(converted)!r})",
+        ],
+    }
+    walls = {name: best_wall(command, args.startup_repeat, env) for name, command in {**alone, **commands}.items()}
+    walls.update({name: best_wall(command, args.startup_repeat, env) for name, command in imports.items()})
+    worst = 0
+    print(f"{'':54}{'wall':>7}")
+    for name in alone:
+        print(f"{name:54}{walls[name]:6.2f}s")
+    for name in commands:
+        ok = walls[name] <= STARTUP_TARGET
+        worst = max(worst, 0 if ok else 1)
+        print(f"{name:54}{walls[name]:6.2f}s  target <= {STARTUP_TARGET} s  {verdict(walls[name], STARTUP_TARGET)}")
+    limit = walls["import torch, transformers"] + IMPORT_MARGIN
+    for name in imports:
+        print(f"{name:54}{walls[name]:6.2f}s")
+    ok = walls["import upcycle"] <= limit
+    worst = max(worst, 0 if ok else 1)
+    print(
+        f"import upcycle <= import torch, transformers + {IMPORT_MARGIN} s = {limit:.2f} s  "
+        f"{verdict(walls['import upcycle'], limit)} (the Auto classes register on the first lookup: the last row)"
+    )
+    return worst
 
 
 def safetensors_layout(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -444,7 +550,7 @@ def btx_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, fl
         ],
     }
     startup = {
-        "upcycle": [sys.executable, "-c", "import upcycle.cli"],
+        "upcycle": [sys.executable, "-c", "import upcycle.convert"],
         "mergekit": [str(Path(mergekit).parent / "python"), "-c", "import mergekit.scripts.moe"],
     }
     outputs = {"upcycle": ours, "mergekit": theirs}
@@ -497,10 +603,24 @@ def btx_case(args: argparse.Namespace, workdir: Path, made: dict[tuple[float, fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=("moh", "btx", "all"), default="all", help="what to run (default all)")
-    parser.add_argument("--size-gb", type=float, default=4.0, help="moh: checkpoint size to synthesise (default 4)")
     parser.add_argument(
-        "--shard-gb", type=float, default=1.0, help="moh: shard size of the synthetic checkpoint (default 1)"
+        "--case", choices=("startup", "moh", "btx", "all"), default="all", help="what to run (default all)"
+    )
+    parser.add_argument(
+        "--size-gb",
+        type=float,
+        nargs="+",
+        default=[4.0],
+        help="moh: checkpoint sizes to synthesise, one row each (default 4; 16 is LLaMA-3-8B's size)",
+    )
+    parser.add_argument(
+        "--shard-gb",
+        type=float,
+        default=None,
+        help="moh: shard size of the synthetic checkpoints (default 1, and 5 from 16 GB up)",
+    )
+    parser.add_argument(
+        "--startup-repeat", type=int, default=5, help="startup: runs per command, the fastest kept (default 5)"
     )
     parser.add_argument("--method", default="moh", help="moh: conversion method (default moh)")
     parser.add_argument(
@@ -528,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="upcycle-bench-", dir=args.workdir))
     made: dict[tuple[float, float], Path] = {}
-    cases = [moh_case, btx_case] if args.case == "all" else [moh_case if args.case == "moh" else btx_case]
+    every = {"startup": startup_case, "moh": moh_case, "btx": btx_case}
+    cases = list(every.values()) if args.case == "all" else [every[args.case]]
     try:
         return max(case(args, workdir, made) for case in cases)
     finally:

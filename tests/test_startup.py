@@ -129,11 +129,18 @@ def test_an_upcycled_config_class_builds_its_model_through_from_config(tmp_path)
     assert out.strip() == "UpcycleLlamaForCausalLM"
 
 
-def test_pending_model_types_match_the_runtime():
-    from upcycle.auto_registration import MODEL_TYPES
+def test_pending_model_types_and_class_names_match_the_runtime():
+    from upcycle.auto_registration import MODEL_TYPES, RUNTIME_CLASSES
     from upcycle.modeling.configuration_upcycle import CONFIG_CLASSES
+    from upcycle.modeling.modeling_upcycle import CAUSAL_LM_CLASSES, CLIP_CLASSES, ENCODER_CLASSES
 
     assert sorted(MODEL_TYPES) == sorted(cls.model_type for cls in CONFIG_CLASSES.values())
+    runtime = {family: {"AutoModelForCausalLM": cls} for family, cls in CAUSAL_LM_CLASSES.items()}
+    runtime |= ENCODER_CLASSES | CLIP_CLASSES
+    assert set(RUNTIME_CLASSES) == set(runtime) == set(CONFIG_CLASSES)
+    for family, (config_name, models) in RUNTIME_CLASSES.items():
+        assert config_name == CONFIG_CLASSES[family].__name__
+        assert models == {auto: cls.__name__ for auto, cls in runtime[family].items()}
 
 
 def test_router_and_variant_names_match_the_runtime():
@@ -143,3 +150,25 @@ def test_router_and_variant_names_match_the_runtime():
 
     assert tuple(ROUTERS) == ROUTER_KINDS
     assert runtime_variants is MHE_VARIANTS
+
+
+def test_the_program_exits_at_once_after_a_conversion_with_everything_written(tmp_path):
+    dense = build_dense(tmp_path / "dense")
+    out = tmp_path / "moh"
+    done = subprocess.run(
+        [sys.executable, "-m", "upcycle", "convert", str(dense), str(out), "--method", "moh"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith(f"wrote {out}")  # stdout flushed before the immediate exit
+    report = json.loads((out / "upcycle_report.json").read_text())
+    assert all(check["passed"] for check in report["checks"])
+    failed = subprocess.run(
+        [sys.executable, "-m", "upcycle", "convert", str(dense), str(out), "--method", "moh"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert failed.returncode == 1 and failed.stderr.startswith("error: ") and "--overwrite" in failed.stderr

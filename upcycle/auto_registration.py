@@ -15,7 +15,20 @@ import importlib.util
 import sys
 from collections.abc import Callable
 
-MODEL_TYPES = tuple(f"upcycle_{family}" for family in ("llama", "mistral", "qwen2", "qwen3", "bert", "clip"))
+# family -> (config class, {Auto class: model class}) of the runtime (modeling/modeling_upcycle.py defines them; the
+# names are here so that a conversion writes its auto_map without importing transformers' modeling code)
+RUNTIME_CLASSES: dict[str, tuple[str, dict[str, str]]] = {
+    "llama": ("UpcycleLlamaConfig", {"AutoModelForCausalLM": "UpcycleLlamaForCausalLM"}),
+    "mistral": ("UpcycleMistralConfig", {"AutoModelForCausalLM": "UpcycleMistralForCausalLM"}),
+    "qwen2": ("UpcycleQwen2Config", {"AutoModelForCausalLM": "UpcycleQwen2ForCausalLM"}),
+    "qwen3": ("UpcycleQwen3Config", {"AutoModelForCausalLM": "UpcycleQwen3ForCausalLM"}),
+    "bert": ("UpcycleBertConfig", {"AutoModel": "UpcycleBertModel", "AutoModelForMaskedLM": "UpcycleBertForMaskedLM"}),
+    "clip": (
+        "UpcycleCLIPConfig",
+        {"AutoModel": "UpcycleCLIPModel", "AutoModelForZeroShotImageClassification": "UpcycleCLIPModel"},
+    ),
+}
+MODEL_TYPES = tuple(f"upcycle_{family}" for family in RUNTIME_CLASSES)
 # the mappings register_auto_classes writes into, by module: only those need pending entries
 MAPPINGS = {
     "transformers.models.auto.configuration_auto": ("CONFIG_MAPPING",),

@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
+_EXIT_AT_ONCE: list[bool] = []  # set by a command that finished with nothing left to clean up (see run)
 
 
 def _run(action: Callable[[], T], interrupted: str = "nothing was written") -> T:
@@ -239,6 +240,7 @@ class ConvertCommand:
 
         written: list[Path] = []
         _run(terminable)
+        _EXIT_AT_ONCE.append(True)  # everything is written and closed: nothing left for the interpreter's teardown
 
 
 @dataclass(frozen=True)
@@ -649,5 +651,20 @@ def main(args: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``upcycle`` program: :func:`main`, then, after a conversion, an immediate exit: the interpreter's teardown
+    of torch and transformers takes about a second and has nothing left to do (files are closed, output flushed)."""
+    code = main()
+    if code == 0 and _EXIT_AT_ONCE:
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -7,10 +7,11 @@ import json
 import math
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -30,6 +31,11 @@ from .checkpoint.writer import (
 from .errors import UpcycleError
 from .methods import ChunkedTensor, Conversion, SourceTensor, method_spec
 from .paths import refuse_inputs_inside
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .lazy import torch
 
 RUNTIME_DIR = Path(__file__).parent / "modeling"
 
@@ -189,6 +195,21 @@ def _parameters_check(model_cls, config: dict, found: dict[str, tuple], title: s
     }
 
 
+def prefetch_model_code() -> threading.Thread:
+    """Import transformers' modeling code (what the build check needs: seconds, whatever the model's size) in a
+    background thread, so that it overlaps the plan and the tensor copies (which run in the kernel, off the GIL)."""
+
+    def load() -> None:
+        try:
+            import upcycle.modeling.modeling_upcycle  # noqa: F401  (torch, transformers.modeling_utils, families)
+        except Exception:  # the check imports it again and reports what fails
+            pass
+
+    thread = threading.Thread(target=load, name="upcycle-prefetch", daemon=True)
+    thread.start()
+    return thread
+
+
 def convert_checkpoint(
     src: str,
     out: Path,
@@ -204,6 +225,8 @@ def convert_checkpoint(
 
     ``card_name``: the model's name in its card (a Hub repo id when it will be pushed; default: OUT's name)."""
     max_shard = parse_size(shard_size)
+    if not dry_run:
+        prefetch_model_code()
     opened = open_source(src)  # resolved, read, and refused in one line when upcycle already converted it
     folder, reader = opened.folder, opened.reader
     out = Path(out)

@@ -15,8 +15,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from upcycle.errors import UpcycleError
 
 if TYPE_CHECKING:
@@ -59,6 +57,8 @@ def card_metadata(folder: Path) -> dict:
     match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
     if not match:
         return {}
+    import yaml  # here: reading a card is rare, and the command line starts faster without it
+
     try:
         metadata = yaml.safe_load(match.group(1))
     except yaml.YAMLError:

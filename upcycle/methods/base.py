@@ -139,35 +139,28 @@ def runtime_config(
     """
     from ..arch import DecoderSpec
     from ..arch.clip import ClipSpec
-    from ..modeling.modeling_upcycle import CAUSAL_LM_CLASSES, CLIP_CLASSES, ENCODER_CLASSES
+    from ..auto_registration import RUNTIME_CLASSES
 
+    family = "clip" if isinstance(spec, ClipSpec) else spec.model_type
+    config_class, models = RUNTIME_CLASSES[family]
     if isinstance(spec, ClipSpec):
-        classes, auto_class, tag = dict(CLIP_CLASSES["clip"]), "AutoModel", "zero-shot-image-classification"
+        classes, auto_class, tag = dict(models), "AutoModel", "zero-shot-image-classification"
         plan = {"base_model_type": "clip", "towers": layers}
     elif isinstance(spec, DecoderSpec):
-        classes, auto_class, tag = (
-            {"AutoModelForCausalLM": CAUSAL_LM_CLASSES[spec.model_type]},
-            "AutoModelForCausalLM",
-            "text-generation",
-        )
+        classes, auto_class, tag = dict(models), "AutoModelForCausalLM", "text-generation"
     else:
-        classes, auto_class, tag = (
-            {"AutoModel": ENCODER_CLASSES[spec.model_type]["AutoModel"]},
-            "AutoModel",
-            "feature-extraction",
-        )
+        classes, auto_class, tag = {"AutoModel": models["AutoModel"]}, "AutoModel", "feature-extraction"
         if spec.mlm_head:
-            classes["AutoModelForMaskedLM"] = ENCODER_CLASSES[spec.model_type]["AutoModelForMaskedLM"]
+            classes["AutoModelForMaskedLM"] = models["AutoModelForMaskedLM"]
             auto_class, tag = "AutoModelForMaskedLM", "fill-mask"
     if not isinstance(spec, ClipSpec):
         plan = {"base_model_type": spec.model_type, "layers": layers}
-    main = classes[auto_class]
     config = dict(config)
     config.update(
-        model_type=main.config_class.model_type,
-        architectures=[main.__name__],
-        auto_map={"AutoConfig": f"configuration_upcycle.{main.config_class.__name__}"}
-        | {auto: f"modeling_upcycle.{cls.__name__}" for auto, cls in classes.items()},
+        model_type=f"upcycle_{family}",
+        architectures=[classes[auto_class]],
+        auto_map={"AutoConfig": f"configuration_upcycle.{config_class}"}
+        | {auto: f"modeling_upcycle.{name}" for auto, name in classes.items()},
         upcycle={"method": method, **plan},
     )
     return config, auto_class, tag

@@ -344,7 +344,7 @@ def bundled_recipes() -> list[tuple[str, str]]:
     """(name, description) of every bundled recipe (upcycle/recipes/*.yaml)."""
     found = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # libyaml
         found.append(
             (path.stem, str(tree.get("description", "")).strip().splitlines()[0] if tree.get("description") else "")
         )
