@@ -16,8 +16,12 @@ import typer
 
 from .errors import UpcycleError
 
+SUMMARY = (
+    "Rewrite dense Hugging Face checkpoints (LLaMA-family decoders, BERT encoders, CLIP) "
+    "into more efficient or capable forms."
+)
 app = typer.Typer(
-    help="Rewrite dense Hugging Face checkpoints (LLaMA family) into more efficient or capable forms.",
+    help=SUMMARY,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -56,7 +60,7 @@ def _options(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Rewrite dense Hugging Face checkpoints (LLaMA family) into more efficient or capable forms."""
+    return None  # the summary of `upcycle --help` is SUMMARY, the Typer's help
 
 
 class AttentionBackend(str, Enum):
