@@ -163,7 +163,9 @@ def test_remote_code_does_not_require_triton(tmp_path):
         "__future__",
         "copy",
         "dataclasses",
+        "logging",
         "os",
+        "time",
         "torch",
         "transformers",
     }, required

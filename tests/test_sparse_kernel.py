@@ -165,3 +165,132 @@ def test_kernel_backend_needs_triton_on_a_gpu_or_the_interpreter(tmp_path, monke
     assert len(errors) == 1 and errors[0].startswith(
         "error: attention backend kernel: the Triton kernel needs a CUDA device"
     )
+
+
+@pytest.fixture
+def kernel_model(tmp_path):
+    """A tiny MoH model (head width 16) whose routers really choose, with fresh self-check verdicts."""
+    from upcycle.modeling import gated_attention, sparse_kernel
+
+    sparse_kernel._VERDICTS.clear()
+    gated_attention._WARNED.clear()
+    dense = build_dense(tmp_path / "dense", hidden_size=128)
+    convert_checkpoint(str(dense), tmp_path / "moh", "moh", MoHOptions(active_heads=0.75, router="learned"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moh", dtype=torch.float32).to(DEVICE)
+    with torch.no_grad():
+        for router in [m for m in model.modules() if hasattr(m, "routed_heads")]:
+            for param in router.parameters():
+                param.normal_(0, 0.5)
+    yield model
+    sparse_kernel._VERDICTS.clear()
+    gated_attention._WARNED.clear()
+
+
+def logits_with(model, backend: str, ids: torch.Tensor) -> torch.Tensor:
+    set_attention_backend(model, backend)
+    model.zero_grad()
+    out = model(ids, labels=ids)
+    out.loss.backward()  # training: the check covers the backward too
+    return out.logits.detach()
+
+
+IDS = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backward", [False, True])
+def test_self_check_passes_for_the_kernel_as_it_is(dtype, backward):
+    from upcycle.modeling.sparse_kernel import self_check
+
+    for causal, padding in [(True, False), (True, True), (False, True)]:
+        assert self_check(torch.device(DEVICE), dtype, 16, causal, padding, backward) is None
+
+
+def test_auto_uses_the_kernel_once_its_self_check_passed(kernel_model, monkeypatch, caplog):
+    from upcycle.modeling import gated_attention, sparse_kernel
+
+    calls = []
+    real = sparse_kernel.head_sparse_attention_kernel
+    monkeypatch.setattr(
+        sparse_kernel, "head_sparse_attention_kernel", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    monkeypatch.setattr(gated_attention, "auto_prefers_kernel", lambda query: True)  # as on a GPU
+    with caplog.at_level("DEBUG", logger="upcycle.modeling.sparse_kernel"):
+        auto = logits_with(kernel_model, "auto", IDS.to(DEVICE))
+    assert len(sparse_kernel._VERDICTS) == 1 and list(sparse_kernel._VERDICTS.values()) == [None]
+    assert any("self-check" in r.message and "passed in" in r.message for r in caplog.records)  # its cost, in debug
+    assert len(calls) > 2  # the check's own calls, then every layer's
+    torch.testing.assert_close(auto, logits_with(kernel_model, "masked", IDS.to(DEVICE)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("failure", ["compile error", "wrong output"])
+def test_a_failing_kernel_makes_auto_fall_back_with_one_warning_and_kernel_refuse(
+    kernel_model, monkeypatch, caplog, failure
+):
+    from upcycle.modeling import gated_attention, sparse_kernel
+
+    real = sparse_kernel.RoutedAttention.apply
+
+    def broken(*args):
+        if failure == "compile error":
+            raise RuntimeError("triton.compiler.errors.CompilationError: at 12:4: unsupported")
+        return real(*args) * 1.5
+
+    monkeypatch.setattr(sparse_kernel.RoutedAttention, "apply", broken)
+    monkeypatch.setattr(gated_attention, "auto_prefers_kernel", lambda query: True)
+    expected = logits_with(kernel_model, "torch", IDS.to(DEVICE))  # the fallback: the head-sparse torch path
+    with caplog.at_level("WARNING"):
+        got = logits_with(kernel_model, "auto", IDS.to(DEVICE))
+        logits_with(kernel_model, "auto", IDS.to(DEVICE))
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # once per kind of call, not per layer or step
+    reason = "CompilationError" if failure == "compile error" else "output differs from the masked reference"
+    assert "failed its self-check" in warnings[0] and reason in warnings[0] and "report it" in warnings[0]
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(
+        RuntimeError, match=f"attention backend kernel: the head-sparse Triton kernel failed.*{reason}"
+    ):
+        logits_with(kernel_model, "kernel", IDS.to(DEVICE))
+
+
+def test_self_check_can_be_turned_off(kernel_model, monkeypatch):
+    from upcycle.modeling import sparse_kernel
+
+    monkeypatch.setenv("UPCYCLE_KERNEL_SELF_CHECK", "0")
+    monkeypatch.setattr(sparse_kernel, "_compare_with_reference", lambda *a: pytest.fail("the check ran"))
+    logits_with(kernel_model, "kernel", IDS.to(DEVICE))
+    assert sparse_kernel._VERDICTS == {}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["head width 8", "float64", "sliding-window mask"],
+)
+def test_calls_the_kernel_does_not_take_run_the_torch_path_without_an_error(case, monkeypatch, caplog):
+    from upcycle.modeling import gated_attention, sparse_attention
+
+    width = 8 if case == "head width 8" else 16
+    dtype = torch.float64 if case == "float64" else torch.float32
+    query, key, value, gates, keep, shared, routed = make_case(1, 4, 2, 12, 0, width, 0.5, 1, dtype, False)
+    mask = None
+    if case == "sliding-window mask":
+        positions = torch.arange(12)
+        mask = ((positions[None, :] <= positions[:, None]) & (positions[None, :] > positions[:, None] - 4))[None, None]
+
+    class Router:
+        shared_heads, routed_heads = shared, routed
+
+        def __call__(self, hidden, q):
+            return gates
+
+    module = torch.nn.Module()
+    module.head_router, module.attention_backend, module.is_causal = Router(), "kernel", True
+    torch_path = []
+    real = sparse_attention.head_sparse_attention
+    monkeypatch.setattr(
+        gated_attention, "head_sparse_attention", lambda *a, **k: torch_path.append(1) or real(*a, **k)
+    )
+    with caplog.at_level("DEBUG", logger="upcycle.modeling.gated_attention"):
+        output, _ = gated_attention.head_gated_attention(module, query, key, value, mask, router_input=None)
+    assert torch_path == [1] and output.shape == (1, 12, 4, width)
+    assert any("torch path" in r.message for r in caplog.records if r.levelname == "DEBUG")

@@ -10,6 +10,8 @@ output by them. This module is the reference ("masked") path: every head is comp
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -19,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .sparse_attention import head_sparse_attention
 
 ATTENTION_NAME = "upcycle"
+logger = logging.getLogger(__name__)
 
 
 def head_gated_attention(
@@ -47,7 +50,7 @@ def head_gated_attention(
             from .sparse_kernel import head_sparse_attention_kernel
 
             key_padding, representable = key_padding_of(attention_mask, causal, query.shape[2], key.shape[2])
-            if representable:
+            if representable and trusted_kernel(module, query, causal, key_padding is not None):
                 output = head_sparse_attention_kernel(
                     *heads,
                     key_padding,
@@ -57,6 +60,8 @@ def head_gated_attention(
                     scaling=kwargs.get("scaling"),
                 )
                 return output, None
+            if not representable:
+                logger.debug("head-sparse kernel: this attention mask is not causal-plus-padding; torch path")
         output = head_sparse_attention(
             *heads,
             attention_mask,
@@ -68,6 +73,38 @@ def head_gated_attention(
         return output, None
     output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return output * gates.unsqueeze(-1).to(output.dtype), weights
+
+
+_WARNED: set[tuple] = set()
+
+
+def trusted_kernel(module: nn.Module, query: torch.Tensor, causal: bool, padding: bool) -> bool:
+    """Whether this call may use the Triton kernel: its first-use self-check for calls of this kind (dtype, head
+    width, causal, padding, training) passed. ``auto`` falls back to the masked path with one warning that says why;
+    an explicit ``kernel`` backend raises instead."""
+    from .sparse_kernel import REPORT_URL, SELF_CHECK_ENV, self_check
+
+    backward = torch.is_grad_enabled() and query.requires_grad
+    verdict = self_check(query.device, query.dtype, query.shape[-1], causal, padding, backward)
+    if verdict is None:
+        return True
+    kind = (str(query.device), str(query.dtype).removeprefix("torch."), query.shape[-1], causal, padding, backward)
+    where = f"on {torch.cuda.get_device_name(query.device)}" if query.device.type == "cuda" else f"on {query.device}"
+    problem = f"the head-sparse Triton kernel failed its self-check {where} for {kind} ({verdict})"
+    if getattr(module, "attention_backend", "auto") == "kernel":
+        raise RuntimeError(
+            f"attention backend kernel: {problem}; use attention auto, torch or masked, and please report it at "
+            f"{REPORT_URL} (set {SELF_CHECK_ENV}=0 to run the kernel without the check)"
+        )
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        logger.warning(
+            "%s; using the masked torch path instead (same results, no head-sparse speed-up). "
+            "Please report it at %s with your GPU, torch and triton versions.",
+            problem,
+            REPORT_URL,
+        )
+    return False
 
 
 def key_padding_of(
@@ -97,26 +134,33 @@ def key_padding_of(
 BACKENDS = ("auto", "kernel", "torch", "masked")
 
 
+def auto_prefers_kernel(query: torch.Tensor) -> bool:
+    """Where ``auto`` tries the kernel: on CUDA (on the CPU the masked path is as fast end to end)."""
+    return query.device.type == "cuda"
+
+
 def attention_path(module: nn.Module, query: torch.Tensor) -> str:
     """How this call runs: ``kernel`` (Triton, only the selected pairs), ``torch`` (SDPA on gathered queries,
     only the selected pairs) or ``masked`` (every head, times the gates; the reference).
 
     ``auto`` takes the kernel on CUDA with Triton, else the masked path: on the CPU the torch path matches it
     but measured no faster end to end (per-window SDPA calls with explicit masks), so it is opt-in there.
-    Head widths the kernel cannot take (not a power of two >= 16) take the torch path. A skipped head has
-    no output, so its zero gate gets no gradient: the straight-through router gradient
-    through unselected heads exists only on the masked path.
+    Calls the kernel does not take (Triton missing, a head width that is not a power of two >= 16, a dtype other
+    than fp32/fp16/bf16) take the torch path with a debug-level note. A skipped head has no output, so its zero gate
+    gets no gradient: the straight-through router gradient through unselected heads exists only on the masked path.
     """
     backend = getattr(module, "attention_backend", "auto")
-    if backend == "auto":
-        from .sparse_kernel import kernel_unavailable_reason
+    if backend not in ("auto", "kernel"):
+        return backend
+    if backend == "auto" and not auto_prefers_kernel(query):
+        return "masked"
+    from .sparse_kernel import kernel_unavailable_reason
 
-        return "kernel" if query.device.type == "cuda" and kernel_unavailable_reason(query) is None else "masked"
-    if backend == "kernel":  # set_attention_backend checked Triton and the device; other head widths: torch path
-        from .sparse_kernel import kernel_unavailable_reason
-
-        return "kernel" if kernel_unavailable_reason(query) is None else "torch"
-    return backend
+    reason = kernel_unavailable_reason(query)
+    if reason is None:
+        return "kernel"
+    logger.debug("head-sparse kernel not used: %s; torch path", reason)
+    return "torch"
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> int:
@@ -126,11 +170,11 @@ def set_attention_backend(model: nn.Module, backend: str) -> int:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
     if backend == "kernel":
-        from .sparse_kernel import kernel_unavailable_reason
+        from .sparse_kernel import kernel_environment_reason
 
         parameter = next(model.parameters(), None)
-        reason = kernel_unavailable_reason(parameter if parameter is not None else torch.empty(0, 16))
-        if reason and "head width" not in reason:  # other head widths fall back to the torch path per call
+        reason = kernel_environment_reason(parameter.device if parameter is not None else torch.device("cpu"))
+        if reason:  # calls the kernel does not take (head width, dtype, mask) take the torch path one by one
             raise ValueError(f"attention backend kernel: {reason}; use torch, masked or auto")
     count = 0
     for module in model.modules():

@@ -13,12 +13,21 @@ through SDPA (flash/cuDNN on CUDA). Triton is imported lazily; on the CPU the ke
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .sparse_attention import head_sparse_attention
+
+logger = logging.getLogger(__name__)
+SELF_CHECK_ENV = "UPCYCLE_KERNEL_SELF_CHECK"  # 0: trust the kernel without the first-use check
+# largest error allowed, relative to the largest reference value, by input dtype (the kernel accumulates in fp32)
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+REPORT_URL = "https://github.com/upcycle-ml/upcycle/issues"
 
 
 @dataclass(frozen=True)
@@ -41,18 +50,29 @@ def default_config(device: torch.device) -> KernelConfig:
     return KernelConfig()
 
 
-def kernel_unavailable_reason(query: torch.Tensor) -> str | None:
-    """Why the kernel cannot run on ``query`` (None when it can): triton missing, not CUDA (and not the
-    interpreter), or a head width that is not a power of two >= 16."""
+def kernel_environment_reason(device: torch.device) -> str | None:
+    """Why the kernel cannot run on ``device`` at all (None when it can): triton missing, or not CUDA (and not the
+    interpreter)."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed (pip install triton)"
-    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1 to emulate it on the CPU)"
+    return None
+
+
+def kernel_unavailable_reason(query: torch.Tensor) -> str | None:
+    """Why the kernel cannot run on ``query`` (None when it can): the environment (:func:`kernel_environment_reason`),
+    a head width that is not a power of two >= 16, or a dtype other than fp32/fp16/bf16."""
+    reason = kernel_environment_reason(query.device)
+    if reason:
+        return reason
     width = query.shape[-1]
     if width < 16 or width & (width - 1):
         return f"the Triton kernel needs a head width that is a power of two >= 16, not {width}"
+    if query.dtype not in SELF_CHECK_TOLERANCE:
+        return f"the Triton kernel takes fp32, fp16 or bf16, not {str(query.dtype).removeprefix('torch.')}"
     return None
 
 
@@ -326,3 +346,100 @@ def head_sparse_attention_kernel(
         return output if output is not None else query.new_zeros(batch, length, heads, dim)
     routed = RoutedAttention.apply(query, key, value, gates, key_padding, tiles, causal, scale, config)
     return routed if output is None else output + routed
+
+
+_VERDICTS: dict[tuple, str | None] = {}
+
+
+def self_check(
+    device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool, padding: bool, backward: bool
+) -> str | None:
+    """Whether the kernel can be trusted for calls of this kind: None when a small case through it matches the masked
+    reference (outputs, and with ``backward`` the gradients of q, k, v and the gates), else why not (a compile or
+    launch error, or the largest mismatch). Run once per kind and process; ``UPCYCLE_KERNEL_SELF_CHECK=0`` skips it.
+    The case uses the same kernel variant (dtype, head width, causal, padding) as the call, so it compiles nothing the
+    call would not."""
+    if os.environ.get(SELF_CHECK_ENV, "1") == "0":
+        return None
+    kind = (str(device), dtype, head_dim, causal, padding, backward)
+    if kind not in _VERDICTS:
+        started = time.perf_counter()
+        try:
+            verdict = _compare_with_reference(device, dtype, head_dim, causal, padding, backward)
+        except Exception as error:  # compile and launch errors: any of them means the kernel is not usable here
+            text = " ".join(str(error).split())
+            verdict = f"{type(error).__name__}: {text[:200]}"
+        _VERDICTS[kind] = verdict
+        logger.debug(
+            "head-sparse kernel self-check %s: %s in %.3f s", kind, verdict or "passed", time.perf_counter() - started
+        )
+    return _VERDICTS[kind]
+
+
+def masked_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gates: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Every head through SDPA, times its gates: [B, T, h, d] (the path the kernel must equal)."""
+    batch, heads, length, _ = query.shape
+    keys = key.shape[2]
+    group = heads // key.shape[1]
+    keep = torch.ones(batch, 1, length, keys, dtype=torch.bool, device=query.device)
+    if causal:
+        keep = keep & torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(keys - length)
+    if key_padding is not None:
+        keep = keep & key_padding[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=keep, scale=scale
+    )  # [B, h, T, d]
+    return out.transpose(1, 2) * gates[..., None]
+
+
+def _compare_with_reference(
+    device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool, padding: bool, backward: bool
+) -> str | None:
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length = 2, 4, 2, 40
+    shared, routed = [0], [1, 2, 3]
+
+    def sample(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    query, key = sample(batch, heads, length, head_dim), sample(batch, kv_heads, length, head_dim)
+    value = sample(batch, kv_heads, length, head_dim)
+    choice = torch.rand(batch, length, len(routed), generator=generator).argsort(-1) < 2  # top-2 of 3 routed heads
+    gates = torch.cat(
+        [torch.ones(batch, length, 1), choice * (0.5 + torch.rand(choice.shape, generator=generator))], -1
+    )
+    key_padding = None
+    if padding:
+        key_padding = torch.ones(batch, length, dtype=torch.bool)
+        key_padding[1, length - 7 :] = False  # right padding: every query still sees a real key
+    weights = sample(batch, length, heads, head_dim)
+    scale = head_dim**-0.5
+    inputs = [t.to(device, dtype).requires_grad_(backward) for t in (query, key, value, gates)]
+    exact = [t.to(device, torch.float32).requires_grad_(backward) for t in (query, key, value, gates)]
+    padding_on_device = None if key_padding is None else key_padding.to(device)
+    with torch.enable_grad() if backward else torch.no_grad():
+        got = head_sparse_attention_kernel(*inputs, padding_on_device, shared, routed, causal=causal, scaling=scale)
+        expected = masked_reference(*exact, padding_on_device, causal, scale)
+        pairs = [("output", got.float(), expected)]
+        if backward:
+            weights = weights.to(device)
+            got_grads = torch.autograd.grad((got.float() * weights).sum(), inputs)
+            expected_grads = torch.autograd.grad((expected * weights).sum(), exact)
+            names = ("query gradient", "key gradient", "value gradient")
+            pairs += [(n, g.float(), e) for n, g, e in zip(names, got_grads, expected_grads)]
+            chosen = exact[3] != 0  # a skipped (token, head) pair has no output, so no gate gradient on this path
+            pairs.append(("gate gradient", got_grads[3].float()[chosen], expected_grads[3][chosen]))
+    tolerance = SELF_CHECK_TOLERANCE.get(dtype, 4e-2)
+    for name, got_value, expected_value in pairs:
+        error = ((got_value - expected_value).abs().max() / expected_value.abs().max().clamp_min(1e-6)).item()
+        if not error <= tolerance:  # also catches NaN
+            return f"{name} differs from the masked reference by {error:.2e} (relative; tolerance {tolerance:.0e})"
+    return None
