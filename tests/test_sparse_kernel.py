@@ -294,3 +294,26 @@ def test_calls_the_kernel_does_not_take_run_the_torch_path_without_an_error(case
         output, _ = gated_attention.head_gated_attention(module, query, key, value, mask, router_input=None)
     assert torch_path == [1] and output.shape == (1, 12, 4, width)
     assert any("torch path" in r.message for r in caplog.records if r.levelname == "DEBUG")
+
+
+def test_offsets_past_two_to_the_31_elements_address_the_right_rows():
+    """The second sequence's queries start 2**31 elements into their storage (fp16: 4 GB of address space, of which
+    only the touched pages are resident): the kernel must read them there, not at a wrapped int32 offset. Compiled
+    for a GPU, int32 offsets would wrap here; Triton's CPU interpreter computes offsets in int64 whatever the kernel
+    says, so on the CPU this checks the addressing of strided inputs, and the GPU run (bench/gpu.sh) the int64 math."""
+    from upcycle.modeling.sparse_kernel import masked_reference
+
+    batch, heads, length, width = 2, 2, 16, 16
+    generator = torch.Generator().manual_seed(0)
+    compact = torch.randn(batch, heads, length, width, generator=generator).half()
+    storage = torch.empty(2**31 + heads * length * width, dtype=torch.float16, device=DEVICE)
+    query = storage.as_strided(compact.shape, (2**31, length * width, width, 1))
+    query.copy_(compact.to(DEVICE))
+    key, value = (torch.randn(batch, 1, length, width, generator=generator).half().to(DEVICE) for _ in range(2))
+    gates = torch.ones(batch, length, heads, dtype=torch.float16, device=DEVICE)
+    gates[:, ::2, 1] = 0
+    got = head_sparse_attention_kernel(query, key, value, gates, None, [], [0, 1], causal=True)
+    expected = masked_reference(
+        compact.float().to(DEVICE), key.float(), value.float(), gates.float(), None, True, width**-0.5
+    )
+    torch.testing.assert_close(got.float(), expected, atol=3e-3, rtol=3e-3)

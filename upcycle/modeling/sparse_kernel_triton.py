@@ -78,15 +78,16 @@ def routed_forward(
 ):
     """One tile: online softmax over the key blocks it can see; writes gated rows to ``out`` [B, T, h, D],
     ungated rows and their log-sum-exp to the packed buffers (for the backward)."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # last tiles read the most keys: start them first
-    batch = tl.load(tile_batch_ptr + tile)
-    head = tl.load(tile_head_ptr + tile)
+    # indices in int64: batch x heads x positions x width can pass 2**31 elements, and int32 offsets would wrap
+    tile = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)  # last tiles read the most keys: first
+    batch = tl.load(tile_batch_ptr + tile).to(tl.int64)
+    head = tl.load(tile_head_ptr + tile).to(tl.int64)
     keys = tl.load(tile_keys_ptr + tile)
     kv = head // group
     slots = tile * BM + tl.arange(0, BM)
     tokens = tl.load(rows_ptr + slots)  # [BM], -1 for padding rows
     valid = tokens >= 0
-    tokens = tl.where(valid, tokens, 0)
+    tokens = tl.where(valid, tokens, 0).to(tl.int64)
     dims = tl.arange(0, D)
     q = tl.load(
         q_ptr + batch * sq_b + head * sq_h + tokens[:, None] * sq_t + dims[None, :], mask=valid[:, None], other=0.0
@@ -95,7 +96,7 @@ def routed_forward(
     total = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, D), tl.float32)
     for start in range(0, keys, BN):
-        cols = start + tl.arange(0, BN)
+        cols = (start + tl.arange(0, BN)).to(tl.int64)
         inside = cols < keys
         k = tl.load(
             k_ptr + batch * sk_b + kv * sk_h + cols[:, None] * sk_t + dims[None, :], mask=inside[:, None], other=0.0
@@ -159,15 +160,15 @@ def routed_backward_query(
 ):
     """dQ of one tile: ``grad`` is the packed gradient of the ungated output (upstream gradient times the gate),
     ``delta`` its row-wise product with the ungated output. Writes the tile's rows of dq [B, h, T, D]."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    batch = tl.load(tile_batch_ptr + tile)
-    head = tl.load(tile_head_ptr + tile)
+    tile = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)  # int64 indices, as in routed_forward
+    batch = tl.load(tile_batch_ptr + tile).to(tl.int64)
+    head = tl.load(tile_head_ptr + tile).to(tl.int64)
     keys = tl.load(tile_keys_ptr + tile)
     kv = head // group
     slots = tile * BM + tl.arange(0, BM)
     tokens = tl.load(rows_ptr + slots)
     valid = tokens >= 0
-    tokens = tl.where(valid, tokens, 0)
+    tokens = tl.where(valid, tokens, 0).to(tl.int64)
     dims = tl.arange(0, D)
     q = tl.load(
         q_ptr + batch * sq_b + head * sq_h + tokens[:, None] * sq_t + dims[None, :], mask=valid[:, None], other=0.0
@@ -177,7 +178,7 @@ def routed_backward_query(
     delta = tl.load(delta_ptr + slots)
     dq = tl.zeros((BM, D), tl.float32)
     for start in range(0, keys, BN):
-        cols = start + tl.arange(0, BN)
+        cols = (start + tl.arange(0, BN)).to(tl.int64)
         inside = cols < keys
         k = tl.load(
             k_ptr + batch * sk_b + kv * sk_h + cols[:, None] * sk_t + dims[None, :], mask=inside[:, None], other=0.0
@@ -238,9 +239,9 @@ def routed_backward_key_value(
     """dK, dV of one key block of one (sequence, KV head): loops over the tiles of the routed query heads
     that read this KV head, from the first tile that sees the block (``first_tile`` [B, h, blocks]) to the
     head's last (``end_tile`` [B, h]). Writes the block's rows of dk, dv [B, g, S, D] (routed heads' share)."""
-    block = tl.program_id(0)
-    batch = tl.program_id(1) // (heads // group)
-    kv = tl.program_id(1) % (heads // group)
+    block = tl.program_id(0).to(tl.int64)  # int64 indices, as in routed_forward
+    batch = (tl.program_id(1) // (heads // group)).to(tl.int64)
+    kv = (tl.program_id(1) % (heads // group)).to(tl.int64)
     dims = tl.arange(0, D)
     cols = block * BN + tl.arange(0, BN)
     inside = cols < keys
@@ -254,13 +255,13 @@ def routed_backward_key_value(
     dv = tl.zeros((BN, D), tl.float32)
     for member in range(0, group):
         head = kv * group + member
-        first = tl.load(first_tile_ptr + batch * sf_b + head * sf_h + block)
-        end = tl.load(end_tile_ptr + batch * se_b + head)
+        first = tl.load(first_tile_ptr + batch * sf_b + head * sf_h + block).to(tl.int64)
+        end = tl.load(end_tile_ptr + batch * se_b + head).to(tl.int64)
         for tile in range(first, end):
             slots = tile * BM + tl.arange(0, BM)
             tokens = tl.load(rows_ptr + slots)
             valid = tokens >= 0
-            tokens = tl.where(valid, tokens, 0)
+            tokens = tl.where(valid, tokens, 0).to(tl.int64)
             q = tl.load(
                 q_ptr + batch * sq_b + head * sq_h + tokens[:, None] * sq_t + dims[None, :],
                 mask=valid[:, None],
