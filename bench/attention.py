@@ -75,9 +75,33 @@ def routing(
     return gates, shared, routed
 
 
+DENSE_BACKENDS: list = []  # the SDPA backends dense may use (set in main: flash alone where it runs)
+
+
 def dense(query, key, value):
     causal = query.shape[2] > 1  # a decode step (one query after the cache) sees every key
+    if DENSE_BACKENDS:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(DENSE_BACKENDS):
+            return F.scaled_dot_product_attention(query, key, value, is_causal=causal, enable_gqa=True).transpose(1, 2)
     return F.scaled_dot_product_attention(query, key, value, is_causal=causal, enable_gqa=True).transpose(1, 2)
+
+
+def dense_backend(device: str, dtype: torch.dtype) -> str:
+    """Pin dense SDPA to its flash backend where it runs (CUDA, fp16/bf16) and say which backend the baseline uses."""
+    if device != "cuda":
+        return "SDPA's CPU kernel"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    probe = torch.randn(1, 2, 64, DIM, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            F.scaled_dot_product_attention(probe, probe, probe, is_causal=True)
+    except RuntimeError as error:
+        return f"SDPA's own choice (flash refused: {' '.join(str(error).split())[:120]})"
+    DENSE_BACKENDS[:] = [SDPBackend.FLASH_ATTENTION]
+    return "SDPA flash"
 
 
 def masked(query, key, value, gates):
@@ -294,6 +318,26 @@ def end_to_end(device: str, dtype: torch.dtype, length: int, batch: int, steps: 
             print(f"| {name} | {backend} | {speed:,.0f} | {speed / base:.2f} |", flush=True)
 
 
+def self_check_cost(device: torch.device, dtype: torch.dtype) -> None:
+    """The kernel's first-use self-check, timed: once with compilation (the first call of a process, which compiles
+    the variants the run uses anyway) and once more with the kernels compiled (the check's own cost)."""
+    from upcycle.modeling import sparse_kernel
+
+    for backward in (False, True):
+        times = []
+        for _ in range(2):
+            sparse_kernel._VERDICTS.clear()
+            start = time.perf_counter()
+            verdict = sparse_kernel.self_check(device, dtype, DIM, True, False, backward)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        print(
+            f"kernel self-check ({'forward+backward' if backward else 'forward'}): {verdict or 'passed'}; "
+            f"{times[0]:.3f} s with compilation, {times[1]:.3f} s compiled (target < 1 s on a GPU)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -335,9 +379,11 @@ def main() -> None:
         f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, {args.dtype}, "
         f"{HEADS} query heads, {KV_HEADS} KV heads, head width {DIM}, half the heads shared; "
         f"B*T = {args.tokens}; median of {args.repeats}; "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}; dense baseline: {dense_backend(args.device, dtype)}"
         + (f"; kernel configs {configs}" if kernel else "; no kernel column (needs CUDA and Triton)")
     )
+    if kernel:
+        self_check_cost(probe.device, dtype)
     if args.check and kernel:
         check(args.device, dtype, configs[0])
     modes = [("forward", False)] + ([("forward+backward", True)] if args.backward else [])
