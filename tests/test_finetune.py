@@ -333,6 +333,42 @@ def test_two_processes_match_one(workspace):
         torch.testing.assert_close(rank0[name], runs[1][0][name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_the_bundled_fsdp_config_on_two_cpu_processes_saves_resumes_and_equals_one_process(workspace):
+    """recipes/fsdp-8gpu.yaml with 2 processes on the CPU: accelerate runs FSDP configs as DDP there (it enables FSDP
+    only for GPU-like devices), which upcycle says; the run stops, resumes and ends where one process does."""
+    from upcycle.train.recipe import RECIPES_DIR
+
+    tmp_path, _, data = workspace
+    config = yaml.safe_load((RECIPES_DIR / "fsdp-8gpu.yaml").read_text())
+    assert config["distributed_type"] == "FSDP"
+    config |= {"num_processes": 2, "mixed_precision": "no", "use_cpu": True}
+    (tmp_path / "fsdp-cpu.yaml").write_text(yaml.safe_dump(config))
+    env = os.environ | {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    folders = {name: tmp_path / name for name in ("one", "two")}
+    recipes = {}
+    for name, folder in folders.items():
+        folder.mkdir()
+        recipes[name] = write_recipe(folder, tmp_path / "moh", data, training__steps=4, training__eval_every=0)
+    run_finetune(load_recipe(str(recipes["one"])))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp-cpu.yaml")]
+    for port, extra in ((29531, ["--stop-after", "2"]), (29532, ["--resume"])):
+        result = subprocess.run(
+            [*launch, "--main_process_port", str(port), "-m", "upcycle", "finetune", str(recipes["two"]), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "asks for FSDP, but accelerate runs it as MULTI_CPU" in result.stderr
+    assert (folders["two"] / "run" / "checkpoints" / "step-0000002").is_dir()
+    one, two = final_weights(folders["one"] / "run"), final_weights(folders["two"] / "run")
+    assert set(one) == set(two)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+
+
 def test_attention_backend_from_the_recipe(workspace, monkeypatch):
     """``attention: torch`` trains through the head-sparse path; ``masked`` never does while training."""
     from upcycle.modeling import gated_attention

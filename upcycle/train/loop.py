@@ -380,6 +380,12 @@ class Trainer:
 
         kind = self.accelerator.distributed_type
         self._sharded = kind == DistributedType.FSDP
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not self._sharded:
+            # accelerate (state.py) turns FSDP on only for GPU-like devices: on the CPU it stays MULTI_CPU (DDP)
+            self._print(
+                f"warning: the accelerate config asks for FSDP, but accelerate runs it as {kind.value} on "
+                f"{self.accelerator.device}: every process holds the whole model and optimizer (DDP); FSDP needs GPUs"
+            )
         checkpoints = resume or stop_after is not None or recipe.training.save_every > 0
         if checkpoints and kind not in (
             DistributedType.NO,
