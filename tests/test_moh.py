@@ -303,3 +303,35 @@ def test_fits_need_calibration_and_dry_run_skips_them(tmp_path, dense, calibrati
         is None
     )
     assert not (tmp_path / "moh").exists()
+
+
+@pytest.mark.parametrize("router", ["query-norm", "learned"])
+def test_weight_norm_scores_computed_beside_the_copies_give_the_plan_of_scoring_first(tmp_path, router):
+    from upcycle.checkpoint.reader import CheckpointReader
+    from upcycle.methods import moh
+
+    dense = build_dense(tmp_path / "dense", seed=5)
+    report = convert_checkpoint(str(dense), tmp_path / "moh", "moh", MoHOptions(active_heads=0.75, router=router))
+    reader = CheckpointReader(dense)
+    spec = moh.decoder_spec(reader.config, str(dense))
+    scores = moh.weight_norm_scores(reader, spec)
+    options = MoHOptions(active_heads=0.75, router=router)
+    shared, top_k = moh.head_counts(spec.num_heads, options.shared_heads, options.active_heads)
+    expected = moh.layer_plans(spec, router, shared, top_k, scores)
+    config = json.loads((tmp_path / "moh" / "config.json").read_text())
+    assert [layer["head_gate"] for layer in config["upcycle"]["layers"]] == [p["head_gate"] for p in expected]
+    assert report["head_scores"] == scores and report["plan"]["layers"] == config["upcycle"]["layers"]
+    assert any(line.startswith("layer") for line in report["plan_lines"])
+
+
+def test_an_error_while_scoring_beside_the_copies_leaves_nothing(tmp_path, monkeypatch):
+    from upcycle.methods import moh
+
+    def broken(reader, spec):
+        raise UpcycleError("model.layers.1.self_attn.o_proj.weight could not be read; re-download the checkpoint")
+
+    monkeypatch.setattr(moh, "weight_norm_scores", broken)
+    dense = build_dense(tmp_path / "dense")
+    with pytest.raises(UpcycleError, match="could not be read"):
+        convert_checkpoint(str(dense), tmp_path / "moh", "moh", MoHOptions(active_heads=0.75))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]

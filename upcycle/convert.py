@@ -247,12 +247,19 @@ def convert_checkpoint(
             raise UpcycleError(f"OUT {out} already exists; pass --overwrite to replace it")
     planning = time.perf_counter()
     conversion = plan_conversion(reader, method, options)
+    settle = conversion.settle
+    if dry_run and settle is not None:
+        settle()
+        settle = None
     timings = {"plan (the method's reads, scores and fits)": time.perf_counter() - planning}
 
     before = count_parameters([reader.info(n) for n in reader.names()])
     after = count_parameters(conversion.layout)
     out_bytes = sum(spec.nbytes for spec in conversion.layout)
-    print("\n".join(conversion.plan_lines))
+    if settle is None:
+        print("\n".join(conversion.plan_lines))
+    else:
+        print(f"{method} plan: scored while the tensors are copied, printed when they are written")
     change = f"{after - before:+,} new" if after >= before else f"{after - before:+,}, {1 - after / before:.1%} fewer"
     print(f"parameters: {before:,} -> {after:,} ({change})")
     print(
@@ -293,6 +300,10 @@ def convert_checkpoint(
             progress.close()
             writer.close()
         lap("write tensors (headers, copies, computed tensors)")
+        if settle is not None:
+            settle()
+            print("\n".join(conversion.plan_lines))
+            lap("plan, the part settled beside the copies (waited for after them)")
         (tmp / "config.json").write_text(json.dumps(conversion.config, indent=2, sort_keys=True) + "\n")
         copied = copy_support_files(folder, tmp)
         if conversion.uses_runtime:

@@ -60,6 +60,34 @@ class Conversion:
     uses_runtime: bool = True
     auto_class: str = "AutoModelForCausalLM"  # how the output loads (model card)
     pipeline_tag: str = "text-generation"
+    # work that decides only config, plan_lines and report (no tensor), run beside the tensor copies: the pipeline
+    # calls settle() once the tensors are written (at once for --dry-run) and only then prints the plan
+    settle: Callable[[], None] | None = None
+
+
+class Background:
+    """``work()`` running in a thread from now on; :meth:`result` waits for it and raises what it raised."""
+
+    def __init__(self, work: Callable[[], object], name: str):
+        import threading
+
+        self._value: object = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = work()
+            except BaseException as error:  # re-raised in the caller's thread by result()
+                self._error = error
+
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
+
+    def result(self) -> object:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def progress(items: Iterable, label: str, *, unit: str = "it") -> Iterable:

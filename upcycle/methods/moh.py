@@ -23,6 +23,7 @@ from ..errors import UpcycleError
 from ..lazy import no_grad
 from ..modeling.plan import ROUTER_KINDS
 from .base import (
+    Background,
     Conversion,
     SourceTensor,
     check_source,
@@ -462,19 +463,25 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
         )
     check_source(reader, spec, options)
 
+    fit = top_k < spec.num_heads - shared_count and (options.router == "fitted" or options.rescale != "none")
+    scoring = None
     if selection == "first":
+        scores = None
+    elif selection == "weight-norm" and not fit:
+        # the scores pick the shared heads, which changes config.json and no tensor (the router tensors' shapes
+        # depend on the head counts only): they are computed beside the copies, and the plan is settled after them
+        scoring = Background(lambda: weight_norm_scores(reader, spec), "moh-weight-norm")
         scores = None
     elif selection == "weight-norm":
         scores = weight_norm_scores(reader, spec)
     else:
         scores = contribution_scores(reader, spec, options)
-    plans = layer_plans(spec, options.router, shared_count, top_k, scores)
+    plans = layer_plans(spec, options.router, shared_count, top_k, scores)  # with scoring: the shapes, for now
 
     dtype = reader.info(spec.attention(0, "q_proj")).dtype
     passthrough = source_layout(reader)
     new = router_tensors(spec, plans, dtype)
 
-    fit = top_k < spec.num_heads - shared_count and (options.router == "fitted" or options.rescale != "none")
     active = shared_count + top_k
     settings = recorded_options(options) | {
         "shared_selection": selection,
@@ -522,7 +529,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
             )
 
     config, _, _ = runtime_config(reader.config, spec, "moh", plans)
-    return Conversion(
+    conversion = Conversion(
         method="moh",
         config=config,
         layout=passthrough + new,
@@ -544,6 +551,17 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
             )
         ),
     )
+    if scoring is not None:
+
+        def settle() -> None:
+            scored = scoring.result()
+            plans[:] = layer_plans(spec, options.router, shared_count, top_k, scored)
+            report["head_scores"] = scored
+            conversion.config = runtime_config(reader.config, spec, "moh", plans)[0]
+            conversion.plan_lines = plan_printout(spec, plans, selection)
+
+        conversion.settle = settle
+    return conversion
 
 
 def plan_printout(spec: DecoderSpec, plans: list[dict], selection: str) -> list[str]:
