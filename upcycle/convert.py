@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ from .checkpoint.writer import (
 )
 from .errors import UpcycleError
 from .methods import ChunkedTensor, Conversion, SourceTensor, method_spec
+from .methods.base import Background
 from .paths import refuse_inputs_inside
 
 if TYPE_CHECKING:
@@ -95,13 +95,10 @@ def run_checks(
     """Re-read the written folder and compare it with the plan and the sources (``copied``: output name -> (reader,
     source name) of the tensors passed through)."""
     checks = []
-    clock = time.perf_counter()
+    watch = Stopwatch()
 
     def timed(check: dict) -> dict:  # each check's cost goes in the report beside it
-        nonlocal clock
-        now = time.perf_counter()
-        check["seconds"] = round(now - clock, 3)
-        clock = now
+        check["seconds"] = round(watch.lap(), 3)
         return check
 
     written = CheckpointReader(folder)
@@ -195,10 +192,21 @@ def _parameters_check(model_cls, config: dict, found: dict[str, tuple], title: s
     }
 
 
-def prefetch_model_code() -> threading.Thread:
+class Stopwatch:
+    """Seconds between consecutive :meth:`lap` calls (the first since the stopwatch was made)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now, last = time.perf_counter(), self._last
+        self._last = now
+        return now - last
+
+
+def prefetch_model_code() -> Background:
     """Import transformers' modeling code (what the build check needs: seconds, whatever the model's size) in a
     background thread, so that it overlaps the plan and the tensor copies (which run in the kernel, off the GIL)."""
-
     interval = sys.getswitchinterval()
 
     def load() -> None:
@@ -212,9 +220,7 @@ def prefetch_model_code() -> threading.Thread:
     # the import holds the GIL most of the time: hand it back to the copying thread after each of its syscalls
     # within 0.5 ms rather than the default 5 ms (hundreds of tensors, two hand-overs each)
     sys.setswitchinterval(min(interval, 0.0005))
-    thread = threading.Thread(target=load, name="upcycle-prefetch", daemon=True)
-    thread.start()
-    return thread
+    return Background(load, "upcycle-prefetch")
 
 
 def convert_checkpoint(
@@ -245,13 +251,13 @@ def convert_checkpoint(
         recover_output(out)
         if (out.exists() or out.is_symlink()) and not overwrite:
             raise UpcycleError(f"OUT {out} already exists; pass --overwrite to replace it")
-    planning = time.perf_counter()
+    watch = Stopwatch()
     conversion = plan_conversion(reader, method, options)
     settle = conversion.settle
     if dry_run and settle is not None:
         settle()
         settle = None
-    timings = {"plan (the method's reads, scores and fits)": time.perf_counter() - planning}
+    timings = {"plan (the method's reads, scores and fits)": watch.lap()}
 
     before = count_parameters([reader.info(n) for n in reader.names()])
     after = count_parameters(conversion.layout)
@@ -273,13 +279,10 @@ def convert_checkpoint(
     needed = output_bytes(conversion, folder)
     check_output_location(out, needed)
     started = time.time()
-    phase = time.perf_counter()
+    watch.lap()  # the timings below start here
 
     def lap(name: str) -> None:  # where a conversion spends its time, in the report
-        nonlocal phase
-        now = time.perf_counter()
-        timings[name] = now - phase
-        phase = now
+        timings[name] = watch.lap()
 
     with output_parent(out), atomic_output(out, overwrite, needed_bytes=needed) as tmp:
         with ShardedWriter(tmp, conversion.layout, max_shard, metadata={"upcycle_method": method}) as writer:

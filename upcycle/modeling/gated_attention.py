@@ -80,7 +80,7 @@ _WARNED: set[tuple] = set()
 
 def trusted_kernel(module: nn.Module, query: torch.Tensor, causal: bool, padding: bool) -> bool:
     """Whether this call may use the Triton kernel: its first-use self-check for calls of this kind (dtype, head
-    width, causal, padding, training) passed. ``auto`` falls back to the masked path with one warning that says why;
+    width, causal, padding, training) passed. ``auto`` falls back to the torch path with one warning that says why;
     an explicit ``kernel`` backend raises instead."""
     from .sparse_kernel import REPORT_URL, SELF_CHECK_ENV, self_check
 
@@ -99,7 +99,7 @@ def trusted_kernel(module: nn.Module, query: torch.Tensor, causal: bool, padding
     if kind not in _WARNED:
         _WARNED.add(kind)
         logger.warning(
-            "%s; using the masked torch path instead (same results, no head-sparse speed-up). "
+            "%s; using the head-sparse torch path instead (same results, without the kernel's speed). "
             "Please report it at %s with your GPU, torch and triton versions.",
             problem,
             REPORT_URL,
