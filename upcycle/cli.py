@@ -563,44 +563,113 @@ def push(
     )
 
 
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+PERPLEXITY_PANEL = "Perplexity (--data)"
+BENCHMARK_PANEL = "Benchmarks (--tasks, lm-evaluation-harness)"
+
+
 @app.command(name="eval")
 def evaluate_command(
     path: Annotated[str, typer.Argument(help="A model folder (dense, converted or tuned).")],
     data: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             help="Held-out text: .txt (blank-line separated documents), .jsonl, a folder of them, "
-            "or a text asset (asset:kjv-heldout, asset:python-heldout). Repeat for several corpora."
+            "or a text asset (asset:kjv-heldout, asset:python-heldout). Repeat for several corpora.",
+            rich_help_panel=PERPLEXITY_PANEL,
+            show_default=False,
         ),
-    ],
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="lm-evaluation-harness tasks, groups or tags, comma-separated or repeated (hellaswag,arc_easy; "
+            "patterns like mmlu_*); kjv_next_verse is bundled and runs offline (`upcycle tasks`). "
+            "Needs the upcycle[lmeval] extra.",
+            rich_help_panel=BENCHMARK_PANEL,
+            show_default=False,
+        ),
+    ] = None,
     compare: Annotated[
         str | None,
         typer.Option(
-            help="A model scored on the same tokens, with the ratio of the perplexities per corpus; "
+            help="A model scored on the same tokens and task items, with the ratio per corpus and task; "
             "`source`: the dense model PATH was converted from (its upcycle_report.json).",
             show_default=False,
         ),
     ] = None,
-    tokens: Annotated[int, typer.Option(help="Tokens of each --data corpus to score.")] = 32768,
+    tokens: Annotated[
+        int, typer.Option(help="Tokens of each --data corpus to score.", rich_help_panel=PERPLEXITY_PANEL)
+    ] = 32768,
     window: Annotated[
         int | None,
         typer.Option(
             help="Context window of the sliding-window perplexity, at most the model's max_position_embeddings. "
             "Default: 512, or max_position_embeddings when smaller.",
             show_default=False,
+            rich_help_panel=PERPLEXITY_PANEL,
         ),
     ] = None,
     stride: Annotated[
         int | None,
         typer.Option(
-            help="Stride of the sliding window (default: the window, i.e. disjoint blocks).", show_default=False
+            help="Stride of the sliding window (default: the window, i.e. disjoint blocks).",
+            show_default=False,
+            rich_help_panel=PERPLEXITY_PANEL,
         ),
     ] = None,
+    num_fewshot: Annotated[
+        int | None,
+        typer.Option(
+            help="Few-shot examples per item (default: each task's own, else 0).",
+            show_default=False,
+            rich_help_panel=BENCHMARK_PANEL,
+        ),
+    ] = None,
+    limit: Annotated[
+        str | None,
+        typer.Option(
+            help="Score only this many items per task (100), or a fraction of them (0.1): for quick checks, "
+            "not for reported figures.",
+            show_default=False,
+            rich_help_panel=BENCHMARK_PANEL,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        str,
+        typer.Option(
+            help="Requests per forward pass: a number, or auto (the largest that fits, found by the harness).",
+            rich_help_panel=BENCHMARK_PANEL,
+        ),
+    ] = "4",
+    include_path: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A folder of your own lm-eval task YAML files (e.g. local data: dataset_path: json with "
+            "dataset_kwargs.data_files). Repeatable.",
+            show_default=False,
+            rich_help_panel=BENCHMARK_PANEL,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="cpu, cuda, cuda:N or mps (default: cuda when available).", show_default=False),
+    ] = None,
+    dtype: Annotated[
+        Dtype, typer.Option(help="Weights and compute dtype; auto: bfloat16 on CUDA, float32 elsewhere.")
+    ] = Dtype.auto,
     output: Annotated[
         Path | None,
         typer.Option(
             "--json",
-            help="Also write the results (and the recovery with --compare) as JSON to this file.",
+            help="Also write the results (perplexities, benchmarks, and the recovery with --compare) as JSON to "
+            "this file; `upcycle card` puts them in the model card.",
             show_default=False,
         ),
     ] = None,
@@ -613,11 +682,26 @@ def evaluate_command(
         ),
     ] = AttentionBackend.auto,
 ) -> None:
-    """Perplexity per corpus (exact token counts), recovery against --compare, tokens/s and head usage. Example: upcycle eval ./smollm2-moh --data asset:kjv-heldout --data asset:python-heldout --compare source"""  # noqa: E501
-    from .eval.cli import run_eval
+    """Perplexity per corpus and benchmark accuracy per task, recovery against --compare, speed and head usage.
 
-    _run(
-        lambda: run_eval(
+    Examples: upcycle eval ./smollm2-moh --data asset:kjv-heldout --data asset:python-heldout --compare source
+
+    upcycle eval ./smollm2-moh --tasks kjv_next_verse --compare source --json ./smollm2-moh/eval.json
+    """
+    from .eval.cli import run_eval
+    from .eval.harness import HarnessSettings, parse_limit, parse_task_names
+
+    def go():
+        harness = None
+        if tasks:
+            harness = HarnessSettings(
+                tasks=parse_task_names(tasks),
+                num_fewshot=num_fewshot,
+                limit=parse_limit(limit),
+                batch_size=batch_size,
+                include_paths=list(include_path or []),
+            )
+        return run_eval(
             path,
             data,
             compare=compare,
@@ -626,8 +710,29 @@ def evaluate_command(
             stride=stride,
             output=output,
             attention=attention.value,
+            harness=harness,
+            device=device,
+            dtype=dtype.value,
         )
-    )
+
+    _run(go)
+
+
+@app.command()
+def tasks() -> None:
+    """List the lm-evaluation-harness tasks bundled with upcycle (they run offline) and the folder that holds them.
+
+    Their items are written into the upcycle cache on first use; give that folder to the harness itself as
+    lm_eval --include_path FOLDER --tasks kjv_next_verse ...
+    """
+    from .data.bundled_tasks import bundled_task_folder, bundled_tasks
+
+    folder = _run(bundled_task_folder)
+    found = bundled_tasks()
+    width = max(len(name) for name in found)
+    for name, description in found.items():
+        typer.echo(f"{name:<{width}}  {description}")
+    typer.echo(f"(in {folder}: lm_eval --include_path {folder} --tasks NAME ...)")
 
 
 def main(args: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UpcycleError
+from .harness import HarnessSettings
 
 SOURCE = "source"  # --compare source: the dense model PATH was converted from
 DEFAULT_WINDOW = 512  # --window when not given (or the model's max_position_embeddings, when smaller)
@@ -15,7 +16,7 @@ DEFAULT_WINDOW = 512  # --window when not given (or the model's max_position_emb
 
 def run_eval(
     path: str,
-    data: list[str],
+    data: list[str] | None,
     *,
     compare: str | None,
     tokens: int,
@@ -23,11 +24,15 @@ def run_eval(
     stride: int | None,
     output: Path | None,
     attention: str = "auto",
+    harness: HarnessSettings | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> dict:
     """Score PATH (and ``compare``; ``source``: PATH's recorded source) on every ``--data`` corpus, each tokenised with
-    PATH's tokenizer and cut to ``tokens``; print the table, write ``output`` (JSON) when given; returns the
-    evaluation. ``window`` None: 512, or the models' ``max_position_embeddings`` when smaller. Every input and the
-    output's folder are checked before any model is scored."""
+    PATH's tokenizer and cut to ``tokens``, and on the ``harness`` tasks (lm-evaluation-harness); print the tables,
+    write ``output`` (JSON) when given; returns the evaluation (``results``, ``recovery`` and, with tasks,
+    ``benchmarks``). ``window`` None: 512, or the models' ``max_position_embeddings`` when smaller. Every input, the
+    output's folder and the tasks' data are checked before any model is scored."""
     from ..train.finetune import resolve_model
     from .evaluate import (
         eval_tokens_from_text,
@@ -38,6 +43,10 @@ def run_eval(
         recovery,
     )
 
+    if not data and harness is None:
+        raise UpcycleError(
+            "give --data (held-out text for perplexity) or --tasks (lm-evaluation-harness benchmarks), or both"
+        )
     if output is not None:
         check_writable(output)
     folder = resolve_model(path)
@@ -46,15 +55,28 @@ def run_eval(
         if model is not None and not (model / "config.json").exists():
             raise UpcycleError(f"{model} is not a model folder: no config.json; pass the folder that holds the model")
     window = check_window(window, [model for model in [folder, reference] if model is not None])
-    files = corpus_files(data)
-    tokenizer = load_tokenizer(folder)
-    corpora = {name: eval_tokens_from_text(file, tokenizer, tokens) for name, file in files.items()}
-    kwargs = {"window": window, "stride": stride, "attention": attention}
-    if reference is None:
-        evaluation = {"results": evaluate_corpora(folder, corpora, **kwargs), "recovery": None}
-    else:
-        evaluation = recovery(folder, reference, corpora, **kwargs)
-    print(format_recovery_table(evaluation))
+    files = corpus_files(data) if data else {}
+    if harness is not None:
+        from .harness import prepare_tasks
+
+        harness.attention, harness.device, harness.dtype = attention, device, dtype
+        tasks = prepare_tasks(harness)  # unknown names and data that cannot be fetched fail here
+    dtype_name = None if dtype == "auto" else dtype
+    evaluation: dict = {"results": [], "recovery": None}
+    if files:
+        tokenizer = load_tokenizer(folder)
+        corpora = {name: eval_tokens_from_text(file, tokenizer, tokens) for name, file in files.items()}
+        kwargs = {"window": window, "stride": stride, "attention": attention, "device": device, "dtype": dtype_name}
+        if reference is None:
+            evaluation = {"results": evaluate_corpora(folder, corpora, **kwargs), "recovery": None}
+        else:
+            evaluation = recovery(folder, reference, corpora, **kwargs)
+        print(format_recovery_table(evaluation))
+    if harness is not None:
+        from .harness import format_benchmark_table, run_benchmarks
+
+        evaluation["benchmarks"] = run_benchmarks(folder, reference, harness, tasks)
+        print(("\n" if files else "") + format_benchmark_table(evaluation["benchmarks"]))
     if output:  # for the model card (upcycle card)
         from ..checkpoint.card import write_text_atomic
 

@@ -67,14 +67,26 @@ def load_tokenizer(folder: str | Path):
         raise UpcycleError(f"cannot load the tokenizer of {folder} ({reason}); {fix}") from None
 
 
-def load_model(model_path: str | Path, device: str | None = None) -> torch.nn.Module:
-    """A dense or converted causal LM in eval mode: fp32 on CPU, bf16 on CUDA (``device`` None: CUDA if available)."""
+def load_model(model_path: str | Path, device: str | None = None, dtype: str | None = None) -> torch.nn.Module:
+    """A dense or converted causal LM in eval mode on ``device`` (None: CUDA if available) in ``dtype`` (``float32``,
+    ``bfloat16``, ``float16``; None: bf16 on CUDA, fp32 elsewhere)."""
     from transformers import AutoModelForCausalLM
 
     import upcycle  # noqa: F401  (registers the Auto classes: converted folders load without remote code)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UpcycleError(f"--device {device} is not a device; give cpu, cuda, cuda:N or mps") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise UpcycleError(f"--device {device}: this torch sees no CUDA device; use --device cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise UpcycleError(f"--dtype {dtype} is unknown; choose float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
     if not Path(model_path).expanduser().is_dir():
         raise UpcycleError(f"model folder {model_path} does not exist: give a saved or converted model folder")
     from ..checkpoint.load import check_pickled_weights
@@ -99,6 +111,7 @@ def evaluate(
     batch_size: int = 1,
     device: str | None = None,
     attention: str = "auto",
+    dtype: str | None = None,
 ) -> dict:
     """Sliding-window perplexity (``stride`` None: ``window``), predicted tokens per second and head usage.
 
@@ -114,6 +127,7 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         attention=attention,
+        dtype=dtype,
     )[0]
 
 
@@ -126,6 +140,7 @@ def evaluate_corpora(
     batch_size: int = 1,
     device: str | None = None,
     attention: str = "auto",
+    dtype: str | None = None,
 ) -> list[dict]:
     """``evaluate`` on every corpus (name -> token stream [N]) with the model loaded once: one row per corpus,
     in order, each with ``data``: the corpus name."""
@@ -137,6 +152,7 @@ def evaluate_corpora(
         batch_size=batch_size,
         device=device,
         attention=attention,
+        dtype=dtype,
     )
     return [row | {"data": name} for name, row in zip(corpora, rows)]
 
@@ -150,9 +166,10 @@ def _evaluate_streams(
     batch_size: int,
     device: str | None,
     attention: str,
+    dtype: str | None = None,
 ) -> list[dict]:
     """Load the model once and score each token stream [N] on its own (head usage counted per stream)."""
-    model = load_model(model_path, device)
+    model = load_model(model_path, device, dtype)
     from ..modeling.gated_attention import set_attention_backend
 
     try:
@@ -210,6 +227,7 @@ def recovery(
     batch_size: int = 1,
     device: str | None = None,
     attention: str = "auto",
+    dtype: str | None = None,
 ) -> dict:
     """How much of ``reference_path``'s quality ``model_path`` keeps: each model loaded once (one at a time) and
     scored on every corpus (name -> token stream [N], e.g. held-out text of kinds the tuning never saw).
@@ -222,7 +240,14 @@ def recovery(
     """
     if not corpora:
         raise UpcycleError("recovery needs at least one corpus: give a name -> token stream mapping")
-    kwargs = {"window": window, "stride": stride, "batch_size": batch_size, "device": device, "attention": attention}
+    kwargs = {
+        "window": window,
+        "stride": stride,
+        "batch_size": batch_size,
+        "device": device,
+        "attention": attention,
+        "dtype": dtype,
+    }
     rows = evaluate_corpora(model_path, corpora, **kwargs)
     reference_rows = evaluate_corpora(reference_path, corpora, **kwargs)
     return {

@@ -1,0 +1,295 @@
+"""Benchmarks through lm-evaluation-harness: the bundled offline task, `upcycle eval --tasks`, head usage, recovery,
+clear errors, and every output kind through the harness's API and its own `lm_eval` command without upcycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import build_dense
+from test_cli import assert_one_line_error, run
+
+from upcycle.assets import KJV_HELDOUT_EVERY, kjv_verses
+from upcycle.data.bundled_tasks import KJV_NEXT_VERSE, bundled_task_folder, kjv_next_verse_items
+from upcycle.eval.harness import HarnessSettings, run_benchmarks
+
+TASK = KJV_NEXT_VERSE
+
+
+@pytest.fixture(autouse=True)
+def offline_cache(tmp_path_factory, monkeypatch):
+    """The bundled task's items in a cache shared by this module's tests; no Hub requests."""
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path_factory.getbasetemp() / "upcycle-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def settings(**options) -> HarnessSettings:
+    return HarnessSettings(tasks=[TASK], limit=options.pop("limit", 12), **options)
+
+
+def convert_ok(*args) -> Path:
+    result = run("convert", *args)
+    assert result.exit_code == 0, result.output
+    return Path(args[1])
+
+
+# ---- the bundled task ------------------------------------------------------------------------------
+
+
+def test_bundled_task_items_are_held_out_next_verses_and_deterministic():
+    items = kjv_next_verse_items()
+    assert len(items) == 500 and items == kjv_next_verse_items()
+    following = {}
+    verses = [v for v in kjv_verses() if v[0] % KJV_HELDOUT_EVERY == 0]
+    for before, after in zip(verses, verses[1:]):
+        following.setdefault((before[0], before[3]), set()).add(after[3])
+    for item in items:
+        book, chapter, verse = map(int, item["reference"].split(":"))
+        assert book % KJV_HELDOUT_EVERY == 0  # only books no recipe trains or calibrates on
+        assert len(item["choices"]) == 4 == len(set(item["choices"]))
+        truth = item["choices"][item["label"]]
+        assert (book, chapter, verse, truth) in set(verses)
+        last_context_verse = item["context"].split(". ")[-1]
+        assert last_context_verse and truth in set().union(*following.values())
+    assert {item["label"] for item in items} == {0, 1, 2, 3}
+
+
+def test_bundled_task_folder_loads_in_the_harness(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    folder = bundled_task_folder(tmp_path / "cache")
+    config = yaml.safe_load((folder / f"{TASK}.yaml").read_text())
+    assert config["dataset_kwargs"]["data_files"] == {"test": str(folder / f"{TASK}.jsonl")}
+    lines = (folder / f"{TASK}.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == kjv_next_verse_items()
+    task = TaskManager(include_defaults=False, include_path=str(folder)).load([TASK])["tasks"][TASK]
+    assert len(task.test_docs()) == 500 and task.OUTPUT_TYPE == "multiple_choice"
+    moved = bundled_task_folder(tmp_path / "elsewhere")  # the YAML always points into its own cache
+    assert yaml.safe_load((moved / f"{TASK}.yaml").read_text())["dataset_kwargs"]["data_files"]["test"].startswith(
+        str(tmp_path / "elsewhere")
+    )
+
+
+def test_tasks_command_lists_the_bundled_task_and_its_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path / "cache"))
+    result = run("tasks")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "cache" / "lm-eval-tasks"
+    assert TASK in result.stdout and f"lm_eval --include_path {folder}" in result.stdout
+    assert (folder / f"{TASK}.yaml").is_file() and (folder / f"{TASK}.jsonl").is_file()
+
+
+# ---- running models ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny dense model that reads any text (byte-level), its MoH with every head active and its MoH-0.75."""
+    root = tmp_path_factory.mktemp("harness-models")
+    dense = build_dense(root / "dense", text=True)
+    return {
+        "dense": dense,
+        "all-heads": convert_ok(dense, root / "moh-all", "--active-heads", "1.0"),
+        "moh": convert_ok(dense, root / "moh"),
+    }
+
+
+def test_moh_with_every_head_active_scores_exactly_the_dense_accuracy(models):
+    block = run_benchmarks(models["all-heads"], models["dense"], settings(limit=40))
+    moh, dense = block["models"]
+    assert moh["method"] == "moh" and dense["method"] == "dense"
+    assert moh["scores"][TASK] == dense["scores"][TASK]
+    assert set(moh["scores"][TASK]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert block["recovery"]["tasks"][TASK] == {
+        "metric": "acc",
+        "value": dense["scores"][TASK]["acc"],
+        "reference_value": dense["scores"][TASK]["acc"],
+        "ratio": 1.0,
+    }
+    assert moh["active_fraction"] == 1.0 and all(f == 1.0 for layer in moh["head_usage"] for f in layer)
+    task = block["tasks"][TASK]
+    assert task["samples"] == 40 and task["num_fewshot"] == 0 and task["top_level"]
+    assert task["dataset"]["type"] == TASK and task["dataset"]["split"] == "test"
+
+
+def test_head_usage_counts_real_tokens_only(models):
+    """The harness pads loglikelihood batches on the right: padding must not enter the head-usage counts."""
+    one, four = (run_benchmarks(models["moh"], None, settings(batch_size=size))["models"][0] for size in ("1", "4"))
+    assert one["scores"] == four["scores"]
+    flat = [[f for layer in entry["head_usage"] for f in layer] for entry in (one, four)]
+    assert flat[0] == pytest.approx(flat[1], abs=1e-12)
+    assert one["active_fraction"] == pytest.approx(0.75) and four["active_fraction"] == pytest.approx(0.75)
+
+
+def test_num_fewshot_and_a_fractional_limit(models):
+    block = run_benchmarks(models["dense"], None, settings(limit=0.01, num_fewshot=2))
+    assert block["tasks"][TASK]["num_fewshot"] == 2 and block["tasks"][TASK]["samples"] == 5
+
+
+def test_eval_command_with_tasks_compare_and_json(models, tmp_path):
+    out = tmp_path / "eval.json"
+    args = ["eval", models["moh"], "--tasks", TASK, "--limit", "8", "--compare", "source", "--json", out]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("task "))
+    assert "compare: dense" in header and header.rstrip().endswith("ratio")
+    assert any(line.startswith(f"{TASK}  acc ↑") for line in lines) and "mean ratio" in result.stdout
+    assert "head usage of moh" in result.stdout
+    evaluation = json.loads(out.read_text())
+    assert evaluation["results"] == [] and evaluation["recovery"] is None
+    block = evaluation["benchmarks"]
+    assert [m["model"] for m in block["models"]] == [str(models["moh"]), str(models["dense"])]
+    assert block["harness"]["limit"] == 8 and block["harness"]["lm_eval_version"]
+    assert block["recovery"]["tasks"][TASK]["metric"] == "acc"
+
+
+def test_perplexity_and_tasks_in_one_run(models, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run("eval", models["moh"], "--data", "asset:kjv-heldout", "--tokens", "256", "--tasks", TASK)
+    assert result.exit_code == 0, result.output
+    result = run(
+        "eval", models["moh"], "--data", "asset:kjv-heldout", "--tokens", "256", "--tasks", TASK, "--limit", "4",
+        "--json", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.stdout and "benchmarks (lm-evaluation-harness" in result.stdout
+    evaluation = json.loads(out.read_text())
+    assert evaluation["results"][0]["data"] == "kjv-heldout" and evaluation["benchmarks"]["models"][0]["scores"]
+
+
+def test_include_path_runs_a_local_task(models, tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    data = tmp_path / "yes-no.jsonl"
+    docs = [{"question": f"Is {i} even?", "answer": i % 2} for i in range(6)]
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "even.yaml").write_text(
+        textwrap.dedent(f"""
+        task: even_or_odd
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_choice: ["yes", "no"]
+        doc_to_target: answer
+        metric_list:
+          - metric: acc
+        """)
+    )
+    block = run_benchmarks(
+        models["dense"], None, HarnessSettings(tasks=["even_or_odd", TASK], limit=6, include_paths=[folder])
+    )
+    assert set(block["tasks"]) == {"even_or_odd", TASK} and block["tasks"]["even_or_odd"]["samples"] == 6
+    assert block["models"][0]["scores"]["even_or_odd"]["acc"] in {i / 6 for i in range(7)}
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ([], "give --data"),
+        (["--tasks", TASK, "--limit", "0"], "--limit 0"),
+        (["--tasks", TASK, "--limit", "2.5"], "--limit 2.5"),
+        (["--tasks", TASK, "--batch-size", "many"], "--batch-size many"),
+        (["--tasks", TASK, "--num-fewshot", "-1"], "--num-fewshot -1"),
+        (["--tasks", f"{TASK},"], "empty task name"),
+        (["--tasks", TASK, "--include-path", "no-such-folder"], "--include-path no-such-folder"),
+        (["--tasks", TASK, "--device", "cuda"], "no CUDA device"),
+        (["--tasks", "no_such_task_xyz"], "unknown task 'no_such_task_xyz'"),
+    ],
+)
+def test_bad_options_are_one_line_and_write_nothing(models, tmp_path, args, needle):
+    out = tmp_path / "eval.json"
+    assert_one_line_error(run("eval", models["dense"], *args, "--json", out), needle)
+    assert not out.exists()
+
+
+def test_missing_harness_names_the_install_command(models, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    assert_one_line_error(run("eval", models["dense"], "--tasks", TASK), "pip install 'upcycle[lmeval]'")
+
+
+def test_a_hub_task_offline_is_one_line(models, tmp_path):
+    """The harness's own task names work as in the harness; offline, their data cannot be fetched: one line."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    out = tmp_path / "eval.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "upcycle", "eval", str(models["dense"]), "--tasks", "hellaswag", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: task hellaswag: its data (Rowan/hellaswag"), lines
+    assert "cannot be fetched" in lines[0] and "--include-path" in lines[0] and not out.exists()
+
+
+# ---- every output kind, through the harness's API and its own command ------------------------------------------
+
+NO_UPCYCLE_LM_EVAL = """
+import importlib.abc, sys
+class NoUpcycle(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "upcycle":
+            raise ImportError("upcycle is made unimportable for this test")
+sys.meta_path.insert(0, NoUpcycle())
+from lm_eval.__main__ import cli_evaluate
+sys.argv = ["lm_eval", *sys.argv[1:]]
+cli_evaluate()
+assert "upcycle" not in sys.modules
+"""
+
+
+def output_kind(kind: str, root: Path) -> Path:
+    """A tiny model of one upcycle output kind (byte-level tokenizer, so it reads the task's text)."""
+    if kind == "btx" or kind == "bam":
+        seed = build_dense(root / "seed", text=True)
+        experts = [build_dense(root / f"expert{i}", text=True, seed=i) for i in (1, 2)]
+        attention = ["--attention", "average"] if kind == "btx" else []
+        expert_args = [arg for e in experts for arg in ("--expert", e)]
+        return convert_ok(seed, root / kind, "--method", "bam", *attention, *expert_args)
+    dense = build_dense(root / "dense", text=True, num_key_value_heads=8 if kind == "pruned-uniform" else 2)
+    flags = {
+        "moh": [],
+        "pruned": ["--method", "prune-heads", "--ratio", "0.25", "--importance", "random"],
+        "pruned-uniform": ["--method", "prune-heads", "--ratio", "0.5", "--uniform", "--importance", "random"],
+        "mhe": ["--method", "mhe"],
+    }[kind]
+    return convert_ok(dense, root / kind, *flags)
+
+
+@pytest.mark.parametrize("kind,custom_code", [
+    ("moh", True), ("pruned", True), ("mhe", True), ("bam", True), ("btx", False), ("pruned-uniform", False),
+])  # fmt: skip
+def test_every_output_kind_runs_through_the_harness_both_ways(tmp_path, kind, custom_code):
+    folder = output_kind(kind, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert ("auto_map" in config) == custom_code
+    api = run_benchmarks(folder, None, settings(limit=8))["models"][0]["scores"][TASK]
+    results = tmp_path / "lm-eval-results"
+    command = [
+        sys.executable, "-c", NO_UPCYCLE_LM_EVAL,
+        "--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True,dtype=float32",
+        "--tasks", TASK, "--include_path", str(bundled_task_folder()), "--limit", "8", "--batch_size", "4",
+        "--device", "cpu", "--output_path", str(results),
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": "", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    shell = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert shell.returncode == 0, shell.stderr[-3000:]
+    (written,) = results.rglob("results_*.json")
+    scores = json.loads(written.read_text())["results"][TASK]
+    assert scores["acc,none"] == api["acc"] and scores["acc_norm,none"] == api["acc_norm"]
