@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -317,3 +318,249 @@ def test_render_card_reads_only_the_folder(moh, tmp_path):
     copy = shutil.copytree(moh, tmp_path / "elsewhere" / "tiny-moh")
     shutil.rmtree(tmp_path / "hub")
     assert render_card(copy) == (moh / "README.md").read_text()
+
+
+HARNESS = {
+    "lm_eval_version": "0.4.13",
+    "num_fewshot": None,
+    "limit": None,
+    "batch_size": "4",
+    "device": "cpu",
+    "dtype": "float32",
+    "attention": "auto",
+}
+KJV = {
+    "alias": "kjv_next_verse",
+    "output_type": "multiple_choice",
+    "num_fewshot": 0,
+    "samples": 500,
+    "dataset": {
+        "type": "kjv_next_verse",
+        "name": "KJV next verse (held-out books, bundled with upcycle)",
+        "config": None,
+        "split": "test",
+    },
+    "metrics": ["acc", "acc_norm"],
+    "primary_metric": "acc",
+    "higher_is_better": {"acc": True, "acc_norm": True},
+    "top_level": True,
+}
+GSM8K = {
+    "alias": "gsm8k",
+    "output_type": "generate_until",
+    "num_fewshot": 5,
+    "samples": 1319,
+    "dataset": {"type": "gsm8k", "name": "gsm8k", "config": "main", "split": "test"},
+    "metrics": ["exact_match,strict-match", "exact_match,flexible-extract"],
+    "primary_metric": "exact_match,strict-match",
+    "higher_is_better": {"exact_match,strict-match": True, "exact_match,flexible-extract": True},
+    "top_level": True,
+}
+MMLU_ANATOMY = {
+    "alias": " - anatomy",
+    "output_type": "multiple_choice",
+    "num_fewshot": 0,
+    "samples": 135,
+    "dataset": {"type": "cais/mmlu", "name": "cais/mmlu", "config": "anatomy", "split": "test"},
+    "metrics": ["acc"],
+    "primary_metric": "acc",
+    "higher_is_better": {"acc": True},
+    "top_level": False,
+}
+
+
+def benchmark_eval(model: str, reference: str | None = None) -> dict:
+    """An eval.json of `upcycle eval --tasks` (no perplexity rows), with the reference and recovery when given."""
+    models = [
+        {
+            "model": model,
+            "method": "moh",
+            "seconds": 41.2,
+            "active_fraction": 0.75,
+            "head_usage": [[1.0, 0.5]],
+            "scores": {
+                "kjv_next_verse": {"acc": 0.61, "acc_stderr": 0.0218, "acc_norm": 0.59, "acc_norm_stderr": 0.022},
+                "gsm8k": {
+                    "exact_match,strict-match": 0.125,
+                    "exact_match_stderr,strict-match": 0.0091,
+                    "exact_match,flexible-extract": None,  # non-finite: left out of model-index
+                    "exact_match_stderr,flexible-extract": None,
+                },
+                "mmlu_anatomy": {"acc": 0.3, "acc_stderr": 0.04},
+            },
+        }
+    ]
+    recovery = None
+    if reference:
+        models.append(
+            {
+                "model": reference,
+                "method": "dense",
+                "seconds": 30.0,
+                "active_fraction": 1.0,
+                "head_usage": None,
+                "scores": {
+                    "kjv_next_verse": {"acc": 0.63, "acc_stderr": 0.0216, "acc_norm": 0.60, "acc_norm_stderr": 0.0219},
+                    "gsm8k": {
+                        "exact_match,strict-match": 0.25,
+                        "exact_match_stderr,strict-match": 0.012,
+                        "exact_match,flexible-extract": 0.26,
+                        "exact_match_stderr,flexible-extract": 0.012,
+                    },
+                    "mmlu_anatomy": {"acc": 0.35, "acc_stderr": 0.041},
+                },
+            }
+        )
+        recovery = {
+            "model": model,
+            "reference": reference,
+            "tasks": {
+                "kjv_next_verse": {"metric": "acc", "value": 0.61, "reference_value": 0.63, "ratio": 0.968},
+                "gsm8k": {"metric": "exact_match,strict-match", "value": 0.125, "reference_value": 0.25, "ratio": 0.5},
+            },
+            "mean_ratio": 0.734,
+        }
+    return {
+        "results": [],
+        "recovery": None,
+        "benchmarks": {
+            "harness": dict(HARNESS),
+            "tasks": copy.deepcopy({"kjv_next_verse": KJV, "gsm8k": GSM8K, "mmlu_anatomy": MMLU_ANATOMY}),
+            "models": models,
+            "recovery": recovery,
+        },
+    }
+
+
+def refresh(folder: Path, evaluation: dict) -> str:
+    (folder / "eval.json").write_text(json.dumps(evaluation))
+    result = run("card", folder)
+    assert result.exit_code == 0, result.output
+    return (folder / "README.md").read_text()
+
+
+def eval_results(card: str) -> tuple[str, set[tuple]]:
+    """(model name, results) of the card's model-index as huggingface_hub parses it."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data
+    return data.model_name, {
+        (
+            r.task_type,
+            r.task_name,
+            r.dataset_type,
+            r.dataset_name,
+            r.dataset_config,
+            r.dataset_split,
+            json.dumps(r.dataset_args),
+            r.metric_type,
+            r.metric_name,
+            r.metric_value,
+            r.source_name,
+            r.source_url,
+        )
+        for r in data.eval_results or []
+    }
+
+
+SOURCE = ("lm-evaluation-harness 0.4.13 via upcycle eval", "https://github.com/EleutherAI/lm-evaluation-harness")
+KJV_DATA = ("kjv_next_verse", "KJV next verse (held-out books, bundled with upcycle)", None, "test")
+
+
+def test_benchmarks_become_a_model_index_the_hub_parses(moh):
+    original = (moh / "README.md").read_text()
+    card = refresh(moh, benchmark_eval(str(moh)))  # results == []: benchmark scores alone are an evaluation
+    name, results = eval_results(card)
+    task = ("text-generation", "Text Generation")
+    assert name == "tiny-moh"
+    assert results == {
+        (*task, *KJV_DATA, '{"num_few_shot": 0}', "acc", "accuracy", 0.61, *SOURCE),
+        (*task, *KJV_DATA, '{"num_few_shot": 0}', "acc_norm", "normalized accuracy", 0.59, *SOURCE),
+        (
+            *task,
+            "gsm8k",
+            "gsm8k",
+            "main",
+            "test",
+            '{"num_few_shot": 5}',
+            "exact_match,strict-match",
+            "exact match (strict-match)",
+            0.125,
+            *SOURCE,
+        ),
+    }  # no stderr, no null score, no subtask
+    meta = front_matter(card)
+    assert {k: v for k, v in meta.items() if k != "model-index"} == front_matter(original)
+
+    evaluation = section(card, "Evaluation")
+    assert "lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) 0.4.13" in evaluation
+    assert "| task | shots | samples | metric | tiny-moh |" in evaluation and "ratio" not in evaluation
+    assert "| kjv_next_verse | 0 | 500 | accuracy | 0.610 ± 0.022 |" in evaluation
+    assert "| gsm8k | 5 | 1,319 | exact match (strict-match) | 0.125 ± 0.009 |" in evaluation
+    assert "| gsm8k | 5 | 1,319 | exact match (flexible-extract) | - |" in evaluation
+    assert "anatomy" not in evaluation and "The scores of their 1 subtask are in `eval.json`." in evaluation
+    assert "`tiny-moh` 0.750" in evaluation and "No evaluation recorded" not in card and "| corpus |" not in card
+    assert (
+        card.replace(section(card, "Evaluation"), "").split("---\n", 2)[2]
+        == original.replace(section(original, "Evaluation"), "").split("---\n", 2)[2]
+    )
+
+
+def test_benchmark_recovery_shows_the_reference_and_the_ratio(moh, tmp_path):
+    reference = str(tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "0123abcd")
+    card = refresh(moh, benchmark_eval(str(moh), reference))
+    evaluation = section(card, "Evaluation")
+    assert "Recovery of `tiny-moh` against `org/tiny-llama`" in evaluation
+    assert "1.00 is full recovery, below 1 is worse" in evaluation
+    assert "| task | shots | samples | metric | tiny-moh | org/tiny-llama (reference) | ratio |" in evaluation
+    assert "| kjv_next_verse | 0 | 500 | accuracy | 0.610 ± 0.022 | 0.630 ± 0.022 | 0.968 |" in evaluation
+    assert "| kjv_next_verse | 0 | 500 | normalized accuracy | 0.590 ± 0.022 | 0.600 ± 0.022 |  |" in evaluation
+    assert "| exact match (strict-match) | 0.125 ± 0.009 | 0.250 ± 0.012 | 0.500 |" in evaluation
+    assert "| geometric mean |" in evaluation and "| 0.734 |" in evaluation
+    assert "`tiny-moh` 0.750, `org/tiny-llama` 1.000" in evaluation
+    _, results = eval_results(card)
+    assert {r[9] for r in results} == {0.61, 0.59, 0.125}  # the card's own model only, never the reference
+    assert str(tmp_path) not in card
+
+
+def test_benchmarks_beside_perplexity_rows(moh):
+    rows = [{"model": str(moh), "perplexity": 12.3456, "tokens": 599, "window": 64, "active_fraction": 0.75}]
+    card = refresh(moh, benchmark_eval(str(moh)) | {"results": rows})
+    evaluation = section(card, "Evaluation")
+    assert "| tiny-moh | 12.346 | 599 | 64 | 0.750 |" in evaluation and "| accuracy | 0.610 ± 0.022 |" in evaluation
+    assert len(eval_results(card)[1]) == 3
+
+
+def test_model_index_holds_only_the_cards_own_model(moh, tmp_path, monkeypatch):
+    other = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "0123abcd"  # an existing folder
+    card = refresh(moh, benchmark_eval(str(other)))
+    assert "model-index" not in front_matter(card)
+    assert "| kjv_next_verse | 0 | 500 | accuracy | 0.610 ± 0.022 |" in section(card, "Evaluation")
+
+    monkeypatch.chdir(tmp_path)  # the same folder spelled another way, and a path that is not here: the card's
+    for spelling in ("tiny-moh", f"{moh}/../tiny-moh/", "runs/x/final"):
+        card = refresh(moh, benchmark_eval(spelling))
+        assert len(eval_results(card)[1]) == 3, spelling
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda e: e | {"benchmarks": None}, "results with perplexity and tokens, or benchmarks"),
+        (lambda e: e["benchmarks"].update(tasks=[]), "benchmarks.tasks is not an object"),
+        (lambda e: e["benchmarks"]["tasks"]["gsm8k"].update(metrics="acc"), "benchmarks.tasks.gsm8k.metrics"),
+        (lambda e: e["benchmarks"]["tasks"]["gsm8k"].update(dataset="gsm8k"), "benchmarks.tasks.gsm8k.dataset"),
+        (lambda e: e["benchmarks"].update(models=[]), "benchmarks.models"),
+        (lambda e: e["benchmarks"]["models"][0].update(scores=[0.5]), "benchmarks.models[0].scores"),
+        (
+            lambda e: e["benchmarks"]["models"][0]["scores"]["kjv_next_verse"].update(acc="0.61"),
+            "benchmarks.models[0].scores.kjv_next_verse",
+        ),
+        (lambda e: e["benchmarks"].update(recovery={"tasks": {"gsm8k": 0.5}}), "benchmarks.recovery"),
+    ],
+)
+def test_a_malformed_benchmark_block_is_one_line(moh, damage, needle):
+    evaluation = benchmark_eval(str(moh), "/abs/dense")
+    evaluation = damage(evaluation) or evaluation
+    (moh / "eval.json").write_text(json.dumps(evaluation))
+    assert_one_line_error(run("card", moh), str(moh / "eval.json"), needle, "upcycle eval")

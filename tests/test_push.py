@@ -18,7 +18,7 @@ import huggingface_hub.constants
 import pytest
 from conftest import build_dense
 from hub_standin import USER, HubStandIn
-from test_card import front_matter, snapshot
+from test_card import benchmark_eval, eval_results, front_matter, snapshot
 from test_cli import assert_one_line_error, run
 
 from upcycle.checkpoint import hub as hub_module
@@ -267,6 +267,31 @@ def _drop_the_card(folder: Path) -> str:
     return "README.md (the model card) is missing; run `upcycle card` to write it"
 
 
+def _with_model_index(folder: Path, model_index: str) -> None:
+    card = folder / "README.md"
+    text = card.read_text()
+    end = text.index("\n---\n", 4)
+    card.write_text(f"{text[:end]}\nmodel-index: {model_index}{text[end:]}")
+
+
+def _model_index_without_task_type(folder: Path) -> str:
+    _with_model_index(folder, '[{"name": "x", "results": [{"task": {}}]}]')
+    return "README.md: its model-index is not valid (an entry lacks the required key 'type')"
+
+
+def _model_index_without_metrics(folder: Path) -> str:
+    _with_model_index(
+        folder,
+        '[{"name": "x", "results": [{"task": {"type": "text-generation"}, "dataset": {"type": "d", "name": "d"}}]}]',
+    )
+    return "README.md: its model-index is not valid (an entry lacks the required key 'metrics')"
+
+
+def _model_index_not_a_list(folder: Path) -> str:
+    _with_model_index(folder, '"tiny-moh"')
+    return "README.md: its model-index is not valid (it is not a list of entries with a name and results"
+
+
 def _drop_the_config(folder: Path) -> str:
     (folder / "config.json").unlink()
     return "config.json is missing"
@@ -289,6 +314,9 @@ def _local_base_model(folder: Path) -> str:
         _drop_the_card,
         _drop_the_config,
         _local_base_model,
+        _model_index_without_task_type,
+        _model_index_without_metrics,
+        _model_index_not_a_list,
     ],
 )
 def test_an_invalid_folder_is_refused_before_any_request(hub, model, damage):
@@ -410,3 +438,27 @@ def test_the_installed_command_honours_hf_endpoint(hub, model, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert hub.files("org/tiny-moh") == local_files(model)
     assert TOKEN not in result.stdout + result.stderr
+
+
+def test_an_invalid_model_index_names_the_fix(hub, model):
+    _model_index_without_metrics(model)
+    line = push(model, "org/tiny-moh", "--dry-run").stderr.splitlines()[1]
+    assert f"rewrite the card with `upcycle card {model}` or fix it by hand" in line
+    assert "ignore_metadata_errors" not in line
+
+
+def test_a_card_with_benchmark_scores_pushes_with_its_model_index(hub, model):
+    (model / "eval.json").write_text(json.dumps(benchmark_eval(str(model))))
+    assert run("card", model).exit_code == 0
+    card = (model / "README.md").read_text()
+    assert "model-index" in front_matter(card)
+    result = push(model, "org/tiny-moh")
+    assert result.exit_code == 0, result.output
+    uploaded = hub.files("org/tiny-moh")
+    assert uploaded["README.md"].decode() == card and "eval.json" in uploaded
+    name, results = eval_results(card)
+    assert name == "tiny-moh" and {(r[7], r[9]) for r in results} == {
+        ("acc", 0.61),
+        ("acc_norm", 0.59),
+        ("exact_match,strict-match", 0.125),
+    }

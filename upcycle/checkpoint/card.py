@@ -2,7 +2,8 @@
 
 One generator, :func:`render_card`, reads only the folder's own records: ``config.json``,
 ``upcycle_report.json`` (the conversion, and the fine-tuning when there was one) and
-``eval.json`` (what ``upcycle eval --json`` wrote: rows and a recovery block). ``convert`` and ``finetune`` call
+``eval.json`` (what ``upcycle eval --json`` wrote: perplexity rows, a recovery block, and with ``--tasks`` the
+lm-evaluation-harness scores, which also become the front matter's ``model-index``). ``convert`` and ``finetune`` call
 :func:`write_card` once their report is written, and ``upcycle card PATH`` calls it again, so a
 refreshed card says exactly what a fresh one would, plus any evaluation added since.
 """
@@ -10,6 +11,7 @@ refreshed card says exactly what a fresh one would, plus any evaluation added si
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +27,23 @@ from upcycle.modeling.plan import plan_layers, plan_rows
 REPORT_FILE = "upcycle_report.json"
 EVAL_FILE = "eval.json"
 UPCYCLE_URL = "https://pypi.org/project/upcycle/"
+HARNESS_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+METRIC_NAMES = {
+    "acc": "accuracy",
+    "acc_norm": "normalized accuracy",
+    "acc_mutual_info": "mutual-information accuracy",
+    "exact_match": "exact match",
+    "em": "exact match",
+    "f1": "F1",
+    "mcc": "Matthews correlation",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "ter": "TER",
+    "brier_score": "Brier score",
+    "word_perplexity": "word perplexity",
+    "byte_perplexity": "byte perplexity",
+    "bits_per_byte": "bits per byte",
+}
 
 
 # ---- reading the folder's records -----------------------------------------------------------
@@ -39,23 +58,137 @@ def _read_json(path: Path, what: str):
         raise UpcycleError(f"{path} is not valid JSON ({' '.join(str(error).split())}); fix or delete it") from None
 
 
-def _user_evaluations(folder: Path) -> tuple[list[dict], list[dict]]:
-    """(rows, recovery blocks) of ``eval.json``: what ``upcycle eval --json`` writes
-    (``{"results": [...], "recovery": ...}``) or the plain list of rows that earlier versions wrote."""
+def _user_evaluations(folder: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(rows, recovery blocks, benchmark blocks) of ``eval.json``: what ``upcycle eval --json`` writes
+    (``{"results": [...], "recovery": ..., "benchmarks": ...}``, ``results`` empty when only ``--tasks`` ran) or
+    the plain list of rows that earlier versions wrote."""
     path = folder / EVAL_FILE
     if not path.exists():
-        return [], []
-    records = _evaluation_records(_read_json(path, ""))
+        return [], [], []
+    value = _read_json(path, "")
+    records = _evaluation_records(value)
+    benchmarks = value.get("benchmarks") if isinstance(value, dict) else None
     if not (
         records
+        and (records[0] or benchmarks is not None)
         and all(isinstance(r, dict) and "perplexity" in r and "tokens" in r for r in records[0])
         and all(isinstance(b, dict) and isinstance(b.get("corpora"), dict) for b in records[1])
     ):
         raise UpcycleError(
-            f"{path} is not the output of `upcycle eval --json` (results with perplexity and tokens); "
-            "move it away or write it again with upcycle eval"
+            f"{path} is not the output of `upcycle eval --json` (results with perplexity and tokens, or benchmarks "
+            "from --tasks); move it away or write it again with upcycle eval"
         )
-    return records
+    if benchmarks is None:
+        return records[0], records[1], []
+    problem = _benchmarks_problem(benchmarks)
+    if problem:
+        raise UpcycleError(
+            f"{path} is not the output of `upcycle eval --json` ({problem}); "
+            "move it away or write it again with upcycle eval --tasks"
+        )
+    return records[0], records[1], [benchmarks]
+
+
+def _is_figure(value: object) -> bool:
+    """A number or null (what the JSON records hold for a figure that could not be computed)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _figure(value: object) -> float | None:
+    """A finite figure, else None."""
+    return float(value) if _is_figure(value) and value is not None and math.isfinite(value) else None
+
+
+def _is_stderr(metric: str) -> bool:
+    return metric.split(",", 1)[0].endswith("_stderr")
+
+
+def stderr_key(metric: str) -> str:
+    """The key of a metric's standard error: ``m_stderr`` for ``m``, ``m_stderr,f`` for ``m,f``."""
+    name, _, variant = metric.partition(",")
+    return f"{name}_stderr" + (f",{variant}" if variant else "")
+
+
+def _metric_name(metric: str) -> str:
+    """A readable name of an lm-evaluation-harness metric key (``exact_match,strict-match``: "exact match
+    (strict-match)")."""
+    name, _, variant = metric.partition(",")
+    readable = METRIC_NAMES.get(name, name.replace("_", " "))
+    return f"{readable} ({variant})" if variant and variant != "none" else readable
+
+
+def _task_problem(name: str, task: object) -> str | None:
+    where = f"benchmarks.tasks.{name}"
+    if not isinstance(task, dict):
+        return f"{where} is not an object"
+    metrics = task.get("metrics")
+    if not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
+        return f"{where}.metrics is not a list of metric names"
+    dataset = task.get("dataset")
+    if dataset is not None and not (
+        isinstance(dataset, dict)
+        and all(dataset.get(k) is None or isinstance(dataset[k], str) for k in ("type", "name", "config", "split"))
+    ):
+        return f"{where}.dataset is not an object of type, name, config and split"
+    for key in ("num_fewshot", "samples"):
+        if not (task.get(key) is None or (isinstance(task[key], int) and not isinstance(task[key], bool))):
+            return f"{where}.{key} is not a whole number"
+    if not isinstance(task.get("top_level", True), bool) or not isinstance(task.get("alias") or "", str):
+        return f"{where}.top_level is not true or false, or its alias is not text"
+    if not isinstance(task.get("higher_is_better") or {}, dict):
+        return f"{where}.higher_is_better is not an object"
+    return None
+
+
+def _model_problem(index: int, model: object, tasks: dict) -> str | None:
+    where = f"benchmarks.models[{index}]"
+    if not isinstance(model, dict) or not isinstance(model.get("model"), str):
+        return f"{where} is not an object with the model's path"
+    scores = model.get("scores")
+    if not isinstance(scores, dict) or not all(isinstance(s, dict) for s in scores.values()):
+        return f"{where}.scores is not an object of task -> metric -> number"
+    for task, values in scores.items():
+        metrics = (tasks.get(task) or {}).get("metrics") or []
+        if not all(_is_figure(values.get(m)) and _is_figure(values.get(stderr_key(m))) for m in metrics):
+            return f"{where}.scores.{task} holds a score that is not a number or null"
+    if not _is_figure(model.get("active_fraction")):
+        return f"{where}.active_fraction is not a number or null"
+    return None
+
+
+def _benchmarks_problem(block: object) -> str | None:
+    """What is wrong with the shape of a ``benchmarks`` block of eval.json, or None when it is fine."""
+    if not isinstance(block, dict):
+        return "benchmarks is not an object"
+    harness, tasks, models = block.get("harness"), block.get("tasks"), block.get("models")
+    if not (harness is None or (isinstance(harness, dict) and _is_figure(harness.get("limit")))):
+        return "benchmarks.harness is not an object (with a number or null as limit)"
+    if not isinstance(tasks, dict):
+        return "benchmarks.tasks is not an object of tasks"
+    problem = next(filter(None, (_task_problem(name, task) for name, task in tasks.items())), None)
+    if problem:
+        return problem
+    if not (isinstance(models, list) and models):
+        return "benchmarks.models is not a list of the evaluated models"
+    problem = next(filter(None, (_model_problem(i, model, tasks) for i, model in enumerate(models))), None)
+    if problem:
+        return problem
+    recovery = block.get("recovery")
+    if recovery is None:
+        return None
+    if not (
+        isinstance(recovery, dict)
+        and isinstance(recovery.get("tasks"), dict)
+        and _is_figure(recovery.get("mean_ratio"))
+        and all(
+            isinstance(t, dict)
+            and isinstance(t.get("metric"), str)
+            and all(_is_figure(t.get(k)) for k in ("value", "reference_value", "ratio"))
+            for t in recovery["tasks"].values()
+        )
+    ):
+        return "benchmarks.recovery is not null or an object of tasks with metric, value, reference_value and ratio"
+    return None
 
 
 def _evaluation_records(value) -> tuple[list, list] | None:
@@ -127,9 +260,13 @@ def merges_experts(method: str) -> bool:
 
 
 def _front_matter(fields: dict) -> str:
+    """The YAML front matter: a line per scalar, an item per line for a list of scalars, nested values (the
+    ``model-index``) in YAML's block style."""
     lines = ["---"]
     for key, value in fields.items():
-        if isinstance(value, list):
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(i, (dict, list)) for i in value)):
+            lines.append(yaml.safe_dump({key: value}, sort_keys=False, width=1000).rstrip())
+        elif isinstance(value, list):
             lines.append(f"{key}:")
             lines += [f"- {json.dumps(item)}" for item in value]
         else:
@@ -397,12 +534,145 @@ def _recovery_lines(block: dict) -> list[str]:
     ]
 
 
+def _another_folder(model: str, folder: Path) -> bool:
+    """Whether ``model`` (a path eval.json records) is an existing folder other than ``folder``."""
+    path = Path(model).expanduser()
+    try:
+        return path.exists() and path.resolve() != Path(folder).resolve()
+    except OSError:
+        return False
+
+
+def _harness_source(block: dict) -> str:
+    version = (block.get("harness") or {}).get("lm_eval_version")
+    return f"lm-evaluation-harness {version} via upcycle eval" if version else "lm-evaluation-harness via upcycle eval"
+
+
+def model_index(name: str, pipeline_tag: str, blocks: list[dict], folder: Path) -> list[dict] | None:
+    """The Hub ``model-index`` of the card's own model from eval.json's benchmark blocks (None without a score):
+    one result per top-level task with a dataset, a metric per finite score of ``models[0]`` (the evaluated model,
+    left out when its path is another existing folder), built by huggingface_hub's ``EvalResult``. The Hub groups
+    results by task and dataset, so a later task on the same dataset (type, config and split) is left out."""
+    if not blocks:
+        return None
+    from huggingface_hub import EvalResult
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    results: list[EvalResult] = []
+    seen: set[tuple] = set()
+    for block in blocks:
+        model = block["models"][0]
+        if _another_folder(model["model"], folder):
+            continue
+        for task_name, task in block["tasks"].items():
+            dataset = task.get("dataset") or {}
+            if not task.get("top_level", True) or not dataset.get("type"):
+                continue
+            scores = model["scores"].get(task_name) or {}
+            shots = task.get("num_fewshot")
+            entries = [
+                EvalResult(
+                    task_type=pipeline_tag,
+                    task_name=pipeline_tag.replace("-", " ").title(),
+                    dataset_type=dataset["type"],
+                    dataset_name=dataset.get("name") or dataset["type"],
+                    dataset_config=dataset.get("config"),
+                    dataset_split=dataset.get("split"),
+                    dataset_args=None if shots is None else {"num_few_shot": shots},
+                    metric_type=metric,
+                    metric_name=_metric_name(metric),
+                    metric_value=value,
+                    source_name=_harness_source(block),
+                    source_url=HARNESS_URL,
+                )
+                for metric in dict.fromkeys(task["metrics"])
+                if not _is_stderr(metric) and (value := _figure(scores.get(metric))) is not None
+            ]
+            if entries and entries[0].unique_identifier not in seen:
+                seen.add(entries[0].unique_identifier)
+                results += entries
+    return eval_results_to_model_index(name, results) if results else None
+
+
+def _score(scores: dict, metric: str) -> str:
+    """A score with its standard error ("0.610 ± 0.022"), "-" when there is none."""
+    value, stderr = _figure(scores.get(metric)), _figure(scores.get(stderr_key(metric)))
+    return _number(value) + (f" ± {stderr:.3f}" if value is not None and stderr is not None else "")
+
+
+def _benchmark_lines(block: dict) -> list[str]:
+    """A benchmark block (``upcycle eval --tasks``) as a table: per top-level task and metric each model's score
+    ± its standard error, and with a reference the recovery ratio of the task's main metric."""
+    harness, models, recovery = block.get("harness") or {}, block["models"], block.get("recovery")
+    names = [_local_name(m["model"]) for m in models]
+    header = [*names[:1], *(f"{n} (reference)" if recovery else n for n in names[1:])]
+    tasks = {name: task for name, task in block["tasks"].items() if task.get("top_level", True)} or block["tasks"]
+    ratios = (recovery or {}).get("tasks") or {}
+    rows = []
+    for name, task in tasks.items():
+        lower = {m for m, higher in (task.get("higher_is_better") or {}).items() if higher is False}
+        for metric in dict.fromkeys(m for m in task["metrics"] if not _is_stderr(m)):
+            ratio = ratios.get(name) or {}
+            rows.append(
+                (
+                    task.get("alias") or name,
+                    "-" if task.get("num_fewshot") is None else task["num_fewshot"],
+                    "-" if task.get("samples") is None else f"{task['samples']:,}",
+                    _metric_name(metric) + (" (lower is better)" if metric in lower else ""),
+                    *(_score(m["scores"].get(name) or {}, metric) for m in models),
+                    *([_number(ratio.get("ratio")) if ratio.get("metric") == metric else ""] if recovery else []),
+                )
+            )
+    if recovery and len(ratios) > 1:
+        rows.append(("geometric mean", "", "", "", *("" for _ in models), _number(recovery.get("mean_ratio"))))
+    run = {key: models[0].get(key) or harness.get(key) for key in ("dtype", "device", "batch_size")}
+    settings = ", ".join(
+        f"{label} {run[key]}"
+        for key, label in (("dtype", "in"), ("device", "on"), ("batch_size", "batch size"))
+        if run[key] not in (None, "", "auto")
+    )
+    version = f" {harness['lm_eval_version']}" if harness.get("lm_eval_version") else ""
+    lines = [
+        f"Benchmarks scored with [lm-evaluation-harness]({HARNESS_URL}){version} by `upcycle eval --tasks`"
+        + (f" ({settings})" if settings else "")
+        + ".",
+        "",
+    ]
+    limit = harness.get("limit")
+    if limit is not None:
+        share = f"{limit:.0%} of its samples" if limit < 1 else f"{limit:g} samples"
+        lines += [f"Each task was cut to at most {share} (`--limit`): the scores are indicative.", ""]
+    if recovery:
+        lines += [
+            f"Recovery of `{_local_name(str(recovery.get('model') or models[0]['model']))}` against "
+            f"`{_local_name(str(recovery.get('reference') or models[-1]['model']))}`: ratio = the score / the "
+            "reference's score on each task's main metric, inverted for a lower-is-better one (1.00 is full recovery, "
+            "below 1 is worse).",
+            "",
+        ]
+    lines += markdown_table(
+        ("task", "shots", "samples", "metric", *header, *(["ratio"] if recovery else [])), rows
+    ) + [""]
+    subtasks = len(block["tasks"]) - len(tasks)
+    if subtasks:
+        lines += [f"The scores of their {subtasks} subtask{'s' if subtasks != 1 else ''} are in `{EVAL_FILE}`.", ""]
+    usage = [(n, _figure(m.get("active_fraction"))) for n, m in zip(names, models)]
+    if any(fraction is not None and fraction < 1 for _, fraction in usage):
+        lines += [
+            "Attention heads active per token: "
+            + ", ".join(f"`{n}` {_number(fraction)}" for n, fraction in usage if fraction is not None)
+            + ".",
+            "",
+        ]
+    return lines
+
+
 def _row_name(row: dict) -> str:
     """A result row by its ``name``, else by the model folder's name."""
     return str(row.get("name") or _local_name(str(row.get("model", "?"))))
 
 
-def _evaluation_lines(rows: list[dict], blocks: list[dict], pipeline_tag: str) -> list[str]:
+def _evaluation_lines(rows: list[dict], blocks: list[dict], benchmarks: list[dict], pipeline_tag: str) -> list[str]:
     lines = ["## Evaluation", ""]
     for block in blocks:
         lines += _recovery_lines(block)
@@ -428,12 +698,14 @@ def _evaluation_lines(rows: list[dict], blocks: list[dict], pipeline_tag: str) -
             ("model", "image-to-text recall@1", "text-to-image recall@1"),
             [(_row_name(r), f"{r['image_to_text_r1']:.3f}", f"{r['text_to_image_r1']:.3f}") for r in retrieval],
         ) + [""]
-    if not perplexity and not retrieval and not blocks:
+    for block in benchmarks:
+        lines += _benchmark_lines(block)
+    if not perplexity and not retrieval and not blocks and not benchmarks:
         if pipeline_tag in ("text-generation", "fill-mask"):
             lines += [
                 "No evaluation recorded yet. Measure perplexity with "
-                "`upcycle eval PATH --data heldout.txt --compare source --json PATH/eval.json`, "
-                "then refresh this card with `upcycle card PATH`.",
+                "`upcycle eval PATH --data heldout.txt --compare source --json PATH/eval.json` "
+                "(benchmark scores with `--tasks`), then refresh this card with `upcycle card PATH`.",
                 "",
             ]
         else:
@@ -471,6 +743,8 @@ def render_card(folder: Path) -> str:
     auto_class, pipeline_tag = _loading(config, report)
     custom_code = "auto_map" in config
     base = _hide_local_paths(report.get("base_model") or "a dense model", names)
+    recorded_rows, recorded_blocks = _evaluation_records(report.get("evaluation") or []) or ([], [])
+    user_rows, user_blocks, benchmarks = _user_evaluations(folder)
 
     fields: dict = {}
     base_models = list(dict.fromkeys(report.get("base_models") or [])) or _unpublished_bases(report, method, names)
@@ -489,6 +763,10 @@ def render_card(folder: Path) -> str:
             ]
         )
     )
+
+    index = model_index(str(name), pipeline_tag, benchmarks, folder)
+    if index:
+        fields["model-index"] = index
 
     converted = method != "dense"
     intro = (
@@ -539,9 +817,7 @@ def render_card(folder: Path) -> str:
     body += _conversion_lines(report, method, names)
     if finetune:
         body += _finetune_lines(finetune)
-    recorded_rows, recorded_blocks = _evaluation_records(report.get("evaluation") or []) or ([], [])
-    user_rows, user_blocks = _user_evaluations(folder)
-    body += _evaluation_lines([*recorded_rows, *user_rows], [*recorded_blocks, *user_blocks], pipeline_tag)
+    body += _evaluation_lines([*recorded_rows, *user_rows], [*recorded_blocks, *user_blocks], benchmarks, pipeline_tag)
     if report.get("checks"):
         body += ["## Checks run at conversion", ""]
         body += [

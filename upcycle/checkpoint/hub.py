@@ -190,14 +190,28 @@ def _runtime_problems(folder: Path, config: dict) -> list[str]:
     return problems
 
 
+def _metadata_error(error: Exception) -> str:
+    """The reason huggingface_hub gives for refusing a card's metadata, on one line and without its advice to pass
+    ``ignore_metadata_errors``."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, KeyError):
+        return f"an entry lacks the required key {cause.args[0]!r}" if cause.args else "a required key is missing"
+    if isinstance(cause, TypeError):
+        return f"it is not a list of entries with a name and results ({' '.join(str(cause).split())})"
+    text = " ".join(str(cause or error).split())
+    return text.split(" Pass `ignore_metadata_errors", 1)[0].rstrip(".") or type(error).__name__
+
+
 def _card_problems(folder: Path) -> list[str]:
     card = folder / CARD_FILE
     if not card.is_file():
         hint = " run `upcycle card` to write it" if (folder / REPORT_FILE).exists() else " write a model card"
         return [f"{CARD_FILE} (the model card) is missing;{hint}"]
     metadata = card_metadata(folder)
-    if not metadata and card.read_text(encoding="utf-8", errors="replace").startswith("---"):
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not metadata and text.startswith("---"):
         return [f"{CARD_FILE}: its front matter is not valid YAML"]
+    problems = []
     bases = metadata.get("base_model") or []
     bad = [
         str(b)
@@ -205,13 +219,24 @@ def _card_problems(folder: Path) -> list[str]:
         if not HUB_ID.match(str(b))
     ]
     if bad:
-        return [
+        problems.append(
             f"{CARD_FILE}: base_model {', '.join(map(repr, bad))} "
             f"{'is not a Hub model id' if len(bad) == 1 else 'are not Hub model ids'} "
             f"(owner/name; a local folder's name), which the Hub refuses; name the base model(s) with "
             f"`upcycle card {folder} --base-model OWNER/NAME` (repeat it for each), or fix the card by hand"
-        ]
-    return []
+        )
+    if metadata:
+        from huggingface_hub import ModelCard
+
+        try:
+            ModelCard(text)
+        except (ValueError, TypeError) as error:
+            what = "its model-index" if "model-index" in metadata else "its front matter"
+            problems.append(
+                f"{CARD_FILE}: {what} is not valid ({_metadata_error(error)}), so the Hub would refuse it; "
+                f"rewrite the card with `upcycle card {folder}` or fix it by hand"
+            )
+    return problems
 
 
 def validate_folder(folder: Path) -> list[str]:
