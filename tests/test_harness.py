@@ -216,6 +216,22 @@ def test_bad_options_are_one_line_and_write_nothing(models, tmp_path, args, need
     assert not out.exists()
 
 
+def test_a_task_that_runs_model_written_code_is_refused(models, tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    data = tmp_path / "items.jsonl"
+    data.write_text(json.dumps({"prompt": "def f():", "answer": "pass"}) + "\n")
+    (folder / "runs_code.yaml").write_text(
+        f"task: runs_code\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: prompt\ndoc_to_target: answer\n"
+        "unsafe_code: true\nmetric_list:\n  - metric: exact_match\n"
+    )
+    out = tmp_path / "eval.json"
+    result = run("eval", models["dense"], "--tasks", "runs_code", "--include-path", folder, "--json", out)
+    assert_one_line_error(result, "task runs_code runs the code the model writes", "--confirm_run_unsafe_code")
+    assert not out.exists()
+
+
 def test_missing_harness_names_the_install_command(models, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
     assert_one_line_error(run("eval", models["dense"], "--tasks", TASK), "pip install 'upcycle[lmeval]'")
@@ -262,8 +278,9 @@ def output_kind(kind: str, root: Path) -> Path:
         attention = ["--attention", "average"] if kind == "btx" else []
         expert_args = [arg for e in experts for arg in ("--expert", e)]
         return convert_ok(seed, root / kind, "--method", "bam", *attention, *expert_args)
-    dense = build_dense(root / "dense", text=True, num_key_value_heads=8 if kind == "pruned-uniform" else 2)
+    dense = build_dense(root / "dense", text=True, num_key_value_heads=8 if kind in ("pruned-uniform", "gqa") else 2)
     flags = {
+        "gqa": ["--method", "gqa", "--kv-heads", "2"],
         "moh": [],
         "pruned": ["--method", "prune-heads", "--ratio", "0.25", "--importance", "random"],
         "pruned-uniform": ["--method", "prune-heads", "--ratio", "0.5", "--uniform", "--importance", "random"],
@@ -273,7 +290,8 @@ def output_kind(kind: str, root: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind,custom_code", [
-    ("moh", True), ("pruned", True), ("mhe", True), ("bam", True), ("btx", False), ("pruned-uniform", False),
+    ("moh", True), ("pruned", True), ("mhe", True), ("bam", True),
+    ("btx", False), ("pruned-uniform", False), ("gqa", False),
 ])  # fmt: skip
 def test_every_output_kind_runs_through_the_harness_both_ways(tmp_path, kind, custom_code):
     folder = output_kind(kind, tmp_path)

@@ -125,8 +125,12 @@ def load_tasks(settings: HarnessSettings) -> dict:
             f"unknown task {', '.join(map(repr, unknown))}: not a task, group or tag of lm-evaluation-harness nor "
             "in --include-path; list them with `lm_eval ls tasks`, or give --include-path FOLDER with its YAML"
         )
+    names = manager.match_tasks(settings.tasks)
+    refuse_unsafe(
+        [name for name in names if (getattr(manager.task_index.get(name), "cfg", None) or {}).get("unsafe_code")]
+    )
     built: list = []
-    for name in manager.match_tasks(settings.tasks):
+    for name in names:
         try:
             loaded = manager.load([name])
         except (ConnectionError, FileNotFoundError) as error:  # offline, or a dataset the Hub does not have
@@ -393,14 +397,19 @@ def prepare_tasks(settings: HarnessSettings) -> dict:
     harness_version()
     check_settings(settings)
     loaded = load_tasks(settings)
-    unsafe = [name for name, task in loaded["tasks"].items() if getattr(task, "UNSAFE_CODE", False)]
-    if unsafe:
-        raise UpcycleError(
-            f"task {', '.join(unsafe)} runs the code the model writes (the harness marks it unsafe), which upcycle "
-            "eval does not do; run it with `lm_eval ... --confirm_run_unsafe_code` in a sandbox"
-        )
+    refuse_unsafe([name for name, task in loaded["tasks"].items() if getattr(task, "UNSAFE_CODE", False)])
     configure_tasks(loaded, settings.num_fewshot)
     return loaded
+
+
+def refuse_unsafe(names: list[str]) -> None:
+    """One line for tasks that execute what the model writes (the harness's ``unsafe_code``): checked on the task
+    index before any data is fetched, and on the loaded tasks for those inside groups."""
+    if names:
+        raise UpcycleError(
+            f"task {', '.join(names)} runs the code the model writes (the harness marks it unsafe), which upcycle "
+            "eval does not do; run it with `lm_eval ... --confirm_run_unsafe_code` in a sandbox"
+        )
 
 
 def run_benchmarks(
