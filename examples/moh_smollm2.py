@@ -1,17 +1,22 @@
 """The main job: SmolLM2-135M (offline) -> MoH -> the heal recipe -> recovery against the dense model.
 
-    python examples/moh_smollm2.py [--workdir runs/moh-smollm2] [--heal-steps 8] [--shared-selection-table]
+    python examples/moh_smollm2.py [--workdir runs/moh-smollm2] [--heal-steps 8] [--task-items 100]
+                                   [--shared-selection-table]
 
 1. Converts the dense model to MoH with every head active (the real `upcycle convert`) and checks that its logits
    equal the dense model's on held-out KJV text.
 2. Heals MoH-0.75 with the `smollm2-moh-heal-cpu` recipe (`upcycle finetune`: its own conversion with the fitted
    router, then a KJV + Python mix with the dense model as teacher), which ends by scoring the untuned, the healed
    and the dense model on three held-out corpora: KJV books, Python files and the Python reference manual's prose,
-   a kind of text no recipe trains on. The recovery table (perplexity / dense) is printed last.
+   a kind of text no recipe trains on. The recovery table (perplexity / dense) is printed.
+3. Scores the dense, the converted and the healed model on the bundled lm-evaluation-harness task (`upcycle eval
+   --tasks kjv_next_verse`: the true next verse of a held-out KJV book among four), and refreshes the healed model's
+   card with them (as its Hub model-index too when every item was scored: --task-items 0).
 
-``--heal-steps`` defaults to 8 of the recipe's 24 steps (2,048 tokens each) so that the whole job stays under 15
-minutes on two CPU cores; ``--heal-steps 0`` runs the recipe as written. ``--shared-selection-table`` adds the older
-table: MoH-0.75 with each way of choosing the shared heads, scored on held-out KJV before any tuning.
+``--heal-steps`` defaults to 8 of the recipe's 24 steps (2,048 tokens each) and ``--task-items`` to 100 of the
+task's 500 items (0: all) to keep the job short on two CPU cores; ``--heal-steps 0`` runs the recipe as written.
+``--shared-selection-table`` adds the older table: MoH-0.75 with each way of choosing the shared heads, scored on
+held-out KJV before any tuning.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from transformers.utils import logging as hf_logging
 
 import upcycle  # noqa: F401  (registers the upcycled classes)
 from upcycle.assets import smollm2_135m, write_kjv_files
+from upcycle.data.bundled_tasks import KJV_NEXT_VERSE as TASK
 from upcycle.data.text import pack_tokens, read_documents
 from upcycle.eval.perplexity import perplexity
 
@@ -92,6 +98,12 @@ def main() -> None:
         "--shared-selection-table", action="store_true", help="also score MoH-0.75 with each shared-head choice"
     )
     parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--task-items",
+        type=int,
+        default=100,
+        help="items of the bundled benchmark task scored per model (0: all 500; -1: skip the benchmark table)",
+    )
     args = parser.parse_args()
     started = time.time()
     torch.manual_seed(0)
@@ -147,7 +159,29 @@ def main() -> None:
         f"{after['mean_ratio']:.3f} healed; "
         "python-docs is prose of a kind no recipe trains on"
     )
+    if args.task_items >= 0:
+        benchmark_table(healed, args.task_items)
     print(f"main job: {(time.time() - started) / 60:.1f} min")
+
+
+def benchmark_table(healed: Path, items: int) -> None:
+    """The bundled lm-evaluation-harness task (pick the true next verse of a held-out KJV book among four) on the
+    dense model, the converted model before healing and the healed model (``items`` of each, 0: all); the healed
+    model's card gets the scores (in its model-index when every item was scored)."""
+    limit = ["--limit", str(items)] if items else []
+    final, converted = healed / "final", healed / "converted"
+    upcycle_cli("eval", str(converted), "--tasks", TASK, *limit, "--json", str(converted / "eval.json"))
+    upcycle_cli("eval", str(final), "--tasks", TASK, *limit, "--compare", "source", "--json", str(final / "eval.json"))
+    upcycle_cli("card", str(final))
+    before = json.loads((converted / "eval.json").read_text())["benchmarks"]["models"][0]["scores"][TASK]
+    after, dense = (m["scores"][TASK] for m in json.loads((final / "eval.json").read_text())["benchmarks"]["models"])
+    print(f"\n{TASK} ({items or 'all 500'} items, 4 choices: chance 0.25)")
+    print("\n| model | acc | acc_norm | acc / dense |\n|---|---|---|---|")
+    for name, scores in [("dense", dense), ("MoH-0.75, before healing", before), ("healed", after)]:
+        print(
+            f"| {name} | {scores['acc']:.3f} ± {scores['acc_stderr']:.3f} | "
+            f"{scores['acc_norm']:.3f} ± {scores['acc_norm_stderr']:.3f} | {scores['acc'] / dense['acc']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

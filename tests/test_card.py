@@ -506,6 +506,15 @@ def test_benchmarks_become_a_model_index_the_hub_parses(moh):
     )
 
 
+def test_scores_of_a_limited_run_stay_out_of_the_model_index(moh):
+    evaluation = benchmark_eval(str(moh))
+    evaluation["benchmarks"]["harness"]["limit"] = 100
+    card = refresh(moh, evaluation)
+    assert "model-index" not in front_matter(card)
+    assert "cut to at most 100 samples (`--limit`): the scores are indicative, and stay out of the model-index" in card
+    assert "| kjv_next_verse | 0 | 500 | accuracy | 0.610 ± 0.022 |" in section(card, "Evaluation")
+
+
 def test_benchmark_recovery_shows_the_reference_and_the_ratio(moh, tmp_path):
     reference = str(tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "0123abcd")
     card = refresh(moh, benchmark_eval(str(moh), reference))

@@ -107,9 +107,9 @@ def test_moh_with_every_head_active_scores_exactly_the_dense_accuracy(models):
     assert moh["scores"][TASK] == dense["scores"][TASK]
     assert set(moh["scores"][TASK]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
     assert block["recovery"]["tasks"][TASK] == {
-        "metric": "acc",
-        "value": dense["scores"][TASK]["acc"],
-        "reference_value": dense["scores"][TASK]["acc"],
+        "metric": "acc_norm",
+        "value": dense["scores"][TASK]["acc_norm"],
+        "reference_value": dense["scores"][TASK]["acc_norm"],
         "ratio": 1.0,
     }
     assert moh["active_fraction"] == 1.0 and all(f == 1.0 for layer in moh["head_usage"] for f in layer)
@@ -147,7 +147,7 @@ def test_eval_command_with_tasks_compare_and_json(models, tmp_path):
     block = evaluation["benchmarks"]
     assert [m["model"] for m in block["models"]] == [str(models["moh"]), str(models["dense"])]
     assert block["harness"]["limit"] == 8 and block["harness"]["lm_eval_version"]
-    assert block["recovery"]["tasks"][TASK]["metric"] == "acc"
+    assert block["recovery"]["tasks"][TASK]["metric"] == "acc_norm"
 
 
 def test_perplexity_and_tasks_in_one_run(models, tmp_path):
@@ -311,3 +311,11 @@ def test_every_output_kind_runs_through_the_harness_both_ways(tmp_path, kind, cu
     (written,) = results.rglob("results_*.json")
     scores = json.loads(written.read_text())["results"][TASK]
     assert scores["acc,none"] == api["acc"] and scores["acc_norm,none"] == api["acc_norm"]
+
+
+def test_eval_help_shows_the_benchmark_options():
+    result = run("eval", "--help")
+    assert result.exit_code == 0
+    for flag in ("--tasks", "--num-fewshot", "--limit", "--batch-size", "--include-path", "--device", "--dtype"):
+        assert flag in result.stdout, flag
+    assert "Benchmarks (--tasks, lm-evaluation-harness)" in result.stdout and "lmeval extra" in result.stdout

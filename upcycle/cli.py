@@ -591,7 +591,7 @@ def evaluate_command(
         typer.Option(
             help="lm-evaluation-harness tasks, groups or tags, comma-separated or repeated (hellaswag,arc_easy; "
             "patterns like mmlu_*); kjv_next_verse is bundled and runs offline (`upcycle tasks`). "
-            "Needs the upcycle[lmeval] extra.",
+            "Needs lm-eval (the lmeval extra of upcycle).",
             rich_help_panel=BENCHMARK_PANEL,
             show_default=False,
         ),

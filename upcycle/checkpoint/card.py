@@ -551,7 +551,8 @@ def _harness_source(block: dict) -> str:
 def model_index(name: str, pipeline_tag: str, blocks: list[dict], folder: Path) -> list[dict] | None:
     """The Hub ``model-index`` of the card's own model from eval.json's benchmark blocks (None without a score):
     one result per top-level task with a dataset, a metric per finite score of ``models[0]`` (the evaluated model,
-    left out when its path is another existing folder), built by huggingface_hub's ``EvalResult``. The Hub groups
+    left out when its path is another existing folder or when ``--limit`` scored only part of each task), built by
+    huggingface_hub's ``EvalResult``. The Hub groups
     results by task and dataset, so a later task on the same dataset (type, config and split) is left out."""
     if not blocks:
         return None
@@ -562,8 +563,8 @@ def model_index(name: str, pipeline_tag: str, blocks: list[dict], folder: Path) 
     seen: set[tuple] = set()
     for block in blocks:
         model = block["models"][0]
-        if _another_folder(model["model"], folder):
-            continue
+        if _another_folder(model["model"], folder) or (block.get("harness") or {}).get("limit") is not None:
+            continue  # another model's scores, or scores of a subset of the items (--limit)
         for task_name, task in block["tasks"].items():
             dataset = task.get("dataset") or {}
             if not task.get("top_level", True) or not dataset.get("type"):
@@ -641,7 +642,11 @@ def _benchmark_lines(block: dict) -> list[str]:
     limit = harness.get("limit")
     if limit is not None:
         share = f"{limit:.0%} of its samples" if limit < 1 else f"{limit:g} samples"
-        lines += [f"Each task was cut to at most {share} (`--limit`): the scores are indicative.", ""]
+        lines += [
+            f"Each task was cut to at most {share} (`--limit`): the scores are indicative, and stay out of the "
+            "model-index.",
+            "",
+        ]
     if recovery:
         lines += [
             f"Recovery of `{_local_name(str(recovery.get('model') or models[0]['model']))}` against "

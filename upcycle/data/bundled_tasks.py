@@ -25,12 +25,12 @@ LENGTH_BAND = (2 / 3, 3 / 2)  # distractors' word count relative to the true ver
 
 
 def kjv_next_verse_items(count: int = KJV_NEXT_VERSE_ITEMS, seed: int = KJV_NEXT_VERSE_SEED) -> list[dict]:
-    """``count`` items of the next-verse task from the held-out KJV books (every 10th book), in canonical order.
+    """``count`` items of the next-verse task from the held-out KJV books (every 10th book).
 
     Each item: ``context`` (up to two consecutive verses of one chapter), ``choices`` (the verse that follows and
     three distractors: verses of the same book at least five verses away whose word count is within 2/3..3/2 of
     the true verse's, where the book has three such), ``label`` (the true verse's index) and ``reference``
-    (``book:chapter:verse`` of the true verse). Deterministic for a given ``seed``."""
+    (``book:chapter:verse`` of the true verse), in a seeded random order. Deterministic for a given ``seed``."""
     from upcycle.assets import KJV_HELDOUT_EVERY, kjv_verses
 
     books: dict[int, list[tuple[int, int, str]]] = {}
@@ -45,7 +45,9 @@ def kjv_next_verse_items(count: int = KJV_NEXT_VERSE_ITEMS, seed: int = KJV_NEXT
     ]
     rng = random.Random(seed)
     items = []
-    for book, index in sorted(rng.sample(candidates, min(count, len(candidates)))):
+    for book, index in rng.sample(
+        candidates, min(count, len(candidates))
+    ):  # shuffled: any prefix (--limit) mixes books
         verses = books[book]
         chapter, verse, truth = verses[index]
         context = [text for c, _, text in verses[max(0, index - 2) : index] if c == chapter]
