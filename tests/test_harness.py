@@ -120,11 +120,12 @@ def test_moh_with_every_head_active_scores_exactly_the_dense_accuracy(models):
 
 def test_head_usage_counts_real_tokens_only(models):
     """The harness pads loglikelihood batches on the right: padding must not enter the head-usage counts."""
-    one, four = (run_benchmarks(models["moh"], None, settings(batch_size=size))["models"][0] for size in ("1", "4"))
-    assert one["scores"] == four["scores"]
-    flat = [[f for layer in entry["head_usage"] for f in layer] for entry in (one, four)]
-    assert flat[0] == pytest.approx(flat[1], abs=1e-12)
-    assert one["active_fraction"] == pytest.approx(0.75) and four["active_fraction"] == pytest.approx(0.75)
+    runs = [run_benchmarks(models["moh"], None, settings(batch_size=size))["models"][0] for size in ("1", "4", "auto")]
+    flat = [[f for layer in entry["head_usage"] for f in layer] for entry in runs]
+    for entry, usage in zip(runs[1:], flat[1:]):  # auto: the batch-size search's forwards count no token either
+        assert entry["scores"] == runs[0]["scores"]
+        assert usage == pytest.approx(flat[0], abs=1e-12)
+    assert all(entry["active_fraction"] == pytest.approx(0.75) for entry in runs)
 
 
 def test_num_fewshot_and_a_fractional_limit(models):

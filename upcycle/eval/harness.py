@@ -191,13 +191,16 @@ def _harness_model(model, tokenizer, batch_size: str, usage):
 
     class UsageCountingLM(huggingface.HFLM):
         """HFLM whose loglikelihood batches mark their padding for the head-usage count: the harness pads each
-        batch on the right with token 0 and passes no attention mask, so the lengths are taken where it pads."""
+        batch on the right with token 0 and passes no attention mask, so the lengths are taken where it pads.
+        Other calls of the model here (the batch-size search) count no token; generation passes its own mask."""
 
         _lengths: list[int] | None = None
+        _count_every_position = False
 
         def _loglikelihood_tokens(self, *args, **kwargs):
             pad_and_concat = getattr(huggingface, "pad_and_concat", None)
-            if pad_and_concat is None:  # another harness version: every position counts
+            if pad_and_concat is None:  # another harness version: every position counts, padding too
+                self._count_every_position = True
                 return super()._loglikelihood_tokens(*args, **kwargs)
 
             def recording(max_length, tensors, *rest, **options):
@@ -212,12 +215,16 @@ def _harness_model(model, tokenizer, batch_size: str, usage):
                 self._lengths = None
 
         def _model_call(self, inps, attn_mask=None, labels=None):
-            lengths = self._lengths
-            if usage is not None and lengths is not None and len(lengths) == inps.shape[0]:
+            lengths, self._lengths = self._lengths, None
+            if usage is not None and not self._count_every_position:
                 import torch
 
                 positions = torch.arange(inps.shape[1], device=inps.device)  # [T]
-                usage.set_mask(positions[None, :] < torch.tensor(lengths, device=inps.device)[:, None])  # [B, T]
+                if lengths is not None and len(lengths) == inps.shape[0]:
+                    real = torch.tensor(lengths, device=inps.device)[:, None]  # [B, 1]
+                else:  # not a batch of requests: the batch-size search of --batch-size auto
+                    real = torch.zeros(inps.shape[0], 1, dtype=torch.long, device=inps.device)
+                usage.set_mask(positions[None, :] < real)  # [B, T]
             try:
                 return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
             finally:
