@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import build_dense
 from test_cli import assert_one_line_error, run
+from test_prune_heads import NO_UPCYCLE
 
 from upcycle.assets import KJV_HELDOUT_EVERY, kjv_verses
 from upcycle.data.bundled_tasks import KJV_NEXT_VERSE, bundled_task_folder, kjv_next_verse_items
@@ -257,18 +258,12 @@ def test_a_hub_task_offline_is_one_line(models, tmp_path):
 
 # ---- every output kind, through the harness's API and its own command ------------------------------------------
 
-NO_UPCYCLE_LM_EVAL = """
-import importlib.abc, sys
-class NoUpcycle(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] == "upcycle":
-            raise ImportError("upcycle is made unimportable for this test")
-sys.meta_path.insert(0, NoUpcycle())
-from lm_eval.__main__ import cli_evaluate
-sys.argv = ["lm_eval", *sys.argv[1:]]
-cli_evaluate()
-assert "upcycle" not in sys.modules
-"""
+NO_UPCYCLE_LM_EVAL = textwrap.dedent(NO_UPCYCLE) + textwrap.dedent("""
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv = ["lm_eval", *sys.argv[1:]]
+    cli_evaluate()
+    assert "upcycle" not in sys.modules
+""")
 
 
 def output_kind(kind: str, root: Path) -> Path:
