@@ -369,6 +369,63 @@ def test_the_bundled_fsdp_config_on_two_cpu_processes_saves_resumes_and_equals_o
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_fsdp2_full_sharding_on_two_cpu_processes_saves_shards_resumes_and_equals_one_process(workspace):
+    """The bundled FSDP config (FSDP2, full sharding, sharded state dict) with accelerate's device gate lifted by a
+    test-only sitecustomize (tests/fsdp_on_cpu): training is sharded, each checkpoint holds accelerate's per-rank
+    model and optimizer shards, the run resumes from them, and final/ (the weights gathered from every process)
+    equals a one-process run. LoRA under FSDP is refused before training."""
+    from upcycle.train.recipe import RECIPES_DIR
+
+    tmp_path, _, data = workspace
+    config = yaml.safe_load((RECIPES_DIR / "fsdp-8gpu.yaml").read_text())
+    config |= {"num_processes": 2, "mixed_precision": "no", "use_cpu": True}
+    (tmp_path / "fsdp-cpu.yaml").write_text(yaml.safe_dump(config))
+    env = os.environ | {
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{ROOT / 'tests' / 'fsdp_on_cpu'}{os.pathsep}{ROOT}",
+        "UPCYCLE_TEST_FSDP_ON_CPU": "1",
+    }
+    folders = {name: tmp_path / name for name in ("one", "two", "lora")}
+    recipes = {}
+    for name, folder in folders.items():
+        folder.mkdir()
+        extra = {"trainable": "lora"} if name == "lora" else {}
+        recipes[name] = write_recipe(
+            folder, tmp_path / "moh", data, training__steps=4, training__eval_every=0, **extra
+        )
+    run_finetune(load_recipe(str(recipes["one"])))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp-cpu.yaml")]
+
+    def finetune(port: int, recipe: Path, *extra: str) -> subprocess.CompletedProcess:
+        command = [*launch, "--main_process_port", str(port), "-m", "upcycle", "finetune", str(recipe), *extra]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    for port, extra in ((29535, ["--stop-after", "2"]), (29536, ["--resume"])):
+        result = finetune(port, recipes["two"], *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "accelerate runs it as" not in result.stderr  # FSDP itself, not the DDP fallback
+    checkpoint = folders["two"] / "run" / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in (checkpoint / "fsdp_model").iterdir()) == [
+        "pytorch_model_fsdp_0_rank0.bin",
+        "pytorch_model_fsdp_0_rank1.bin",
+    ]
+    assert sorted(p.name for p in (checkpoint / "fsdp_optimizer").iterdir()) == [
+        "optimizer_0_rank0.bin",
+        "optimizer_0_rank1.bin",
+    ]
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["sharded"] is True
+    one, two = final_weights(folders["one"] / "run"), final_weights(folders["two"] / "run")
+    assert set(one) == set(two)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+
+    refused = finetune(29537, recipes["lora"])
+    assert refused.returncode != 0 and "error: trainable: lora under FSDP is not supported" in refused.stderr
+    assert not (folders["lora"] / "run" / "final").exists()
+
+
 def test_attention_backend_from_the_recipe(workspace, monkeypatch):
     """``attention: torch`` trains through the head-sparse path; ``masked`` never does while training."""
     from upcycle.modeling import gated_attention

@@ -380,6 +380,11 @@ class Trainer:
 
         kind = self.accelerator.distributed_type
         self._sharded = kind == DistributedType.FSDP
+        if self._sharded and recipe.trainable == "lora":
+            raise UpcycleError(
+                "trainable: lora under FSDP is not supported (merging the adapters on save needs the whole weights on "
+                "one process); use trainable: all, or launch without FSDP (DDP: LoRA's optimizer state is small)"
+            )
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not self._sharded:
             # accelerate (state.py) turns FSDP on only for GPU-like devices: on the CPU it stays MULTI_CPU (DDP)
             self._print(
@@ -805,15 +810,22 @@ class Trainer:
                 + (f" or --resume from {kept.name}" if kept else "")
             )
         final = self.output / FINAL
+        # under FSDP each process holds a shard: every process takes part in gathering the full weights (to rank 0)
+        gathered = self.accelerator.get_state_dict(self.model) if self._sharded else None
         if self.accelerator.is_main_process:
             from ..checkpoint.writer import atomic_output, copy_support_files
 
             model = self.accelerator.unwrap_model(self.model)
             if hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
-            model = model.to(self.source_dtype)
+            weights = None
+            if gathered is None:
+                model = model.to(self.source_dtype)
+            else:
+                weights = {name: tensor.to(self.source_dtype) for name, tensor in gathered.items()}
+                model.config.dtype = self.source_dtype
             with atomic_output(final, overwrite=True) as temp:
-                model.save_pretrained(temp)
+                model.save_pretrained(temp, state_dict=weights)
                 copy_support_files(self.model_path, temp)
                 copy_runtime(self.model_path, temp, trust_remote_code=self.recipe.trust_remote_code)
                 report = self.model_path / "upcycle_report.json"
