@@ -173,14 +173,20 @@ def benchmark_table(healed: Path, items: int) -> None:
     upcycle_cli("eval", str(converted), "--tasks", TASK, *limit, "--json", str(converted / "eval.json"))
     upcycle_cli("eval", str(final), "--tasks", TASK, *limit, "--compare", "source", "--json", str(final / "eval.json"))
     upcycle_cli("card", str(final))
+    print_benchmark_table(healed, items)
+
+
+def print_benchmark_table(healed: Path, items: int) -> None:
+    """The accuracy table from the eval.json files that ``benchmark_table`` wrote."""
+    final, converted = healed / "final", healed / "converted"
     before = json.loads((converted / "eval.json").read_text())["benchmarks"]["models"][0]["scores"][TASK]
     after, dense = (m["scores"][TASK] for m in json.loads((final / "eval.json").read_text())["benchmarks"]["models"])
     print(f"\n{TASK} ({items or 'all 500'} items, 4 choices: chance 0.25)")
-    print("\n| model | acc | acc_norm | acc / dense |\n|---|---|---|---|")
+    print("\n| model | acc_norm | acc | acc_norm / dense |\n|---|---|---|---|")
     for name, scores in [("dense", dense), ("MoH-0.75, before healing", before), ("healed", after)]:
         print(
-            f"| {name} | {scores['acc']:.3f} ± {scores['acc_stderr']:.3f} | "
-            f"{scores['acc_norm']:.3f} ± {scores['acc_norm_stderr']:.3f} | {scores['acc'] / dense['acc']:.3f} |"
+            f"| {name} | {scores['acc_norm']:.3f} ± {scores['acc_norm_stderr']:.3f} | "
+            f"{scores['acc']:.3f} ± {scores['acc_stderr']:.3f} | {scores['acc_norm'] / dense['acc_norm']:.3f} |"
         )
 
 
