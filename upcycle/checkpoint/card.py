@@ -94,8 +94,8 @@ def _is_figure(value: object) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
-def _figure(value: object) -> float | None:
-    """A finite figure, else None."""
+def finite_number(value: object) -> float | None:
+    """A finite figure, else None (for "N/A", null, inf and nan)."""
     return float(value) if _is_figure(value) and value is not None and math.isfinite(value) else None
 
 
@@ -503,7 +503,7 @@ def _data_name(data: str | None) -> str:
     return f"`{Path(data).name}`" if " " not in data else data
 
 
-def _number(value: float | None) -> str:
+def figure_text(value: float | None) -> str:
     """A figure to three decimals; "-" where it could not be computed (null in the JSON)."""
     return "-" if value is None else f"{value:.3f}"
 
@@ -516,14 +516,14 @@ def _recovery_lines(block: dict) -> list[str]:
     rows = [
         (
             _data_name(name),
-            _number(c.get("perplexity")),
-            _number(c.get("reference_perplexity")),
-            _number(c.get("ratio")),
+            figure_text(c.get("perplexity")),
+            figure_text(c.get("reference_perplexity")),
+            figure_text(c.get("ratio")),
         )
         for name, c in corpora.items()
     ]
     if len(corpora) > 1:
-        rows.append(("geometric mean", "", "", _number(block.get("mean_ratio"))))
+        rows.append(("geometric mean", "", "", figure_text(block.get("mean_ratio"))))
     return [
         f"Recovery{model} against `{_local_name(str(block.get('reference', '?')))}` on held-out text: "
         "ratio = perplexity / the "
@@ -587,7 +587,7 @@ def model_index(name: str, pipeline_tag: str, blocks: list[dict], folder: Path) 
                     source_url=HARNESS_URL,
                 )
                 for metric in dict.fromkeys(task["metrics"])
-                if not _is_stderr(metric) and (value := _figure(scores.get(metric))) is not None
+                if not _is_stderr(metric) and (value := finite_number(scores.get(metric))) is not None
             ]
             if entries and entries[0].unique_identifier not in seen:
                 seen.add(entries[0].unique_identifier)
@@ -595,10 +595,10 @@ def model_index(name: str, pipeline_tag: str, blocks: list[dict], folder: Path) 
     return eval_results_to_model_index(name, results) if results else None
 
 
-def _score(scores: dict, metric: str) -> str:
+def score_text(scores: dict, metric: str) -> str:
     """A score with its standard error ("0.610 ± 0.022"), "-" when there is none."""
-    value, stderr = _figure(scores.get(metric)), _figure(scores.get(stderr_key(metric)))
-    return _number(value) + (f" ± {stderr:.3f}" if value is not None and stderr is not None else "")
+    value, stderr = finite_number(scores.get(metric)), finite_number(scores.get(stderr_key(metric)))
+    return figure_text(value) + (f" ± {stderr:.3f}" if value is not None and stderr is not None else "")
 
 
 def _benchmark_lines(block: dict) -> list[str]:
@@ -620,12 +620,12 @@ def _benchmark_lines(block: dict) -> list[str]:
                     "-" if task.get("num_fewshot") is None else task["num_fewshot"],
                     "-" if task.get("samples") is None else f"{task['samples']:,}",
                     _metric_name(metric) + (" (lower is better)" if metric in lower else ""),
-                    *(_score(m["scores"].get(name) or {}, metric) for m in models),
-                    *([_number(ratio.get("ratio")) if ratio.get("metric") == metric else ""] if recovery else []),
+                    *(score_text(m["scores"].get(name) or {}, metric) for m in models),
+                    *([figure_text(ratio.get("ratio")) if ratio.get("metric") == metric else ""] if recovery else []),
                 )
             )
     if recovery and len(ratios) > 1:
-        rows.append(("geometric mean", "", "", "", *("" for _ in models), _number(recovery.get("mean_ratio"))))
+        rows.append(("geometric mean", "", "", "", *("" for _ in models), figure_text(recovery.get("mean_ratio"))))
     run = {key: models[0].get(key) or harness.get(key) for key in ("dtype", "device", "batch_size")}
     settings = ", ".join(
         f"{label} {run[key]}"
@@ -661,11 +661,11 @@ def _benchmark_lines(block: dict) -> list[str]:
     subtasks = len(block["tasks"]) - len(tasks)
     if subtasks:
         lines += [f"The scores of their {subtasks} subtask{'s' if subtasks != 1 else ''} are in `{EVAL_FILE}`.", ""]
-    usage = [(n, _figure(m.get("active_fraction"))) for n, m in zip(names, models)]
+    usage = [(n, finite_number(m.get("active_fraction"))) for n, m in zip(names, models)]
     if any(fraction is not None and fraction < 1 for _, fraction in usage):
         lines += [
             "Attention heads active per token: "
-            + ", ".join(f"`{n}` {_number(fraction)}" for n, fraction in usage if fraction is not None)
+            + ", ".join(f"`{n}` {figure_text(fraction)}" for n, fraction in usage if fraction is not None)
             + ".",
             "",
         ]
@@ -689,7 +689,7 @@ def _evaluation_lines(rows: list[dict], blocks: list[dict], benchmarks: list[dic
             [
                 (
                     _row_name(r),
-                    _number(r["perplexity"]),
+                    figure_text(r["perplexity"]),
                     f"{r['tokens']:,}",
                     r.get("window", "-"),
                     f"{r.get('active_fraction', 1.0):.3f}",

@@ -91,6 +91,7 @@ def bundled_task_folder(cache_dir: Path | str | None = None) -> Path:
     YAML with ``data_files`` pointing at them: the folder for the harness's ``--include_path``. Files are written
     atomically, and again when the shipped YAML changes or the cache moved."""
     from upcycle.assets import cache_root
+    from upcycle.checkpoint.card import write_text_atomic
 
     folder = cache_root(cache_dir) / FOLDER_NAME
     try:
@@ -104,17 +105,11 @@ def bundled_task_folder(cache_dir: Path | str | None = None) -> Path:
             task_file = folder / f"{name}.yaml"
             current = task_file.read_text(encoding="utf-8") if task_file.is_file() else None
             if current != text or not data.is_file():
-                _write_atomic(data, "".join(json.dumps(item) + "\n" for item in generate()))
-                _write_atomic(task_file, text)
+                write_text_atomic(data, "".join(json.dumps(item) + "\n" for item in generate()))
+                write_text_atomic(task_file, text)
     except OSError as error:
         raise UpcycleError(
             f"cannot write the bundled lm-eval tasks into {folder} ({error.strerror or error}); "
             "set UPCYCLE_CACHE to a folder you may write to"
         ) from None
     return folder
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from upcycle.checkpoint.card import write_text_atomic
-
-    write_text_atomic(path, text)

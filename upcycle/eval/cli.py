@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import UpcycleError
@@ -59,14 +60,13 @@ def run_eval(
     if harness is not None:
         from .harness import prepare_tasks
 
-        harness.attention, harness.device, harness.dtype = attention, device, dtype
+        harness = replace(harness, attention=attention, device=device, dtype=dtype)  # this evaluation's settings
         tasks = prepare_tasks(harness)  # unknown names and data that cannot be fetched fail here
-    dtype_name = None if dtype == "auto" else dtype
     evaluation: dict = {"results": [], "recovery": None}
     if files:
         tokenizer = load_tokenizer(folder)
         corpora = {name: eval_tokens_from_text(file, tokenizer, tokens) for name, file in files.items()}
-        kwargs = {"window": window, "stride": stride, "attention": attention, "device": device, "dtype": dtype_name}
+        kwargs = {"window": window, "stride": stride, "attention": attention, "device": device, "dtype": dtype}
         if reference is None:
             evaluation = {"results": evaluate_corpora(folder, corpora, **kwargs), "recovery": None}
         else:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from upcycle.checkpoint.card import _local_name
+from upcycle.checkpoint.card import _local_name, figure_text
 from upcycle.errors import UpcycleError
 from upcycle.eval.perplexity import sliding_window_nll
 from upcycle.eval.usage import HeadUsage
@@ -69,7 +69,7 @@ def load_tokenizer(folder: str | Path):
 
 def load_model(model_path: str | Path, device: str | None = None, dtype: str | None = None) -> torch.nn.Module:
     """A dense or converted causal LM in eval mode on ``device`` (None: CUDA if available) in ``dtype`` (``float32``,
-    ``bfloat16``, ``float16``; None: bf16 on CUDA, fp32 elsewhere)."""
+    ``bfloat16``, ``float16``; None or ``auto``: bf16 on CUDA, fp32 elsewhere)."""
     from transformers import AutoModelForCausalLM
 
     import upcycle  # noqa: F401  (registers the Auto classes: converted folders load without remote code)
@@ -81,7 +81,7 @@ def load_model(model_path: str | Path, device: str | None = None, dtype: str | N
         raise UpcycleError(f"--device {device} is not a device; give cpu, cuda, cuda:N or mps") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise UpcycleError(f"--device {device}: this torch sees no CUDA device; use --device cpu")
-    if dtype is None:
+    if dtype is None or dtype == "auto":
         dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -306,10 +306,6 @@ def _name(result: dict) -> str:
     return str(result.get("name") or _local_name(str(result["model"])))
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def _columns(rows: list[tuple[str, ...]], left: int) -> list[str]:
     """``rows`` (the header first) as aligned text columns: the first ``left`` left-aligned, the others
     right-aligned."""
@@ -337,7 +333,7 @@ def format_table(results: list[dict]) -> str:
         (
             _name(r),
             r["method"],
-            _number(r["perplexity"]),
+            figure_text(r["perplexity"]),
             str(r["tokens"]),
             f"{r['tokens_per_second']:.1f}",
             f"{r['active_fraction']:.3f}",
@@ -365,11 +361,17 @@ def format_recovery_table(evaluation: dict) -> str:
         corpora = block["corpora"]
         table = [("corpus", "tokens", "perplexity", "compare", "ratio")]
         table += [
-            (name, str(c["tokens"]), _number(c["perplexity"]), _number(c["reference_perplexity"]), _number(c["ratio"]))
+            (
+                name,
+                str(c["tokens"]),
+                figure_text(c["perplexity"]),
+                figure_text(c["reference_perplexity"]),
+                figure_text(c["ratio"]),
+            )
             for name, c in corpora.items()
         ]
         if len(corpora) > 1:
-            table.append(("geometric mean", "", "", "", _number(block["mean_ratio"])))
+            table.append(("geometric mean", "", "", "", figure_text(block["mean_ratio"])))
         lines = [
             f"perplexity of {_local_name(block['model'])}; compare: {_local_name(block['reference'])}",
             *_columns(table, 1),
@@ -379,7 +381,7 @@ def format_recovery_table(evaluation: dict) -> str:
         lines = _columns(
             [
                 ("corpus", "tokens", "perplexity"),
-                *((str(r["data"]), str(r["tokens"]), _number(r["perplexity"])) for r in rows),
+                *((str(r["data"]), str(r["tokens"]), figure_text(r["perplexity"])) for r in rows),
             ],
             1,
         )

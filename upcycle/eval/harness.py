@@ -15,13 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upcycle.checkpoint.card import stderr_key
+from upcycle.checkpoint.card import figure_text, finite_number, score_text, stderr_key
 from upcycle.errors import UpcycleError
 
 INSTALL_HINT = "pip install 'upcycle[lmeval]' (or pip install lm-eval)"
 # dataset_path values that are datasets' packaged builders reading local files, not Hub datasets
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "imagefolder", "audiofolder"}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 # the seeds lm_eval.simple_evaluate uses by default, so figures match a `lm_eval` run of the same model
 RANDOM_SEED, OTHER_SEED = 0, 1234
 
@@ -84,8 +83,6 @@ def check_settings(settings: HarnessSettings) -> None:
         size == "auto" or (size.startswith("auto:") and size[5:].isdigit() and int(size[5:]) > 0)
     ):
         raise UpcycleError(f"--batch-size {size}: give a positive number, auto, or auto:N (N re-detections)")
-    if settings.dtype not in DTYPES:
-        raise UpcycleError(f"--dtype {settings.dtype} is unknown; choose one of {', '.join(DTYPES)}")
     for folder in settings.include_paths:
         if not Path(folder).expanduser().is_dir():
             raise UpcycleError(f"--include-path {folder} is not a folder; give a folder of lm-eval task YAML files")
@@ -254,7 +251,7 @@ def run_model(model_path: str | Path, loaded: dict, settings: HarnessSettings) -
     from upcycle.eval.usage import HeadUsage
     from upcycle.modeling.gated_attention import set_attention_backend
 
-    model = load_model(model_path, settings.device, None if settings.dtype == "auto" else settings.dtype)
+    model = load_model(model_path, settings.device, settings.dtype)
     try:
         set_attention_backend(model, settings.attention)
     except ValueError as error:  # kernel asked for without Triton or CUDA
@@ -293,13 +290,6 @@ def run_model(model_path: str | Path, loaded: dict, settings: HarnessSettings) -
     }
 
 
-def _number(value) -> float | None:
-    """A harness figure as a float; None for "N/A", missing or non-finite values."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def metric_key(name: str, filter_name: str) -> str:
     """``acc`` for the harness's ``acc,none``; ``exact_match,strict-match`` keeps its filter."""
     return name if filter_name == "none" else f"{name},{filter_name}"
@@ -318,7 +308,7 @@ def scores(results: dict) -> dict[str, dict[str, float | None]]:
                 stderr_key(metric_key(name[: -len("_stderr")], filter_name))
                 if name.endswith("_stderr")
                 else metric_key(name, filter_name)
-            ] = _number(value)
+            ] = finite_number(value)
         table[task] = row
     return table
 
@@ -445,12 +435,6 @@ def run_benchmarks(
 # ---- printing ------------------------------------------------------------------------------------------
 
 
-def _figure(value: float | None, stderr: float | None = None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
-
-
 def format_benchmark_table(block: dict) -> str:
     """The benchmarks block as text: per task and metric the value ± stderr (and the compare model's and the ratio),
     the mean ratio, then time, active heads and head usage per model."""
@@ -465,10 +449,7 @@ def format_benchmark_table(block: dict) -> str:
     for task, info in tasks.items():
         for metric in info["metrics"]:
             arrow = "↑" if info["higher_is_better"].get(metric, True) else "↓"
-            values = [
-                _figure(m["scores"].get(task, {}).get(metric), m["scores"].get(task, {}).get(stderr_key(metric)))
-                for m in models
-            ]
+            values = [score_text(m["scores"].get(task, {}), metric) for m in models]
             row = [
                 info["alias"] if info["top_level"] else f" - {info['alias']}",
                 f"{metric} {arrow}",
@@ -478,12 +459,12 @@ def format_benchmark_table(block: dict) -> str:
             ]
             if len(models) > 1:
                 a, b = (m["scores"].get(task, {}).get(metric) for m in models)
-                row += [values[1], _figure(ratio(a, b, info["higher_is_better"].get(metric, True)))]
+                row += [values[1], figure_text(ratio(a, b, info["higher_is_better"].get(metric, True)))]
             rows.append(tuple(row))
     harness = block.get("harness") or {}
     lines = [f"benchmarks (lm-evaluation-harness {harness.get('lm_eval_version', '?')})", *_columns(rows, 2)]
     if recovery:
-        lines.append(f"mean ratio (first metric of each task, geometric mean): {_figure(recovery['mean_ratio'])}")
+        lines.append(f"mean ratio (first metric of each task, geometric mean): {figure_text(recovery['mean_ratio'])}")
         lines.append(
             "ratio = value / compare's value (compare's / value for ↓ metrics): "
             "1.00 is full recovery, below 1 is worse"
