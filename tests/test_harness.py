@@ -134,6 +134,15 @@ def test_num_fewshot_and_a_fractional_limit(models):
     assert block["tasks"][TASK]["num_fewshot"] == 2 and block["tasks"][TASK]["samples"] == 5
 
 
+def test_dtype_and_device_reach_the_model_the_harness_runs(models, tmp_path):
+    out = tmp_path / "eval.json"
+    args = ["--tasks", TASK, "--limit", "4", "--device", "cpu", "--dtype", "bfloat16", "--json", out]
+    result = run("eval", models["dense"], *args)
+    assert result.exit_code == 0, result.output
+    (model,) = json.loads(out.read_text())["benchmarks"]["models"]
+    assert model["dtype"] == "bfloat16" and model["device"] == "cpu"
+
+
 def test_eval_command_with_tasks_compare_and_json(models, tmp_path):
     out = tmp_path / "eval.json"
     args = ["eval", models["moh"], "--tasks", TASK, "--limit", "8", "--compare", "source", "--json", out]
