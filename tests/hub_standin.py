@@ -6,7 +6,7 @@ It implements just what ``huggingface_hub``'s ``whoami``, ``create_repo``, ``rep
 the repositories in memory, and records every request (method, path, query, headers without the
 token, JSON or NDJSON body) so that tests can check what arrived. Every file is answered
 ``uploadMode: regular`` (inlined in the commit): Xet and LFS transfers of large files are not
-implemented. ``fail(...)`` injects error answers.
+implemented. ``fail(...)`` injects error answers, ``drop(...)`` connections closed before any answer.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ REPO_PATH = re.compile(
     r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<op>preupload|commit|branch|revision)/(?P<rev>.+))?$"
 )
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DROP = 0  # the status of a failure that closes the connection without an answer (a connection dropped mid-request)
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -55,7 +56,7 @@ class Repo:
 class Failure:
     method: str
     path_part: str
-    status: int
+    status: int  # DROP: close the connection without answering
     times: int
     headers: dict[str, str]
     body: dict
@@ -100,6 +101,10 @@ class HubStandIn:
         self.failures.append(
             Failure(method, path_part, status, times, headers or {}, body or {"error": f"stand-in error {status}"})
         )
+
+    def drop(self, method: str, path_part: str, times: int = 1) -> None:
+        """Close the connection of the next ``times`` requests whose path contains ``path_part`` without answering."""
+        self.failures.append(Failure(method, path_part, DROP, times, {}, {}))
 
     def paths(self, method: str | None = None) -> list[str]:
         return [r.path for r in self.requests if method is None or r.method == method]
@@ -285,6 +290,9 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(length) if length else b""
             headers = {name.lower(): value for name, value in self.headers.items()}
             status, extra, payload = hub.handle(self.command, self.path, headers, body)
+            if status == DROP:
+                self.close_connection = True
+                return
             data = json.dumps(payload).encode()
             self.send_response(status)
             for name, value in {"Content-Type": "application/json", **extra}.items():

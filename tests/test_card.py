@@ -573,3 +573,123 @@ def test_a_malformed_benchmark_block_is_one_line(moh, damage, needle):
     evaluation = damage(evaluation) or evaluation
     (moh / "eval.json").write_text(json.dumps(evaluation))
     assert_one_line_error(run("card", moh), str(moh / "eval.json"), needle, "upcycle eval")
+
+
+def card_files(folder: Path) -> dict[str, bytes]:
+    """The folder's top-level files, by name, with their content."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "me/tiny\nmoh",
+        "tiny-moh\r",
+        "me/tiny\x1b[31m-moh",
+        "tiny\tmoh",
+        "my tiny model",
+        "me/tiny/moh",
+        "me/tiny--moh",
+        "",
+    ],
+)
+def test_card_name_must_be_a_repository_id(tmp_path, dense, name):
+    convert_ok(dense, tmp_path / "out")
+    before = card_files(tmp_path / "out")
+    result = run("card", tmp_path / "out", "--name", name)
+    assert_one_line_error(result, f"--name {name!r} is not a Hub repository id", "owner/name")
+    assert result.exit_code == 1
+    assert card_files(tmp_path / "out") == before  # neither the card nor the report changed
+
+
+def test_card_base_model_must_be_a_repository_id(tmp_path, dense):
+    convert_ok(dense, tmp_path / "out")
+    before = card_files(tmp_path / "out")
+    for base in ("org/tiny-llama\n", "org/tiny\x00llama", "org/tiny--llama"):
+        result = run("card", tmp_path / "out", "--base-model", base)
+        assert_one_line_error(result, f"--base-model {base!r} is not a Hub model id", "owner/name")
+    assert card_files(tmp_path / "out") == before
+
+
+def test_card_takes_one_base_model_per_source_model(tmp_path):
+    dense = build_dense(tmp_path / "dense")
+    convert_ok(dense, tmp_path / "out")
+    before = card_files(tmp_path / "out")
+    result = run(
+        "card", tmp_path / "out", *("--base-model", "org/a", "--base-model", "org/b", "--base-model", "org/c")
+    )
+    assert_one_line_error(result, "3 base models were given", "was made from one model", "--base-model once")
+    assert result.exit_code == 1 and card_files(tmp_path / "out") == before
+    repeated = run("card", tmp_path / "out", "--base-model", "org/a", "--base-model", "org/a")  # the same id twice
+    assert repeated.exit_code == 0, repeated.output
+    assert front_matter((tmp_path / "out" / "README.md").read_text())["base_model"] == "org/a"
+
+
+def test_a_mix_takes_at_most_one_base_model_per_expert(tmp_path):
+    seed, other = build_dense(tmp_path / "seed", seed=0), build_dense(tmp_path / "branch", seed=1)
+    convert_ok(seed, tmp_path / "bam", "--method", "bam", "--expert", other)
+    before = card_files(tmp_path / "bam")
+    ids = ["org/seed", "org/branch", "org/third"]
+    result = run("card", tmp_path / "bam", *(arg for base in ids for arg in ("--base-model", base)))
+    assert_one_line_error(result, "3 base models were given", "mixes 2 models", "at most 2 times")
+    assert card_files(tmp_path / "bam") == before
+    assert run("card", tmp_path / "bam", "--base-model", ids[0], "--base-model", ids[1]).exit_code == 0
+    assert front_matter((tmp_path / "bam" / "README.md").read_text())["base_model"] == ids[:2]
+
+
+def _temporary_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_card_where_the_card_cannot_be_written_is_one_line(tmp_path, dense):
+    convert_ok(dense, tmp_path / "out")
+    out = tmp_path / "out"
+    (out / "README.md").unlink()
+    (out / "README.md").mkdir()  # the rename onto it fails after the new card was written
+    (out / "README.md" / "x").write_text("x")
+    report = (out / "upcycle_report.json").read_bytes()
+    result = run("card", out, "--name", "me/tiny-moh", "--base-model", "org/tiny-llama")
+    assert_one_line_error(result, f"cannot write {out / 'README.md'}", "run `upcycle card` again")
+    assert result.exit_code == 1
+    assert (out / "upcycle_report.json").read_bytes() == report  # not changed without its card
+    assert _temporary_files(out) == []
+
+
+def test_card_in_a_read_only_folder_is_one_line(tmp_path, dense, monkeypatch):
+    import errno
+    import tempfile
+
+    convert_ok(dense, tmp_path / "out")
+    out = tmp_path / "out"
+    before = card_files(out)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(out / ".README.md.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    result = run("card", out, "--name", "me/tiny-moh")
+    assert_one_line_error(result, f"cannot write {out / 'README.md'} (Read-only file system)", str(out))
+    assert card_files(out) == before and _temporary_files(out) == []
+
+
+def test_card_leaves_no_temporary_file_when_a_write_fails(tmp_path, dense, monkeypatch):
+    """The card's temporary file is written, the report's fails (disk full): both are removed, nothing replaced."""
+    import errno
+    import os
+
+    convert_ok(dense, tmp_path / "out")
+    out = tmp_path / "out"
+    before = card_files(out)
+    real_fdopen, opened = os.fdopen, []
+
+    def disk_full_on_the_second(handle, *args, **kwargs):
+        opened.append(handle)
+        if len(opened) == 2:
+            os.close(handle)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fdopen(handle, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", disk_full_on_the_second)
+    result = run("card", out, "--name", "me/tiny-moh")
+    assert_one_line_error(result, "cannot write", "No space left on device")
+    assert card_files(out) == before and _temporary_files(out) == []

@@ -207,7 +207,7 @@ def test_a_lasting_server_error_ends_in_one_line(hub, model):
     assert hub.paths().count("/api/repos/create") == hub_module.RETRY_ATTEMPTS and hub.repos == {}
 
 
-def test_ctrl_c_during_the_upload_says_nothing_was_committed(hub, model, monkeypatch):
+def test_ctrl_c_during_the_upload_says_how_to_resume(hub, model, monkeypatch):
     import huggingface_hub
 
     def interrupted(*args, **kwargs):
@@ -216,17 +216,104 @@ def test_ctrl_c_during_the_upload_says_nothing_was_committed(hub, model, monkeyp
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", interrupted)
     result = push(model, "org/tiny-moh")
     assert result.exit_code == 130 and "Traceback" not in result.output
-    assert result.stderr.splitlines()[-1].startswith("interrupted: nothing was committed")
+    assert result.stderr.splitlines()[-1].startswith("interrupted: the upload stopped before it finished")
     assert "run the same command again" in result.stderr and not hub.files("org/tiny-moh")
 
 
-def test_unreachable_endpoint_is_one_line(hub, model, monkeypatch):
+def test_a_refused_connection_fails_at_once(hub, model, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    result = push(model, "org/tiny-moh")
+    assert_one_line_error(
+        result,
+        "the Hub endpoint http://127.0.0.1:9 cannot be reached",
+        "nothing was uploaded",
+        "check the network connection and HF_ENDPOINT",
+    )
+    assert result.exit_code == 1 and "retrying" not in result.output
+
+
+def test_an_unknown_host_fails_at_once(hub, model, monkeypatch):
+    import socket
+
+    real_getaddrinfo, lookups = socket.getaddrinfo, []
+
+    def no_such_host(host, *args, **kwargs):
+        if host == "hub.example.invalid":
+            lookups.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.example.invalid")
+    result = push(model, "org/tiny-moh")
+    assert_one_line_error(
+        result, "the Hub endpoint http://hub.example.invalid cannot be reached", "nothing was uploaded", "HF_ENDPOINT"
+    )
+    assert lookups == ["hub.example.invalid"]  # one try: a name that does not resolve is not transient
+
+
+@pytest.mark.parametrize("switch", ["environment", "at import", "a refused request"])
+def test_offline_mode_fails_at_once(hub, model, monkeypatch, switch):
+    if switch == "environment":  # HF_HUB_OFFLINE=1 set now
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # set when huggingface_hub was imported: its requests raise OfflineModeIsEnabled
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    if switch == "a refused request":  # past the check before the first request: whoami itself is refused
+        monkeypatch.setattr(hub_module, "offline_mode", lambda: False)
+    result = push(model, "org/tiny-moh")
+    assert_one_line_error(
+        result,
+        f"the Hub endpoint {hub.url} cannot be reached",
+        "HF_HUB_OFFLINE=1 is set",
+        "nothing was uploaded",
+        "unset HF_HUB_OFFLINE",
+    )
+    assert result.exit_code == 1 and "retrying" not in result.output
+    assert hub.requests == []
+    assert push(model, "org/tiny-moh", "--dry-run").exit_code == 0  # a dry run sends nothing: offline is fine
+
+
+def test_a_dropped_connection_is_retried(hub, model):
+    hub.drop("POST", "/api/repos/create")  # retried by upcycle (huggingface_hub sends it once)
+    hub.drop("POST", "/commit/")  # retried by huggingface_hub inside upload_folder
+    result = push(model, "org/tiny-moh")
+    assert result.exit_code == 0, result.output
+    assert "creating the repository: transient error (RemoteProtocolError); retrying" in result.stderr
+    assert hub.paths().count("/api/repos/create") == 2
+    assert hub.paths().count("/api/models/org/tiny-moh/commit/main") == 2
+    assert hub.files("org/tiny-moh") == local_files(model)
+
+
+def test_an_upload_is_not_retried_on_top_of_huggingface_hub(hub, model, monkeypatch):
+    """huggingface_hub retries each commit request (5 times, then again in smaller batches): upcycle adds no round
+    of its own, which would multiply those waits."""
+    import huggingface_hub
+
+    upload_folder, calls = huggingface_hub.HfApi.upload_folder, []
+
+    def counted(self, **kwargs):
+        calls.append(kwargs["repo_id"])
+        return upload_folder(self, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", counted)
+    monkeypatch.setattr("time.sleep", lambda seconds: None)  # huggingface_hub's waits (1 s, 2 s, ... 8 s)
+    hub.fail("POST", "/commit/", 503, times=10_000)
     result = push(model, "org/tiny-moh")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.splitlines()[-1].startswith(
-        "error: could not reach http://127.0.0.1:9 while checking the token"
+        "error: the Hub answered HTTP 503 (after retries) while uploading"
     )
+    assert calls == ["org/tiny-moh"] and "uploading: transient error" not in result.stderr
+    assert hub.paths().count("/api/models/org/tiny-moh/commit/main") > 6  # huggingface_hub's own retries
+
+
+def test_a_request_huggingface_hub_sends_once_is_retried(hub, model):
+    hub.fail("POST", "/api/validate-yaml", 503)  # the first request of upload_folder, not retried inside it
+    result = push(model, "org/tiny-moh")
+    assert result.exit_code == 0, result.output
+    assert hub.paths().count("/api/validate-yaml") == 2 and "uploading: transient error (HTTP 503)" in result.stderr
+    assert hub.files("org/tiny-moh") == local_files(model)
 
 
 def _drop_a_shard(folder: Path) -> str:
@@ -327,6 +414,130 @@ def test_an_invalid_folder_is_refused_before_any_request(hub, model, damage):
         lines = result.stderr.splitlines()
         assert lines[0] == f"error: {model} cannot be published (1 problem); nothing was uploaded:", result.stderr
         assert len(lines) == 2 and lines[1].startswith("  - ") and problem in lines[1], result.stderr
+    assert hub.requests == []
+
+
+def assert_refused(hub, model: Path, *problems: str) -> None:
+    """``push`` and ``push --dry-run`` both refuse ``model``, one line per problem (each containing its text), and
+    nothing is sent."""
+    for args in (["--dry-run"], []):
+        result = push(model, "org/tiny-moh", *args)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        lines = result.stderr.splitlines()
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        assert lines[0] == f"error: {model} cannot be published ({count}); nothing was uploaded:", result.stderr
+        assert len(lines) == 1 + len(problems) and all(line.startswith("  - ") for line in lines[1:]), result.stderr
+        for problem in problems:
+            assert sum(problem in line for line in lines[1:]) == 1, (problem, result.stderr)
+        assert "would upload" not in result.stdout
+    assert hub.requests == []
+
+
+def test_a_link_out_of_the_folder_is_refused(hub, model, tmp_path):
+    (tmp_path / "elsewhere" / "keys").mkdir(parents=True)
+    outside = (tmp_path / "elsewhere").resolve()
+    (outside / "notes.txt").write_text("not part of the model")
+    (outside / "keys" / "a.txt").write_text("not part of the model either")
+    (model / "notes.txt").symlink_to(outside / "notes.txt")  # an absolute link to a file
+    (model / "docs").mkdir()
+    (model / "docs" / "more.txt").symlink_to(Path("..", "..", "elsewhere", "notes.txt"))  # a relative one
+    (model / "keys").symlink_to(outside / "keys", target_is_directory=True)  # a linked folder
+    (model / "passwd.txt").symlink_to("/etc/passwd")
+    fix = "copy the file in, or remove the link"
+    assert_refused(
+        hub,
+        model,
+        f"notes.txt is a link to {outside / 'notes.txt'}, outside the folder; {fix}",
+        f"docs/more.txt is a link to {outside / 'notes.txt'}, outside the folder; {fix}",
+        f"keys is a link to the folder {outside / 'keys'}, outside the folder; copy the folder in, or remove the link",
+        f"passwd.txt is a link to {Path('/etc/passwd').resolve()}, outside the folder; {fix}",
+    )
+
+
+def test_a_broken_link_is_refused(hub, model, tmp_path):
+    (model / "tokenizer.model").symlink_to(tmp_path / "gone")
+    assert_refused(hub, model, f"tokenizer.model is a link to {tmp_path.resolve() / 'gone'}, which does not exist")
+
+
+def test_a_link_to_a_file_of_the_folder_uploads_that_file(hub, model):
+    """The Hub stores no links: huggingface_hub uploads the target's content under the link's name."""
+    (model / "extra").mkdir()
+    (model / "extra" / "notes.md").write_text("notes about the model\n")
+    (model / "NOTES.md").symlink_to(Path("extra", "notes.md"))
+    dry = push(model, "org/tiny-moh", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "NOTES.md " in dry.stdout and "extra/notes.md " in dry.stdout
+    assert push(model, "org/tiny-moh").exit_code == 0
+    uploaded = hub.files("org/tiny-moh")
+    assert uploaded["NOTES.md"] == uploaded["extra/notes.md"] == b"notes about the model\n"
+    assert uploaded == local_files(model)
+
+
+def test_a_link_to_what_is_not_uploaded_is_refused(hub, model):
+    (model / ".git").mkdir()
+    (model / ".git" / "config").write_text('[remote "origin"]\n\turl = https://me:hf_secret@huggingface.co/me/x\n')
+    (model / "git-config.txt").symlink_to(Path(".git", "config"))  # .git/ itself is never uploaded
+    (model / "sub").mkdir()
+    (model / "sub" / "a.txt").write_text("a")
+    (model / "sub-link").symlink_to("sub", target_is_directory=True)  # huggingface_hub skips a linked folder's files
+    assert_refused(
+        hub,
+        model,
+        f"git-config.txt is a link to {(model / '.git' / 'config').resolve()}, which is not uploaded "
+        "(huggingface_hub leaves out .git/ and .cache/huggingface/); copy the file in, or remove the link",
+        "sub-link is a link to the folder sub, whose files huggingface_hub does not upload; "
+        "replace the link with a copy of the folder, or remove it",
+    )
+
+
+SECRETS = [
+    ".env",
+    ".env.production",
+    "deploy/server.pem",
+    "tls.key",
+    "id_rsa",
+    "id_ed25519",
+    ".netrc",
+    ".git-credentials",
+    "credentials.json",
+    "hub.token",
+    ".ENV",
+    "sub/dir/.pypirc",
+]
+
+
+def test_files_that_look_like_secrets_are_refused(hub, model):
+    for name in SECRETS:
+        (model / name).parent.mkdir(parents=True, exist_ok=True)
+        (model / name).write_text("HF_TOKEN=hf_notARealToken\n")
+    assert_refused(hub, model, *(f"{name} looks like a secret (" for name in SECRETS))
+    line = push(model, "org/tiny-moh", "--dry-run").stderr.splitlines()[1]
+    assert line.endswith("; move it out of the folder before publishing"), line
+
+
+def test_the_git_folder_and_the_hub_cache_are_never_uploaded(hub, model):
+    (model / ".git").mkdir()
+    (model / ".git" / "config").write_text("[credential]\n\thelper = store\n")
+    (model / "sub" / ".git").mkdir(parents=True)
+    (model / "sub" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (model / ".cache" / "huggingface").mkdir(parents=True)
+    (model / ".cache" / "huggingface" / "token").write_text("hf_notARealToken")
+    dry = push(model, "org/tiny-moh", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert ".git" not in dry.stdout and ".cache" not in dry.stdout
+    assert push(model, "org/tiny-moh").exit_code == 0
+    uploaded = hub.files("org/tiny-moh")
+    assert not any(".git/" in name or name.startswith(".cache/") for name in uploaded), sorted(uploaded)
+
+
+@pytest.mark.parametrize(
+    "repo_id", ["bad repo id!!", "org/tiny/moh", "org/tiny--moh", "org/tiny-moh.git", "tiny-moh-"]
+)
+def test_the_repository_id_is_checked_on_a_dry_run_too(hub, model, repo_id):
+    for args in (["--dry-run"], []):
+        result = push(model, repo_id, *args)
+        assert_one_line_error(result, f"{repo_id!r} is not a Hub repository id", "use owner/name")
+        assert result.exit_code == 1
     assert hub.requests == []
 
 

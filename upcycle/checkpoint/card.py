@@ -54,7 +54,11 @@ def _read_json(path: Path, what: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UpcycleError(f"{path.parent} has no {path.name}; {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except OSError as error:
+        raise UpcycleError(
+            f"{path} cannot be read ({error.strerror or error}); make it readable and run again"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UpcycleError(f"{path} is not valid JSON ({' '.join(str(error).split())}); fix or delete it") from None
 
 
@@ -202,43 +206,125 @@ def _evaluation_records(value) -> tuple[list, list] | None:
     return None
 
 
+class CardNotWritten(UpcycleError, OSError):
+    """The card or the report could not be written: one line for the user, and still an ``OSError`` with the
+    failure's ``errno`` for a caller that handles disk errors itself (``convert`` writes the card into its temporary
+    output folder)."""
+
+    def __init__(self, message: str, error: OSError) -> None:
+        OSError.__init__(self, error.errno, error.strerror, error.filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def write_texts_atomic(files: dict[Path, str]) -> None:
+    """Write each text to its path through a temporary file beside it, and rename them into place (in the order
+    given) only once every one is written: a reader never sees half a file, and a failure leaves no temporary file.
+    An ``OSError`` names the path that could not be written (``filename``)."""
+    temporary: list[str] = []
+    path = None
+    try:
+        for path, text in files.items():
+            handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temporary.append(temp)
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                file.write(text)
+        for (path, _), temp in zip(files.items(), temporary):
+            os.replace(temp, path)
+    except BaseException as error:
+        for temp in temporary:
+            Path(temp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno is not None and path is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it, so a reader never sees half of it."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    write_texts_atomic({Path(path): text})
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why huggingface_hub's ``validate_repo_id`` (what its client checks before any request) refuses ``repo_id``,
+    on one line and without the id itself; None for a valid id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        return " ".join(str(error).split(": '", 1)[0].split()).rstrip(".:")
+    return None
+
+
+def source_models(report: dict) -> int:
+    """How many distinct models the report's model was made from: the distinct experts of a mix (BAM, BTX,
+    CLIP-MoE; copies of one model count once), else one."""
+    experts = report.get("experts") or []
+    if merges_experts(method_card(report)[0]) and experts:
+        return len(dict.fromkeys(map(str, experts)))
+    return 1
+
+
+def _check_card_options(folder: Path, report: dict, name: str | None, base_models: list[str]) -> None:
+    """Refuse, in one line, a ``--name`` that is not a repository id and more ``--base-model`` ids than the model
+    has source models."""
+    if name is not None:
+        problem = repo_id_problem(name)
+        if problem:
+            raise UpcycleError(
+                f"--name {name!r} is not a Hub repository id ({problem}); use owner/name or name, as in me/smollm2-moh"
+            )
+    sources = source_models(report)
+    if len(base_models) > sources:
+        given = f"{len(base_models)} base models were given"
+        if sources == 1:
+            raise UpcycleError(
+                f"{given}, but {folder} was made from one model; pass --base-model once, with that model's Hub id"
+            )
+        raise UpcycleError(
+            f"{given}, but {folder} mixes {sources} models (the seed and its experts); pass --base-model at most "
+            f"{sources} times, one Hub id per model, seed first"
+        )
 
 
 def write_card(folder: Path, *, name: str | None = None, base_models: list[str] | None = None) -> Path:
     """(Re)write ``folder/README.md`` from the folder's records. ``name``: the model's name in the card (a Hub
     repo id when publishing); ``base_models``: the Hub ids of the base model(s), for a source that was a local
-    folder; both are remembered in the report for later refreshes."""
+    folder; both are remembered in the report for later refreshes. Either the card and the report are both
+    written, or neither is (:class:`CardNotWritten`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UpcycleError(f"{folder} is not a folder; pass the folder of an upcycle output")
     for base in base_models or []:
-        if not HUB_ID.match(base):
+        if not HUB_ID.match(base) or repo_id_problem(base):
             raise UpcycleError(
                 f"--base-model {base!r} is not a Hub model id; use owner/name, as in HuggingFaceTB/SmolLM2-135M"
             )
+    files: dict[Path, str] = {}
+    report = None
     if name is not None or base_models:
         report = _read_json(folder / REPORT_FILE, "it is not an upcycle output (convert or finetune write one)")
         if not isinstance(report, dict):
             raise UpcycleError(f"{folder / REPORT_FILE} must hold a JSON object; fix or re-create it")
-        changes = ({"name": name} if name is not None else {}) | (
-            {"base_models": list(dict.fromkeys(base_models))} if base_models else {}
-        )
+        bases = list(dict.fromkeys(base_models or []))
+        _check_card_options(folder, report, name, bases)
+        changes = ({"name": name} if name is not None else {}) | ({"base_models": bases} if bases else {})
         if any(report.get(key) != value for key, value in changes.items()):
-            write_text_atomic(folder / REPORT_FILE, json.dumps(report | changes, indent=2) + "\n")
-    text = render_card(folder)
+            report = report | changes
+            files[folder / REPORT_FILE] = json.dumps(report, indent=2) + "\n"
     path = folder / CARD_FILE
-    write_text_atomic(path, text)
+    files = {path: render_card(folder, report=report)} | files  # the card first: its rename is the one that may fail
+    try:
+        write_texts_atomic(files)
+    except OSError as error:
+        raise CardNotWritten(
+            f"cannot write {error.filename or path} ({error.strerror or error}); nothing was changed: make {folder} "
+            "writable (or copy the folder where you may write) and run `upcycle card` again",
+            error,
+        ) from None
     return path
 
 
@@ -734,11 +820,13 @@ def _load_snippet(auto_class: str, name: str, custom_code: bool) -> str:
     )
 
 
-def render_card(folder: Path) -> str:
-    """The model card of ``folder`` from its config.json, upcycle_report.json and eval.json."""
+def render_card(folder: Path, *, report: dict | None = None) -> str:
+    """The model card of ``folder`` from its config.json, upcycle_report.json (or ``report``, the one about to be
+    written) and eval.json."""
     folder = Path(folder)
     config = _read_json(folder / "config.json", "it is not a model folder")
-    report = _read_json(folder / REPORT_FILE, "it is not an upcycle output (convert and finetune write one)")
+    if report is None:
+        report = _read_json(folder / REPORT_FILE, "it is not an upcycle output (convert and finetune write one)")
     if not isinstance(config, dict) or not isinstance(report, dict):
         raise UpcycleError(f"{folder}: config.json and {REPORT_FILE} must hold JSON objects; fix or re-create them")
     name = report.get("name") or folder.name

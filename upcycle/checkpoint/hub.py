@@ -4,17 +4,19 @@ Everything goes through ``huggingface_hub``: ``HfApi.whoami`` checks the token, 
 creates the repository when it is missing, ``create_branch`` the target branch, and
 ``upload_folder`` uploads (with ``hf_xet`` installed this is its streamed multi-commit pipeline:
 large folders are committed in batches and an interrupted upload resumes when run again, already
-committed files being skipped). Transient failures (HTTP 408/429/5xx, dropped connections) are
-retried with exponential backoff: by huggingface_hub for each request of an upload, and by
-:func:`push_folder` around each step (the upload as a whole once more, which resumes it). The token
-comes from ``HF_TOKEN`` or the stored login, goes only into request headers, and is scrubbed from any
-message shown.
+committed files being skipped). Transient failures (HTTP 408/429/5xx, timeouts, a connection dropped
+mid-request) are retried with exponential backoff, each request by one side only (see :func:`push_folder`). A
+connection that cannot be made at all (refused, an unknown host, ``HF_HUB_OFFLINE``) is not transient: it fails at
+once. The token comes from ``HF_TOKEN`` or the stored login, goes only into request headers, and is scrubbed from
+any message shown.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from upcycle.checkpoint.card import REPORT_FILE
+from upcycle.checkpoint.card import REPORT_FILE, repo_id_problem
 from upcycle.checkpoint.source import CARD_FILE, HUB_ID, card_metadata
 from upcycle.errors import UpcycleError
 
@@ -30,9 +32,40 @@ T = TypeVar("T")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 RETRY_ATTEMPTS = 4  # tries of each Hub call on a transient failure (whoami, create_repo, repo_info, create_branch)
-UPLOAD_ATTEMPTS = 2  # tries of the whole upload: huggingface_hub already retries each of its requests 5 times
+UPLOAD_ATTEMPTS = 2  # tries of the upload when it failed on a request that huggingface_hub sends only once
 RETRY_BACKOFF_S = 1.0  # first wait; doubles after each failure
+# the requests of upload_folder that huggingface_hub retries itself (http_backoff: 5 retries, waits of 1 s up to 8 s;
+# a failing commit is then tried again in smaller batches); a failure there is final for upcycle
+RETRIED_BY_HUGGINGFACE_HUB = ("/preupload/", "/commit/")
 LOGIN_HINT = "run `hf auth login` (or set HF_TOKEN) with a token that has write access"
+NETWORK_HINT = "check the network connection and HF_ENDPOINT (unset it for huggingface.co)"
+# names of files that hold credentials or keys (matched case-insensitively against the file name, in any subfolder)
+SECRET_PATTERNS = (
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    "_netrc",
+    ".git-credentials",
+    ".pypirc",
+    ".npmrc",
+    ".htpasswd",
+    ".pgpass",
+    "credentials",
+    "credentials.json",
+    "*.token",
+    "token",
+    "stored_tokens",
+)
 
 
 class FolderNotPublishable(UpcycleError):
@@ -70,14 +103,84 @@ class PushResult:
 # ---- validation (local; runs before any request) -------------------------------------------
 
 
-def upload_files(folder: Path) -> list[tuple[str, int]]:
-    """(path in the repository, size in bytes) of every file ``upload_folder`` would send, sorted."""
+def _uploaded(names: list[str]) -> list[str]:
+    """The paths (relative, with ``/``) that ``upload_folder`` keeps: all but ``.git/`` and ``.cache/huggingface/``
+    (huggingface_hub's ``DEFAULT_IGNORE_PATTERNS``)."""
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+    return list(filter_repo_objects(names, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+
+
+def upload_files(folder: Path) -> list[tuple[str, int]]:
+    """(path in the repository, size in bytes) of every file ``upload_folder`` would send, sorted. It lists the
+    folder as huggingface_hub does: files behind a link are read, linked folders are not entered."""
     folder = Path(folder)
     relative = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
-    kept = list(filter_repo_objects(relative, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
-    return [(name, (folder / name).stat().st_size) for name in kept]
+    return [(name, (folder / name).stat().st_size) for name in _uploaded(relative)]
+
+
+def _link_problem(folder: Path, link: Path, uploaded: set[str]) -> str | None:
+    """What is wrong with the link ``link`` in ``folder`` (resolved): it leads out of the folder, to nothing, to a file
+    huggingface_hub does not upload, or to a folder (whose files huggingface_hub does not upload). A link to a file
+    that is uploaded anyway is fine: the Hub stores no links, so that content is uploaded under both names."""
+    name = link.relative_to(folder).as_posix()
+    target = Path(os.path.realpath(link))
+    if not target.exists():
+        return f"{name} is a link to {target}, which does not exist; remove the link, or copy the file in"
+    kind = "folder" if target.is_dir() else "file"
+    try:
+        inside = target.relative_to(folder).as_posix()
+    except ValueError:
+        return (
+            f"{name} is a link to {'the folder ' if kind == 'folder' else ''}{target}, outside the folder; "
+            f"copy the {kind} in, or remove the link"
+        )
+    if kind == "folder":
+        return (
+            f"{name} is a link to the folder {inside}, whose files huggingface_hub does not upload; "
+            "replace the link with a copy of the folder, or remove it"
+        )
+    if inside not in uploaded:
+        return (
+            f"{name} is a link to {target}, which is not uploaded (huggingface_hub leaves out .git/ and "
+            ".cache/huggingface/); copy the file in, or remove the link"
+        )
+    return None
+
+
+def _secret_pattern(name: str) -> str | None:
+    """The pattern of :data:`SECRET_PATTERNS` that the file name ``name`` matches, if any."""
+    base = name.rsplit("/", 1)[-1].lower()
+    return next((pattern for pattern in SECRET_PATTERNS if fnmatch.fnmatchcase(base, pattern)), None)
+
+
+def _content_problems(folder: Path) -> list[str]:
+    """Files the upload would send that the user cannot mean to publish: links out of the folder (or to what is
+    not uploaded, or to a folder), and files that look like secrets (``.env``, keys, credentials, tokens)."""
+    root = Path(os.path.realpath(folder))
+    uploaded = set(_uploaded([p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file()]))
+    problems = []
+    for directory, folders, files in os.walk(root):  # does not enter linked folders
+        here = Path(directory)
+        for entry in sorted(folders + files):
+            path = here / entry
+            name = path.relative_to(root).as_posix()
+            if not _uploaded([name]):
+                continue  # .git/ and .cache/huggingface/: never uploaded, links there included
+            if path.is_symlink():
+                problem = _link_problem(root, path, uploaded)
+                if problem:
+                    problems.append(problem)
+                    continue
+            if path.is_file():
+                pattern = _secret_pattern(name) or (path.is_symlink() and _secret_pattern(os.path.realpath(path)))
+                if pattern:
+                    problems.append(
+                        f"{name} looks like a secret (a file named {pattern}), and everything in the folder is "
+                        "published; move it out of the folder before publishing"
+                    )
+        folders[:] = [f for f in folders if _uploaded([(here / f).relative_to(root).as_posix()])]
+    return problems
 
 
 def _load_json(path: Path, problems: list[str]) -> dict | None:
@@ -244,7 +347,7 @@ def validate_folder(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UpcycleError(f"{folder} is not a folder; pass the folder to publish")
-    problems: list[str] = []
+    problems: list[str] = _content_problems(folder)
     config = _load_json(folder / "config.json", problems)
     problems += _weights_problems(folder)
     if config is not None:
@@ -316,14 +419,63 @@ def _status(error: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
+def _is_unreachable(error: BaseException) -> bool:
+    """A connection that could not be made at all: refused, a host name that does not resolve, no route, a TLS
+    handshake that fails, or ``HF_HUB_OFFLINE`` (huggingface_hub's ``OfflineModeIsEnabled``). Trying again at once
+    does not help."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(error, (OfflineModeIsEnabled, ConnectionRefusedError, socket.gaierror)):
+        return True
+    return any(c.__name__ == "ConnectError" for c in type(error).__mro__)  # httpx's, huggingface_hub's client
+
+
 def _is_transient(error: BaseException) -> bool:
+    """A failure that trying again may cure: HTTP 408/429/5xx, a timeout, a connection dropped mid-request."""
     from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(error, HfHubHTTPError):
         return _status(error) in TRANSIENT_STATUS
+    if _is_unreachable(error):
+        return False
     return isinstance(error, (ConnectionError, TimeoutError)) or any(
         c.__name__ == "TransportError" for c in type(error).__mro__
     )
+
+
+def _failed_url(error: BaseException) -> str:
+    """The URL of the request that failed (an HTTP answer's, or a transport error's), or ""."""
+    request = getattr(getattr(error, "response", None), "request", None)
+    if request is None:
+        try:
+            request = getattr(error, "request", None)  # httpx raises RuntimeError when it was never set
+        except RuntimeError:
+            request = None
+    return str(getattr(request, "url", "") or "")
+
+
+def _retried_by_huggingface_hub(error: BaseException) -> bool:
+    """Whether the failed request is one that huggingface_hub already retried itself (see
+    :data:`RETRIED_BY_HUGGINGFACE_HUB`)."""
+    url = _failed_url(error)
+    return any(part in url for part in RETRIED_BY_HUGGINGFACE_HUB)
+
+
+def offline_error(endpoint: str) -> UpcycleError:
+    """The one line for a push while huggingface_hub's offline mode is on."""
+    value = os.environ.get("HF_HUB_OFFLINE") or "1"
+    return UpcycleError(
+        f"the Hub endpoint {endpoint} cannot be reached: HF_HUB_OFFLINE={value} is set, so huggingface_hub sends no "
+        "request and nothing was uploaded; unset HF_HUB_OFFLINE (or set it to 0) and push again"
+    )
+
+
+def offline_mode() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set now, or was when huggingface_hub was imported (it then refuses requests)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return value in constants.ENV_VARS_TRUE_VALUES or bool(constants.HF_HUB_OFFLINE)
 
 
 def hub_error(error: BaseException, action: str, target: PushTarget) -> UpcycleError:
@@ -331,6 +483,7 @@ def hub_error(error: BaseException, action: str, target: PushTarget) -> UpcycleE
     from huggingface_hub.errors import (
         HfHubHTTPError,
         LocalTokenNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -338,6 +491,16 @@ def hub_error(error: BaseException, action: str, target: PushTarget) -> UpcycleE
     token = target.token
     if isinstance(error, LocalTokenNotFoundError):
         return UpcycleError(f"no Hugging Face token; {LOGIN_HINT}")
+    if isinstance(error, OfflineModeIsEnabled):
+        return offline_error(target.endpoint)
+    if _is_unreachable(error):
+        problem = f"the Hub endpoint {target.endpoint} cannot be reached while {action} ({_scrub(error, token)})"
+        if action == "uploading":  # after huggingface_hub's retries; earlier batches may have been committed
+            return UpcycleError(
+                f"{problem}, and what was already committed stays; {NETWORK_HINT}, then run the same command again "
+                "to resume"
+            )
+        return UpcycleError(f"{problem}, so nothing was uploaded; {NETWORK_HINT}")
     status = _status(error)
     detail = _scrub(getattr(error, "server_message", None) or str(error).split("\n")[0], token)
     if isinstance(error, RevisionNotFoundError):
@@ -390,27 +553,35 @@ def hub_error(error: BaseException, action: str, target: PushTarget) -> UpcycleE
         )
     if _is_transient(error):
         return UpcycleError(
-            f"could not reach {target.endpoint} while {action} ({_scrub(error, token)}); check the connection "
-            "and run the same command again to resume"
+            f"the connection to {target.endpoint} failed while {action}, after retries ({type(error).__name__}: "
+            f"{_scrub(error, token)}); check the connection and run the same command again to resume"
         )
     return UpcycleError(
         f"pushing to {target.repo_id} failed while {action} ({type(error).__name__}: {_scrub(error, token)})"
     )
 
 
-def _with_retries(call: Callable[[], T], *, attempts: int, backoff: float, what: str) -> T:
-    """Run ``call``; on a transient failure wait ``backoff``, 2x, 4x, ... seconds and try again (``attempts`` tries in
-    all)."""
+def _with_retries(
+    call: Callable[[], T],
+    *,
+    attempts: int,
+    backoff: float,
+    what: str,
+    retry: Callable[[BaseException], bool] = _is_transient,
+) -> T:
+    """Run ``call``; on a failure that ``retry`` accepts (a transient one) wait ``backoff``, 2x, 4x, ... seconds and
+    try again (``attempts`` tries in all)."""
     for attempt in range(1, attempts + 1):
         try:
             return call()
         except Exception as error:
-            if attempt == attempts or not _is_transient(error):
+            if attempt == attempts or not retry(error):
                 raise
             wait = backoff * 2 ** (attempt - 1)
+            status = _status(error)
             print(
-                f"{what}: transient error (HTTP {_status(error) or type(error).__name__}); retrying in {wait:g} s "
-                f"[{attempt}/{attempts - 1}]",
+                f"{what}: transient error ({f'HTTP {status}' if status else type(error).__name__}); retrying in "
+                f"{wait:g} s [{attempt}/{attempts - 1}]",
                 file=sys.stderr,
                 flush=True,
             )
@@ -444,17 +615,13 @@ def prepare_push(
     attempts: int | None = None,
     backoff: float | None = None,
 ) -> PushTarget:
-    """Check the repo id and the token (``whoami``) before any work, and give the full ``namespace/name``."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise UpcycleError(
-            f"{repo_id!r} is not a Hub repository id; use owner/name (or name, for your own namespace)"
-        ) from None
-    target = PushTarget(repo_id, (endpoint or default_endpoint()).rstrip("/"), resolve_token(token))
+    """Check the repo id, that the Hub may be contacted (``HF_HUB_OFFLINE``) and the token (``whoami``) before any
+    work, and give the full ``namespace/name``."""
+    check_repo_id(repo_id)
+    endpoint = (endpoint or default_endpoint()).rstrip("/")
+    if offline_mode():
+        raise offline_error(endpoint)
+    target = PushTarget(repo_id, endpoint, resolve_token(token))
     api = _api(target.endpoint, target.token)
     attempts, backoff = attempts or RETRY_ATTEMPTS, RETRY_BACKOFF_S if backoff is None else backoff
     try:
@@ -463,6 +630,16 @@ def prepare_push(
         raise hub_error(error, "checking the token", target) from None
     full_id = repo_id if "/" in repo_id else f"{user['name']}/{repo_id}"
     return PushTarget(full_id, target.endpoint, target.token)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse, in one line, a repository id that huggingface_hub's ``validate_repo_id`` refuses (as the real push
+    would, before any request)."""
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise UpcycleError(
+            f"{repo_id!r} is not a Hub repository id ({problem}); use owner/name (or name, for your own namespace)"
+        )
 
 
 def format_listing(files: list[tuple[str, int]]) -> str:
@@ -499,6 +676,7 @@ def push_folder(
     from main when missing). ``dry_run``: print what would be uploaded, with sizes, and send nothing.
     ``target``: from :func:`prepare_push`, when the token was checked earlier. Returns None on a dry run."""
     folder = Path(folder)
+    check_repo_id(repo_id)
     files = check_folder(folder)
     for warning in foreign_python(folder, files):
         print(warning, file=sys.stderr, flush=True)
@@ -514,9 +692,20 @@ def push_folder(
     branch = revision or "main"
     message = commit_message or f"Upload {folder.name} with upcycle"
 
-    def step(action: str, call: Callable[[], T], tries: int | None = None) -> T:
+    # What is retried where. huggingface_hub sends whoami, create_repo, repo_info and create_branch once: upcycle
+    # retries them on a transient failure (RETRY_ATTEMPTS tries). Inside upload_folder, huggingface_hub retries the
+    # preupload and commit requests itself (RETRIED_BY_HUGGINGFACE_HUB), and hf_xet its transfers: upcycle runs the
+    # upload again (which resumes it) only when it failed on a request huggingface_hub sends once (validate-yaml,
+    # the final revision info), so that no wait is multiplied. upcycle never retries a connection that cannot be
+    # made at all (_is_unreachable); huggingface_hub still does for preupload and commit.
+    def step(
+        action: str,
+        call: Callable[[], T],
+        tries: int | None = None,
+        retry: Callable[[BaseException], bool] = _is_transient,
+    ) -> T:
         try:
-            return _with_retries(call, attempts=tries or attempts, backoff=backoff, what=action)
+            return _with_retries(call, attempts=tries or attempts, backoff=backoff, what=action, retry=retry)
         except UpcycleError:
             raise
         except Exception as error:
@@ -547,6 +736,7 @@ def push_folder(
             repo_id=target.repo_id, folder_path=folder, revision=revision, commit_message=message
         ),
         tries=min(attempts, UPLOAD_ATTEMPTS),
+        retry=lambda error: _is_transient(error) and not _retried_by_huggingface_hub(error),
     )
     url = f"{target.endpoint}/{target.repo_id}" + (f"/tree/{branch}" if branch != "main" else "")
     print(f"pushed {folder} to {url}")
