@@ -18,6 +18,7 @@ from test_prune_heads import NO_UPCYCLE
 
 from upcycle.assets import KJV_HELDOUT_EVERY, kjv_verses
 from upcycle.data.bundled_tasks import KJV_NEXT_VERSE, bundled_task_folder, kjv_next_verse_items
+from upcycle.eval import harness as harness_module
 from upcycle.eval.harness import HarnessSettings, run_benchmarks
 
 TASK = KJV_NEXT_VERSE
@@ -28,6 +29,18 @@ def offline_cache(tmp_path_factory, monkeypatch):
     """The bundled task's items in a cache shared by this module's tests; no Hub requests."""
     monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path_factory.getbasetemp() / "upcycle-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def quiet_datasets():
+    """No progress bars of `datasets` preparing a task's data on stderr, where a refusal must be one line."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    yield
+    if enabled:
+        datasets.enable_progress_bars()
 
 
 def settings(**options) -> HarnessSettings:
@@ -265,6 +278,167 @@ def test_a_hub_task_offline_is_one_line(models, tmp_path):
     assert "cannot be fetched" in lines[0] and "--include-path" in lines[0] and not out.exists()
 
 
+@pytest.fixture
+def no_model_loaded(monkeypatch):
+    """Fail the test if the harness runs a model: the refusals below come before any model is loaded."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the tasks were checked")
+
+    monkeypatch.setattr(harness_module, "run_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory) -> Path:
+    """A byte-level model with 256 positions: some kjv_next_verse answers (258 bytes) do not fit."""
+    return build_dense(tmp_path_factory.mktemp("short") / "short", text=True, max_position_embeddings=256)
+
+
+def one_line_error(result, *needles: str) -> None:
+    assert_one_line_error(result, *needles)
+    assert result.exit_code == 1, result.output
+
+
+def test_answers_longer_than_the_models_context_are_one_line_before_loading(
+    models, short_context, tmp_path, no_model_loaded
+):
+    out = tmp_path / "eval.json"
+    for args in ([short_context], [models["dense"], "--compare", short_context]):
+        result = run("eval", *args, "--tasks", TASK, "--limit", "8", "--json", out)
+        one_line_error(result, f"task {TASK}", "256 positions", str(short_context))
+        assert not out.exists()
+
+
+def test_a_context_too_short_for_some_items_runs_the_items_that_fit(models, short_context):
+    block = run_benchmarks(short_context, None, settings(limit=1))  # item 0's answers fit in 256 positions
+    assert block["tasks"][TASK]["samples"] == 1 and block["models"][0]["scores"][TASK]["acc"] in (0.0, 1.0)
+
+
+def long_answer_task(tmp_path) -> Path:
+    """A task folder with one item whose first answer is 257 bytes: one more than the short model's positions."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"question": "Which?", "choices": ["a" * 256, "b"], "answer": 0}) + "\n")
+    (folder / "long.yaml").write_text(
+        f"task: long_answer\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: question\ndoc_to_choice: choices\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n"
+    )
+    return folder
+
+
+def test_an_answer_one_token_past_the_context_is_one_line(short_context, tmp_path, no_model_loaded):
+    result = run("eval", short_context, "--tasks", "long_answer", "--include-path", long_answer_task(tmp_path))
+    one_line_error(result, "item 0 of task long_answer", "257 tokens", "256 positions", str(short_context))
+
+
+def test_the_harness_model_refuses_an_answer_past_the_context_too(short_context, tmp_path, monkeypatch):
+    """Should an answer pass the check before loading, the harness's own tokenisation is checked: an error line,
+    not the harness's assertion."""
+    monkeypatch.setattr(harness_module, "_check_choices", lambda *args: None)
+    result = run("eval", short_context, "--tasks", "long_answer", "--include-path", long_answer_task(tmp_path))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("error: item 0 of task long_answer has an answer of 257")
+
+
+@pytest.mark.parametrize(
+    "shots,needles",
+    [("100000", ["--num-fewshot 100000", "500 few-shot examples"]), ("300", ["--num-fewshot 300", "256"])],
+    ids=["more-than-the-data", "more-than-the-context"],
+)
+def test_a_few_shot_count_that_cannot_be_met_is_one_line_before_loading(
+    short_context, tmp_path, shots, needles, no_model_loaded
+):
+    out = tmp_path / "eval.json"
+    result = run("eval", short_context, "--tasks", TASK, "--limit", "1", "--num-fewshot", shots, "--json", out)
+    one_line_error(result, *needles)
+    assert not out.exists()
+
+
+def test_eval_json_over_a_task_file_or_its_data_is_refused(models, tmp_path, yes_no_data, no_model_loaded):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "even.yaml").write_text(
+        f"task: even_or_odd\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {yes_no_data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: question\ndoc_to_choice: ['yes', 'no']\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n"
+    )
+    (folder / "notes.json").write_text('{"about": "these tasks"}\n')
+    bundled = bundled_task_folder() / f"{TASK}.jsonl"
+    for target, needle in [
+        (folder / "even.yaml", f"the --include-path folder {folder}"),
+        (folder / "notes.json", f"the --include-path folder {folder}"),
+        (yes_no_data, f"the task data file {yes_no_data}"),
+        (bundled, "the folder of upcycle's bundled tasks"),
+    ]:
+        before = target.read_bytes()
+        result = run(
+            "eval", models["dense"], "--tasks", f"even_or_odd,{TASK}", "--include-path", folder, "--json", target
+        )
+        one_line_error(result, f"--json {target}", needle)
+        assert target.read_bytes() == before
+
+
+def function_task(folder: Path, marker: Path, data: Path) -> Path:
+    """A task folder whose YAML names ``!function utils.process_docs``; importing utils.py writes ``marker``."""
+    folder.mkdir(parents=True)
+    (folder / "utils.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n\n\n"
+        "def process_docs(dataset):\n    return dataset\n"
+    )
+    (folder / "base.yaml").write_text(
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: question\ndoc_to_choice: ['yes', 'no']\n"
+        "doc_to_target: answer\nprocess_docs: !function utils.process_docs\nmetric_list:\n  - metric: acc\n"
+    )
+    return folder
+
+
+@pytest.fixture
+def yes_no_data(tmp_path) -> Path:
+    data = tmp_path / "yes-no.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Is {i} even?", "answer": i % 2}) + "\n" for i in range(4)))
+    return data
+
+
+def test_a_task_yaml_that_imports_python_needs_trust_remote_code(models, tmp_path, yes_no_data):
+    marker = tmp_path / "imported.txt"
+    folder = function_task(tmp_path / "tasks", marker, yes_no_data)
+    (folder / "even.yaml").write_text("task: even_with_code\ninclude: base.yaml\n")
+    out = tmp_path / "eval.json"
+    result = run("eval", models["dense"], "--tasks", "even_with_code", "--include-path", folder, "--json", out)
+    one_line_error(result, str(folder / "base.yaml"), "!function utils.process_docs", "--trust-remote-code")
+    assert not marker.exists() and not out.exists()
+
+    args = ["--tasks", "even_with_code", "--include-path", folder, "--limit", "4", "--json", out]
+    trusted = run("eval", models["dense"], *args, "--trust-remote-code")
+    assert trusted.exit_code == 0, trusted.output
+    assert marker.read_text() == "imported" and json.loads(out.read_text())["benchmarks"]["tasks"]["even_with_code"]
+
+
+def test_a_function_tag_in_an_included_yaml_outside_the_folder_is_found(
+    models, tmp_path, yes_no_data, no_model_loaded
+):
+    marker = tmp_path / "imported.txt"
+    elsewhere = function_task(tmp_path / "shared", marker, yes_no_data)
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "even.yaml").write_text(f"task: even_with_code\ninclude: {elsewhere / 'base.yaml'}\n")
+    result = run("eval", models["dense"], "--tasks", "even_with_code", "--include-path", folder)
+    one_line_error(result, str(elsewhere / "base.yaml"), "!function", "--trust-remote-code")
+    assert not marker.exists()
+
+
+def test_a_malformed_task_yaml_is_named_instead_of_an_unknown_task(models, tmp_path, no_model_loaded):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("task: my_task\ndataset_path: json\ndoc_to_choice: [yes, no\n")
+    result = run("eval", models["dense"], "--tasks", "my_task", "--include-path", folder)
+    one_line_error(result, str(folder / "mine.yaml"), "not valid YAML", "line")
+    assert "unknown task" not in result.stderr
+
+
 # ---- every output kind, through the harness's API and its own command ------------------------------------------
 
 NO_UPCYCLE_LM_EVAL = textwrap.dedent(NO_UPCYCLE) + textwrap.dedent("""
@@ -321,6 +495,7 @@ def test_every_output_kind_runs_through_the_harness_both_ways(tmp_path, kind, cu
 def test_eval_help_shows_the_benchmark_options():
     result = run("eval", "--help")
     assert result.exit_code == 0
-    for flag in ("--tasks", "--num-fewshot", "--limit", "--batch-size", "--include-path", "--device", "--dtype"):
+    flags = ("--tasks", "--num-fewshot", "--limit", "--batch-size", "--include-path", "--device", "--dtype")
+    for flag in (*flags, "--trust-remote-code"):
         assert flag in result.stdout, flag
     assert "Benchmarks (--tasks, lm-evaluation-harness)" in result.stdout and "lmeval extra" in result.stdout

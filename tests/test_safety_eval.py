@@ -87,6 +87,141 @@ def test_eval_json_into_a_read_only_folder_is_refused_before_evaluating(dense, c
         locked.chmod(0o700)
 
 
+def one_line_error(result, *needles: str) -> None:
+    """The project's rule for a user mistake: exit code 1 and exactly one ``error:`` line."""
+    assert_one_line_error(result, *needles)
+    assert result.exit_code == 1, result.output
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    return build_dense(tmp_path / "model")  # its own copy: a failing check must not spoil a shared model
+
+
+def unchanged(path):
+    """Snapshot of a file's bytes; call the result to assert they are the same."""
+    before = path.read_bytes()
+    return lambda: path.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_eval_json_over_a_file_of_the_model_folder_is_refused(model_folder, corpus, name, no_scoring):
+    target = model_folder / name
+    same = unchanged(target)
+    result = run("eval", model_folder, "--data", corpus, "--window", "16", "--json", target)
+    one_line_error(result, f"--json {target}", f"the model folder {model_folder}")
+    assert same()
+
+
+def test_eval_json_over_a_file_of_the_compared_model_is_refused(dense, model_folder, corpus, no_scoring):
+    target = model_folder / "config.json"
+    same = unchanged(target)
+    result = run("eval", dense, "--data", corpus, "--compare", model_folder, "--window", "16", "--json", target)
+    one_line_error(result, f"--json {target}", f"the --compare model {model_folder}")
+    assert same()
+
+
+def test_eval_json_over_a_data_file_is_refused(dense, corpus, tmp_path, no_scoring):
+    same = unchanged(corpus)
+    one_line_error(
+        run("eval", dense, "--data", corpus, "--window", "16", "--json", corpus), f"--json {corpus}", "--data"
+    )
+    assert same()
+    link = tmp_path / "results.json"  # a symlink to the data: resolved, so refused as the data itself
+    link.symlink_to(corpus)
+    one_line_error(run("eval", dense, "--data", corpus, "--window", "16", "--json", link), f"--json {link}", "--data")
+    assert same() and link.is_symlink()
+
+
+def test_eval_json_over_a_file_inside_a_data_folder_is_refused(dense, tmp_path, corpus, no_scoring):
+    folder = tmp_path / "corpora"
+    folder.mkdir()
+    inside = folder / "part.jsonl"
+    inside.write_text(json.dumps({"text": "w1 w2 w3 w4 w5 w6"}) + "\n")
+    (folder / "a.txt").write_bytes(corpus.read_bytes())
+    same = unchanged(inside)
+    one_line_error(
+        run("eval", dense, "--data", folder, "--window", "16", "--json", inside),
+        f"--json {inside}",
+        f"--data folder {folder}",
+    )
+    assert same()
+
+
+def test_eval_json_through_a_symlink_to_a_model_file_is_refused(model_folder, corpus, tmp_path, no_scoring):
+    link = tmp_path / "eval.json"
+    link.symlink_to(model_folder / "config.json")
+    same = unchanged(model_folder / "config.json")
+    one_line_error(
+        run("eval", model_folder, "--data", corpus, "--window", "16", "--json", link),
+        f"--json {link}",
+        "the model folder",
+    )
+    assert same() and link.is_symlink()
+
+
+@pytest.mark.parametrize("content", ['{"step": 3, "loss": 1.5}\n', "notes, not results\n"], ids=["json", "text"])
+def test_eval_json_over_a_file_that_is_not_an_eval_result_is_refused(dense, corpus, tmp_path, content, no_scoring):
+    target = tmp_path / "notes.json"
+    target.write_text(content)
+    same = unchanged(target)
+    one_line_error(
+        run("eval", dense, "--data", corpus, "--window", "16", "--json", target),
+        f"--json {target}",
+        "not an upcycle eval result",
+    )
+    assert same()
+
+
+def test_eval_json_replaces_an_earlier_result_in_the_model_folder(model_folder, corpus):
+    target = model_folder / "eval.json"  # where the README puts it, for upcycle card
+    first = run("eval", model_folder, "--data", corpus, "--window", "16", "--json", target)
+    assert first.exit_code == 0, first.output
+    assert json.loads(target.read_text())["results"][0]["window"] == 16
+    again = run("eval", model_folder, "--data", corpus, "--window", "32", "--json", target)
+    assert again.exit_code == 0, again.output
+    assert json.loads(target.read_text())["results"][0]["window"] == 32
+
+
+# ---- --stride and --tokens ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--stride", "0"], ["--stride 0", "at least 1"]),
+        (["--stride", "-4"], ["--stride -4", "at least 1"]),
+        (["--stride", "300"], ["--stride 300", "window (256)"]),
+        (["--window", "16", "--stride", "17"], ["--stride 17", "window (16)", "--stride 16 or less"]),
+    ],
+    ids=["zero", "negative", "above-default-window", "above-window"],
+)
+def test_a_stride_outside_1_to_the_window_is_refused(dense, corpus, args, needles, no_scoring):
+    one_line_error(run("eval", dense, "--data", corpus, *args), *needles)
+
+
+@pytest.mark.parametrize("tokens", ["1", "0", "-5"])
+def test_a_token_budget_too_small_names_the_flag(dense, corpus, tokens, no_scoring):
+    result = run("eval", dense, "--data", corpus, "--tokens", tokens)
+    one_line_error(result, f"--tokens {tokens}", "--tokens 2")
+    assert "max_tokens" not in result.stderr
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["_read_file", "encode_documents"], ids=["reading", "tokenising"])
+def test_ctrl_c_while_reading_or_tokenising_the_data_is_an_interruption(dense, corpus, monkeypatch, stage, no_scoring):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(text_module, stage, interrupted)
+    result = run("eval", dense, "--data", corpus, "--window", "16")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().splitlines() == ["interrupted: nothing was written"], result.stderr
+    assert "error" not in result.stderr and "cannot read" not in result.stderr
+
+
 # ---- the model: tokenizer and window ---------------------------------------------------------------------------
 
 

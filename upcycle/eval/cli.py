@@ -33,14 +33,16 @@ def run_eval(
     PATH's tokenizer and cut to ``tokens``, and on the ``harness`` tasks (lm-evaluation-harness); print the tables,
     write ``output`` (JSON) when given; returns the evaluation (``results``, ``recovery`` and, with tasks,
     ``benchmarks``). ``window`` None: 512, or the models' ``max_position_embeddings`` when smaller. Every input, the
-    output's folder and the tasks' data are checked before any model is scored."""
+    output (never one of the inputs), the task files and the tasks' data are checked before any model is loaded."""
     from ..train.finetune import resolve_model
     from .evaluate import (
+        check_token_budget,
         eval_tokens_from_text,
         evaluate_corpora,
         format_recovery_table,
         json_text,
         load_tokenizer,
+        max_positions,
         recovery,
     )
 
@@ -48,6 +50,7 @@ def run_eval(
         raise UpcycleError(
             "give --data (held-out text for perplexity) or --tasks (lm-evaluation-harness benchmarks), or both"
         )
+    check_token_budget(tokens, "--tokens")
     if output is not None:
         check_writable(output)
     folder = resolve_model(path)
@@ -55,17 +58,37 @@ def run_eval(
     for model in [folder, reference]:
         if model is not None and not (model / "config.json").exists():
             raise UpcycleError(f"{model} is not a model folder: no config.json; pass the folder that holds the model")
-    window = check_window(window, [model for model in [folder, reference] if model is not None])
+    models = [model for model in [folder, reference] if model is not None]
+    window = check_window(window, models)
+    check_stride(stride, window)
     files = corpus_files(data) if data else {}
+    task_files: list[Path] = []
+    if harness is not None:
+        from .harness import check_task_folders
+
+        harness = replace(harness, attention=attention, device=device, dtype=dtype)  # this evaluation's settings
+        task_files = check_task_folders(harness)  # before lm-eval reads them: !function and YAML errors
+    if output is not None:
+        check_output_is_no_input(
+            output,
+            model=folder,
+            reference=reference,
+            data=list(files.values()),
+            harness=harness,
+            task_files=task_files,
+        )
     if harness is not None:
         from .harness import prepare_tasks
 
-        harness = replace(harness, attention=attention, device=device, dtype=dtype)  # this evaluation's settings
-        tasks = prepare_tasks(harness)  # unknown names and data that cannot be fetched fail here
+        # unknown names, data that cannot be fetched and what the models' context cannot hold fail here
+        tasks = prepare_tasks(harness, {model: max_positions(model) for model in models})
     evaluation: dict = {"results": [], "recovery": None}
     if files:
         tokenizer = load_tokenizer(folder)
-        corpora = {name: eval_tokens_from_text(file, tokenizer, tokens) for name, file in files.items()}
+        corpora = {
+            name: eval_tokens_from_text(file, tokenizer, tokens, budget_name="--tokens")
+            for name, file in files.items()
+        }
         kwargs = {"window": window, "stride": stride, "attention": attention, "device": device, "dtype": dtype}
         if reference is None:
             evaluation = {"results": evaluate_corpora(folder, corpora, **kwargs), "recovery": None}
@@ -118,24 +141,11 @@ def check_writable(output: Path) -> None:
     os.unlink(probe)
 
 
-def max_positions(folder: Path) -> int | None:
-    """The ``max_position_embeddings`` of a model folder's config.json (or of its ``text_config``), when it says
-    one."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    value = config.get("max_position_embeddings")
-    if value is None and isinstance(config.get("text_config"), dict):
-        value = config["text_config"].get("max_position_embeddings")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
 def check_window(window: int | None, folders: list[Path]) -> int:
     """``window``, refused above a model's ``max_position_embeddings``; None: 512, or the smallest of them when
     below."""
+    from .evaluate import max_positions
+
     limits = [(limit, folder) for folder in folders if (limit := max_positions(folder)) is not None]
     if window is None:
         return min([DEFAULT_WINDOW, *(limit for limit, _ in limits)])
@@ -148,6 +158,90 @@ def check_window(window: int | None, folders: list[Path]) -> int:
                 f"pass --window {limit} or less"
             )
     return window
+
+
+def check_stride(stride: int | None, window: int) -> None:
+    """Refuse a ``--stride`` outside 1..``window`` (None: the window, disjoint blocks)."""
+    if stride is None:
+        return
+    if stride < 1:
+        raise UpcycleError(f"--stride {stride} must be at least 1; give a stride from 1 to the window ({window})")
+    if stride > window:
+        raise UpcycleError(
+            f"--stride {stride} is above the window ({window}), which would leave tokens unscored; give --stride "
+            f"{window} or less, or a larger --window"
+        )
+
+
+RESULT_BYTES = 64 << 20  # an eval result is far smaller: a larger file is not one (and is not read whole)
+
+
+def is_eval_result(path: Path) -> bool:
+    """Whether ``path`` holds what ``upcycle eval --json`` writes: a JSON object with a ``results`` list."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(RESULT_BYTES + 1)
+        if len(data) > RESULT_BYTES:
+            return False
+        value = json.loads(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(value, dict) and isinstance(value.get("results"), list)
+
+
+def check_output_is_no_input(
+    output: Path,
+    *,
+    model: Path,
+    reference: Path | None,
+    data: list[Path],
+    harness: HarnessSettings | None,
+    task_files: list[Path],
+) -> None:
+    """Refuse ``--json PATH`` (symlinks resolved) where it would replace what this evaluation reads: a ``--data`` file,
+    a data file a task YAML names, or anything in the bundled tasks' folder (upcycle rewrites it). An existing file
+    at PATH is replaced only when it is an earlier ``upcycle eval`` result (e.g. ``MODEL/eval.json``); any other is
+    refused, naming the model, ``--compare``, ``--data`` or ``--include-path`` folder it belongs to."""
+    target = Path(output).expanduser().resolve()
+    given = f"--json {output}"
+    fix = "give --json a new file, or an earlier upcycle eval result"
+    files = {file.resolve(): f"the --data file {file}" for file in data if not file.is_dir()}
+    files |= {file.resolve(): f"the task data file {file}" for file in task_files if not file.is_dir()}
+    if target in files:
+        raise UpcycleError(f"{given} is {files[target]}, which this evaluation reads; {fix}")
+    if harness is not None:
+        from upcycle.assets import cache_root
+        from upcycle.data.bundled_tasks import FOLDER_NAME
+
+        bundled = (cache_root() / FOLDER_NAME).resolve()
+        if target == bundled or bundled in target.parents:
+            raise UpcycleError(
+                f"{given} is inside {bundled}, the folder of upcycle's bundled tasks (rewritten on use); {fix}"
+            )
+    if not target.exists() or is_eval_result(target):
+        return
+    folders = {model: f"the model folder {model}"}
+    if reference is not None:
+        folders[reference] = f"the --compare model {reference}"
+    folders |= {folder: f"the --data folder {folder}" for folder in data if folder.is_dir()}
+    folders |= {folder: f"the task data folder {folder}" for folder in task_files if folder.is_dir()}
+    if harness is not None:
+        folders |= {Path(p).expanduser(): f"the --include-path folder {p}" for p in harness.include_paths}
+    for folder, label in folders.items():
+        if folder.resolve() in target.parents or target in _files_below(folder):
+            raise UpcycleError(f"{given} is a file of {label}, which this evaluation reads; {fix}")
+    raise UpcycleError(
+        f'{given} exists and is not an upcycle eval result (a JSON object with a "results" list); give a new file, '
+        "or move that one away first"
+    )
+
+
+def _files_below(folder: Path) -> set[Path]:
+    """The files in ``folder`` and below, symlinks resolved (so a file linked into a model folder counts)."""
+    try:
+        return {file.resolve() for file in folder.rglob("*") if file.is_file()}
+    except OSError:  # an unreadable subfolder: the caller refuses the file all the same, naming no folder
+        return set()
 
 
 def corpus_files(data: list[str]) -> dict[str, Path]:

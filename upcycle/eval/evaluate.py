@@ -18,15 +18,17 @@ from upcycle.eval.perplexity import sliding_window_nll
 from upcycle.eval.usage import HeadUsage
 
 
-def eval_tokens_from_text(path: str | Path, tokenizer, max_tokens: int | None = None) -> torch.LongTensor:
+def eval_tokens_from_text(
+    path: str | Path, tokenizer, max_tokens: int | None = None, *, budget_name: str = "max_tokens"
+) -> torch.LongTensor:
     """One token stream [N] from the documents in ``path`` (``read_documents``): tokenised without special tokens,
-    EOS between documents, truncated to ``max_tokens``. ``tokenizer`` is a tokenizer or a folder holding one."""
+    EOS between documents, truncated to ``max_tokens``. ``tokenizer`` is a tokenizer or a folder holding one;
+    ``budget_name`` is how the caller's user gave ``max_tokens`` (``--tokens``), for the message."""
     from upcycle.data.text import _token_stream, read_documents
 
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
-    if max_tokens is not None and max_tokens < 2:
-        raise UpcycleError(f"max_tokens={max_tokens} leaves nothing to predict: give at least 2")
+    check_token_budget(max_tokens, budget_name)
     if tokenizer.eos_token_id is None:
         raise UpcycleError("the tokenizer has no EOS token to separate documents: set tokenizer.eos_token")
     tokens: list[int] = []
@@ -37,6 +39,31 @@ def eval_tokens_from_text(path: str | Path, tokenizer, max_tokens: int | None = 
     if len(tokens) < 2:
         raise UpcycleError(f"{path} gives {len(tokens)} token(s), too few to evaluate: give more text")
     return torch.tensor(tokens[:max_tokens], dtype=torch.long)
+
+
+def check_token_budget(max_tokens: int | None, budget_name: str = "max_tokens") -> None:
+    """Refuse a budget of fewer than 2 tokens (nothing would be predicted); ``budget_name``: the flag (``--tokens``)
+    or parameter it came from."""
+    if max_tokens is not None and max_tokens < 2:
+        given = f"{budget_name} {max_tokens}" if budget_name.startswith("--") else f"{budget_name}={max_tokens}"
+        raise UpcycleError(
+            f"{given} leaves nothing to predict (a corpus needs 2 tokens or more); give {budget_name} 2 or more"
+        )
+
+
+def max_positions(folder: str | Path) -> int | None:
+    """The ``max_position_embeddings`` of a model folder's config.json (or of its ``text_config``), when it says
+    one."""
+    try:
+        config = json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    value = config.get("max_position_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 TOKENIZER_FILES = (

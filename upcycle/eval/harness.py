@@ -11,7 +11,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ class HarnessSettings:
     dtype: str = "auto"
     attention: str = "auto"
     bootstrap_iters: int = 1000
+    trust_remote_code: bool = False  # let --include-path YAMLs import the Python files their !function tags name
 
     def describe(self, version: str) -> dict:
         """The settings as recorded in ``eval.json``."""
@@ -101,6 +102,92 @@ def harness_version() -> str:
 
 
 # ---- tasks ----------------------------------------------------------------------------------------
+
+IGNORED_FOLDERS = {"__pycache__", ".ipynb_checkpoints"}  # the folders the harness's task index skips too
+
+
+def check_task_folders(settings: HarnessSettings) -> list[Path]:
+    """Read every task YAML of the ``--include-path`` folders, and the files they ``include:``, before the harness
+    does: one line for a file that does not parse (the harness would skip it silently) and, unless
+    ``settings.trust_remote_code``, for a ``!function`` tag, with which the harness imports and runs a Python file
+    beside the YAML. Returns the local data files the YAMLs name (``dataset_kwargs.data_files``, a local
+    ``dataset_path``)."""
+    check_settings(settings)
+    data: list[Path] = []
+    seen: set[Path] = set()
+    for folder in settings.include_paths:
+        root = Path(folder).expanduser()
+        for file in sorted(root.glob("**/*.yaml"), key=lambda p: p.as_posix()):
+            if not any(part in IGNORED_FOLDERS for part in file.relative_to(root).parts):
+                data += _check_task_file(file, root, settings.trust_remote_code, seen)
+    return data
+
+
+def _check_task_file(file: Path, root: Path, trusted: bool, seen: set[Path]) -> list[Path]:
+    """:func:`check_task_folders` on one YAML file of the folder ``root`` and on what it includes (each file once:
+    ``seen``); returns the local data files they name."""
+    import yaml
+
+    file = file.resolve()
+    if file in seen:
+        return []
+    seen.add(file)
+    functions: list[str] = []
+    base = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+    class TaskLoader(base):  # type: ignore[misc, valid-type]
+        """The harness's YAML dialect; a ``!function`` tag is recorded, never imported."""
+
+    def record(loader, node) -> str:
+        functions.append(str(loader.construct_scalar(node)))
+        return functions[-1]
+
+    TaskLoader.add_constructor("!function", record)
+    fix = f"fix it or move it out of --include-path {root}"
+    try:
+        config = yaml.load(file.read_text(encoding="utf-8"), Loader=TaskLoader)  # noqa: S506 (a safe loader)
+    except (OSError, UnicodeDecodeError) as error:
+        raise UpcycleError(f"cannot read the task file {file} ({_first_line(error)}); {fix}") from None
+    except yaml.YAMLError as error:
+        raise UpcycleError(f"the task file {file} is not valid YAML ({_yaml_problem(error)}); {fix}") from None
+    if functions and not trusted:
+        spec = functions[0]
+        module = file.parent / f"{spec.rpartition('.')[0].replace('.', '/')}.py"
+        code = f"imports and runs {module}" if module.is_file() else f"imports the Python module of {spec}"
+        raise UpcycleError(
+            f"the task file {file} has `!function {spec}`, with which lm-evaluation-harness {code}; pass "
+            "--trust-remote-code if you trust that code, or remove the tag"
+        )
+    if not isinstance(config, dict):
+        return []
+    data = _local_data(config)
+    includes = config.get("include")
+    for include in includes if isinstance(includes, list) else [includes] if includes else []:
+        included = Path(str(include)).expanduser()
+        included = included if included.is_absolute() else file.parent / included
+        if not included.is_file():
+            raise UpcycleError(f"the task file {file} includes {include}, which is not a file; {fix}")
+        data += _check_task_file(included, root, trusted, seen)
+    return data
+
+
+def _yaml_problem(error: Exception) -> str:
+    """Where and what a YAML error is, on one line: ``line 3, column 5: expected ',' or ']'``."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or _first_line(error)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def _local_data(config: dict) -> list[Path]:
+    """The local files a task YAML reads: its ``dataset_kwargs.data_files`` and a ``dataset_path`` that exists."""
+    kwargs = config.get("dataset_kwargs")
+    files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+    values = list(files.values()) if isinstance(files, dict) else [files]
+    names = [name for value in values for name in (value if isinstance(value, list) else [value]) if name]
+    path = config.get("dataset_path")
+    if isinstance(path, str) and path not in LOCAL_BUILDERS:
+        names.append(path)
+    return [Path(str(name)).expanduser() for name in names if Path(str(name)).expanduser().exists()]
 
 
 def load_tasks(settings: HarnessSettings) -> dict:
@@ -181,9 +268,11 @@ def configure_tasks(loaded: dict, num_fewshot: int | None) -> None:
 # ---- running a model -------------------------------------------------------------------------------
 
 
-def _harness_model(model, tokenizer, batch_size: str, usage):
+def _harness_model(model, tokenizer, batch_size: str, usage, name: str = "the model"):
     """The harness's HF causal-LM wrapper around an already loaded ``model``, with ``usage`` (a HeadUsage) told which
-    positions of each right-padded loglikelihood batch are real tokens."""
+    positions of each right-padded loglikelihood batch are real tokens. Its ``max_length`` is the model's
+    ``max_position_embeddings``; an answer longer than that is one line naming the model (``name``), where the
+    harness would fail an assertion."""
     from lm_eval.models import huggingface
 
     class UsageCountingLM(huggingface.HFLM):
@@ -193,12 +282,24 @@ def _harness_model(model, tokenizer, batch_size: str, usage):
 
         _lengths: list[int] | None = None
         _count_every_position = False
+        _items: dict[tuple, tuple[str, int]] = {}  # (context, answer) -> (task, item) of the requests being run
 
-        def _loglikelihood_tokens(self, *args, **kwargs):
+        def loglikelihood(self, requests, *args, **kwargs):
+            self._items = {tuple(request.args): (request.task_name, request.doc_id) for request in requests}
+            try:
+                return super().loglikelihood(requests, *args, **kwargs)
+            finally:
+                self._items = {}
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            for pair, _, continuation in requests:
+                if len(continuation) > self.max_length:
+                    task, item = self._items.get(tuple(pair), (None, None))
+                    raise UpcycleError(too_long(task, item, len(continuation), self.max_length, name))
             pad_and_concat = getattr(huggingface, "pad_and_concat", None)
             if pad_and_concat is None:  # another harness version: every position counts, padding too
                 self._count_every_position = True
-                return super()._loglikelihood_tokens(*args, **kwargs)
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
 
             def recording(max_length, tensors, *rest, **options):
                 self._lengths = [int(t.shape[-1]) for t in tensors]
@@ -206,7 +307,7 @@ def _harness_model(model, tokenizer, batch_size: str, usage):
 
             huggingface.pad_and_concat = recording
             try:
-                return super()._loglikelihood_tokens(*args, **kwargs)
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
             finally:
                 huggingface.pad_and_concat = pad_and_concat
                 self._lengths = None
@@ -233,9 +334,19 @@ def _harness_model(model, tokenizer, batch_size: str, usage):
     level = harness_log.level
     harness_log.setLevel(logging.ERROR)  # its warnings about an already-loaded model are what upcycle intends
     try:
-        return UsageCountingLM(pretrained=model, tokenizer=tokenizer, batch_size=size, backend="causal")
+        return UsageCountingLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=size, backend="causal", max_length=model_positions(model)
+        )
     finally:
         harness_log.setLevel(level)
+
+
+def model_positions(model) -> int | None:
+    """A loaded model's ``max_position_embeddings`` (of its ``text_config`` for a composite model), when it has
+    one."""
+    config = getattr(model.config, "text_config", None) or model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def run_model(model_path: str | Path, loaded: dict, settings: HarnessSettings) -> dict:
@@ -263,7 +374,7 @@ def run_model(model_path: str | Path, loaded: dict, settings: HarnessSettings) -
     torch.manual_seed(OTHER_SEED)
     print(f"running {', '.join(loaded['tasks'])} on {model_path}", file=sys.stderr, flush=True)
     with HeadUsage(model) as usage:
-        harness_model = _harness_model(model, tokenizer, settings.batch_size, usage)
+        harness_model = _harness_model(model, tokenizer, settings.batch_size, usage, str(model_path))
         start = time.perf_counter()
         results = evaluate(
             lm=harness_model,
@@ -388,15 +499,105 @@ def ratio(value: float | None, reference: float | None, higher_is_better: bool) 
     return top / bottom if bottom > 0 else None
 
 
-def prepare_tasks(settings: HarnessSettings) -> dict:
-    """Check the harness, the settings and the task names, fetch the tasks' data and set their few-shot counts:
-    everything that can fail before a model is loaded. Returns the loaded tasks for :func:`run_benchmarks`."""
+def prepare_tasks(settings: HarnessSettings, models: Mapping[Path | str, int | None] | None = None) -> dict:
+    """Check the harness, the settings, the task files and names, fetch the tasks' data, set their few-shot counts
+    and check them against the data and ``models`` (model folder -> its ``max_position_embeddings``, None when not
+    known): everything that can fail before a model is loaded. Returns the loaded tasks for
+    :func:`run_benchmarks`."""
     harness_version()
-    check_settings(settings)
+    check_task_folders(settings)
     loaded = load_tasks(settings)
     refuse_unsafe([name for name, task in loaded["tasks"].items() if getattr(task, "UNSAFE_CODE", False)])
     configure_tasks(loaded, settings.num_fewshot)
+    check_fewshot(loaded, settings, models or {})
+    check_context(loaded, settings, models or {})
     return loaded
+
+
+def check_fewshot(loaded: dict, settings: HarnessSettings, models: Mapping[Path | str, int | None]) -> None:
+    """Refuse a few-shot count that a task's examples cannot provide, or that cannot fit in a model's context (each
+    example takes a token at least, and the item itself another)."""
+    for name, task in loaded["tasks"].items():
+        shots = task.get_config("num_fewshot") or 0
+        if not shots:
+            continue
+        given = f"--num-fewshot {shots}" if settings.num_fewshot == shots else f"the {shots}-shot default of {name}"
+        sampler = getattr(task, "sampler", None)
+        pool = len(sampler.fewshot_docs()) if sampler is not None else 0
+        fewshot_split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
+        # drawn from the scored split, each item is left out of its own examples
+        available = pool - 1 if fewshot_split is not None and fewshot_split == task.config.test_split else pool
+        if shots > available:
+            raise UpcycleError(
+                f"{given}: task {name} has {pool} few-shot examples to draw from"
+                f"{' (less the item itself)' if available < pool else ''}; give --num-fewshot {max(available, 0)} "
+                "or fewer"
+            )
+        for model, positions in models.items():
+            if positions is not None and shots >= positions:
+                raise UpcycleError(
+                    f"{given}: {shots} examples and the item cannot fit in the {positions} positions "
+                    f"(max_position_embeddings) of {model}; give --num-fewshot {positions - 1} or fewer"
+                )
+
+
+DEFAULT_MAX_GEN_TOKS = 256  # HFLM's max_gen_toks, for tasks whose generation_kwargs set none
+GENERATION_BUDGET_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
+def check_context(loaded: dict, settings: HarnessSettings, models: Mapping[Path | str, int | None]) -> None:
+    """Refuse a task a model's context cannot run, which the harness would only find out with the model loaded: an
+    answer choice longer than the model's positions (multiple choice) or a generation budget that leaves no room
+    for the prompt."""
+    from upcycle.eval.evaluate import load_tokenizer
+
+    for model, positions in models.items():
+        if positions is None:
+            continue
+        tokenizer = None
+        for name, task in loaded["tasks"].items():
+            if task.OUTPUT_TYPE == "generate_until":
+                kwargs = task.config.generation_kwargs or {}
+                budget = next((kwargs[key] for key in GENERATION_BUDGET_KEYS if key in kwargs), DEFAULT_MAX_GEN_TOKS)
+                if isinstance(budget, int) and budget >= positions:
+                    raise UpcycleError(
+                        f"task {name} generates up to {budget} tokens, which leaves no room for its prompt in the "
+                        f"{positions} positions (max_position_embeddings) of {model}; leave the task out for this "
+                        "model"
+                    )
+            elif task.OUTPUT_TYPE == "multiple_choice" and not getattr(task, "multiple_input", False):
+                tokenizer = tokenizer or load_tokenizer(model)
+                _check_choices(name, task, settings.limit, tokenizer, model, positions)
+
+
+CHOICE_BATCH = 256  # items whose answers are tokenised in one call
+
+
+def _check_choices(name: str, task, limit: float | None, tokenizer, model, positions: int) -> None:
+    """One line when an answer choice of the items the harness will score is longer than ``positions`` tokens (the
+    answer tokenised alone; the harness model checks the count of the harness's own tokenisation again)."""
+    docs = task.eval_docs
+    count = len(docs) if limit is None else min(len(docs), math.ceil(len(docs) * limit) if limit < 1 else int(limit))
+    delimiter = task.config.target_delimiter
+    for start in range(0, count, CHOICE_BATCH):
+        answers = [
+            (index, f"{delimiter}{choice}")
+            for index in range(start, min(start + CHOICE_BATCH, count))
+            for choice in task.doc_to_choice(docs[index])
+        ]
+        encoded = tokenizer([text for _, text in answers], add_special_tokens=False)["input_ids"] if answers else []
+        for (index, _), ids in zip(answers, encoded):
+            if len(ids) > positions:
+                raise UpcycleError(too_long(name, index, len(ids), positions, model))
+
+
+def too_long(task: str | None, index: int | None, tokens: int, positions: int, model) -> str:
+    """The message for an answer the model's context cannot hold."""
+    where = f"item {index} of task {task}" if task is not None else "an item"
+    return (
+        f"{where} has an answer of {tokens} tokens, more than the {positions} positions (max_position_embeddings) "
+        f"of {model} can score; leave the task out for this model or evaluate it on a model with a longer context"
+    )
 
 
 def refuse_unsafe(names: list[str]) -> None:
@@ -415,9 +616,12 @@ def run_benchmarks(
     """The ``benchmarks`` block of ``eval.json``: the tasks run on ``model_path`` and, when given, on
     ``reference_path`` (same tasks, items and settings), with the accuracy ratios. ``loaded``: what
     :func:`prepare_tasks` returned (prepared here when None)."""
+    from upcycle.eval.evaluate import max_positions
+
     version = harness_version()
     if loaded is None:
-        loaded = prepare_tasks(settings)
+        paths = [model_path] if reference_path is None else [model_path, reference_path]
+        loaded = prepare_tasks(settings, {path: max_positions(path) for path in paths})
     models = [run_model(model_path, loaded, settings)]
     if reference_path is not None:
         models.append(run_model(reference_path, loaded, settings))
