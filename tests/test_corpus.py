@@ -261,3 +261,36 @@ def test_python_docs_asset_is_prose_held_out_of_the_python_splits():
     assert len(docs) > 50 and all(isinstance(d, str) and d for d in docs)
     assert not any("pydoc_data" in path.parts for path in python_stdlib_files())
     assert load_documents("asset:python-docs")["text"][0] == docs[0]
+
+
+@pytest.mark.parametrize("source", ["local", "hub"])
+def test_an_interrupt_inside_datasets_is_raised_as_an_interrupt(tmp_path, monkeypatch, source):
+    """datasets wraps what its builders raise in a DatasetGenerationError: a SIGTERM (or Ctrl-C) there is still an
+    interruption, not a data error."""
+    import importlib
+
+    from datasets.exceptions import DatasetGenerationError
+
+    from upcycle.checkpoint.writer import Terminated
+
+    if source == "local":
+        text_builder = importlib.import_module("datasets.packaged_modules.text.text").Text
+
+        def terminated(self, *args, **kwargs):
+            raise Terminated(15)
+            yield
+
+        monkeypatch.setattr(text_builder, "_generate_tables", terminated)
+        path = str(write_txt(tmp_path / "d.txt", make_docs(10)))
+    else:
+
+        def load_dataset(*args, **kwargs):
+            try:
+                raise Terminated(15)
+            except Terminated as interrupt:
+                raise DatasetGenerationError("An error occurred while generating the dataset") from interrupt
+
+        monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+        path = "someone/corpus"
+    with pytest.raises(Terminated):
+        build_corpus(config(path), tiny_tokenizer())

@@ -135,6 +135,7 @@ def _load_local(path: Path, streaming: bool) -> tuple[datasets.Dataset | dataset
             builder, data_files=[str(f) for f in files], split="train", streaming=streaming, **kwargs
         )
     except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        _reraise_interruption(e)
         if _caused_by(e, UnicodeDecodeError):  # past the first bytes that check_text_file read
             name = files[0] if len(files) == 1 else f"a file in {path}"
             raise UpcycleError(
@@ -147,15 +148,28 @@ def _load_local(path: Path, streaming: bool) -> tuple[datasets.Dataset | dataset
     return (data.map(_split_paragraphs, batched=True), True) if builder == "text" else (data, False)
 
 
-def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
-    """Whether ``error`` or an exception in its cause/context chain is a ``kind``."""
+def _in_chain(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``error``'s cause/context chain (``error`` itself first), or None."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, kind):
-            return True
+            return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-    return False
+    return None
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``error`` or an exception in its cause/context chain is a ``kind``."""
+    return _in_chain(error, kind) is not None
+
+
+def _reraise_interruption(error: BaseException) -> None:
+    """Raise the Ctrl-C or SIGTERM (``Terminated``, a KeyboardInterrupt) that ``error`` wraps: ``datasets`` turns an
+    interrupt inside its builders into a DatasetGenerationError, which is no fault of the data."""
+    interrupt = _in_chain(error, KeyboardInterrupt)
+    if interrupt is not None:
+        raise interrupt.with_traceback(None) from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -176,6 +190,7 @@ def _load_hub(name: str, split: str, streaming: bool):
     try:
         return datasets.load_dataset(path, config or None, split=split, streaming=streaming)
     except Exception as e:  # noqa: BLE001 - network, auth, not found, bad split: all "cannot load from the Hub"
+        _reraise_interruption(e)
         raise UpcycleError(
             f"could not load dataset {name!r} from the Hub ({type(e).__name__}; offline?): "
             f"pass a local {'/'.join(BUILDERS)} file or folder"

@@ -357,6 +357,15 @@ class ClipRunner:
 
 def run_clip_recipe(recipe: ClipRecipe, overwrite: bool = False) -> Path:
     """Run a ``type: clip`` or ``type: clip-mcl`` recipe; returns OUTPUT/final or the last stage folder."""
+    from .finetune import output_held
+    from .loop import process_state
+
+    with output_held(recipe, process_state()):
+        return _run_clip(recipe, overwrite)
+
+
+def _run_clip(recipe: ClipRecipe, overwrite: bool) -> Path:
+    """The run of a CLIP recipe, in its held output."""
     runner = ClipRunner(recipe, overwrite)
     training = recipe.training
     report: dict = {"type": recipe.type, "pairs": len(runner.train), "processes": runner.accelerator.num_processes}

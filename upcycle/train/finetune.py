@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import math
+import os
 import shlex
 import shutil
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,8 +20,19 @@ import yaml
 
 from ..errors import UpcycleError
 from ..eval.evaluate import json_text
-from ..paths import refuse_inputs_inside
-from .loop import CHECKPOINTS, FINAL, BatchPlan, Trainer, latest_checkpoint, process_state, recover_checkpoints
+from ..paths import output_lock, refuse_inputs_inside
+from .loop import (
+    CHECKPOINTS,
+    FINAL,
+    TRAINER_STATE,
+    BatchPlan,
+    Trainer,
+    check_stop_after,
+    latest_checkpoint,
+    process_state,
+    recover_checkpoints,
+    refuse_changed_recipe,
+)
 from .recipe import ClipRecipe, Recipe
 
 # what finetune (and a CLIP recipe) writes into its output folder; --overwrite replaces only a folder holding nothing
@@ -33,6 +49,7 @@ OUTPUT_ENTRIES = (
     ".*.tmp",
     ".*.upcycle-tmp-*",
     ".*.upcycle-old-*",
+    ".*.upcycle-lock",
 )
 
 
@@ -100,14 +117,22 @@ def claim_output(
         )
     if output.exists() and not output.is_dir():
         raise UpcycleError(f"output {output} is a file; choose a folder")
+    if resume:
+        if state.is_main_process and (output / CHECKPOINTS).is_dir():
+            for note in recover_checkpoints(output):  # an unfinished save never blocks --resume
+                print(f"note: {note}", file=sys.stderr, flush=True)
+        state.wait_for_everyone()
     checkpoint = latest_checkpoint(output)
     if resume and checkpoint is None:
-        where = "interrupted save only" if any((output / CHECKPOINTS).glob(".step-*")) else "none"
         raise UpcycleError(
-            f"--resume: no complete checkpoint in {output / CHECKPOINTS} ({where}); start again with --overwrite"
+            f"--resume: no complete checkpoint in {output / CHECKPOINTS}; start again with --overwrite"
             if output.exists()
             else f"--resume: output {output} does not exist; start without --resume"
         )
+    if resume and isinstance(recipe, Recipe):
+        recorded = _recorded_state(checkpoint)
+        if recorded is not None:  # an unreadable state is refused in one line when the Trainer reads it
+            refuse_changed_recipe(checkpoint, recorded, recipe)
     if not resume and (output.exists() or output.is_symlink()):
         if not overwrite and checkpoint is not None:
             raise UpcycleError(
@@ -127,12 +152,76 @@ def claim_output(
                 "would delete; move them away or choose another output"
             )
     state.wait_for_everyone()
-    if state.is_main_process:
-        if overwrite and output.exists():
+    if state.is_main_process and overwrite and output.exists():
+        try:
             shutil.rmtree(output)
-        if resume:
-            recover_checkpoints(output)
+        except OSError as error:
+            raise UpcycleError(
+                f"--overwrite could not remove output {output} ({error.strerror or error}: {error.filename}); "
+                "check its permissions, or choose another output"
+            ) from None
     state.wait_for_everyone()
+
+
+def _recorded_state(checkpoint: Path) -> dict | None:
+    """A checkpoint's ``trainer_state.json`` when it is a readable JSON object, else None."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+@contextmanager
+def output_held(recipe: Recipe | ClipRecipe, state) -> Iterator[None]:
+    """While a run writes its output: the output's parent folder exists (created when missing, and removed again if
+    the run fails with nothing in it), the output can be written, and the main process holds the output's lock, so
+    that a second run into the same output fails at once with one line. Other processes take no lock: the main
+    process stands for the run."""
+    from ..checkpoint.writer import output_parent
+
+    output = Path(recipe.output)
+    if not state.is_main_process:
+        yield
+        return
+    with output_parent(output):
+        _check_writable(output)
+        with output_lock(output, what="output"):
+            yield
+
+
+def _check_writable(output: Path) -> None:
+    """One line when the output cannot be written (a read-only or unwritable folder), tried with a probe file."""
+    folder = output if output.is_dir() else output.absolute().parent
+    probe = folder / f".{output.name}.upcycle-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise UpcycleError(_unwritable(output, error, folder)) from None
+    probe.unlink(missing_ok=True)
+
+
+def _unwritable(output: Path, error: OSError, where: Path | None = None) -> str:
+    """Why ``output`` cannot be created or written (``where``: the folder tried, else the error's file), and the
+    fix."""
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        file = next((p for p in output.absolute().parents if p.exists() and not p.is_dir()), output.parent)
+        return f"cannot create output {output}: {file} is a file, not a folder; choose an output under a folder"
+    where = where or error.filename or output.parent
+    if error.errno == errno.EROFS:
+        return (
+            f"cannot write output {output}: {where} is on a read-only file system; choose an output on a writable disk"
+        )
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write output {output}: no space left in {where}; free some space or choose another disk"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"cannot write output {output}: {where} is not writable by you; choose an output in a folder you can "
+            "write to"
+        )
+    return f"cannot write output {output} ({error.strerror or error}: {where}); choose another output"
 
 
 def refuse_folder_code(recipe: Recipe | ClipRecipe, role: str, folder: Path) -> None:
@@ -145,11 +234,27 @@ def refuse_folder_code(recipe: Recipe | ClipRecipe, role: str, folder: Path) -> 
         refuse_remote_code(
             folder,
             trust_remote_code=recipe.trust_remote_code,
-            fix="set trust_remote_code: true in the recipe (or --set trust_remote_code=true) to tune it anyway with "
-            "the family's standard classes, or remove that auto_map; nothing was written",
+            fix="set trust_remote_code: true in the recipe (or pass the override trust_remote_code=true) to tune it "
+            "anyway with the family's standard classes, or remove that auto_map; nothing was written",
         )
     except UpcycleError as error:
         raise UpcycleError(f"{role} {error}") from None
+
+
+def refuse_pickled_code(role: str, folder: Path) -> None:
+    """transformers reads a folder's ``pytorch_model*.bin`` (when it has no safetensors) with
+    ``torch.load(weights_only=True)``; each is read that way here first, so that one holding more than tensors is one
+    line naming the fix (convert it to safetensors) before anything is written."""
+    from ..checkpoint.reader import load_pickled_weights
+
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    for file in sorted(folder.glob("pytorch_model*.bin")):
+        try:
+            load_pickled_weights(file)
+        except UpcycleError as error:
+            raise UpcycleError(f"{role} {error}") from None
 
 
 def check_model_folder(recipe: Recipe, source: Path):
@@ -238,13 +343,13 @@ def run_finetune(
     recipe: Recipe, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False
 ) -> Path | None:
     """Run a whole recipe; returns OUTPUT/final, or None when stopped early by ``stop_after``."""
-    from .distill import check_same_tokenizer
-
+    check_stop_after(stop_after)
     state = process_state()
     output = Path(recipe.output)
     BatchPlan.from_recipe(recipe, state.num_processes)  # the step splits over these processes: before any work
     source = resolve_model(recipe.model)
     refuse_folder_code(recipe, "model", source)
+    refuse_pickled_code("model", source)
     check_model_folder(recipe, source)
     # a converting recipe tunes OUTPUT/converted (written below); the teacher and compare models resolve without it
     teacher, reference = resolve_references(
@@ -253,13 +358,31 @@ def run_finetune(
     for role, folder in (("teacher", teacher), ("compare", reference)):
         if folder is not None:
             refuse_folder_code(recipe, role, folder)
-    claim_output(
-        recipe,
-        state,
-        resume=resume,
-        overwrite=overwrite,
-        inputs={"model": source, "teacher": teacher, "compare": reference},
-    )
+            refuse_pickled_code(role, folder)
+    with output_held(recipe, state):
+        claim_output(
+            recipe,
+            state,
+            resume=resume,
+            overwrite=overwrite,
+            inputs={"model": source, "teacher": teacher, "compare": reference},
+        )
+        return _tune(recipe, state, source, teacher, reference, resume=resume, stop_after=stop_after)
+
+
+def _tune(
+    recipe: Recipe,
+    state,
+    source: Path,
+    teacher: Path | None,
+    reference: Path | None,
+    *,
+    resume: bool,
+    stop_after: int | None,
+) -> Path | None:
+    """The run in a claimed output: (convert,) read the data, train, evaluate and report."""
+    from .distill import check_same_tokenizer
+
     model_path = prepare_model(recipe, state, source)
     tokenizer = load_tokenizer(model_path)
     if teacher is not None:

@@ -9,7 +9,8 @@ recipe's weights times the routers' load-balance and z-loss terms, each averaged
 Checkpoints are upcycle's own files, never pickles: ``trainer_state.json`` (step, scheduler state, the file list),
 ``model.safetensors``, ``optimizer.pt`` (read back with ``torch.load(weights_only=True)``), ``rng-RANK.safetensors``;
 under FSDP accelerate's per-rank ``.bin`` shards (also read with ``weights_only=True``) instead of the model and
-optimizer files. Each is written into ``checkpoints/.step-N.tmp`` and renamed into place when complete.
+optimizer files. Each is written into ``checkpoints/.step-N.tmp`` and renamed into place when complete; a save that
+fails (a full disk) removes its temp folder, and ``--resume`` removes what a killed one left.
 """
 
 from __future__ import annotations
@@ -208,15 +209,86 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
 
 
-def recover_checkpoints(output: Path) -> None:
-    """Clean up after a save that was killed: remove ``checkpoints/.step-N.tmp`` (never complete), and put back a
-    ``.step-N.old`` whose replacement never arrived (else remove it)."""
+def recover_checkpoints(output: Path) -> list[str]:
+    """Clean up after a save that was killed or failed: remove ``checkpoints/.step-N.tmp`` (never complete), and put
+    back a ``.step-N.old`` whose replacement never arrived (else remove it). Returns one line per thing done."""
+    notes = []
     for leftover in sorted((Path(output) / CHECKPOINTS).glob(".step-*")):
         whole = leftover.with_name(leftover.name.removeprefix(".").removesuffix(".old"))
         if leftover.name.endswith(".old") and not whole.exists() and (leftover / TRAINER_STATE).is_file():
             os.replace(leftover, whole)
+            notes.append(f"recovered checkpoint {whole} from {leftover.name}, left by a save that was stopped")
         else:
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            notes.append(f"removed {leftover}, left by a checkpoint save that did not finish")
+    return notes
+
+
+def check_stop_after(stop_after: int | None) -> None:
+    """``--stop-after`` counts the steps this run trains before it checkpoints and stops: 1 or more."""
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise UpcycleError(
+            f"--stop-after {stop_after} is not a number of steps to train; give 1 or more, or leave it out to train "
+            "to training.steps"
+        )
+
+
+# Recipe keys that may differ between a checkpoint and the run that resumes it: they change how often the run logs,
+# evaluates and saves, its description, and where its folder is, never the weights, the data, its order or the LR
+# schedule. Everything else (compare and trust_remote_code too, though they do not change the weights) must be as
+# recorded, so that a resumed run is the run that was started.
+RESUME_MAY_CHANGE = frozenset(
+    {"description", "output", "training.log_every", "training.eval_every", "training.save_every"}
+)
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """A recipe's values by dotted key (lists are values)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
+    return flat
+
+
+def recipe_changes(recorded: dict, given: dict) -> list[tuple[str, object, object]]:
+    """(key, recorded value, given value) of every recipe key that differs and may not (:data:`RESUME_MAY_CHANGE`);
+    a key one side lacks has the value ``...``."""
+    before, after = _flat(json.loads(json_text(recorded))), _flat(json.loads(json_text(given)))
+    return [
+        (key, before.get(key, ...), after.get(key, ...))
+        for key in sorted(before.keys() | after.keys())
+        if key not in RESUME_MAY_CHANGE and before.get(key, ...) != after.get(key, ...)
+    ]
+
+
+def refuse_changed_recipe(checkpoint: Path, state: dict, recipe: Recipe) -> None:
+    """One line when the recipe differs from the one ``checkpoint`` records (its ``trainer_state.json`` ``state``) in
+    a key that changes the run, naming each key with both values."""
+
+    def shown(value: object) -> str:
+        text = "(not set)" if value is ... else json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    recorded = state.get("recipe")
+    if not isinstance(recorded, dict):
+        raise UpcycleError(
+            f"checkpoint {checkpoint} records no recipe in its {TRAINER_STATE}, so it cannot be checked against this "
+            "one; start again with --overwrite"
+        )
+    changes = recipe_changes(recorded, recipe.model_dump(mode="json"))
+    if changes:
+        listed = "; ".join(f"{key}: {shown(old)} there, {shown(new)} now" for key, old, new in changes[:6])
+        more = f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
+        raise UpcycleError(
+            f"checkpoint {checkpoint} was written with another recipe ({listed}{more}), so the resumed run would not "
+            "equal an uninterrupted one; resume with the same recipe and overrides it was written with, or start "
+            "again with --overwrite"
+        )
 
 
 def json_line(record: dict) -> str:
@@ -315,6 +387,7 @@ class Trainer:
     ):
         from accelerate import Accelerator
 
+        check_stop_after(stop_after)
         self.recipe = recipe
         self.output = Path(recipe.output)
         cpu = use_cpu()
@@ -422,6 +495,7 @@ class Trainer:
 
         accelerator = self.accelerator
         state = read_checkpoint_state(checkpoint, processes=accelerator.num_processes, sharded=self._sharded)
+        refuse_changed_recipe(checkpoint, state, self.recipe)
         fresh = self.scheduler.state_dict()
         if set(state["scheduler"]) != set(fresh):
             raise UpcycleError(
@@ -458,8 +532,15 @@ class Trainer:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and accelerator.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
+        except pickle.UnpicklingError:
+            # torch's own message goes on to explain how to load the file without weights_only: never the advice here
+            what = f"a file in {FSDP_MODEL}/ or {FSDP_OPTIMIZER}/" if self._sharded else OPTIMIZER_FILE
+            raise UpcycleError(
+                f"checkpoint {checkpoint}: {what} is not a plain tensor file (it holds pickled objects that upcycle "
+                "will not load), so the checkpoint was not written by upcycle or was changed after it was written; "
+                "start again with --overwrite"
+            ) from None
         except (
-            pickle.UnpicklingError,
             SafetensorError,
             RuntimeError,
             ValueError,
@@ -474,7 +555,8 @@ class Trainer:
             ) from None
         self.step = state["step"]
         if accelerator.is_main_process:
-            recover_checkpoints(self.output)
+            for note in recover_checkpoints(self.output):
+                self._print(f"note: {note}")
             truncate_metrics(self.output / "metrics.jsonl", self.step)
         accelerator.wait_for_everyone()
         self._print(f"resumed from {checkpoint} at step {self.step}")
@@ -485,6 +567,39 @@ class Trainer:
         accelerator = self.accelerator
         final = self.output / CHECKPOINTS / f"step-{self.step:07d}"
         temp = final.with_name(f".{final.name}.tmp")
+        try:
+            self._write_checkpoint(temp)
+        except BaseException as error:
+            if accelerator.is_main_process:  # a failed or interrupted save leaves nothing behind
+                shutil.rmtree(temp, ignore_errors=True)
+            if isinstance(error, OSError):
+                raise UpcycleError(self._save_failure(error)) from None
+            raise
+        if accelerator.is_main_process:
+            if final.exists():  # the same step saved again (a resumed run stopped at once): swap, never delete first
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(temp, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(temp, final)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _save_failure(self, error: OSError) -> str:
+        """The one line of a checkpoint save that failed (a full disk, a folder that became read-only)."""
+        kept = latest_checkpoint(self.output)
+        then = f"continue from {kept.name} with --resume" if kept is not None else "start again with --overwrite"
+        return (
+            f"could not save the checkpoint of step {self.step} ({error.strerror or error}: "
+            f"{error.filename or self.output / CHECKPOINTS}); its unfinished files were removed and training stopped: "
+            f"free some space (or make {self.output} writable), then {then}"
+        )
+
+    def _write_checkpoint(self, temp: Path) -> None:
+        """Every file of a checkpoint into ``temp``, ``trainer_state.json`` last."""
+        accelerator = self.accelerator
         if accelerator.is_main_process:
             if temp.exists():
                 shutil.rmtree(temp)
@@ -523,16 +638,6 @@ class Trainer:
                 "recipe": self.recipe.model_dump(mode="json"),
             }
             (temp / TRAINER_STATE).write_text(json_text(state))
-            if final.exists():  # the same step saved again (a resumed run stopped at once): swap, never delete first
-                old = final.with_name(f".{final.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(temp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(temp, final)
-        accelerator.wait_for_everyone()
-        return final
 
     # ---- training ----------------------------------------------------------------------
     def _print(self, text: str) -> None:

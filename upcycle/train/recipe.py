@@ -64,6 +64,14 @@ def validate_convert(tree: dict) -> BaseModel:
             f"recipe key 'convert.method' must be one of {', '.join(convert_methods())} (got {method!r}); "
             "set it in the recipe or pass convert.method=NAME"
         )
+    from ..methods import method_spec
+
+    given = {key for key, value in tree.items() if value is not None}
+    for name, required in method_spec(method).missing_requirements(given):
+        raise UpcycleError(
+            f"recipe key 'convert.{name}' applies only with convert.{required}; set convert.{required} too, or "
+            f"drop convert.{name}"
+        )
     try:
         return convert_section(method).model_validate(tree)
     except ValidationError as error:
@@ -186,6 +194,25 @@ class Recipe(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _validation_text(self) -> Recipe:
+        """finetune scores the model before and after tuning on validation text (the report, the card, eval.json),
+        so a recipe must leave it some: refused here, before any work, rather than after training."""
+        data = self.data
+        if data.validation_tokens == 0:
+            raise UpcycleError(
+                "recipe key 'data.validation_tokens' is 0, which leaves no validation text, but finetune scores the "
+                f"model on it before and after tuning; set it to at least one block ({data.seq_len} tokens, "
+                "data.seq_len) or leave it out for the default"
+            )
+        if not data.validation_sources() and data.validation_fraction == 0:
+            raise UpcycleError(
+                "recipe key 'data.validation_fraction' is 0 and there is no data.validation, which leaves no "
+                "validation text, but finetune scores the model on it before and after tuning; give data.validation "
+                "(held-out files) or set data.validation_fraction above 0"
+            )
+        return self
+
     def reference(self) -> str | None:
         """The model the tuned one is compared with at the end: ``compare``, else the teacher."""
         return self.compare or self.teacher
@@ -291,7 +318,20 @@ def load_recipe(name: str, overrides: list[str] = ()) -> Recipe | ClipRecipe:
     """Read, override and validate a recipe; every problem is one UpcycleError line."""
     path = resolve_recipe_path(name)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        data = path.read_bytes()
+    except OSError as error:
+        raise UpcycleError(
+            f"cannot read recipe {path} ({error.strerror or error}); give a readable YAML file"
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UpcycleError(
+            f"recipe {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start} is invalid); "
+            "save it as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
+        ) from None
+    try:
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise UpcycleError(f"recipe {path} is not valid YAML ({str(error).splitlines()[0]}); fix the file") from None
     if not isinstance(tree, dict):
