@@ -66,12 +66,12 @@ def test_shared_heads_leaving_no_routed_head(tmp_path, dense):
 
 def test_out_exists_without_overwrite_then_with(tmp_path, dense):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert run("convert", dense, out).exit_code == 0
+    first = (out / "upcycle_report.json").read_text()
     assert_one_line_error(run("convert", dense, out), "already exists", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
-    assert run("convert", dense, out, "--overwrite").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert (out / "upcycle_report.json").read_text() == first
+    assert run("convert", dense, out, "--overwrite", "--active-heads", "1.0").exit_code == 0
+    assert json.loads((out / "upcycle_report.json").read_text())["options"]["active_heads"] == 1.0
     assert leftovers(tmp_path) == ["out"]
 
 

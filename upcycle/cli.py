@@ -32,15 +32,20 @@ _EXIT_AT_ONCE: list[bool] = []  # set by a command that finished with nothing le
 
 
 def _run(action: Callable[[], T], interrupted: str = "nothing was written") -> T:
-    """Run a command body; an UpcycleError or Ctrl-C becomes one line on stderr and a non-zero exit (``interrupted``:
-    what a Ctrl-C leaves behind)."""
+    """Run a command body; an UpcycleError, Ctrl-C or SIGTERM becomes one line on stderr and exit 1, 130 or 143
+    (``interrupted``: what an interruption leaves behind). SIGTERM unwinds like Ctrl-C, so every clean-up runs."""
+    from .interrupts import Terminated, sigterm_as_interrupt
     from .modeling.plan import PlanError
 
     try:
-        return action()
+        with sigterm_as_interrupt():
+            return action()
     except (UpcycleError, PlanError) as error:  # PlanError: a checkpoint's plan this runtime does not know
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
+    except Terminated:
+        typer.echo(f"terminated (SIGTERM): {interrupted}", err=True)
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
         typer.echo(f"interrupted: {interrupted}", err=True)
         raise typer.Exit(130) from None
@@ -228,7 +233,7 @@ class ConvertCommand:
 
         def terminable():
             """SIGTERM (a job scheduler, `kill`) cleans up like Ctrl-C, then exits 143 with one line."""
-            from .checkpoint.writer import Terminated, sigterm_as_interrupt
+            from .interrupts import Terminated, sigterm_as_interrupt
 
             try:
                 with sigterm_as_interrupt():
@@ -342,6 +347,11 @@ def method_options(spec, given: dict, flags: dict[str, MethodFlag]):
             raise UpcycleError(
                 f"{flag.flag} {value} is not a finite number; give a fraction like {flag.example or 0.5}"
             )
+    for name, required in spec.missing_requirements(set(given)):
+        needed = flags[required].flag
+        raise UpcycleError(
+            f"{flags[name].flag} applies only with {needed}; pass {needed} too, or drop {flags[name].flag}"
+        )
     values = {
         name: [getattr(item, "value", item) for item in value]
         if isinstance(value, list)
@@ -359,10 +369,13 @@ def _push_target(repo_id: str | None, private: bool, *, connect: bool = True):
     starts."""
     if repo_id is None and private:
         raise UpcycleError("--private applies to --push-to-hub; add --push-to-hub OWNER/NAME or drop --private")
-    if repo_id is None or not connect:
+    if repo_id is None:
         return None
-    from .checkpoint.hub import prepare_push
+    from .checkpoint.hub import check_repo_id, prepare_push
 
+    check_repo_id(repo_id)
+    if not connect:
+        return None
     return prepare_push(repo_id)
 
 
@@ -456,7 +469,7 @@ def finetune(
 
     def interruptible():
         """Ctrl-C or SIGTERM: one line saying what the output folder keeps and the command that continues."""
-        from .checkpoint.writer import Terminated, sigterm_as_interrupt
+        from .interrupts import Terminated, sigterm_as_interrupt
 
         try:
             with sigterm_as_interrupt():
@@ -506,7 +519,8 @@ def card(
     name: Annotated[
         str | None,
         typer.Option(
-            help="The model's name in the card, e.g. the Hub repo id it will have (remembered for later refreshes).",
+            help="The model's Hub repository id (owner/name or name), its name in the card (remembered for later "
+            "refreshes).",
             show_default=False,
         ),
     ] = None,
@@ -557,9 +571,8 @@ def push(
         lambda: push_folder(
             path, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run
         ),
-        interrupted="nothing was committed (the upload is one commit; "
-        "the repository or branch may have been created, empty "
-        "or unchanged); run the same command again to push",
+        interrupted="the upload stopped before it finished (files a batch had already committed stay; the "
+        "repository or branch may have been created); run the same command again to resume it",
     )
 
 
@@ -681,6 +694,15 @@ def evaluate_command(
             "auto (kernel on CUDA with Triton, else masked)."
         ),
     ] = AttentionBackend.auto,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="Let task YAML files of --include-path import the Python files their `!function` tags name "
+            "(refused otherwise: it runs that code).",
+            rich_help_panel=BENCHMARK_PANEL,
+        ),
+    ] = False,
 ) -> None:
     """Perplexity per corpus and benchmark accuracy per task, recovery against --compare, speed and head usage.
 
@@ -700,6 +722,7 @@ def evaluate_command(
                 limit=parse_limit(limit),
                 batch_size=batch_size,
                 include_paths=list(include_path or []),
+                trust_remote_code=trust_remote_code,
             )
         return run_eval(
             path,
@@ -736,14 +759,18 @@ def tasks() -> None:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point: click's usage errors (unknown option, bad choice) become one ``error:`` line too."""
+    """Entry point: click's usage errors (unknown option, bad choice) become one ``error:`` line too, with exit 1 like
+    every other error (130 for Ctrl-C, 143 for SIGTERM)."""
     try:
         from typer._click import exceptions as click_errors  # typer >= 0.24 carries its own click
     except ImportError:
         from click import exceptions as click_errors
 
+    from .interrupts import Terminated, sigterm_as_interrupt
+
     try:
-        return app(args=args, prog_name="upcycle", standalone_mode=False) or 0
+        with sigterm_as_interrupt():
+            return app(args=args, prog_name="upcycle", standalone_mode=False) or 0
     except click_errors.NoArgsIsHelpError as error:
         typer.echo(error.ctx.get_help())
         return 0
@@ -751,10 +778,13 @@ def main(args: list[str] | None = None) -> int:
         command = error.ctx.command_path if error.ctx else "upcycle"
         message = " ".join(error.format_message().replace("Value error, ", "").split()).rstrip(".")
         typer.echo(f"error: {message}; see `{command} --help`", err=True)
-        return 2
+        return 1
     except click_errors.ClickException as error:
         typer.echo(f"error: {' '.join(error.format_message().split())}", err=True)
         return error.exit_code
+    except Terminated:
+        typer.echo("terminated (SIGTERM): nothing was written", err=True)
+        return 143
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted: nothing was written", err=True)
         return 130

@@ -7,7 +7,10 @@ import json
 import math
 import shutil
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +33,7 @@ from .checkpoint.writer import (
 from .errors import UpcycleError
 from .methods import ChunkedTensor, Conversion, SourceTensor, method_spec
 from .methods.base import Background
-from .paths import refuse_inputs_inside
+from .paths import output_lock, refuse_inputs_inside
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +64,86 @@ def input_paths(folder: Path, options) -> dict[str, Path | str | None]:
             for index, expert in enumerate(value or []):
                 inputs[f"--expert #{index + 1}" if len(value) > 1 else "--expert"] = Path(str(expert)).expanduser()
     return inputs
+
+
+REPORT_NAME = "upcycle_report.json"
+# what a conversion writes into OUT (beside the support files and the runtime), and the results `upcycle eval --json`
+# and `upcycle card` add to it: what --overwrite may replace
+OUTPUT_FILES = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "README.md",
+    REPORT_NAME,
+    "eval.json",
+)
+
+
+def output_entries() -> tuple[str, ...]:
+    """Name patterns of every file a conversion writes (the runtime's files by name)."""
+    runtime = tuple(sorted(file.name for file in RUNTIME_DIR.glob("*.py") if file.name != "__init__.py"))
+    return OUTPUT_FILES + SUPPORT_FILES + runtime
+
+
+def replace_refusal(path: Path, shown_as: Path, overwrite: bool) -> str | None:
+    """Why OUT (``path``, named ``shown_as``) may not be written or replaced; None when it may: OUT is missing, an
+    empty folder, or (with ``overwrite``) a folder a conversion wrote that holds nothing else."""
+    import fnmatch
+
+    if path.is_symlink():
+        return (
+            f"OUT {shown_as} is a symbolic link; upcycle writes only real folders: give the folder it points to "
+            "(if that is upcycle's output) or another OUT"
+        )
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return (
+            f"OUT {shown_as} is a file, not a folder upcycle wrote, and --overwrite never replaces one; "
+            "remove it yourself or choose another OUT"
+        )
+    try:
+        entries = sorted(entry.name for entry in path.iterdir())
+    except OSError as error:
+        return f"OUT {shown_as} cannot be read ({error.strerror or error}); choose another OUT"
+    if not entries:
+        return None
+    report = path / REPORT_NAME
+    try:
+        written = isinstance(json.loads(report.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, ValueError):
+        written = False
+    if not written:
+        return (
+            f"OUT {shown_as} is a folder upcycle did not write (it has no {REPORT_NAME}); --overwrite replaces "
+            "only upcycle's own outputs: choose another OUT, or empty it yourself"
+        )
+    patterns = output_entries()
+    foreign = [
+        name
+        for name in entries
+        if (path / name).is_dir() or not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    ]
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        return (
+            f"OUT {shown_as} holds files a conversion does not write ({', '.join(foreign[:3])}{more}), which "
+            "--overwrite would delete; move them out of it or choose another OUT"
+        )
+    if not overwrite:
+        return f"OUT {shown_as} already exists; pass --overwrite to replace it"
+    return None
+
+
+def refuse_working_folder(out: Path) -> None:
+    """OUT may not be the current folder or a folder above it (it is replaced by a rename)."""
+    here, target = Path.cwd().resolve(), Path(out).resolve()
+    if target == here or target in here.parents:
+        raise UpcycleError(
+            f"OUT {out} is the current folder{'' if target == here else ' or holds it'}, which a conversion replaces; "
+            "give a new folder, e.g. ./converted"
+        )
 
 
 def output_bytes(conversion: Conversion, folder: Path) -> int:
@@ -204,23 +287,46 @@ class Stopwatch:
         return now - last
 
 
-def prefetch_model_code() -> Background:
-    """Import transformers' modeling code (what the build check needs: seconds, whatever the model's size) in a
-    background thread, so that it overlaps the plan and the tensor copies (which run in the kernel, off the GIL)."""
+@contextmanager
+def model_code_prefetched() -> Iterator[None]:
+    """While the block runs, import transformers' modeling code (what the build check needs: seconds, whatever the
+    model's size) in a background thread, so that it overlaps the plan and the tensor copies (which run in the
+    kernel, off the GIL); the thread is joined when the block ends, however it ends.
+
+    The thread holds the interpreter's import lock for the whole import, so an import in any other thread waits for
+    it to finish rather than running beside it: transformers' lazily loaded modules, imported from two threads at
+    once, can hand one of them a module that is not initialised yet (``cannot import name 'AutoTokenizer'``). The
+    wait is at most the import's own time; work that imports nothing (the copies) goes on meanwhile."""
+    try:
+        import _imp
+
+        acquire, release = _imp.acquire_lock, _imp.release_lock
+    except (ImportError, AttributeError):  # not CPython: the build check imports the code when it needs it
+        yield
+        return
     interval = sys.getswitchinterval()
+    holding = threading.Event()
 
     def load() -> None:
+        acquire()
+        holding.set()
         try:
             import upcycle.modeling.modeling_upcycle  # noqa: F401  (torch, transformers.modeling_utils, families)
         except Exception:  # the check imports it again and reports what fails
             pass
         finally:
+            release()
             sys.setswitchinterval(interval)
 
     # the import holds the GIL most of the time: hand it back to the copying thread after each of its syscalls
     # within 0.5 ms rather than the default 5 ms (hundreds of tensors, two hand-overs each)
     sys.setswitchinterval(min(interval, 0.0005))
-    return Background(load, "upcycle-prefetch")
+    prefetch = Background(load, "upcycle-prefetch")
+    holding.wait()  # from here on, no import of this thread can start beside the prefetch's
+    try:
+        yield
+    finally:
+        prefetch.result()  # a process never exits while the thread is inside torch's or transformers' import
 
 
 def convert_checkpoint(
@@ -238,19 +344,38 @@ def convert_checkpoint(
 
     ``card_name``: the model's name in its card (a Hub repo id when it will be pushed; default: OUT's name)."""
     max_shard = parse_size(shard_size)
-    if not dry_run:
-        prefetch_model_code()
+    out = Path(out)
+    with ExitStack() as stack:
+        if not dry_run:
+            check_output_location(out)
+            refuse_working_folder(out)
+            stack.enter_context(output_parent(out))
+            stack.enter_context(output_lock(out))  # one conversion at a time into OUT, until it is renamed in place
+            stack.enter_context(model_code_prefetched())
+        return _convert(src, out, method, options, max_shard, overwrite, dry_run, card_name)
+
+
+def _convert(
+    src: str,
+    out: Path,
+    method: str,
+    options,
+    max_shard: int,
+    overwrite: bool,
+    dry_run: bool,
+    card_name: str | None,
+) -> dict | None:
+    """:func:`convert_checkpoint` once OUT is locked (not for ``dry_run``)."""
     opened = open_source(src)  # resolved, read, and refused in one line when upcycle already converted it
     folder, reader = opened.folder, opened.reader
-    out = Path(out)
     if not dry_run:
         if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
             raise UpcycleError(f"OUT {out} is (inside) the source folder; write the conversion to a new folder")
         refuse_inputs_inside(out, input_paths(folder, options), what="OUT")
-        check_output_location(out)
         recover_output(out)
-        if (out.exists() or out.is_symlink()) and not overwrite:
-            raise UpcycleError(f"OUT {out} already exists; pass --overwrite to replace it")
+        reason = replace_refusal(out, out, overwrite)
+        if reason:
+            raise UpcycleError(reason)
     watch = Stopwatch()
     conversion = plan_conversion(reader, method, options)
     settle = conversion.settle
@@ -284,7 +409,7 @@ def convert_checkpoint(
     def lap(name: str) -> None:  # where a conversion spends its time, in the report
         timings[name] = watch.lap()
 
-    with output_parent(out), atomic_output(out, overwrite, needed_bytes=needed) as tmp:
+    with atomic_output(out, overwrite, needed_bytes=needed, refusal=replace_refusal) as tmp:
         with ShardedWriter(tmp, conversion.layout, max_shard, metadata={"upcycle_method": method}) as writer:
             progress = tqdm(total=out_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr, disable=None)
             passed_through = {}

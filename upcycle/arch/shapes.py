@@ -44,7 +44,7 @@ def decoder_shapes(spec: DecoderSpec, config: dict, source: str) -> dict[str, Ex
     q_rows, kv_rows = f"num_attention_heads {h} x head_dim {d}", f"num_key_value_heads {g} x head_dim {d}"
     shapes: dict[str, Expected] = {}
     if vocab:
-        shapes["model.embed_tokens.weight"] = Expected((vocab, D), f"vocab_size {vocab}, hidden_size {D}")
+        shapes["model.embed_tokens.weight"] = Expected((vocab, D), f"vocab_size {vocab}, hidden_size {D}", True)
     for layer in range(spec.num_layers):
         for proj, rows, why in (("q_proj", h * d, q_rows), ("k_proj", g * d, kv_rows), ("v_proj", g * d, kv_rows)):
             shapes[spec.attention(layer, proj)] = Expected((rows, D), f"{why}, hidden_size {D}", required=True)
@@ -66,9 +66,12 @@ def decoder_shapes(spec: DecoderSpec, config: dict, source: str) -> dict[str, Ex
                 (D, inner), f"hidden_size {D}, intermediate_size {inner}", required=True
             )
             shapes[f"{prefix}mlp.down_proj.bias"] = Expected((D,), f"hidden_size {D}")
-    shapes["model.norm.weight"] = Expected((D,), f"hidden_size {D}")
+    shapes["model.norm.weight"] = Expected((D,), f"hidden_size {D}", required=True)
     if vocab:
-        shapes["lm_head.weight"] = Expected((vocab, D), f"vocab_size {vocab}, hidden_size {D}")
+        tied = bool(config.get("tie_word_embeddings", False))
+        shapes["lm_head.weight"] = Expected(
+            (vocab, D), f"vocab_size {vocab}, hidden_size {D}, tie_word_embeddings {str(tied).lower()}", not tied
+        )
     return shapes
 
 
@@ -167,6 +170,8 @@ def expected_shapes(spec, config: dict, source: str = "the model") -> dict[str, 
     return decoder_shapes(spec, config, source)
 
 
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+DECODER_BUFFERS = (".rotary_emb.inv_freq",)  # non-persistent buffers that older checkpoints still hold
 FIX = "the checkpoint is corrupted or its config.json does not match its weights: re-download it, or fix config.json"
 
 
@@ -207,9 +212,26 @@ def check_shapes(reader, spec, source: str | None = None) -> None:
             f"{source}: tensor {name} has shape {_fmt(tuple(reader.info(name).shape))} but config.json implies "
             f"{_fmt(want.shape)} ({want.why}){more}; {FIX}"
         )
+    integral = [name for name in expected if name in present and reader.info(name).code not in FLOAT_CODES]
+    if integral:
+        name = integral[0]
+        raise UpcycleError(
+            f"{source}: tensor {name} has dtype {reader.info(name).dtype_name}, but a weight of this family is "
+            "floating point (bf16, fp16 or fp32; quantized checkpoints are not supported): convert the checkpoint to "
+            "bf16/fp16/fp32 first"
+        )
+    if isinstance(spec, DecoderSpec):
+        extra = [name for name in names if name not in expected and not name.endswith(DECODER_BUFFERS)]
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise UpcycleError(
+                f"{source} holds tensor {extra[0]}{more}, which a {spec.model_type} model does not have (its "
+                "transformers class would ignore it, and the output would not match the source); remove it from the "
+                "checkpoint, or check that config.json's model_type is right"
+            )
     missing = [name for name, want in expected.items() if want.required and name not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        layer_counts = [(key, layers) for _, layers, key in _layer_prefixes(spec)]
-        counts = ", ".join(f"{key} {layers}" for key, layers in layer_counts)
-        raise UpcycleError(f"{source} lacks tensor {missing[0]}{more}, which config.json implies ({counts}); {FIX}")
+        layers = [key_layers for pattern, *key_layers in _layer_prefixes(spec) if re.match(pattern, missing[0])]
+        implied = f"{layers[0][1]} {layers[0][0]}" if layers else expected[missing[0]].why
+        raise UpcycleError(f"{source} lacks tensor {missing[0]}{more}, which config.json implies ({implied}); {FIX}")

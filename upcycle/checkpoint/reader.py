@@ -159,6 +159,14 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, TensorInfo], dic
         infos[name] = TensorInfo(name, code, shape, nbytes, file)
         offsets[name] = data_start + begin
         data_end = max(data_end, end)
+    # safetensors' own rule: the tensors' byte ranges follow one another, without gaps or overlaps (two tensors over
+    # the same bytes would be copied as two tensors that alias in the source)
+    position = data_start
+    for name in sorted(infos, key=lambda n: (offsets[n], infos[n].nbytes)):
+        if offsets[name] != position:
+            what = "overlaps the tensor before it" if offsets[name] < position else "leaves a gap before it"
+            raise _corrupted(file, f"the data of {name} {what} (byte {offsets[name] - data_start})")
+        position += infos[name].nbytes
     if data_start + data_end != size:
         raise _corrupted(file, f"file is {size} bytes but its header describes {data_start + data_end}")
     return data_start, infos, offsets
@@ -323,6 +331,16 @@ class CheckpointReader:
 
     def __init__(self, path: str | Path) -> None:
         self.folder = Path(path)
+        try:
+            self._open()
+        except OSError as error:  # permissions, a file that vanished, an I/O error: the files, not upcycle
+            where = error.filename or self.folder
+            raise UpcycleError(
+                f"cannot read {where} ({error.strerror or error}); make the model's files readable by you "
+                "(or copy them where they are)"
+            ) from None
+
+    def _open(self) -> None:
         if not self.folder.is_dir():
             raise UpcycleError(f"{self.folder} is not a directory; pass a model folder that holds config.json")
         config_file = self.folder / "config.json"

@@ -9,19 +9,19 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import struct
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
 from upcycle.checkpoint.reader import CheckpointReader, dtype_codes
 from upcycle.errors import UpcycleError
+from upcycle.interrupts import Terminated as Terminated  # re-exported: SIGTERM as an interrupt
+from upcycle.interrupts import signals_held, sigterm_as_interrupt
 
 if TYPE_CHECKING:
     import torch
@@ -263,52 +263,6 @@ ABANDONED_AFTER_S = 3600  # a temp folder without an owner file (older upcycle) 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (and every ``except KeyboardInterrupt`` sees it)."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While the block runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) instead of killing the process at
-    once, so temp folders are removed. Only in the main thread, and only where SIGTERM still has its default action."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (then act on them as usual), so that a rename pair or a
-    clean-up is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum in saved:
-        signal.signal(signum, lambda number, frame: pending.append(number))
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-        if pending:
-            handler = saved[pending[0]]
-            if callable(handler):
-                handler(pending[0], None)
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), pending[0])
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -367,7 +321,7 @@ def recover_output(out: Path, log=None) -> list[str]:
         return notes
     temp_prefix, old_prefix = f".{out.name}.upcycle-tmp-", f".{out.name}.upcycle-old-"
     writer_alive = False
-    with _signals_held():
+    with signals_held():
         for entry in sorted(e for e in entries if e.name.startswith(temp_prefix)):
             state = _owner_state(entry)
             if (
@@ -500,24 +454,37 @@ def _disk_message(error: OSError, out: Path, needed_bytes: int | None) -> str:
 
 
 @contextmanager
-def atomic_output(out: Path, overwrite: bool, *, needed_bytes: int | None = None) -> Iterator[Path]:
+def atomic_output(
+    out: Path,
+    overwrite: bool,
+    *,
+    needed_bytes: int | None = None,
+    refusal: Callable[[Path, Path, bool], str | None] | None = None,
+) -> Iterator[Path]:
     """Yield a temp folder beside `out` that replaces `out` only if the block finishes without error.
 
     The temp folder ``.OUT.upcycle-tmp-*`` holds an owner file (this process's pid) until the rename, so a later run
     can remove it if this process is killed; the previous OUT is moved to ``.OUT.upcycle-old-*`` for the instant
     between the two renames (a later run renames it back if a kill lands there). SIGTERM cleans up like Ctrl-C; a full
-    disk, a read-only or unwritable folder become one line (``needed_bytes``: the output's size, for the message)."""
+    disk, a read-only or unwritable folder become one line (``needed_bytes``: the output's size, for the message).
+
+    ``refusal(path, shown_as, overwrite)``: why the existing OUT may not be replaced (None: it may), asked before the
+    block and again on OUT as it is at the rename (moved aside first, so nothing can change it between the check and
+    the rename): OUT keeps what a user put into it meanwhile. Without it, any existing OUT is replaced with
+    ``overwrite``."""
     out = Path(out)
+    refusal = refusal or _replace_with_overwrite
     recover_output(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise UpcycleError(f"output {out} already exists; pass --overwrite to replace it")
+    reason = refusal(out, out, overwrite)
+    if reason:
+        raise UpcycleError(reason)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UpcycleError(_disk_message(error, out, needed_bytes)) from None
     with sigterm_as_interrupt():
         try:
-            with _signals_held():
+            with signals_held():
                 temp = _fresh_sibling(out, "tmp")
                 try:
                     (temp / OWNER_FILE).write_text(
@@ -530,14 +497,30 @@ def atomic_output(out: Path, overwrite: bool, *, needed_bytes: int | None = None
             raise UpcycleError(_disk_message(error, out, needed_bytes)) from None
         try:
             yield temp
-            with _signals_held():
+            with signals_held():
                 (temp / OWNER_FILE).unlink(missing_ok=True)
                 old = None
                 if out.exists() or out.is_symlink():
                     old = out.parent / f".{out.name}.upcycle-old-{secrets.token_hex(4)}"
                     os.replace(out, old)
+                    reason = refusal(old, out, overwrite)
+                    if reason:
+                        os.replace(old, out)
+                        raise UpcycleError(
+                            f"{reason} ({out} changed while this run wrote its output: it was left as "
+                            "it is and nothing was written)"
+                        )
                 try:
                     os.replace(temp, out)
+                except OSError as error:
+                    if old is not None:
+                        os.replace(old, out)
+                    if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                        raise UpcycleError(
+                            f"{out} appeared while this run wrote its output; it was left as it is and nothing was "
+                            "written: run again to replace it (with --overwrite), or choose another output"
+                        ) from None
+                    raise
                 except BaseException:
                     if old is not None:
                         os.replace(old, out)
@@ -545,11 +528,18 @@ def atomic_output(out: Path, overwrite: bool, *, needed_bytes: int | None = None
                 if old is not None:
                     _remove(old)
         except BaseException as error:
-            with _signals_held():
+            with signals_held():
                 shutil.rmtree(temp, ignore_errors=True)
             if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
                 raise UpcycleError(_disk_message(error, out, needed_bytes)) from None
             raise
+
+
+def _replace_with_overwrite(path: Path, shown_as: Path, overwrite: bool) -> str | None:
+    """The default rule of :func:`atomic_output`: an existing output is replaced only with ``overwrite``."""
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        return f"output {shown_as} already exists; pass --overwrite to replace it"
+    return None
 
 
 def _fresh_sibling(out: Path, tag: str) -> Path:

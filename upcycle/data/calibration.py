@@ -67,14 +67,27 @@ def contrastive_pairs(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([cls, part, sep], dim=1) for part in (tokens[:, :half], tokens[:, half : 2 * half])])
 
 
+MIN_CALIBRATION_TOKENS = 16
+
+
 def calibration_blocks(
     folder: Path, config: dict, text: Path | str, tokens: int, seq_len: int, encoder: bool
 ) -> torch.Tensor:
     """Packed calibration blocks [N, T] of the text at ``text``: EOS between documents for decoders;
-    ``[CLS] ... [SEP]`` blocks with [SEP] between documents for encoders."""
+    ``[CLS] ... [SEP]`` blocks with [SEP] between documents for encoders. A budget of ``tokens`` below one block of
+    ``seq_len`` is one shorter block of that many tokens."""
+    if tokens < MIN_CALIBRATION_TOKENS:
+        raise UpcycleError(
+            f"--calibration-tokens {tokens} is too few to calibrate on; give at least {MIN_CALIBRATION_TOKENS} "
+            "(the default is 16384)"
+        )
     documents = read_documents(Path(text))
     seq_len = calibration_seq_len(config, seq_len)
     if not encoder:
-        return pack_tokens(documents, load_tokenizer(folder), seq_len, tokens)
+        return pack_tokens(
+            documents, load_tokenizer(folder), min(seq_len, tokens), tokens, budget_name="--calibration-tokens"
+        )
     tokenizer = encoder_tokenizer(folder)
-    return wrap_cls_sep(pack_tokens(documents, SepAsEos(tokenizer), seq_len - 2, tokens), tokenizer)
+    length = min(seq_len - 2, tokens)  # the text between [CLS] and [SEP]
+    blocks = pack_tokens(documents, SepAsEos(tokenizer), length, tokens, budget_name="--calibration-tokens")
+    return wrap_cls_sep(blocks, tokenizer)

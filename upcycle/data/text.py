@@ -118,6 +118,8 @@ def read_documents(path: Path | str) -> list[str]:
         if path.suffix.lower() not in TEXT_SUFFIXES:
             raise UpcycleError(f"unsupported text file {path}: give a .txt or .jsonl file, or a folder of them")
         files = [path]
+    elif path.exists():
+        raise UpcycleError(f"text path {path} is not a regular file or folder: give a .txt/.jsonl file or a folder")
     else:
         raise UpcycleError(f"text path {path} does not exist: give an existing .txt/.jsonl file or folder")
     documents = [doc for file in files for doc in _read_file(file)]
@@ -172,19 +174,25 @@ def iter_blocks(pieces: Iterable[list[int]], seq_len: int) -> Iterator[torch.Ten
 
 
 def check_token_budget(name: str, value: int | None, seq_len: int) -> None:
-    """Refuse a token budget ``value`` (None: no limit) that is less than one block of ``seq_len``."""
+    """Refuse a token budget ``value`` (None: no limit) that is less than one block of ``seq_len``; ``name`` is the
+    recipe key (``validation_tokens``) or the flag (``--calibration-tokens``) it came from."""
     if value is not None and value < seq_len:
+        given = f"{name} {value}" if name.startswith("--") else f"{name}={value}"
         raise UpcycleError(
-            f"{name}={value} is less than one block of seq_len={seq_len}: raise {name} or lower seq_len"
+            f"{given} is less than one block of {seq_len} tokens (the sequence length): raise {name} to at least "
+            f"{seq_len} or lower the sequence length"
         )
 
 
-def pack_tokens(documents: list[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.LongTensor:
+def pack_tokens(
+    documents: list[str], tokenizer, seq_len: int, max_tokens: int | None = None, *, budget_name: str = "max_tokens"
+) -> torch.LongTensor:
     """Tokenise ``documents`` without special tokens, join them with ``tokenizer.eos_token_id`` between documents,
-    and cut the stream into full ``[N, seq_len]`` blocks (the tail is dropped), using at most ``max_tokens`` tokens."""
+    and cut the stream into full ``[N, seq_len]`` blocks (the tail is dropped), using at most ``max_tokens`` tokens
+    (``budget_name``: how the user gave that budget, for the message, e.g. ``--calibration-tokens``)."""
     if seq_len < 2:
         raise UpcycleError(f"seq_len must be at least 2, got {seq_len}: raise the sequence length")
-    check_token_budget("max_tokens", max_tokens, seq_len)
+    check_token_budget(budget_name, max_tokens, seq_len)
     eos = document_eos(tokenizer)
     limit = None if max_tokens is None else max_tokens // seq_len
     blocks = list(islice(iter_blocks(token_stream(documents, tokenizer, eos), seq_len), limit))

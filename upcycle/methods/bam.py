@@ -127,7 +127,7 @@ def validate(options: BAMOptions, experts: int) -> int:
             "--method bam needs at least one --expert PATH: "
             "a model branched from SRC (the seed, expert 0) and trained further"
         )
-    top_k = options.ffn_top_k or (2 if options.attention == "average" else 1)
+    top_k = options.ffn_top_k if options.ffn_top_k is not None else (2 if options.attention == "average" else 1)
     if not 1 <= top_k <= experts:
         raise UpcycleError(
             f"--ffn-top-k {top_k} is outside [1, {experts}] for {experts} experts; choose a value in that range"

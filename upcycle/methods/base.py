@@ -80,7 +80,9 @@ class Background:
             except BaseException as error:  # re-raised in the caller's thread by result()
                 self._error = error
 
-        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        # not a daemon: the interpreter waits for it before it finalises (a daemon thread still inside torch or
+        # transformers at exit aborts the process: "terminate called without an active exception")
+        self._thread = threading.Thread(target=run, name=name)
         self._thread.start()
 
     def result(self) -> object:

@@ -37,7 +37,7 @@ class GQAOptions:
     kv_heads: int | None = option(None, help="new number of key/value heads, a divisor of the current count (1: MQA).")
     refit: Literal["none", "rescale", "lstsq"] = option("none", help=REFIT_HELP)
     calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
-    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
+    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
     calibration_seq_len: int = 512
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 

@@ -87,7 +87,7 @@ class MHEOptions:
         "model's).",
     )
     calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
-    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
+    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
     calibration_seq_len: int = 512
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 

@@ -64,7 +64,7 @@ class MoHOptions:
         None, help="which heads are shared. Default: contribution with --calibration, else weight-norm."
     )
     calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
-    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
+    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
     calibration_seq_len: int = 512
     rescale: Rescale = option(
         "none",

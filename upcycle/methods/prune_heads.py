@@ -99,7 +99,7 @@ class PruneHeadsOptions:
         False, help="remove the same number of units in every layer (decoders: a plain base-architecture checkpoint)."
     )
     calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
-    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP)
+    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
     calibration_seq_len: int = 512
     normalize: Literal["auto", "layer", "none"] = option(
         "auto",

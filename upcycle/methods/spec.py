@@ -25,14 +25,16 @@ def option(
     panel: str | None = None,
     example: str | None = None,
     flag: str | None = None,
+    requires: str | None = None,
     default_factory: Callable[[], Any] | Any = MISSING,
 ) -> Any:
     """A field of a method's ``Options`` that is also an ``upcycle convert`` flag and a recipe key.
 
     ``help``: the flag's help text; ``panel``: its ``--help`` group (default: the method's); ``example``: a valid
     value, named in the one-line error for a non-finite number; ``flag``: the flag when not ``--field-name`` (a list
-    field is a repeatable flag, e.g. ``--expert`` for ``experts``)."""
-    metadata = {"help": help, "panel": panel, "example": example, "flag": flag}
+    field is a repeatable flag, e.g. ``--expert`` for ``experts``); ``requires``: the field this one only applies
+    with (``calibration`` for the calibration budget): given without it, it is refused in one line."""
+    metadata = {"help": help, "panel": panel, "example": example, "flag": flag, "requires": requires}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -73,6 +75,15 @@ class MethodSpec:
     def flags(self) -> dict[str, dataclasses.Field]:
         """The options that are ``upcycle convert`` flags, by field name."""
         return {f.name: f for f in dataclasses.fields(self.options) if "help" in f.metadata}
+
+    def missing_requirements(self, given: set[str]) -> list[tuple[str, str]]:
+        """(option, the option it requires) for each option in ``given`` whose ``requires`` is not given too."""
+        flags = self.flags()
+        return [
+            (name, flags[name].metadata["requires"])
+            for name in sorted(given)
+            if name in flags and flags[name].metadata.get("requires") and flags[name].metadata["requires"] not in given
+        ]
 
     def has_option(self, name: str) -> bool:
         return any(f.name == name for f in dataclasses.fields(self.options))
