@@ -1,7 +1,8 @@
 """Installed as users install it: a built wheel in a fresh virtual environment, run from outside the source tree.
 
 The wheel is built offline from a copy of the source tree (nothing is written into the checkout), installed with
-``--no-deps --no-index`` into a venv that sees the system's site-packages (torch, transformers, ... come from there),
+``--no-deps --no-index`` into a venv that also sees the site-packages of the interpreter running the tests (torch,
+transformers, ... come from there; the system's Python or a virtualenv's),
 and its ``upcycle`` command must find everything it reads at run time (the bundled recipes, the model runtime it
 copies into checkpoints) in the installed package, not in the source tree.
 """
@@ -68,12 +69,27 @@ def venv(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     assert "upcycle/data/lm_eval_tasks/kjv_next_verse.yaml" in names
     assert not any(name.startswith(("tests/", "recipes/")) for name in names)
     shutil.rmtree(source)  # whatever runs below cannot fall back on the copy
-    sh(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv", cwd=root, env=env)
+    sh(sys.executable, "-m", "venv", "--without-pip", root / "venv", cwd=root, env=env)
     python = root / "venv" / "bin" / "python"
-    # the system's pip (seen through --system-site-packages) installs into the venv; --ignore-installed leaves the
-    # system's (editable) upcycle alone
+    see_running_packages(python, cwd=root, env=env)
+    # the running interpreter's pip (seen through the .pth file) installs into the venv; --ignore-installed leaves
+    # that interpreter's (editable) upcycle alone
     sh(python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel, cwd=root, env=env)
     return root / "venv", env
+
+
+def see_running_packages(python: Path, *, cwd: Path, env: dict[str, str]) -> None:
+    """Let the venv of ``python`` see, after its own, the site-packages folders of the interpreter running the tests
+    (torch, transformers, ...), whether that interpreter is the system's or itself a virtualenv's:
+    ``--system-site-packages`` would show a venv's base interpreter's packages instead of the running venv's."""
+    own = sh(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=cwd, env=env).stdout
+    folders = [entry for entry in sys.path if Path(entry).name in ("site-packages", "dist-packages")]
+    folders = [entry for entry in dict.fromkeys(folders) if Path(entry).is_dir()]
+    assert folders, sys.path
+    # a line that starts with `import` is run by site.py; addsitedir also runs those folders' own .pth files (as
+    # --system-site-packages would), after the venv's folder
+    lines = [f"import site; site.addsitedir({folder!r})" for folder in folders]
+    (Path(own.strip()) / "_running_interpreter.pth").write_text("\n".join(lines) + "\n")
 
 
 def test_the_installed_package_runs_outside_the_source_tree(venv, tmp_path):
