@@ -255,3 +255,69 @@ def test_sigterm_during_eval_is_one_line_and_exit_143(tmp_path: Path, dense: Pat
         "terminated (SIGTERM): nothing was written"
     ]
     assert not out.exists()
+
+
+SIGNAL_INSIDE_AN_IMPORT = """import os, signal, sys, time
+from pathlib import Path
+from upcycle.interrupts import sigterm_as_interrupt
+sys.path.insert(0, sys.argv[1])
+Path(sys.argv[1], "slow_module.py").write_text(
+    "import os, signal, time\\n"
+    "os.kill(os.getpid(), signal.SIGTERM)\\n"
+    "time.sleep(0.3)  # the rest of the module runs all the same\\n"
+    "COMPLETE = True\\n"
+)
+try:
+    with sigterm_as_interrupt():
+        import slow_module
+        time.sleep(5)
+    print("not interrupted")
+except KeyboardInterrupt as interrupt:
+    print(type(interrupt).__name__, getattr(sys.modules.get("slow_module"), "COMPLETE", False))
+"""
+
+
+def test_a_signal_inside_an_import_lands_after_it(tmp_path: Path) -> None:
+    """A module whose import a signal cut in half stays broken for every later import of it (numpy, transformers):
+    the signal is held until the import is over, then raised."""
+    script = tmp_path / "inside_import.py"
+    script.write_text(SIGNAL_INSIDE_AN_IMPORT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["Terminated", "True"], result.stdout + result.stderr
+
+
+SIGNAL_BEFORE_THE_COMMAND_RUNS = """import importlib.abc, os, signal, sys
+
+
+class SignalOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "upcycle.train.finetune":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), int(os.environ["SEND_SIGNAL"]))  # lands once the import is over
+        return None
+
+
+sys.meta_path.insert(0, SignalOnImport())
+from upcycle.cli import run
+sys.argv = ["upcycle", *sys.argv[1:]]
+run()
+"""
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "line"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")]
+)
+def test_a_signal_while_a_command_starts_is_one_line(tmp_path: Path, signum: int, code: int, line: str) -> None:
+    """The command's own imports run before its body's error handling: typer alone would exit 130 without a word."""
+    script = tmp_path / "early.py"
+    script.write_text(SIGNAL_BEFORE_THE_COMMAND_RUNS)
+    env = os.environ | {"SEND_SIGNAL": str(int(signum))}
+    result = subprocess.run(
+        [sys.executable, str(script), "finetune", "smollm2-moh-cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == code, result.stderr
+    assert [text for text in result.stderr.splitlines() if text.strip()] == [f"{line}: nothing was written"]

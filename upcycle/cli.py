@@ -29,26 +29,55 @@ app = typer.Typer(
 
 T = TypeVar("T")
 _EXIT_AT_ONCE: list[bool] = []  # set by a command that finished with nothing left to clean up (see run)
+_INTERRUPTION_SAID: list[bool] = []  # set once an interruption's one line was printed (see main)
+
+
+def _interruption(line: str, code: int) -> typer.Exit:
+    """Print the one line of a Ctrl-C (exit 130) or SIGTERM (143) and give the exit to raise."""
+    typer.echo(line, err=True)
+    _INTERRUPTION_SAID.append(True)
+    return typer.Exit(code)
 
 
 def _run(action: Callable[[], T], interrupted: str = "nothing was written") -> T:
     """Run a command body; an UpcycleError, Ctrl-C or SIGTERM becomes one line on stderr and exit 1, 130 or 143
     (``interrupted``: what an interruption leaves behind). SIGTERM unwinds like Ctrl-C, so every clean-up runs."""
-    from .interrupts import Terminated, sigterm_as_interrupt
+    from .interrupts import Terminated, signals_so_far, sigterm_as_interrupt
     from .modeling.plan import PlanError
 
+    before = signals_so_far()
     try:
         with sigterm_as_interrupt():
             return action()
-    except (UpcycleError, PlanError) as error:  # PlanError: a checkpoint's plan this runtime does not know
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    except typer.Exit:
+        raise
     except Terminated:
-        typer.echo(f"terminated (SIGTERM): {interrupted}", err=True)
-        raise typer.Exit(143) from None
+        raise _interruption(f"terminated (SIGTERM): {interrupted}", 143) from None
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: {interrupted}", err=True)
-        raise typer.Exit(130) from None
+        raise _interruption(f"interrupted: {interrupted}", 130) from None
+    except Exception as error:
+        interruption = _after_a_signal(interrupted, before)  # a library turned the interrupt into an error of its own
+        if interruption is not None:
+            raise interruption from None
+        if isinstance(error, (UpcycleError, PlanError)):  # PlanError: a checkpoint's plan this runtime does not know
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
+        raise
+
+
+def _after_a_signal(interrupted: str, since: int) -> typer.Exit | None:
+    """The interruption to report when SIGINT or SIGTERM arrived after the first ``since`` signals (None when none
+    did)."""
+    import signal
+
+    from .interrupts import signal_received
+
+    received = signal_received(since)
+    if received is None:
+        return None
+    if received == signal.SIGTERM:
+        return _interruption(f"terminated (SIGTERM): {interrupted}", 143)
+    return _interruption(f"interrupted: {interrupted}", 130)
 
 
 def _version(value: bool) -> None:
@@ -244,8 +273,7 @@ class ConvertCommand:
                     if written
                     else "nothing was written"
                 )
-                typer.echo(f"terminated (SIGTERM): {done}", err=True)
-                raise typer.Exit(143) from None
+                raise _interruption(f"terminated (SIGTERM): {done}", 143) from None
 
         written: list[Path] = []
         _run(terminable)
@@ -491,11 +519,8 @@ def finetune(
                 line = interruption_report(
                     loaded, command, signal_name="terminated (SIGTERM)" if terminated else "interrupted"
                 )
-                typer.echo(
-                    line
-                    + (" (under the same accelerate launch)" if state.num_processes > 1 and "with:" in line else ""),
-                    err=True,
-                )
+                line += " (under the same accelerate launch)" if state.num_processes > 1 and "with:" in line else ""
+                raise _interruption(line, 143 if terminated else 130) from None
             raise typer.Exit(143 if terminated else 130) from None
 
     _run(interruptible)
@@ -766,11 +791,16 @@ def main(args: list[str] | None = None) -> int:
     except ImportError:
         from click import exceptions as click_errors
 
-    from .interrupts import Terminated, sigterm_as_interrupt
+    from .interrupts import Terminated, signals_so_far, sigterm_as_interrupt
 
+    before, said = signals_so_far(), len(_INTERRUPTION_SAID)
     try:
         with sigterm_as_interrupt():
-            return app(args=args, prog_name="upcycle", standalone_mode=False) or 0
+            code = app(args=args, prog_name="upcycle", standalone_mode=False) or 0
+        if code == 130 and len(_INTERRUPTION_SAID) == said:  # typer makes an interrupt outside _run a silent 130
+            interruption = _after_a_signal("nothing was written", before)
+            return (interruption or _interruption("interrupted: nothing was written", 130)).exit_code
+        return code
     except click_errors.NoArgsIsHelpError as error:
         typer.echo(error.ctx.get_help())
         return 0
@@ -788,6 +818,11 @@ def main(args: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted: nothing was written", err=True)
         return 130
+    except Exception:
+        interruption = _after_a_signal("nothing was written", before)  # a signal's error outside any _run
+        if interruption is None:
+            raise
+        return interruption.exit_code
 
 
 def run() -> None:

@@ -349,6 +349,11 @@ def convert_checkpoint(
         if not dry_run:
             check_output_location(out)
             refuse_working_folder(out)
+            local = Path(src).expanduser()
+            if local.exists():  # the inputs' checks, again on the resolved SRC once OUT is locked
+                refuse_inputs_inside(out, input_paths(local, options), what="OUT")
+            if out.is_symlink() or (out.exists() and not out.is_dir()):  # before a lock file is made beside it
+                raise UpcycleError(replace_refusal(out, out, overwrite))
             stack.enter_context(output_parent(out))
             stack.enter_context(output_lock(out))  # one conversion at a time into OUT, until it is renamed in place
             stack.enter_context(model_code_prefetched())

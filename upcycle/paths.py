@@ -32,6 +32,19 @@ def refuse_inputs_inside(out: Path, inputs: dict[str, Path | str | None], *, wha
             raise UpcycleError(f"{what} {out} is inside {label} {path}; write the output to a new folder outside it")
 
 
+def probe_writable(folder: Path) -> None:
+    """Create and remove a file in ``folder``: the OSError of a folder one cannot write in (read-only, no permission,
+    no space), even for root, whom ``os.access`` always allows. A signal waits until the probe is gone."""
+    import tempfile
+
+    from .interrupts import signals_held
+
+    with signals_held():
+        handle, probe = tempfile.mkstemp(prefix=".upcycle-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+
+
 LOCK_SUFFIX = ".upcycle-lock"
 
 

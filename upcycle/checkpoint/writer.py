@@ -445,7 +445,7 @@ def _disk_message(error: OSError, out: Path, needed_bytes: int | None) -> str:
     if error.errno in (errno.ENOTDIR, errno.EEXIST):
         return (
             f"cannot create {out}: a parent of it is a file, not a folder ({where}); "
-            "pick an OUT whose parent folders are folders"
+            "choose an output whose parent folders are folders"
         )
     return (
         f"{error.strerror or error} ({where}); nothing was written to {out}: "

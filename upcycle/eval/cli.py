@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,15 +128,15 @@ def check_writable(output: Path) -> None:
         )
     if not parent.is_dir():
         raise UpcycleError(f"--json {output}: {parent} is a file, not a folder; give a path in an existing folder")
+    from ..paths import probe_writable
+
     try:
-        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        probe_writable(parent)
     except OSError as error:
         raise UpcycleError(
             f"--json {output}: cannot write in {parent} ({error.strerror or error}); "
             "give a path in a folder you may write to"
         ) from None
-    os.close(handle)
-    os.unlink(probe)
 
 
 def check_window(window: int | None, folders: list[Path]) -> int:

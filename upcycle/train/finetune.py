@@ -6,7 +6,6 @@ import errno
 import fnmatch
 import json
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -20,7 +19,7 @@ import yaml
 
 from ..errors import UpcycleError
 from ..eval.evaluate import json_text
-from ..paths import output_lock, refuse_inputs_inside
+from ..paths import output_lock, probe_writable, refuse_inputs_inside
 from .loop import (
     CHECKPOINTS,
     FINAL,
@@ -193,14 +192,10 @@ def output_held(recipe: Recipe | ClipRecipe, state) -> Iterator[None]:
 def _check_writable(output: Path) -> None:
     """One line when the output cannot be written (a read-only or unwritable folder), tried with a probe file."""
     folder = output if output.is_dir() else output.absolute().parent
-    probe = folder / f".{output.name}.upcycle-probe-{os.getpid()}"
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
+        probe_writable(folder)
     except OSError as error:
         raise UpcycleError(_unwritable(output, error, folder)) from None
-    probe.unlink(missing_ok=True)
 
 
 def _unwritable(output: Path, error: OSError, where: Path | None = None) -> str:
