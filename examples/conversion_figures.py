@@ -17,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from upcycle.train.finetune import resolve_text  # noqa: E402
+from upcycle.assets import resolve_text  # noqa: E402
 
 CALIBRATION = ["--calibration", str(resolve_text("asset:kjv-train")), "--calibration-tokens", "16384"]
+# the heal mix: half the tokens from the KJV training books, half from the Python training files
+MIX = ["--calibration", "asset:kjv-train", "--calibration", "asset:python-train", "--calibration-tokens", "16384"]
 MOH = ["--method", "moh", "--active-heads", "0.75", "--shared-selection", "contribution", *CALIBRATION]
 ROWS = {
     "moh-query-norm": [*MOH, "--router", "query-norm"],
@@ -29,9 +31,39 @@ ROWS = {
     "gqa-1-refit-none": ["--method", "gqa", "--kv-heads", "1", "--refit", "none"],
     "gqa-1-refit-rescale": ["--method", "gqa", "--kv-heads", "1", "--refit", "rescale", *CALIBRATION],
     "gqa-1-refit-lstsq": ["--method", "gqa", "--kv-heads", "1", "--refit", "lstsq", *CALIBRATION],
+    "gqa-1-aligned": ["--method", "gqa", "--kv-heads", "1", "--merge", "aligned", *CALIBRATION],
+    "gqa-1-aligned-lstsq": [
+        "--method",
+        "gqa",
+        "--kv-heads",
+        "1",
+        "--merge",
+        "aligned",
+        "--refit",
+        "lstsq",
+        *CALIBRATION,
+    ],
     "prune-20-refit-none": ["--method", "prune-heads", "--ratio", "0.2", *CALIBRATION, "--refit", "none"],
     "prune-20-refit-rescale": ["--method", "prune-heads", "--ratio", "0.2", *CALIBRATION, "--refit", "rescale"],
     "prune-20-refit-lstsq": ["--method", "prune-heads", "--ratio", "0.2", *CALIBRATION, "--refit", "lstsq"],
+    "mhe-calibrated": ["--method", "mhe", "--variant", "mul", "--init", "calibrated", *CALIBRATION],
+    # calibrated on the heal mix
+    "mix-moh-fitted": [*MOH[: MOH.index("--calibration")], *MIX, "--router", "fitted"],
+    "mix-gqa-1-aligned": ["--method", "gqa", "--kv-heads", "1", "--merge", "aligned", *MIX],
+    "mix-gqa-1-aligned-lstsq": ["--method", "gqa", "--kv-heads", "1", "--merge", "aligned", "--refit", "lstsq", *MIX],
+    "mix-gqa-1-refit-lstsq": ["--method", "gqa", "--kv-heads", "1", "--refit", "lstsq", *MIX],
+    "mix-prune-20-refit-none": ["--method", "prune-heads", "--ratio", "0.2", *MIX, "--refit", "none"],
+    "mix-prune-20-refit-lstsq": ["--method", "prune-heads", "--ratio", "0.2", *MIX, "--refit", "lstsq"],
+    "mix-mhe-calibrated": ["--method", "mhe", "--variant", "mul", "--init", "calibrated", *MIX],
+    # the least-squares refit without the held-out choice of its ridge (the former fixed 1e-3)
+    "mix-gqa-1-aligned-lstsq-ridge-0.001": [
+        *["--method", "gqa", "--kv-heads", "1", "--merge", "aligned", "--refit", "lstsq", "--refit-ridge", "0.001"],
+        *MIX,
+    ],
+    "mix-prune-20-refit-lstsq-ridge-0.001": [
+        *["--method", "prune-heads", "--ratio", "0.2", "--refit", "lstsq", "--refit-ridge", "0.001"],
+        *MIX,
+    ],
 }
 CORPORA = ["asset:kjv-heldout", "asset:python-heldout", "asset:python-docs"]
 

@@ -89,7 +89,7 @@ def test_conversions_that_read_calibration_text(place: Path, method: str, option
     out = "out-" + "-".join([method, *options[: options.index("--calibration")]]).replace("--", "")
     upcycle("convert", "dense", out, "--method", method, *options, cwd=place)
     report = json.loads((place / out / "upcycle_report.json").read_text())
-    assert report["method"] == method and report["options"]["calibration"] == "cal.txt"
+    assert report["method"] == method and report["options"]["calibration"] == ["cal.txt"]
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(place / out, trust_remote_code=True).num_hidden_layers == 2

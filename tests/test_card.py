@@ -290,7 +290,9 @@ def test_finetuned_card_has_the_recipe_and_data(tmp_path, calibration_file):
     assert meta["base_model"] == "org/tiny-llama" and "finetuned" in meta["tags"]
     tuning = section(card, "Fine-tuning")
     assert "for 4 steps" in tuning and "Training data: `calibration.txt`, sequences of 16 tokens" in tuning
-    assert "```yaml" in tuning and "global_batch_tokens: 64" in tuning and "calibration: calibration.txt" in tuning
+    assert (
+        "```yaml" in tuning and "global_batch_tokens: 64" in tuning and "calibration:\n  - calibration.txt" in tuning
+    )
     assert "Calibration data: `calibration.txt`" in section(card, "Recipe and data")
     evaluation = section(card, "Evaluation")
     assert "| before tuning |" in evaluation and "| after tuning |" in evaluation

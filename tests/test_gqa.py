@@ -144,3 +144,137 @@ def test_refit_with_the_same_kv_count_keeps_every_byte(tmp_path, calibration_fil
     assert report["refit"]["per_layer"] == []
     before, after = load_file(dense / "model.safetensors"), load_file(tmp_path / "gqa" / "model.safetensors")
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+# ---- --merge aligned: fitted on calibration text, transforms folded into q_proj and o_proj -------------------------
+
+
+def _transformed_kv_heads(folder: Path, kv_heads: int, target: int, head_dim: int, seed: int = 0) -> None:
+    """Make every KV head of a group an exact transform of the group's first: its keys a complex scale of the first
+    head's per rotary frequency pair (a rotation and a gain, which commutes with RoPE), its values an invertible linear
+    map of the first head's (biases transformed alike). Mean-pooling such heads changes the model; an aligned merge
+    need not."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = load_file(folder / "model.safetensors")
+    half, per = head_dim // 2, kv_heads // target
+    for name in list(weights):
+        if "self_attn.k_proj." in name or "self_attn.v_proj." in name:
+            heads = weights[name].unflatten(0, (target, per, head_dim)).clone()  # [G, r, d, ...]
+            for group in range(target):
+                first = heads[group, 0]
+                for member in range(1, per):
+                    if "k_proj" in name:
+                        angle = torch.rand(half, generator=generator) * 6.28
+                        gain = 0.5 + torch.rand(half, generator=generator)
+                        cos, sin = (gain * angle.cos()), (gain * angle.sin())
+                        shape = (half,) + (1,) * (first.dim() - 1)
+                        a, b = first[:half], first[half:]
+                        heads[group, member] = torch.cat(
+                            [cos.view(shape) * a - sin.view(shape) * b, sin.view(shape) * a + cos.view(shape) * b]
+                        )
+                    else:
+                        seed_map = torch.Generator().manual_seed(seed + 100 * group + member)
+                        mix = torch.eye(head_dim) + 0.3 * torch.randn(head_dim, head_dim, generator=seed_map)
+                        heads[group, member] = torch.tensordot(mix, first, dims=1)
+            weights[name] = heads.flatten(0, 2).contiguous()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kv_heads,target", [(8, 1), (8, 2), (2, 1)])
+def test_aligned_merge_of_transformed_heads_keeps_the_logits(tmp_path, calibration_file, family, kv_heads, target):
+    # qwen2 (k/v biases): transformers 5 gives a qwen2 folder the Qwen2 tokenizer, which needs byte-level vocabulary
+    dense = build_dense(tmp_path / "dense", family, text=family == "qwen2", num_key_value_heads=kv_heads)
+    _transformed_kv_heads(dense, kv_heads, target, head_dim=8)
+    report = gqa(dense, tmp_path / "aligned", target, merge="aligned", calibration=calibration_file)
+    assert all(check["passed"] for check in report["checks"])
+    config = json.loads((tmp_path / "aligned" / "config.json").read_text())
+    assert config["model_type"] == family and config["num_key_value_heads"] == target
+    assert "auto_map" not in config and not (tmp_path / "aligned" / "modeling_upcycle.py").exists()
+    assert report["merge"]["mean_key_error"] < 1e-6 and report["merge"]["mean_value_error"] < 1e-5
+    torch.testing.assert_close(logits(tmp_path / "aligned"), logits(dense), atol=1e-4, rtol=1e-4)
+    gqa(dense, tmp_path / "mean", target)  # the control: averaging such heads changes the model
+    assert (logits(tmp_path / "mean") - logits(dense)).abs().max() > 1e-2
+
+
+def test_aligned_merge_with_the_same_kv_count_keeps_every_byte(tmp_path, calibration_file):
+    dense = build_dense(tmp_path / "dense")
+    report = gqa(dense, tmp_path / "gqa", 2, merge="aligned", calibration=calibration_file, refit="lstsq")
+    assert "merge" not in report and report["refit"]["per_layer"] == []
+    before, after = load_file(dense / "model.safetensors"), load_file(tmp_path / "gqa" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_aligned_merge_keeps_more_of_the_dense_model_than_the_mean(tmp_path, calibration_file):
+    """On unrelated random heads there is no exact merge: the fitted one stays closer to the dense model."""
+    dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
+    blocks = calibration_tokens(dense, calibration_file)
+    gqa(dense, tmp_path / "mean", 1)
+    report = gqa(dense, tmp_path / "aligned", 1, merge="aligned", calibration=calibration_file)
+    assert 0 < report["merge"]["mean_key_error"] < 1 and 0 < report["merge"]["mean_value_error"] < 1
+    assert "aligned merge on calibration text, 2 layers" in report["plan_lines"][-1]
+    assert kl_to_dense(dense, tmp_path / "aligned", blocks) < kl_to_dense(dense, tmp_path / "mean", blocks)
+    refitted = gqa(dense, tmp_path / "both", 1, merge="aligned", refit="lstsq", calibration=calibration_file)
+    assert all(e["error_after"] <= e["error_before"] for e in refitted["refit"]["per_layer"])
+
+
+@pytest.mark.parametrize(
+    "family,args,needles",
+    [
+        ("llama", ["--merge", "aligned"], ["--merge aligned is fitted on calibration text", "--merge mean"]),
+        ("qwen3", ["--merge", "aligned", "--calibration", "{cal}"], ["normalises each key head", "--merge mean"]),
+    ],
+)
+def test_aligned_merge_bad_inputs(tmp_path, calibration_file, family, args, needles):
+    dense = build_dense(tmp_path / "dense", family)
+    args = [a.format(cal=calibration_file) for a in args]
+    assert_one_line_error(
+        run("convert", dense, tmp_path / "out", "--method", "gqa", "--kv-heads", "1", *args), *needles
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_lstsq_ridge_is_chosen_on_held_out_batches(tmp_path, calibration_file):
+    dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
+    common = dict(calibration=calibration_file, calibration_tokens=4096, refit="lstsq")  # 16 blocks, 4 batches
+    report = gqa(dense, tmp_path / "auto", 1, **common)["refit"]
+    assert report["ridge"] == "auto"
+    for entry in report["per_layer"]:
+        assert entry["ridge"] in (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+        assert entry["heldout_error"] <= entry["heldout_error_weakest"]
+    fixed = gqa(dense, tmp_path / "fixed", 1, refit_ridge="0.5", **common)
+    assert fixed["refit"]["ridge"] == 0.5 and all(e["ridge"] == 0.5 for e in fixed["refit"]["per_layer"])
+    assert "ridge 0.5" in fixed["plan_lines"][-1]
+    weights = [
+        load_file(tmp_path / name / "model.safetensors")["model.layers.0.self_attn.o_proj.weight"]
+        for name in ("auto", "fixed")
+    ]
+    assert not torch.equal(*weights)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--refit", "lstsq", "--refit-ridge", "lots"], "--refit-ridge 'lots' is not auto or a finite number >= 0"),
+        (["--refit", "lstsq", "--refit-ridge", "-1"], "--refit-ridge '-1'"),
+        (
+            ["--refit", "rescale", "--refit-ridge", "0.1"],
+            "--refit-ridge applies to --refit lstsq, not --refit rescale",
+        ),
+    ],
+)
+def test_bad_ridge_is_one_line(tmp_path, dense, calibration_file, args, needle):
+    result = run(
+        "convert",
+        dense,
+        tmp_path / "out",
+        "--method",
+        "gqa",
+        "--kv-heads",
+        "1",
+        "--calibration",
+        calibration_file,
+        *args,
+    )
+    assert_one_line_error(result, needle)
+    assert leftovers(tmp_path) == []

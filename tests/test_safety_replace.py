@@ -297,4 +297,4 @@ def test_calibration_budget_without_calibration_is_refused(tmp_path: Path, dense
 def test_calibration_that_is_not_a_file_is_named_so(tmp_path: Path, dense: Path, method: str) -> None:
     args = ["convert", dense, tmp_path / "out", "--method", *method.split(), "--calibration", "/dev/null"]
     line = error_line(run(*args))
-    assert line == "error: text path /dev/null is not a regular file or folder: give a .txt/.jsonl file or a folder"
+    assert line == "error: --calibration /dev/null is not a regular file or folder; pass a .txt/.jsonl file"

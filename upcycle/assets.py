@@ -288,3 +288,14 @@ def text_asset_file(name: str, folder: Path | str | None = None) -> Path:
     tmp.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def resolve_text(reference: str | None) -> str | None:
+    """Turn ``asset:kjv-train`` and the other text assets into files (for calibration and ``eval --data``); pass
+    others through."""
+    if reference in ("asset:kjv-train", "asset:kjv-heldout"):
+        train, heldout = write_kjv_files(cache_root() / "kjv")
+        return str(train if reference == "asset:kjv-train" else heldout)
+    if reference is not None and reference.startswith("asset:"):
+        return str(text_asset_file(reference.removeprefix("asset:")))
+    return reference

@@ -58,11 +58,12 @@ def input_paths(folder: Path, options) -> dict[str, Path | str | None]:
     for field in dataclasses.fields(options) if dataclasses.is_dataclass(options) else []:
         value = getattr(options, field.name)
         flag = "--expert" if field.name == "experts" else f"--{field.name.replace('_', '-')}"
-        if isinstance(value, Path) or (field.name == "calibration" and isinstance(value, str)):
+        if isinstance(value, Path):
             inputs[flag] = Path(value).expanduser()
-        elif field.name == "experts":
-            for index, expert in enumerate(value or []):
-                inputs[f"--expert #{index + 1}" if len(value) > 1 else "--expert"] = Path(str(expert)).expanduser()
+        elif field.name in ("experts", "calibration"):  # the path lists (assets and Hub ids are skipped)
+            value = [value] if isinstance(value, (str, Path)) else list(value or [])
+            for index, path in enumerate(value):
+                inputs[f"{flag} #{index + 1}" if len(value) > 1 else flag] = Path(str(path)).expanduser()
     return inputs
 
 

@@ -381,13 +381,20 @@ def _local_names(report: dict) -> dict[str, str]:
         report.get("source"),
         *(report.get("experts") or []),
         *((report.get("options") or {}).get("experts") or []),
-        (report.get("options") or {}).get("calibration"),
+        *_as_list((report.get("options") or {}).get("calibration")),
     ]
     return {
         str(p): _local_name(str(p))
         for p in paths
         if p and (str(p).startswith(("/", ".", "~")) or Path(str(p)).exists())
     }
+
+
+def _as_list(value: object) -> list:
+    """A report's calibration: a list of texts (an older report's single path, or nothing, as a list)."""
+    if not value:
+        return []
+    return [str(item) for item in value] if isinstance(value, list) else [str(value)]
 
 
 def _hide_local_paths(value: object, names: dict[str, str]) -> str:
@@ -473,12 +480,16 @@ def _conversion_lines(report: dict, method: str, names: dict[str, str]) -> list[
     if options:
         lines += [f"Conversion options (`upcycle convert --method {report.get('method')}`):", ""]
         lines += markdown_table(("option", "value"), _options_rows(options, names)) + [""]
-    calibration = options.get("calibration")
+    calibration = _as_list(options.get("calibration"))
     if calibration:
         tokens = options.get("calibration_tokens")
+        shares = options.get("calibration_weights") or []
+        texts = [f"`{_hide_local_paths(text, names)}`" for text in calibration]
+        if len(shares) == len(texts):
+            total = sum(shares) or 1
+            texts = [f"{text} ({share / total:.0%})" for text, share in zip(texts, shares)]
         lines += [
-            f"Calibration data: `{_hide_local_paths(calibration, names)}`"
-            + (f", {tokens:,} tokens." if tokens else "."),
+            f"Calibration data: {', '.join(texts)}" + (f", {tokens:,} tokens." if tokens else "."),
             "",
         ]
     elif method in method_names() and method_spec(method).has_option("calibration"):

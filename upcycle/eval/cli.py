@@ -245,7 +245,7 @@ def _files_below(folder: Path) -> set[Path]:
 def corpus_files(data: list[str]) -> dict[str, Path]:
     """Corpus name -> text file or folder for each ``--data``: a path (named by its file name) or ``asset:NAME``
     (named NAME)."""
-    from ..train.finetune import resolve_text
+    from ..assets import resolve_text
 
     if not data:
         raise UpcycleError("give at least one --data: a .txt/.jsonl file, a folder of them, or asset:NAME")

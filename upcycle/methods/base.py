@@ -123,13 +123,23 @@ def check_source(reader: CheckpointReader, spec, options=None) -> None:
 
     refuse_remote_code(reader.folder, reader.config, bool(getattr(options, "trust_remote_code", False)))
     check_shapes(reader, spec)
+    if getattr(options, "calibration", None) or getattr(options, "calibration_weights", None):
+        from ..data.calibration import check_calibration
+
+        check_calibration(options.calibration, options.calibration_weights)
 
 
 def recorded_options(options) -> dict:
-    """The options as the report (and the card) record them: the method's settings, not the permission flags."""
+    """The options as the report (and the card) record them: the method's settings, not the permission flags (paths
+    as text; no calibration text is None)."""
     from dataclasses import asdict
 
-    return {key: value for key, value in asdict(options).items() if key != "trust_remote_code"}
+    recorded = {key: value for key, value in asdict(options).items() if key != "trust_remote_code"}
+    if "calibration" in recorded:
+        from ..data.calibration import calibration_texts
+
+        recorded["calibration"] = calibration_texts(recorded["calibration"]) or None
+    return recorded
 
 
 AUTO_MAPPINGS = {

@@ -1,27 +1,35 @@
-"""MHA to GQA/MQA (Shazeer 2019; Ainslie et al. 2023): fewer key/value heads by mean-pooling.
+"""MHA to GQA/MQA (Shazeer 2019; Ainslie et al. 2023): fewer key/value heads, merged from the source's.
 
-Each new KV head is the mean of the ``g / G`` consecutive original KV heads it replaces
-(k/v rows and biases); query heads are unchanged, and query head ``i`` keeps reading the
-mean of the KV heads it read before, since ``i // (h / G) == (i // (h / g)) // (g / G)``.
-G = 1 is multi-query attention. The output is a plain checkpoint of the base architecture
-(``num_key_value_heads = G``, explicit ``head_dim``); the paper uptrains it for about 5%
-of the pre-training steps. ``--refit rescale|lstsq`` refits every layer's o_proj on calibration
-text so that its attention output matches the dense layer's (see ``refit.py``).
+Each new KV head replaces ``g / G`` consecutive original KV heads, and query head ``i`` keeps reading the
+merge of the KV heads it read before, since ``i // (h / G) == (i // (h / g)) // (g / G)``. ``--merge mean`` (the
+paper) averages their k/v rows and biases, query and output projections unchanged; ``--merge aligned`` fits the
+merge on the calibration text's layer inputs and folds per-head transforms into q_proj and o_proj
+(``kv_merge.py``). G = 1 is multi-query attention. The output is a plain checkpoint of the base architecture
+(``num_key_value_heads = G``, explicit ``head_dim``); the paper uptrains it for about 5% of the pre-training steps.
+``--refit rescale|lstsq`` then refits every layer's o_proj on calibration text so that its attention output matches
+the dense layer's (see ``refit.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..arch import DecoderSpec, decoder_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
+from ..lazy import no_grad
 from .base import Conversion, SourceTensor, check_source, plain_config, recorded_options
-from .refit import REFIT_HELP, check_refit, refit_conversion, refit_plan_line
-from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
+from .refit import REFIT_HELP, RIDGE_HELP, check_refit, parse_ridge, refit_conversion, refit_plan_line
+from .spec import (
+    MethodCard,
+    MethodSpec,
+    calibration_option,
+    calibration_tokens_option,
+    calibration_weights_option,
+    option,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -30,14 +38,25 @@ else:
     from ..lazy import nn, torch
 
 
+MERGES = ("mean", "aligned")
+MERGE_HELP = (
+    "how each group of KV heads becomes one: mean (average their k/v rows) or aligned (fitted on --calibration "
+    "text: per frequency pair a complex scale of the keys, a PCA of the values weighted by o_proj, folded into "
+    "q_proj and o_proj; exact when the heads are such transforms of one another)."
+)
+
+
 @dataclass
 class GQAOptions:
     """The GQA flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
     kv_heads: int | None = option(None, help="new number of key/value heads, a divisor of the current count (1: MQA).")
+    merge: Literal["mean", "aligned"] = option("mean", help=MERGE_HELP)
     refit: Literal["none", "rescale", "lstsq"] = option("none", help=REFIT_HELP)
-    calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
-    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
+    refit_ridge: str = option("auto", help=RIDGE_HELP, example="0.01")
+    calibration: list[str] = calibration_option()
+    calibration_weights: list[float] = calibration_weights_option()
+    calibration_tokens: int = calibration_tokens_option()
     calibration_seq_len: int = 512
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
@@ -67,6 +86,111 @@ def pool_in_memory(model: nn.Module, kv_heads: int, head_dim: int) -> None:
         attention.num_key_value_groups = model.config.num_attention_heads // kv_heads
 
 
+@no_grad
+def attention_input_covariances(
+    reader: CheckpointReader, spec: DecoderSpec, options: GQAOptions
+) -> list[torch.Tensor]:
+    """Per layer, ``E[x x^T]`` [D+1, D+1] (float64) of the attention's input ``x`` (after the input norm, with a
+    trailing 1) on the calibration text, from one pass of the dense model."""
+    from ..checkpoint.load import load_for_analysis
+    from ..data.calibration import options_calibration_blocks
+    from ..modeling.surgery import attention_of, layers_of
+    from .base import progress, source_parameters
+    from .refit import BATCH_BLOCKS
+
+    blocks = options_calibration_blocks(reader, options, encoder=False)  # [N, T]
+    width = spec.hidden_size + 1
+    model = load_for_analysis(
+        reader.folder,
+        source_parameters(reader),
+        f"--merge aligned ({blocks.numel()} calibration tokens)",
+        auto_class="AutoModel",
+        activation_bytes=spec.num_layers * width * width * 8,
+    )
+    sums = [torch.zeros(width, width, dtype=torch.float64) for _ in range(spec.num_layers)]
+
+    def accumulate(index: int):
+        def hook(_module, args):
+            x = args[0].reshape(-1, spec.hidden_size).double()  # [tokens, D]
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            sums[index] += (x.T @ x).cpu()
+
+        return hook
+
+    handles = [
+        attention_of(layer).k_proj.register_forward_pre_hook(accumulate(index))
+        for index, layer in enumerate(layers_of(model))
+    ]
+    try:
+        for batch in progress(list(blocks.split(BATCH_BLOCKS)), "--merge aligned: layer inputs", unit="batch"):
+            model(input_ids=batch.to(model.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [total / blocks.numel() for total in sums]
+
+
+def aligned_tensors(reader: CheckpointReader, spec: DecoderSpec, options: GQAOptions) -> tuple[dict, dict]:
+    """(tensor name -> merged tensor in the source dtype for every layer's q/k/v/o projections, the report entry with
+    the fits' relative errors per layer)."""
+    from .kv_merge import merge_layer
+
+    covariances = attention_input_covariances(reader, spec, options)
+    tensors, per_layer = {}, []
+    for layer, covariance in enumerate(covariances):
+
+        def source(proj: str, kind: str = "weight") -> torch.Tensor | None:
+            name = spec.attention(layer, proj, kind)
+            return reader.get(name).double() if name in reader else None
+
+        merged = merge_layer(
+            (source("q_proj"), source("q_proj", "bias")),
+            (source("k_proj"), source("k_proj", "bias")),
+            (source("v_proj"), source("v_proj", "bias")),
+            source("o_proj"),
+            covariance,
+            spec.num_kv_heads,
+            options.kv_heads,
+            spec.head_dim,
+        )
+        for proj, kind, tensor in (
+            ("q_proj", "weight", merged.q_weight),
+            ("q_proj", "bias", merged.q_bias),
+            ("k_proj", "weight", merged.k_weight),
+            ("k_proj", "bias", merged.k_bias),
+            ("v_proj", "weight", merged.v_weight),
+            ("v_proj", "bias", merged.v_bias),
+            ("o_proj", "weight", merged.o_weight),
+        ):
+            if tensor is not None:
+                name = spec.attention(layer, proj, kind)
+                tensors[name] = tensor.to(reader.info(name).dtype).contiguous()
+        per_layer.append(
+            {"layer": layer, "key_error": round(merged.key_error, 6), "value_error": round(merged.value_error, 6)}
+        )
+    keys = sum(e["key_error"] for e in per_layer) / len(per_layer)
+    values = sum(e["value_error"] for e in per_layer) / len(per_layer)
+    return tensors, {"mean_key_error": round(keys, 6), "mean_value_error": round(values, 6), "per_layer": per_layer}
+
+
+def load_merged(model: nn.Module, tensors: dict[str, torch.Tensor], spec: DecoderSpec, kv_heads: int) -> None:
+    """Put the merged projections into a loaded dense base model in memory (for the refit), as the files get them."""
+    from ..modeling.surgery import attention_of, layers_of
+
+    for index, layer in enumerate(layers_of(model)):
+        attention = attention_of(layer)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            old = getattr(attention, proj)
+            weight = tensors[spec.attention(index, proj)].float()
+            bias = tensors.get(spec.attention(index, proj, "bias"))
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            new.weight = nn.Parameter(weight.to(old.weight.device), requires_grad=False)
+            if bias is not None:
+                new.bias = nn.Parameter(bias.float().to(old.weight.device), requires_grad=False)
+            setattr(attention, proj, new)
+        attention.num_key_value_groups = model.config.num_attention_heads // kv_heads
+
+
 def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
     """Plan the GQA conversion of the dense decoder behind ``reader``."""
     spec = decoder_spec(reader.config, str(reader.folder))
@@ -80,11 +204,23 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
             f"--kv-heads {target} does not divide the {spec.num_kv_heads} KV heads of {reader.folder}; "
             f"choose one of: {', '.join(map(str, divisors))}"
         )
-    check_refit(options.refit, options.calibration)
+    check_refit(options.refit, options.calibration, options.refit_ridge)
+    ridge = parse_ridge(options.refit_ridge)
+    if options.merge not in MERGES:
+        raise UpcycleError(f"--merge {options.merge!r} is unknown; choose one of: {', '.join(MERGES)}")
+    if options.merge == "aligned" and not options.calibration:
+        raise UpcycleError(
+            "--merge aligned is fitted on calibration text; pass --calibration FILE or use --merge mean"
+        )
+    if options.merge == "aligned" and spec.qk_norm:
+        raise UpcycleError(
+            f"--merge aligned needs keys that are linear in the layer input, but {spec.model_type} normalises each "
+            "key head (k_norm) before the rotary embedding; use --merge mean"
+        )
     if options.calibration_tokens < 1:
         raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
     names = set(reader.names())
-    edits = set()
+    edits, merged, merge_report = set(), {}, None
     if target != spec.num_kv_heads:
         edits = {
             spec.attention(layer, proj, kind)
@@ -92,6 +228,15 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
             for proj in ("k_proj", "v_proj")
             for kind in ("weight", "bias")
         } & names
+        if options.merge == "aligned":
+            merged, merge_report = aligned_tensors(reader, spec, options)
+
+    def convert_in_memory(model: nn.Module) -> None:  # the same change as the files get, for the refit
+        if merged:
+            load_merged(model, merged, spec, target)
+        else:
+            pool_in_memory(model, target, spec.head_dim)
+
     refits, refit_report = {}, None
     if options.refit != "none":
         changed = list(range(spec.num_layers)) if target != spec.num_kv_heads else []
@@ -100,10 +245,9 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
             spec,
             options.refit,
             changed,
-            lambda model: pool_in_memory(model, target, spec.head_dim),
-            options.calibration,
-            options.calibration_tokens,
-            options.calibration_seq_len,
+            convert_in_memory,
+            options,
+            ridge,
         )
     layout = []
     for name in reader.names():
@@ -115,6 +259,8 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         for item in layout:
             if item.name in refits:
                 yield item.name, refits[item.name]
+            elif item.name in merged:
+                yield item.name, merged[item.name]
             elif item.name in edits:
                 yield item.name, mean_kv_heads(reader.get(item.name), target, spec.head_dim)
             else:
@@ -127,34 +273,52 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_printout(spec, target) + ([refit_plan_line(refit_report)] if refit_report else []),
+        plan_lines=plan_printout(spec, target, options.merge)
+        + ([merge_plan_line(merge_report)] if merge_report else [])
+        + ([refit_plan_line(refit_report)] if refit_report else []),
         report={
-            "options": recorded_options(options)
-            | {"calibration": str(options.calibration) if options.calibration else None},
+            "options": recorded_options(options),
             "kv_heads": {"before": spec.num_kv_heads, "after": target, "query_heads": spec.num_heads},
         }
+        | ({"merge": merge_report} if merge_report else {})
         | ({"refit": refit_report} if refit_report else {}),
         tags=["gqa", "mqa"] if target == 1 else ["gqa"],
         description=(
-            f"{kind}: the {spec.num_kv_heads} key/value heads of every layer were mean-pooled into {target} "
-            f"({spec.num_kv_heads // target} per new head); the {spec.num_heads} query heads are unchanged"
-            f"{f', o_proj refitted ({options.refit}) on calibration text' if refits else ''}. "
+            f"{kind}: the {spec.num_kv_heads} key/value heads of every layer were "
+            + (
+                f"merged into {target} on calibration text ({spec.num_kv_heads // target} per new head), the "
+                "per-head key scales and value maps folded into q_proj and o_proj"
+                if merged
+                else f"mean-pooled into {target} ({spec.num_kv_heads // target} per new head); the "
+                f"{spec.num_heads} query heads are unchanged"
+            )
+            + f"{f', o_proj refitted ({options.refit}) on calibration text' if refits else ''}. "
             "A plain checkpoint of the base architecture; uptrain it briefly to recover quality."
         ),
         uses_runtime=False,
     )
 
 
-def plan_printout(spec: DecoderSpec, target: int) -> list[str]:
-    """The KV heads each new KV head averages."""
+def plan_printout(spec: DecoderSpec, target: int, merge: str = "mean") -> list[str]:
+    """The KV heads each new KV head merges."""
     per = spec.num_kv_heads // target
+    how = "mean" if merge == "mean" else "aligned merge"
     lines = [
         f"GQA plan: {spec.num_layers} layers x {spec.num_heads} query heads; KV heads {spec.num_kv_heads} -> {target} "
         f"(query heads per KV head {spec.num_heads // spec.num_kv_heads} -> {spec.num_heads // target}); "
         "output: plain base-architecture checkpoint"
     ]
-    lines += [f"  new KV head {j}: mean of KV heads {list(range(j * per, (j + 1) * per))}" for j in range(target)]
+    lines += [f"  new KV head {j}: {how} of KV heads {list(range(j * per, (j + 1) * per))}" for j in range(target)]
     return lines
+
+
+def merge_plan_line(report: dict) -> str:
+    """The plan's one-line summary of the aligned merge's fits."""
+    return (
+        f"aligned merge on calibration text, {len(report['per_layer'])} layers: mean relative error of the merged "
+        f"keys {report['mean_key_error']:.4f} (query-weighted), of the values {report['mean_value_error']:.4f} "
+        "(o_proj-weighted)"
+    )
 
 
 def card_table(report: dict, config: dict) -> list[str]:

@@ -46,7 +46,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..arch import DecoderSpec, EncoderSpec, attention_spec
@@ -56,7 +55,14 @@ from ..errors import UpcycleError
 from ..lazy import no_grad
 from ..modeling.plan import MHE_VARIANTS
 from .base import Conversion, SourceTensor, check_source, progress, recorded_options, runtime_config, source_parameters
-from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
+from .spec import (
+    MethodCard,
+    MethodSpec,
+    calibration_option,
+    calibration_tokens_option,
+    calibration_weights_option,
+    option,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -86,8 +92,9 @@ class MHEOptions:
         "or sequential (calibrated, each layer fitted on the already-compressed layers' outputs against the dense "
         "model's).",
     )
-    calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
-    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
+    calibration: list[str] = calibration_option()
+    calibration_weights: list[float] = calibration_weights_option()
+    calibration_tokens: int = calibration_tokens_option()
     calibration_seq_len: int = 512
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
@@ -467,16 +474,9 @@ def load_calibration(
 ) -> CalibrationPass:
     """Tokenise the calibration text and load the dense base model (no LM head) for the passes."""
     from ..checkpoint.load import load_for_analysis
-    from ..data.calibration import calibration_blocks
+    from ..data.calibration import options_calibration_blocks
 
-    blocks = calibration_blocks(
-        reader.folder,
-        reader.config,
-        options.calibration,
-        options.calibration_tokens,
-        options.calibration_seq_len,
-        encoder=isinstance(spec, EncoderSpec),
-    )  # [N, T]
+    blocks = options_calibration_blocks(reader, options, encoder=isinstance(spec, EncoderSpec))  # [N, T]
     num_parameters = source_parameters(reader)
     activations = spec.num_layers * (spec.hidden_size + 1) ** 2 * 8  # the per-layer moments
     if (
@@ -600,10 +600,6 @@ def validate(options: MHEOptions) -> None:
             f"--init {options.init} fits on activations and needs calibration text; "
             "pass --calibration FILE or use --init svd"
         )
-    if options.calibration and not Path(options.calibration).exists():
-        raise UpcycleError(
-            f"--calibration {options.calibration} does not exist; pass a text or jsonl file, or a folder of them"
-        )
     if options.calibration_tokens < 1:
         raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
 
@@ -691,7 +687,7 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
         for layer, layer_fits in enumerate(fits)
     ]
     attention = {"before": before, "after": after, "saved_percent": round(100 * (1 - after / before), 2)}
-    settings = recorded_options(options) | {"calibration": str(options.calibration) if options.calibration else None}
+    settings = recorded_options(options)
     return Conversion(
         method="mhe",
         config=config,

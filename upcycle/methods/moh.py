@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 from ..arch import DecoderSpec, decoder_spec
@@ -33,7 +32,14 @@ from .base import (
     source_layout,
     source_parameters,
 )
-from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
+from .spec import (
+    MethodCard,
+    MethodSpec,
+    calibration_option,
+    calibration_tokens_option,
+    calibration_weights_option,
+    option,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -63,8 +69,9 @@ class MoHOptions:
     shared_selection: Selection | None = option(
         None, help="which heads are shared. Default: contribution with --calibration, else weight-norm."
     )
-    calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
-    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
+    calibration: list[str] = calibration_option()
+    calibration_weights: list[float] = calibration_weights_option()
+    calibration_tokens: int = calibration_tokens_option()
     calibration_seq_len: int = 512
     rescale: Rescale = option(
         "none",
@@ -133,16 +140,9 @@ def calibration_model(
 ) -> tuple[torch.Tensor, torch.nn.Module]:
     """The calibration blocks [N, T] and the dense model loaded for a pass over them (``purpose`` names it)."""
     from ..checkpoint.load import load_for_analysis
-    from ..data.calibration import calibration_blocks
+    from ..data.calibration import options_calibration_blocks
 
-    blocks = calibration_blocks(
-        reader.folder,
-        reader.config,
-        options.calibration,
-        options.calibration_tokens,
-        options.calibration_seq_len,
-        encoder=False,
-    )
+    blocks = options_calibration_blocks(reader, options, encoder=False)
     return blocks, load_for_analysis(reader.folder, source_parameters(reader), purpose)
 
 
@@ -450,8 +450,6 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     ):
         if needed and not options.calibration:
             raise UpcycleError(f"{flag} is fitted on calibration text; pass --calibration FILE or use {other}")
-    if options.calibration and not Path(options.calibration).exists():
-        raise UpcycleError(f"--calibration {options.calibration} does not exist; pass a text or jsonl file")
     spec = decoder_spec(reader.config, str(reader.folder))
     shared_count, top_k = head_counts(spec.num_heads, options.shared_heads, options.active_heads)
     if shared_count >= spec.num_heads:  # head_counts allows it (--active-heads 1.0 is the dense model in MoH form)
@@ -485,7 +483,6 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     active = shared_count + top_k
     settings = recorded_options(options) | {
         "shared_selection": selection,
-        "calibration": str(options.calibration) if options.calibration else None,
     }
     report = {
         "options": settings,

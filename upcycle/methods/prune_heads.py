@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 from ..arch import DecoderSpec, EncoderSpec, attention_spec
@@ -57,8 +56,16 @@ from .base import (
     runtime_config,
     source_parameters,
 )
-from .refit import REFIT_HELP, check_refit, refit_conversion, refit_plan_line
-from .spec import CALIBRATION_HELP, CALIBRATION_TOKENS_HELP, DATA_PANEL, MethodCard, MethodSpec, option
+from .refit import REFIT_HELP, RIDGE_HELP, check_refit, parse_ridge, refit_conversion, refit_plan_line
+from .spec import (
+    DATA_PANEL,
+    MethodCard,
+    MethodSpec,
+    calibration_option,
+    calibration_tokens_option,
+    calibration_weights_option,
+    option,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -98,8 +105,9 @@ class PruneHeadsOptions:
     uniform: bool = option(
         False, help="remove the same number of units in every layer (decoders: a plain base-architecture checkpoint)."
     )
-    calibration: Path | None = option(None, panel=DATA_PANEL, help=CALIBRATION_HELP)
-    calibration_tokens: int = option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
+    calibration: list[str] = calibration_option()
+    calibration_weights: list[float] = calibration_weights_option()
+    calibration_tokens: int = calibration_tokens_option()
     calibration_seq_len: int = 512
     normalize: Literal["auto", "layer", "none"] = option(
         "auto",
@@ -108,6 +116,7 @@ class PruneHeadsOptions:
     )
     encoder_batch: int = 8  # blocks per backward pass for encoders (the contrastive proxy needs >= 2)
     refit: Literal["none", "rescale", "lstsq"] = option("none", help=REFIT_HELP)
+    refit_ridge: str = option("auto", help=RIDGE_HELP, example="0.01")
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
@@ -245,17 +254,10 @@ def calibration_batches(
     reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions
 ) -> tuple[list[torch.Tensor], str]:
     """Calibration token batches (the calibration blocks of every method that looks at data) and the loss they feed."""
-    from ..data.calibration import calibration_blocks, contrastive_pairs
+    from ..data.calibration import contrastive_pairs, options_calibration_blocks
 
     decoder = isinstance(spec, DecoderSpec)
-    blocks = calibration_blocks(
-        reader.folder,
-        reader.config,
-        options.calibration,
-        options.calibration_tokens,
-        options.calibration_seq_len,
-        encoder=not decoder,
-    )  # [N, T]; encoders: [CLS] ... [SEP]
+    blocks = options_calibration_blocks(reader, options, encoder=not decoder)  # [N, T]; encoders: [CLS] ... [SEP]
     if decoder:
         return list(blocks.split(1)), "causal-lm"  # [1, T] each
     if spec.mlm_head:
@@ -419,7 +421,8 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
     """Plan the head pruning of the dense decoder or BERT encoder behind ``reader``."""
     if options.importance not in IMPORTANCES:
         raise UpcycleError(f"--importance {options.importance!r} is unknown; choose one of: {', '.join(IMPORTANCES)}")
-    check_refit(options.refit, options.calibration)
+    check_refit(options.refit, options.calibration, options.refit_ridge)
+    ridge = parse_ridge(options.refit_ridge)
     normalize_per_layer(options.normalize, 0)  # validate the flag before any work
     spec = attention_spec(reader.config, reader.names(), str(reader.folder))
     check_source(reader, spec, options)
@@ -464,9 +467,8 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
             options.refit,
             changed,
             lambda model: apply_plans(model, plans, changed),
-            options.calibration,
-            options.calibration_tokens,
-            options.calibration_seq_len,
+            options,
+            ridge,
         )
     layout = []
     for name in reader.names():
@@ -488,7 +490,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
                 yield item.name, SourceTensor(item.name)
 
     kept_per_layer = [len(p["attention_heads"]["kept_heads"]) for p in plans]
-    settings = recorded_options(options) | {"calibration": str(options.calibration) if options.calibration else None}
+    settings = recorded_options(options)
     form = (
         "a plain checkpoint of the base architecture"
         if not uses_runtime

@@ -10,8 +10,11 @@ calibration tokens, before any tuning:
   channel keeps the dense RMS (in the spirit of LLaMA-MoE-v2's ``align_converted_model.py``);
 - ``lstsq``: ``W' = argmin ||A W'^T - Y||^2 + lambda ||W'||^2``, solved from the normal equations
   ``(A^T A + lambda I) W'^T = A^T Y`` accumulated in float64 over calibration batches, with
-  ``lambda = RIDGE * trace(A^T A) / k`` (RIDGE = 1e-3: a tiny shrinkage that keeps the solve
-  well posed when some head outputs are nearly collinear).
+  ``lambda = ridge * trace(A^T A) / k``. ``--refit-ridge auto`` (the default) chooses ``ridge`` per layer
+  from :data:`RIDGE_GRID` by the error on held-out calibration batches (every :data:`HOLDOUT`-th batch, fitted on
+  the others), then solves on all of them: an unregularised fit follows the calibration text's own statistics,
+  and a stronger ridge keeps more of the sliced o_proj's direction where the text does not pin it down. A number
+  fixes ``ridge`` (1e-3 is a mere guard against collinear head outputs).
 
 The fit is sequential (as GPTQ's): the converted model's layer l reads the output of its
 already-refitted layers 0..l-1, while Y comes from the dense model on the same tokens. Both
@@ -36,7 +39,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..arch import DecoderSpec, EncoderSpec
@@ -56,22 +58,42 @@ REFIT_HELP = (
     "refit each changed layer's o_proj on --calibration text so its attention output matches the dense one: "
     "none (default), rescale (per-channel RMS) or lstsq (least squares, sequential)."
 )
-RIDGE = 1e-3  # lambda = RIDGE * trace(A^T A) / k
+RIDGE = 1e-3  # the fixed strength without a held-out choice (too few batches to hold one out): trace(A^T A) / k
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # what --refit-ridge auto chooses from
+HOLDOUT = 4  # every HOLDOUT-th calibration batch is held out to choose the ridge
 BATCH_BLOCKS = 4  # calibration blocks per forward
+RIDGE_HELP = (
+    "with --refit lstsq: the ridge strength (relative to the mean squared head output), or auto: chosen per layer "
+    "from 1e-4 to 1 by the error on held-out calibration batches."
+)
 
 
-def check_refit(mode: str, calibration: Path | str | None) -> None:
-    """One line for an unknown ``--refit`` or a data-driven refit without calibration text."""
+def parse_ridge(value: str | float | None) -> float | None:
+    """``--refit-ridge``: None for auto, else a finite strength >= 0 (one line otherwise)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        ridge = float(value)
+    except ValueError:
+        ridge = float("nan")
+    if not (ridge >= 0) or ridge == float("inf"):
+        raise UpcycleError(f"--refit-ridge {value!r} is not auto or a finite number >= 0; e.g. auto or 0.01")
+    return ridge
+
+
+def check_refit(mode: str, calibration: list | None, ridge: str | float | None = "auto") -> None:
+    """One line for an unknown ``--refit``, a data-driven refit without calibration text, or a ridge without lstsq."""
     if mode not in MODES:
         raise UpcycleError(f"--refit {mode!r} is unknown; choose one of: {', '.join(MODES)}")
+    parse_ridge(ridge)
+    if mode != "lstsq" and str(ridge).strip().lower() != "auto":
+        raise UpcycleError(
+            f"--refit-ridge applies to --refit lstsq, not --refit {mode}; drop it or pass --refit lstsq"
+        )
     if mode != "none" and not calibration:
         raise UpcycleError(
             f"--refit {mode} fits o_proj on calibration activations and needs calibration text; "
             "pass --calibration FILE or use --refit none"
-        )
-    if calibration and not Path(calibration).exists():
-        raise UpcycleError(
-            f"--calibration {calibration} does not exist; pass a text or jsonl file, or a folder of them"
         )
 
 
@@ -170,25 +192,49 @@ class NormalEquations:
         squared = self.output_power(weight).sum() - 2 * (weight * self.cross.T).sum() + self.target.sum()
         return math.sqrt(max(squared.item(), 0.0) / max(self.target.sum().item(), 1e-300))
 
-    def solve(self, mode: str, weight: torch.Tensor) -> torch.Tensor:
-        """The refitted weight [D, k] (float64) from the sliced one [D, k]."""
+    def __add__(self, other: NormalEquations) -> NormalEquations:
+        total = NormalEquations(*self.cross.shape)
+        total.gram, total.cross, total.target = (
+            self.gram + other.gram,
+            self.cross + other.cross,
+            self.target + other.target,
+        )
+        return total
+
+    def solve(self, mode: str, weight: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+        """The refitted weight [D, k] (float64) from the sliced one [D, k] (``ridge``: lstsq's relative strength)."""
         if mode == "rescale":
             scale = (self.target / self.output_power(weight).clamp_min(1e-300)).sqrt()  # [D]
             return scale[:, None] * weight
         k = self.gram.shape[0]
-        ridge = RIDGE * self.gram.diagonal().sum() / k
-        return torch.linalg.solve(self.gram + ridge * torch.eye(k, dtype=torch.float64), self.cross).T  # [D, k]
+        strength = ridge * self.gram.diagonal().sum() / k
+        return torch.linalg.solve(self.gram + strength * torch.eye(k, dtype=torch.float64), self.cross).T  # [D, k]
+
+
+def choose_ridge(fit: NormalEquations, held_out: NormalEquations, weight: torch.Tensor) -> tuple[float, dict]:
+    """The strength of :data:`RIDGE_GRID` whose lstsq fit on ``fit`` has the least error on ``held_out``, and the
+    held-out errors (at that strength, and at the weakest)."""
+    errors = {ridge: held_out.error(fit.solve("lstsq", weight, ridge)) for ridge in RIDGE_GRID}
+    best = min(errors, key=errors.get)
+    return best, {"heldout_error": round(errors[best], 6), "heldout_error_weakest": round(errors[RIDGE_GRID[0]], 6)}
 
 
 @no_grad
 def refit_output_projections(
-    dense: nn.Module, converted: nn.Module, blocks: torch.Tensor, mode: str, layers: list[int]
+    dense: nn.Module,
+    converted: nn.Module,
+    blocks: torch.Tensor,
+    mode: str,
+    layers: list[int],
+    ridge: float | None = RIDGE,
 ) -> tuple[dict[int, torch.Tensor], dict]:
     """Refit the o_proj weight of each layer in ``layers`` of ``converted`` (a base model: same family and
-    depth as ``dense``, its attention changed in memory) sequentially on the calibration ``blocks`` [N, T].
+    depth as ``dense``, its attention changed in memory) sequentially on the calibration ``blocks`` [N, T];
+    ``ridge`` None: chosen per layer on held-out batches (lstsq).
 
     Returns (layer -> refitted weight [D, k] float32, the report entry ``{"mode", "calibration_tokens",
-    "per_layer": [{"layer", "error_before", "error_after"}]}``); ``converted`` ends refitted in place.
+    "per_layer": [{"layer", "error_before", "error_after"}]}``, with lstsq's ``ridge`` per layer and, when chosen,
+    the held-out errors); ``converted`` ends refitted in place.
     """
     from ..modeling.surgery import layers_of, projections_of
 
@@ -196,6 +242,7 @@ def refit_output_projections(
         raise ValueError(f"mode {mode!r}: refit with rescale or lstsq")
     dense_layers, converted_layers = layers_of(dense), layers_of(converted)
     captured = layer_inputs(dense, blocks)  # the embeddings are the same in both models
+    choosing = mode == "lstsq" and ridge is None and len(captured) >= HOLDOUT  # else the fixed strength
     dense_stream = [hidden for hidden, _, _ in captured]
     plain_stream, fitted_stream = list(dense_stream), list(dense_stream)  # converted without / with refit
     weights, per_layer = {}, []
@@ -204,7 +251,7 @@ def refit_output_projections(
     ):
         dense_o, o_proj = (getattr(*projections_of(x)["o_proj"]) for x in (dense_layer, layer))
         fit = index in layers
-        equations = NormalEquations(o_proj.in_features, o_proj.out_features) if fit else None
+        equations = [NormalEquations(o_proj.in_features, o_proj.out_features) for _ in range(2)] if fit else None
         before = torch.zeros(2, dtype=torch.float64)  # (squared error, squared norm) without refit
         for b, (_, args, kwargs) in enumerate(captured):
             dense_stream[b], target = run_layer(dense_layer, dense_stream[b], args, kwargs, dense_o, "output")
@@ -212,12 +259,17 @@ def refit_output_projections(
             before += torch.stack([(plain - target).pow(2).sum(), target.pow(2).sum()]).cpu()
             if fit:
                 _, inputs = run_layer(layer, fitted_stream[b], args, kwargs, o_proj, "input")
-                equations.add(inputs, target)
+                equations[choosing and b % HOLDOUT == HOLDOUT - 1].add(inputs, target)  # [fit, held out]
             else:
                 fitted_stream[b], _ = run_layer(layer, fitted_stream[b], args, kwargs, o_proj)
         if not fit:
             continue
-        weight = equations.solve(mode, o_proj.weight.double().cpu())
+        sliced, chosen = o_proj.weight.double().cpu(), {}
+        strength = ridge if ridge is not None else RIDGE
+        if choosing:
+            strength, chosen = choose_ridge(equations[0], equations[1], sliced)
+        everything = equations[0] + equations[1]
+        weight = everything.solve(mode, sliced, strength)
         o_proj.weight.copy_(weight.to(o_proj.weight))
         for b, (_, args, kwargs) in enumerate(captured):
             fitted_stream[b], _ = run_layer(layer, fitted_stream[b], args, kwargs, o_proj)
@@ -226,12 +278,14 @@ def refit_output_projections(
             {
                 "layer": index,
                 "error_before": round(math.sqrt(before[0].item() / max(before[1].item(), 1e-300)), 6),
-                "error_after": round(equations.error(weight), 6),
+                "error_after": round(everything.error(weight), 6),
             }
+            | ({"ridge": strength} if mode == "lstsq" else {})
+            | chosen
         )
     report = {"mode": mode, "calibration_tokens": blocks.numel(), "per_layer": per_layer}
     if mode == "lstsq":
-        report["ridge"] = RIDGE
+        report["ridge"] = "auto" if choosing else strength
     return weights, report
 
 
@@ -241,23 +295,21 @@ def refit_conversion(
     mode: str,
     layers: list[int],
     convert_in_memory: Callable[[nn.Module], None],
-    calibration: Path | str,
-    tokens: int,
-    seq_len: int,
+    options,
+    ridge: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """(o_proj weight name -> refitted weight in the source dtype, the report entry) for the ``layers``
-    that the method changed; ``convert_in_memory`` applies the method's change to a loaded dense base model.
+    that the method changed; ``convert_in_memory`` applies the method's change to a loaded dense base model;
+    ``options``: the method's, for the calibration text (``calibration``, ``calibration_weights``, ...).
     Nothing is loaded or fitted when ``layers`` is empty (a null setting keeps o_proj byte-identical)."""
-    from ..data.calibration import calibration_blocks
+    from ..data.calibration import options_calibration_blocks
 
     if not layers:
         return {}, {"mode": mode, "calibration_tokens": 0, "per_layer": []}
-    blocks = calibration_blocks(
-        reader.folder, reader.config, calibration, tokens, seq_len, encoder=isinstance(spec, EncoderSpec)
-    )  # [N, T]
+    blocks = options_calibration_blocks(reader, options, encoder=isinstance(spec, EncoderSpec))  # [N, T]
     dense, converted = load_dense_and_copy(reader, spec, blocks, mode)
     convert_in_memory(converted)
-    weights, report = refit_output_projections(dense, converted, blocks, mode, layers)
+    weights, report = refit_output_projections(dense, converted, blocks, mode, layers, ridge)
     names = {layer: spec.attention(layer, "o_proj") for layer in weights}
     return {
         names[layer]: weight.to(reader.info(names[layer]).dtype).contiguous() for layer, weight in weights.items()
@@ -271,8 +323,19 @@ def refit_plan_line(report: dict) -> str:
         return f"refit {report['mode']}: skipped (no layer changed)"
     before = sum(e["error_before"] for e in per_layer) / len(per_layer)
     after = sum(e["error_after"] for e in per_layer) / len(per_layer)
+    ridge = ""
+    if report.get("ridge") == "auto":
+        chosen = sorted(e["ridge"] for e in per_layer)
+        held = sum(e["heldout_error"] for e in per_layer) / len(per_layer)
+        weakest = sum(e["heldout_error_weakest"] for e in per_layer) / len(per_layer)
+        ridge = (
+            f"; ridge chosen on held-out batches, {chosen[0]:g} to {chosen[-1]:g} (held-out error {weakest:.4f} at "
+            f"{RIDGE_GRID[0]:g} -> {held:.4f})"
+        )
+    elif "ridge" in report:
+        ridge = f"; ridge {report['ridge']:g}"
     return (
         f"refit {report['mode']} of o_proj on {report['calibration_tokens']} calibration tokens, "
         f"{len(per_layer)} layer{'s' if len(per_layer) > 1 else ''}: "
-        f"mean attention-output error {before:.4f} -> {after:.4f} (||Y - Y_dense|| / ||Y_dense||)"
+        f"mean attention-output error {before:.4f} -> {after:.4f} (||Y - Y_dense|| / ||Y_dense||){ridge}"
     )

@@ -14,8 +14,15 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 DATA_PANEL = "Seeds and calibration data"  # the --help group of the options several methods share
-CALIBRATION_HELP = "Calibration text (.txt, .jsonl or a folder) for data-driven choices."
-CALIBRATION_TOKENS_HELP = "Tokens of calibration text to use."
+CALIBRATION_HELP = (
+    "Calibration text for data-driven choices: a .txt or .jsonl file, a folder of them, or a text asset "
+    "(asset:kjv-train, asset:python-train, ...). Repeat for a mix (see --calibration-weights)."
+)
+CALIBRATION_WEIGHTS_HELP = (
+    "The share of --calibration-tokens each --calibration text gets, one per text in the same order "
+    "(default: equal shares)."
+)
+CALIBRATION_TOKENS_HELP = "Tokens of calibration text to use (all texts together)."
 
 
 def option(
@@ -38,6 +45,21 @@ def option(
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def calibration_option() -> Any:
+    """The ``calibration`` field of a method's options: a list of texts (a mix when several)."""
+    return option(default_factory=list, panel=DATA_PANEL, help=CALIBRATION_HELP)
+
+
+def calibration_weights_option() -> Any:
+    """The ``calibration_weights`` field: the texts' shares of the calibration budget."""
+    return option(default_factory=list, panel=DATA_PANEL, help=CALIBRATION_WEIGHTS_HELP, requires="calibration")
+
+
+def calibration_tokens_option() -> Any:
+    """The ``calibration_tokens`` field: the calibration budget in tokens."""
+    return option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
 
 
 @dataclass(frozen=True)

@@ -65,20 +65,6 @@ def resolve_model(reference: str) -> Path:
     return resolve_source(reference)
 
 
-def resolve_text(reference: str | None) -> str | None:
-    """Turn ``asset:kjv-train`` and the other text assets into files (for calibration); pass others through."""
-    if reference in ("asset:kjv-train", "asset:kjv-heldout"):
-        from ..assets import cache_root, write_kjv_files
-
-        train, heldout = write_kjv_files(cache_root() / "kjv")
-        return str(train if reference == "asset:kjv-train" else heldout)
-    if reference is not None and reference.startswith("asset:"):
-        from ..assets import text_asset_file
-
-        return str(text_asset_file(reference.removeprefix("asset:")))
-    return reference
-
-
 def recipe_inputs(recipe: Recipe | ClipRecipe) -> dict[str, str | None]:
     """The local files and folders a recipe reads (label -> path; Hub ids and assets are skipped by the checks)."""
     from ..data.text import as_sources
@@ -92,8 +78,11 @@ def recipe_inputs(recipe: Recipe | ClipRecipe) -> dict[str, str | None]:
     for key in ("teacher", "compare"):
         value = getattr(recipe, key, None)
         inputs[key] = None if value == "source" else value
-    calibration = getattr(getattr(recipe, "convert", None), "calibration", None)
-    inputs["convert.calibration"] = None if calibration is None else str(calibration)
+    calibration = getattr(getattr(recipe, "convert", None), "calibration", None) or []
+    inputs |= {
+        f"convert.calibration[{i}]" if len(calibration) > 1 else "convert.calibration": str(text)
+        for i, text in enumerate(calibration)
+    }
     return inputs
 
 
@@ -299,9 +288,7 @@ def prepare_model(recipe: Recipe, state, source: Path | None = None) -> Path:
         if state.is_main_process and not (converted / "config.json").exists():
             from ..convert import convert_checkpoint, options_class
 
-            options = recipe.convert.model_dump(exclude={"method"})
-            if options.get("calibration") is not None:
-                options["calibration"] = Path(resolve_text(str(options["calibration"])))
+            options = recipe.convert.model_dump(exclude={"method"})  # calibration assets resolve in the method
             method = recipe.convert.method
             convert_checkpoint(str(source), converted, method, options_class(method)(**options), overwrite=False)
     return converted

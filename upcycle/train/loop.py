@@ -393,7 +393,9 @@ class Trainer:
         cpu = use_cpu()
         precision = recipe.training.precision
         mixed = "bf16" if precision == "bf16" or (precision == "auto" and not cpu) else "no"
-        self.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+        self.accelerator = Accelerator(
+            mixed_precision=mixed, cpu=cpu, dynamo_backend="inductor" if recipe.training.compile else "no"
+        )
         self.plan = BatchPlan.from_recipe(recipe, self.accelerator.num_processes)
         self.corpus, self.model_path = corpus, model_path
         self.stop_after = stop_after

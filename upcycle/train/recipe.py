@@ -66,7 +66,9 @@ def validate_convert(tree: dict) -> BaseModel:
         )
     from ..methods import method_spec
 
-    given = {key for key, value in tree.items() if value is not None}
+    if isinstance(tree.get("calibration"), str):  # one text, as older recipes spell it: a mix of one
+        tree = tree | {"calibration": [tree["calibration"]]}
+    given = {key for key, value in tree.items() if value not in (None, [])}
     for name, required in method_spec(method).missing_requirements(given):
         raise UpcycleError(
             f"recipe key 'convert.{name}' applies only with convert.{required}; set convert.{required} too, or "
@@ -121,6 +123,7 @@ class TrainingSection(_Section):
     adam_betas: tuple[Beta, Beta] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the student (inductor) through accelerate; the first steps compile
     gradient_checkpointing: bool = False
     seed: int = 0
     save_every: int = Field(0, ge=0)
@@ -373,8 +376,7 @@ def check_files(recipe: Recipe) -> None:
     else:
         checks += [("data.train", recipe.data.train), ("data.validation", recipe.data.validation)]
     calibration = getattr(recipe.convert, "calibration", None) if getattr(recipe, "convert", None) else None
-    if calibration:
-        checks.append(("convert.calibration", str(calibration)))
+    checks += [("convert.calibration", str(text)) for text in calibration or []]
     for key, value in checks:
         if value and _is_local_reference(value) and not Path(value).expanduser().exists():
             raise UpcycleError(f"recipe key {key!r}: {value} does not exist; fix the path or pass {key}=PATH")
