@@ -134,7 +134,7 @@ def _load_local(path: Path, streaming: bool) -> tuple[datasets.Dataset | dataset
         data = datasets.load_dataset(
             builder, data_files=[str(f) for f in files], split="train", streaming=streaming, **kwargs
         )
-    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+    except Exception as e:  # any parse failure is the user's file
         _reraise_interruption(e)
         if _caused_by(e, UnicodeDecodeError):  # past the first bytes that check_text_file read
             name = files[0] if len(files) == 1 else f"a file in {path}"
@@ -189,7 +189,7 @@ def _load_hub(name: str, split: str, streaming: bool):
     path, _, config = name.partition(":")
     try:
         return datasets.load_dataset(path, config or None, split=split, streaming=streaming)
-    except Exception as e:  # noqa: BLE001 - network, auth, not found, bad split: all "cannot load from the Hub"
+    except Exception as e:  # network, auth, not found, bad split: all "cannot load from the Hub"
         _reraise_interruption(e)
         raise UpcycleError(
             f"could not load dataset {name!r} from the Hub ({type(e).__name__}; offline?): "

@@ -99,9 +99,6 @@ class BAMOptions:
     )
 
 
-Options = BAMOptions
-
-
 def open_experts(reader: CheckpointReader, options: BAMOptions) -> list[CheckpointReader]:
     """The seed's reader followed by one reader per ``--expert`` (an upcycle model is refused in one line)."""
     readers = [reader]

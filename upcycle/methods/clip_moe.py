@@ -51,9 +51,6 @@ class ClipMoEOptions:
     )
 
 
-Options = ClipMoEOptions
-
-
 def expert_readers(
     reader: CheckpointReader, spec: ClipSpec, options: ClipMoEOptions
 ) -> tuple[list[CheckpointReader], list[str]]:

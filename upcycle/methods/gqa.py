@@ -61,9 +61,6 @@ class GQAOptions:
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
-Options = GQAOptions
-
-
 def mean_kv_heads(tensor: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
     """[g*d, ...] k/v weight or bias -> [G*d, ...], each new head the mean of the g/G heads it replaces."""
     grouped = tensor.float().unflatten(0, (kv_heads, -1, head_dim))  # [G, g/G, d, ...]

@@ -99,9 +99,6 @@ class MHEOptions:
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
-Options = MHEOptions
-
-
 @dataclass
 class ProjectionFit:
     """One projection's MHE form: shared ``weight [d_h, d]``, ``bias [d_h]`` or None, ``head_embedding [H, d_h]``."""

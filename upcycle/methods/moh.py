@@ -81,9 +81,6 @@ class MoHOptions:
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
-Options = MoHOptions
-
-
 def head_counts(num_heads: int, shared_heads: str, active_heads: float) -> tuple[int, int]:
     """(shared count, routed top-k) from the flags, rounding fractions to the nearest head."""
     text = str(shared_heads).strip()

@@ -120,9 +120,6 @@ class PruneHeadsOptions:
     trust_remote_code: bool = False  # use SRC although its config names code of its own (never run nor copied)
 
 
-Options = PruneHeadsOptions
-
-
 def round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 

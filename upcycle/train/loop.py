@@ -735,9 +735,8 @@ class Trainer:
         finite = all(math.isfinite(v) for v in values) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-        with (
-            warnings.catch_warnings()
-        ):  # a skipped first step: torch warns that the scheduler steps before the optimizer
+        # a skipped first step: torch warns that the scheduler steps before the optimizer
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
