@@ -13,7 +13,7 @@
    --tasks kjv_next_verse`: the true next verse of a held-out KJV book among four), and refreshes the healed model's
    card with them (as its Hub model-index too when every item was scored: --task-items 0).
 
-``--heal-steps`` defaults to 8 of the recipe's 24 steps (2,048 tokens each) and ``--task-items`` to 100 of the
+``--heal-steps`` defaults to 8 of the recipe's 32 steps (2,048 tokens each) and ``--task-items`` to 100 of the
 task's 500 items (0: all) to keep the job short on two CPU cores; ``--heal-steps 0`` runs the recipe as written.
 ``--shared-selection-table`` adds the older table: MoH-0.75 with each way of choosing the shared heads, scored on
 held-out KJV before any tuning.
@@ -92,7 +92,7 @@ def main() -> None:
         "--eval-tokens", type=int, default=16384, help="held-out KJV tokens to score in the shared-selection table"
     )
     parser.add_argument(
-        "--heal-steps", type=int, default=8, help="steps of the heal recipe, 2,048 tokens each (0: the recipe's 24)"
+        "--heal-steps", type=int, default=8, help="steps of the heal recipe, 2,048 tokens each (0: the recipe's 32)"
     )
     parser.add_argument(
         "--shared-selection-table", action="store_true", help="also score MoH-0.75 with each shared-head choice"
