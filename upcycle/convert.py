@@ -156,16 +156,6 @@ def output_bytes(conversion: Conversion, folder: Path) -> int:
     return tensors + sum(path.stat().st_size for path in support | runtime) + 64 * len(conversion.layout) + 2**20
 
 
-def options_class(method: str) -> type:
-    """The options dataclass of a method (what ``upcycle convert``'s flags fill in)."""
-    return method_spec(method).options
-
-
-def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversion:
-    """Dispatch to the method's own ``convert``."""
-    return method_spec(method).convert(reader, options)
-
-
 def count_parameters(layout) -> int:
     return sum(math.prod(spec.shape) for spec in layout)
 
@@ -383,7 +373,7 @@ def _convert(
         if reason:
             raise UpcycleError(reason)
     watch = Stopwatch()
-    conversion = plan_conversion(reader, method, options)
+    conversion = method_spec(method).convert(reader, options)
     settle = conversion.settle
     if dry_run and settle is not None:
         settle()

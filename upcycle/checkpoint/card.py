@@ -11,9 +11,7 @@ refreshed card says exactly what a fresh one would, plus any evaluation added si
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -21,8 +19,10 @@ import yaml
 from upcycle.checkpoint.source import CARD_FILE, HUB_ID, LICENSE_KEYS, hub_model_id, source_license  # noqa: F401  (re-exported: what finetune records)
 from upcycle.checkpoint.source import local_name as _local_name
 from upcycle.errors import UpcycleError
+from upcycle.files import write_texts_atomic
 from upcycle.methods import MethodCard, all_specs, method_names, method_spec
 from upcycle.modeling.plan import plan_layers, plan_rows
+from upcycle.tables import figure_text, finite_number, is_figure, layer_ranges, markdown_table, score_text, stderr_key
 
 REPORT_FILE = "upcycle_report.json"
 EVAL_FILE = "eval.json"
@@ -93,24 +93,8 @@ def _user_evaluations(folder: Path) -> tuple[list[dict], list[dict], list[dict]]
     return records[0], records[1], [benchmarks]
 
 
-def _is_figure(value: object) -> bool:
-    """A number or null (what the JSON records hold for a figure that could not be computed)."""
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-
-def finite_number(value: object) -> float | None:
-    """A finite figure, else None (for "N/A", null, inf and nan)."""
-    return float(value) if _is_figure(value) and value is not None and math.isfinite(value) else None
-
-
 def _is_stderr(metric: str) -> bool:
     return metric.split(",", 1)[0].endswith("_stderr")
-
-
-def stderr_key(metric: str) -> str:
-    """The key of a metric's standard error: ``m_stderr`` for ``m``, ``m_stderr,f`` for ``m,f``."""
-    name, _, variant = metric.partition(",")
-    return f"{name}_stderr" + (f",{variant}" if variant else "")
 
 
 def _metric_name(metric: str) -> str:
@@ -153,9 +137,9 @@ def _model_problem(index: int, model: object, tasks: dict) -> str | None:
         return f"{where}.scores is not an object of task -> metric -> number"
     for task, values in scores.items():
         metrics = (tasks.get(task) or {}).get("metrics") or []
-        if not all(_is_figure(values.get(m)) and _is_figure(values.get(stderr_key(m))) for m in metrics):
+        if not all(is_figure(values.get(m)) and is_figure(values.get(stderr_key(m))) for m in metrics):
             return f"{where}.scores.{task} holds a score that is not a number or null"
-    if not _is_figure(model.get("active_fraction")):
+    if not is_figure(model.get("active_fraction")):
         return f"{where}.active_fraction is not a number or null"
     return None
 
@@ -165,7 +149,7 @@ def _benchmarks_problem(block: object) -> str | None:
     if not isinstance(block, dict):
         return "benchmarks is not an object"
     harness, tasks, models = block.get("harness"), block.get("tasks"), block.get("models")
-    if not (harness is None or (isinstance(harness, dict) and _is_figure(harness.get("limit")))):
+    if not (harness is None or (isinstance(harness, dict) and is_figure(harness.get("limit")))):
         return "benchmarks.harness is not an object (with a number or null as limit)"
     if not isinstance(tasks, dict):
         return "benchmarks.tasks is not an object of tasks"
@@ -183,11 +167,11 @@ def _benchmarks_problem(block: object) -> str | None:
     if not (
         isinstance(recovery, dict)
         and isinstance(recovery.get("tasks"), dict)
-        and _is_figure(recovery.get("mean_ratio"))
+        and is_figure(recovery.get("mean_ratio"))
         and all(
             isinstance(t, dict)
             and isinstance(t.get("metric"), str)
-            and all(_is_figure(t.get(k)) for k in ("value", "reference_value", "ratio"))
+            and all(is_figure(t.get(k)) for k in ("value", "reference_value", "ratio"))
             for t in recovery["tasks"].values()
         )
     ):
@@ -217,33 +201,6 @@ class CardNotWritten(UpcycleError, OSError):
 
     def __str__(self) -> str:
         return self.message
-
-
-def write_texts_atomic(files: dict[Path, str]) -> None:
-    """Write each text to its path through a temporary file beside it, and rename them into place (in the order
-    given) only once every one is written: a reader never sees half a file, and a failure leaves no temporary file.
-    An ``OSError`` names the path that could not be written (``filename``)."""
-    temporary: list[str] = []
-    path = None
-    try:
-        for path, text in files.items():
-            handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temporary.append(temp)
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-        for (path, _), temp in zip(files.items(), temporary):
-            os.replace(temp, path)
-    except BaseException as error:
-        for temp in temporary:
-            Path(temp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno is not None and path is not None:
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, so a reader never sees half of it."""
-    write_texts_atomic({Path(path): text})
 
 
 def repo_id_problem(repo_id: str) -> str | None:
@@ -412,23 +369,6 @@ def _unpublished_bases(report: dict, method: str, names: dict[str, str]) -> list
     if merges_experts(method):
         bases += report.get("experts") or []
     return list(dict.fromkeys(_hide_local_paths(b, names) for b in bases if b))
-
-
-def markdown_table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
-    """A markdown table: the header row, the rule, one row per tuple."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-
-
-def layer_ranges(rows: list[tuple]) -> list[tuple]:
-    """Merge consecutive layers with the same row into one ``first-last`` row (rows: (layer, *cells))."""
-    merged: list[list] = []
-    for layer, *cells in rows:
-        if merged and merged[-1][2] == cells and merged[-1][1] == layer - 1:
-            merged[-1][1] = layer
-        else:
-            merged.append([layer, layer, cells])
-    return [(str(a) if a == b else f"{a}-{b}", *cells) for a, b, cells in merged]
 
 
 def card_plan_table(method: str, report: dict, config: dict) -> list[str]:
@@ -600,11 +540,6 @@ def _data_name(data: str | None) -> str:
     return f"`{Path(data).name}`" if " " not in data else data
 
 
-def figure_text(value: float | None) -> str:
-    """A figure to three decimals; "-" where it could not be computed (null in the JSON)."""
-    return "-" if value is None else f"{value:.3f}"
-
-
 def _recovery_lines(block: dict) -> list[str]:
     """A recovery block (``upcycle eval --compare``) as a table: per corpus the perplexity, the reference's, their
     ratio."""
@@ -690,12 +625,6 @@ def model_index(name: str, pipeline_tag: str, blocks: list[dict], folder: Path) 
                 seen.add(entries[0].unique_identifier)
                 results += entries
     return eval_results_to_model_index(name, results) if results else None
-
-
-def score_text(scores: dict, metric: str) -> str:
-    """A score with its standard error ("0.610 ± 0.022"), "-" when there is none."""
-    value, stderr = finite_number(scores.get(metric)), finite_number(scores.get(stderr_key(metric)))
-    return figure_text(value) + (f" ± {stderr:.3f}" if value is not None and stderr is not None else "")
 
 
 def _benchmark_lines(block: dict) -> list[str]:

@@ -320,7 +320,7 @@ def merge_plan_line(report: dict) -> str:
 
 def card_table(report: dict, config: dict) -> list[str]:
     """The card's plan: KV heads before and after (the output is a plain checkpoint, without a plan)."""
-    from ..checkpoint.card import markdown_table
+    from ..tables import markdown_table
 
     kv = report.get("kv_heads")
     if not kv:
