@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint.card import write_card
+from .card import write_card
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.source import Source, open_source, source_hub_id, source_license
 from .checkpoint.writer import (

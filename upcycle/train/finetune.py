@@ -434,7 +434,8 @@ def record_tuning(
 ) -> None:
     """Write the tuned folder's ``upcycle_report.json`` (the source's conversion record, or a dense one, plus the
     fine-tuning and its evaluation) and its model card. ``reference``: the model as the recipe names it."""
-    from ..checkpoint.card import REPORT_FILE, hub_model_id, source_license, write_card
+    from ..card import REPORT_FILE, write_card
+    from ..checkpoint.source import hub_model_id, source_license
     from ..files import write_text_atomic
 
     final, source = Path(final), Path(source)
