@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from . import __version__
+from .background import in_background
 from .card import write_card
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.source import Source, open_source, source_hub_id, source_license
@@ -32,7 +33,6 @@ from .checkpoint.writer import (
 )
 from .errors import UpcycleError
 from .methods import ChunkedTensor, Conversion, SourceTensor, method_spec
-from .methods.base import Background
 from .paths import output_lock, refuse_inputs_inside
 
 if TYPE_CHECKING:
@@ -312,7 +312,7 @@ def model_code_prefetched() -> Iterator[None]:
     # the import holds the GIL most of the time: hand it back to the copying thread after each of its syscalls
     # within 0.5 ms rather than the default 5 ms (hundreds of tensors, two hand-overs each)
     sys.setswitchinterval(min(interval, 0.0005))
-    prefetch = Background(load, "upcycle-prefetch")
+    prefetch = in_background(load, "upcycle-prefetch")
     holding.wait()  # from here on, no import of this thread can start beside the prefetch's
     try:
         yield
