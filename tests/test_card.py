@@ -13,7 +13,7 @@ import yaml
 from conftest import build_clip, build_dense
 from test_cli import assert_one_line_error, run
 
-from upcycle.checkpoint.card import render_card
+from upcycle.card import render_card
 
 
 def snapshot(root: Path, repo_id: str) -> Path:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from upcycle.checkpoint.reader import CheckpointReader, resolve_source
+from upcycle.checkpoint.reader import CheckpointReader
+from upcycle.checkpoint.source import resolve_source
 from upcycle.checkpoint.writer import ShardedWriter, TensorSpec, atomic_output, copy_support_files, parse_size
 from upcycle.errors import UpcycleError
 

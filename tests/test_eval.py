@@ -17,8 +17,9 @@ from upcycle.convert import convert_checkpoint
 from upcycle.errors import UpcycleError
 from upcycle.eval import HeadUsage, eval_tokens_from_text, evaluate, format_table, perplexity, sliding_window_nll
 from upcycle.eval.cli import corpus_files
-from upcycle.eval.evaluate import evaluate_corpora, format_recovery_table, json_text, recovery
+from upcycle.eval.evaluate import evaluate_corpora, format_recovery_table, recovery
 from upcycle.eval.plots import plot_head_usage, plot_loss_curve
+from upcycle.files import json_text
 from upcycle.methods.moh import MoHOptions
 
 PNG = b"\x89PNG\r\n\x1a\n"

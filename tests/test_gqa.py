@@ -119,7 +119,7 @@ def test_refit_with_another_method(tmp_path, dense):
 
 def test_refit_lstsq_lowers_the_attention_error_and_the_loss(tmp_path, calibration_file):
     dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
-    common = dict(calibration=calibration_file, calibration_tokens=1024)
+    common = dict(calibration=calibration_file, calibration_tokens=1024, merge="mean")
     gqa(dense, tmp_path / "none", 1)
     report = gqa(dense, tmp_path / "lstsq", 1, refit="lstsq", **common)["refit"]
     assert [e["layer"] for e in report["per_layer"]] == [0, 1] and all(
@@ -140,7 +140,7 @@ def test_refit_lstsq_lowers_the_attention_error_and_the_loss(tmp_path, calibrati
 
 def test_refit_with_the_same_kv_count_keeps_every_byte(tmp_path, calibration_file):
     dense = build_dense(tmp_path / "dense")
-    report = gqa(dense, tmp_path / "gqa", 2, refit="lstsq", calibration=calibration_file)
+    report = gqa(dense, tmp_path / "gqa", 2, refit="lstsq", calibration=calibration_file, merge="mean")
     assert report["refit"]["per_layer"] == []
     before, after = load_file(dense / "model.safetensors"), load_file(tmp_path / "gqa" / "model.safetensors")
     assert all(torch.equal(before[n], after[n]) for n in before)
@@ -197,6 +197,20 @@ def test_aligned_merge_of_transformed_heads_keeps_the_logits(tmp_path, calibrati
     assert (logits(tmp_path / "mean") - logits(dense)).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_auto_merge_is_aligned_with_calibration_where_the_family_allows(tmp_path, calibration_file, family):
+    dense = build_dense(tmp_path / "dense", family)
+    plain = gqa(dense, tmp_path / "plain", 1)
+    assert plain["options"]["merge"] == "mean" and "merge" not in plain
+    calibrated = gqa(dense, tmp_path / "calibrated", 1, calibration=calibration_file)
+    if family == "qwen3":  # keys normalised per head: no aligned merge, the mean as without calibration
+        assert calibrated["options"]["merge"] == "mean" and "merge" not in calibrated
+        assert torch.equal(logits(tmp_path / "calibrated"), logits(tmp_path / "plain"))
+    else:
+        assert calibrated["options"]["merge"] == "aligned" and calibrated["merge"]["per_layer"]
+        assert "aligned merge on calibration text" in calibrated["plan_lines"][-1]
+
+
 def test_aligned_merge_with_the_same_kv_count_keeps_every_byte(tmp_path, calibration_file):
     dense = build_dense(tmp_path / "dense")
     report = gqa(dense, tmp_path / "gqa", 2, merge="aligned", calibration=calibration_file, refit="lstsq")
@@ -236,7 +250,7 @@ def test_aligned_merge_bad_inputs(tmp_path, calibration_file, family, args, need
 
 def test_lstsq_ridge_is_chosen_on_held_out_batches(tmp_path, calibration_file):
     dense = build_dense(tmp_path / "dense", num_key_value_heads=8)
-    common = dict(calibration=calibration_file, calibration_tokens=4096, refit="lstsq")  # 16 blocks, 4 batches
+    common = dict(calibration=calibration_file, calibration_tokens=4096, refit="lstsq", merge="mean")  # 16 blocks
     report = gqa(dense, tmp_path / "auto", 1, **common)["refit"]
     assert report["ridge"] == "auto"
     for entry in report["per_layer"]:

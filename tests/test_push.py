@@ -21,8 +21,8 @@ from hub_standin import USER, HubStandIn
 from test_card import benchmark_eval, eval_results, front_matter, snapshot
 from test_cli import assert_one_line_error, run
 
-from upcycle.checkpoint import hub as hub_module
-from upcycle.checkpoint.hub import format_listing, upload_files
+from upcycle import hub as hub_module
+from upcycle.hub import format_listing, upload_files
 
 TOKEN = "hf_standinTOKEN_b7c1e5a9d3f2"
 

@@ -10,7 +10,6 @@ from conftest import build_clip, build_dense
 from test_card import snapshot
 from test_cli import assert_one_line_error, leftovers, run
 
-from upcycle.checkpoint import reader as reader_module
 from upcycle.checkpoint import source as source_module
 from upcycle.checkpoint.source import Source, hub_model_id, local_name, open_source, source_hub_id, source_license
 from upcycle.errors import UpcycleError
@@ -50,7 +49,7 @@ def test_open_source_of_a_missing_folder_is_one_line(tmp_path):
 def test_hub_id_from_a_hub_id(tmp_path, monkeypatch):
     downloaded = build_dense(snapshot(tmp_path, "org/tiny"))
     monkeypatch.chdir(tmp_path)  # no local folder org/tiny
-    monkeypatch.setattr(reader_module, "_download", lambda repo_id: downloaded if repo_id == "org/tiny" else None)
+    monkeypatch.setattr(source_module, "_download", lambda repo_id: downloaded if repo_id == "org/tiny" else None)
     source = open_source("org/tiny")
     assert source.folder == downloaded and source.hub_id == "org/tiny" and source.base_model == "org/tiny"
     assert source_hub_id("org/tiny") == "org/tiny"  # known without downloading: what --push-to-hub checks

@@ -73,7 +73,7 @@ by upcycle: the weights are those of the quantised model, not the original bf16 
 
 def _write_smollm2_card(folder: Path) -> None:
     """The asset's card: it names the Hub model it comes from, for the cards of what is built from it."""
-    from .checkpoint.card import write_text_atomic
+    from .files import write_text_atomic
 
     write_text_atomic(folder / "README.md", SMOLLM2_CARD)
 

@@ -255,7 +255,7 @@ class ConvertCommand:
                 card_name=target.repo_id if target else None,
             )
             if target:
-                from .checkpoint.hub import push_folder
+                from .hub import push_folder
 
                 written.append(out)
                 push_folder(out, target.repo_id, private=private, target=target)
@@ -399,7 +399,7 @@ def _push_target(repo_id: str | None, private: bool, *, connect: bool = True):
         raise UpcycleError("--private applies to --push-to-hub; add --push-to-hub OWNER/NAME or drop --private")
     if repo_id is None:
         return None
-    from .checkpoint.hub import check_repo_id, prepare_push
+    from .hub import check_repo_id, prepare_push
 
     check_repo_id(repo_id)
     if not connect:
@@ -489,8 +489,8 @@ def finetune(
         if target and final is None:
             typer.echo(f"stopped before the end: nothing pushed to {target.repo_id}")
         elif target:
-            from .checkpoint.card import write_card
-            from .checkpoint.hub import push_folder
+            from .card import write_card
+            from .hub import push_folder
 
             write_card(final, name=target.repo_id)
             push_folder(final, target.repo_id, private=private, target=target)
@@ -563,7 +563,7 @@ def card(
 
     Example: upcycle eval ./smollm2-moh --data heldout.txt --json ./smollm2-moh/eval.json && upcycle card ./smollm2-moh
     """  # noqa: E501
-    from .checkpoint.card import write_card
+    from .card import write_card
 
     written = _run(lambda: write_card(path, name=name, base_models=base_model))
     typer.echo(f"wrote {written}")
@@ -590,7 +590,7 @@ def push(
 
     The token comes from HF_TOKEN or the stored `hf auth login`; HF_ENDPOINT selects another Hub endpoint.
     """  # noqa: E501
-    from .checkpoint.hub import push_folder
+    from .hub import push_folder
 
     _run(
         lambda: push_folder(

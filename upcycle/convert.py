@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint.card import write_card
+from .background import in_background
+from .card import write_card
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.source import Source, open_source, source_hub_id, source_license
 from .checkpoint.writer import (
@@ -32,7 +33,6 @@ from .checkpoint.writer import (
 )
 from .errors import UpcycleError
 from .methods import ChunkedTensor, Conversion, SourceTensor, method_spec
-from .methods.base import Background
 from .paths import output_lock, refuse_inputs_inside
 
 if TYPE_CHECKING:
@@ -154,16 +154,6 @@ def output_bytes(conversion: Conversion, folder: Path) -> int:
     support = {path for pattern in SUPPORT_FILES for path in folder.glob(pattern) if path.is_file()}
     runtime = set(RUNTIME_DIR.glob("*.py")) if conversion.uses_runtime else set()
     return tensors + sum(path.stat().st_size for path in support | runtime) + 64 * len(conversion.layout) + 2**20
-
-
-def options_class(method: str) -> type:
-    """The options dataclass of a method (what ``upcycle convert``'s flags fill in)."""
-    return method_spec(method).options
-
-
-def plan_conversion(reader: CheckpointReader, method: str, options) -> Conversion:
-    """Dispatch to the method's own ``convert``."""
-    return method_spec(method).convert(reader, options)
 
 
 def count_parameters(layout) -> int:
@@ -322,7 +312,7 @@ def model_code_prefetched() -> Iterator[None]:
     # the import holds the GIL most of the time: hand it back to the copying thread after each of its syscalls
     # within 0.5 ms rather than the default 5 ms (hundreds of tensors, two hand-overs each)
     sys.setswitchinterval(min(interval, 0.0005))
-    prefetch = Background(load, "upcycle-prefetch")
+    prefetch = in_background(load, "upcycle-prefetch")
     holding.wait()  # from here on, no import of this thread can start beside the prefetch's
     try:
         yield
@@ -383,7 +373,7 @@ def _convert(
         if reason:
             raise UpcycleError(reason)
     watch = Stopwatch()
-    conversion = plan_conversion(reader, method, options)
+    conversion = method_spec(method).convert(reader, options)
     settle = conversion.settle
     if dry_run and settle is not None:
         settle()

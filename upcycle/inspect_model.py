@@ -6,7 +6,8 @@ import math
 from collections import Counter
 
 from .arch import ATTENTION_FAMILIES, attention_spec
-from .checkpoint.reader import CheckpointReader, resolve_source
+from .checkpoint.reader import CheckpointReader
+from .checkpoint.source import resolve_source
 from .errors import UpcycleError
 from .modeling.plan import MoEFFN, PlanError, parse_layers, plan_layers
 

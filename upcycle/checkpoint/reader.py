@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from upcycle.checkpoint.source import names_hub_repo
 from upcycle.errors import UpcycleError
 
 if TYPE_CHECKING:
@@ -49,15 +48,6 @@ def dtype_codes() -> dict[torch.dtype, str]:
 
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-HUB_PATTERNS = [
-    "*.json",
-    "*.safetensors",
-    "tokenizer*",
-    "*.model",
-    "*.txt",
-    "*.tiktoken",
-    "README.md",
-]  # README: the license for the card
 
 
 @dataclass(frozen=True)
@@ -78,38 +68,11 @@ class TensorInfo:
         return SAFETENSORS_CODES[self.code][0]
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     if len(text) > 160:
         text = text[:160] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def resolve_source(src: str) -> Path:
-    """Turn a local folder or a Hub id `owner/name` into a local model folder."""
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UpcycleError(f"{src} is a file, not a model folder; pass the folder that holds config.json")
-        return path
-    if names_hub_repo(src):
-        return _download(src)
-    raise UpcycleError(f"{src} does not exist; pass an existing model folder or a Hub id like owner/name")
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-        if not any(folder.glob("*.safetensors")):  # an older repo with pickled weights only
-            folder = Path(snapshot_download(repo_id, allow_patterns=[*HUB_PATTERNS, "pytorch_model*.bin"]))
-        return folder
-    except Exception as error:
-        raise UpcycleError(
-            f"could not download {repo_id} from the Hugging Face Hub (offline or missing: {_one_line(error)}); "
-            "pass a local model folder instead"
-        ) from None
 
 
 def _corrupted(file: Path, reason: str) -> UpcycleError:
@@ -130,7 +93,7 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, TensorInfo], dic
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _corrupted(file, f"header is not valid JSON: {_one_line(error)}") from None
+        raise _corrupted(file, f"header is not valid JSON: {one_line(error)}") from None
     if not isinstance(header, dict):
         raise _corrupted(file, "header is not a JSON object")
     data_start = 8 + header_len
@@ -183,7 +146,7 @@ def _read_json(file: Path, what: str) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UpcycleError(f"{file} is not valid JSON ({_one_line(error)}); fix or re-download {what}") from None
+        raise UpcycleError(f"{file} is not valid JSON ({one_line(error)}); fix or re-download {what}") from None
 
 
 # pickle protocol 2 of torch's legacy magic number 0x1950a86a20f9469cfc6c
@@ -218,14 +181,14 @@ def load_pickled_weights(file: Path) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         needs = re.search(r"Unsupported (?:global|operand)[^.]*?(GLOBAL [\w.]+|\w+)", str(error))
-        what = f"it needs {needs.group(1).removeprefix('GLOBAL ')}" if needs else _one_line(error)[:120]
+        what = f"it needs {needs.group(1).removeprefix('GLOBAL ')}" if needs else one_line(error)[:120]
         raise UpcycleError(
             f"{file} is a pickle that holds more than tensors ({what}), and upcycle loads only what "
             f"torch.load(weights_only=True) accepts, never pickled code; convert it to safetensors: {fix}"
         ) from None
     except Exception as error:
         raise UpcycleError(
-            f"{file} could not be unpickled ({_one_line(error)}); re-download it or use a safetensors checkpoint"
+            f"{file} could not be unpickled ({one_line(error)}); re-download it or use a safetensors checkpoint"
         ) from None
 
 

@@ -1,7 +1,8 @@
 """Where a checkpoint comes from: a local folder or a Hub id, and the Hub id and license it is known by.
 
-The bottom of ``upcycle.checkpoint``: the reader resolves Hub ids with it, the model card names base models and
-licenses with it, and the Hub client validates ids with it. :func:`open_source` is how a conversion opens each
+Above the reader (which only reads a folder): here a reference (a folder, a Hub id, ``asset:smollm2-135m``)
+becomes a folder, downloaded when needed; the model card names base models and licenses with it, and the Hub client
+validates ids with it. :func:`open_source` is how a conversion opens each
 input (SRC, every ``--expert``): resolved, read, refused when it is already an upcycle model, and its Hub id
 resolved once.
 """
@@ -13,17 +14,23 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from upcycle.checkpoint.reader import CheckpointReader, one_line
 from upcycle.errors import UpcycleError
-
-if TYPE_CHECKING:
-    from upcycle.checkpoint.reader import CheckpointReader
 
 CARD_FILE = "README.md"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HF_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 LICENSE_KEYS = ("license", "license_name", "license_link")
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer*",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+    "README.md",
+]  # README: the license for the card
 
 
 def names_hub_repo(reference: str) -> bool:
@@ -143,9 +150,45 @@ def open_source(reference: str, *, role: str = "SRC") -> Source:
 
     Every problem is one line: a missing folder, a failed download, a folder that is not a checkpoint, and a model
     that upcycle already converted (convert the original dense checkpoint instead)."""
-    from upcycle.checkpoint.reader import CheckpointReader, resolve_source  # the reader imports this module
-
     folder = resolve_source(reference)
     reader = CheckpointReader(folder)
     refuse_converted(reader.config, reference)
     return Source(reference, folder, reader, role)
+
+
+def resolve_model(reference: str) -> Path:
+    """A model folder from a path, a Hub id, or ``asset:smollm2-135m``."""
+    if reference == "asset:smollm2-135m":
+        from upcycle.assets import smollm2_135m
+
+        return smollm2_135m()
+    if reference.startswith("asset:"):
+        raise UpcycleError(f"model {reference} is not a known asset; the only model asset is asset:smollm2-135m")
+    return resolve_source(reference)
+
+
+def resolve_source(src: str) -> Path:
+    """Turn a local folder or a Hub id `owner/name` into a local model folder."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UpcycleError(f"{src} is a file, not a model folder; pass the folder that holds config.json")
+        return path
+    if names_hub_repo(src):
+        return _download(src)
+    raise UpcycleError(f"{src} does not exist; pass an existing model folder or a Hub id like owner/name")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        if not any(folder.glob("*.safetensors")):  # an older repo with pickled weights only
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*HUB_PATTERNS, "pytorch_model*.bin"]))
+        return folder
+    except Exception as error:
+        raise UpcycleError(
+            f"could not download {repo_id} from the Hugging Face Hub (offline or missing: {one_line(error)}); "
+            "pass a local model folder instead"
+        ) from None

@@ -91,7 +91,7 @@ def bundled_task_folder(cache_dir: Path | str | None = None) -> Path:
     YAML with ``data_files`` pointing at them: the folder for the harness's ``--include_path``. Files are written
     atomically, and again when the shipped YAML changes or the cache moved."""
     from upcycle.assets import cache_root
-    from upcycle.checkpoint.card import write_text_atomic
+    from upcycle.files import write_text_atomic
 
     folder = cache_root(cache_dir) / FOLDER_NAME
     try:

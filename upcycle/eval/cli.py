@@ -32,13 +32,13 @@ def run_eval(
     write ``output`` (JSON) when given; returns the evaluation (``results``, ``recovery`` and, with tasks,
     ``benchmarks``). ``window`` None: 512, or the models' ``max_position_embeddings`` when smaller. Every input, the
     output (never one of the inputs), the task files and the tasks' data are checked before any model is loaded."""
-    from ..train.finetune import resolve_model
+    from ..checkpoint.source import resolve_model
+    from ..files import json_text
     from .evaluate import (
         check_token_budget,
         eval_tokens_from_text,
         evaluate_corpora,
         format_recovery_table,
-        json_text,
         load_tokenizer,
         max_positions,
         recovery,
@@ -99,7 +99,7 @@ def run_eval(
         evaluation["benchmarks"] = run_benchmarks(folder, reference, harness, tasks)
         print(("\n" if files else "") + format_benchmark_table(evaluation["benchmarks"]))
     if output:  # for the model card (upcycle card)
-        from ..checkpoint.card import write_text_atomic
+        from ..files import write_text_atomic
 
         try:
             write_text_atomic(output.expanduser(), json_text(evaluation))
@@ -270,8 +270,7 @@ def corpus_files(data: list[str]) -> dict[str, Path]:
 
 def recorded_source(folder: Path) -> Path:
     """The dense model ``folder`` was converted from: the ``source`` of its upcycle_report.json, as a model folder."""
-    from ..checkpoint.card import HUB_ID
-    from ..train.finetune import resolve_model
+    from ..checkpoint.source import HUB_ID, resolve_model
 
     report_path = folder / "upcycle_report.json"
     hint = "pass --compare FOLDER with the dense model instead"

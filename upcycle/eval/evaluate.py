@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from upcycle.checkpoint.card import _local_name, figure_text
+from upcycle.checkpoint.source import local_name as _local_name
 from upcycle.errors import UpcycleError
 from upcycle.eval.perplexity import sliding_window_nll
 from upcycle.eval.usage import HeadUsage
+from upcycle.tables import figure_text
 
 
 def eval_tokens_from_text(
@@ -304,22 +305,6 @@ def recovery_block(
         else math.exp(math.fsum(map(math.log, ratios)) / len(ratios))
     )
     return {"model": str(model_path), "reference": str(reference_path), "corpora": block, "mean_ratio": mean_ratio}
-
-
-def json_safe(value):
-    """``value`` with every non-finite float (inf, nan) as None: JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
-
-
-def json_text(value: dict | list) -> str:
-    """``value`` as indented JSON, every non-finite float (inf, nan) written as null."""
-    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
 
 
 def compare(model_paths: list[str | Path], token_ids: torch.LongTensor, **kwargs) -> list[dict]:

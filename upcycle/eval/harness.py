@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upcycle.checkpoint.card import figure_text, finite_number, score_text, stderr_key
 from upcycle.errors import UpcycleError
+from upcycle.tables import figure_text, finite_number, score_text, stderr_key
 
 INSTALL_HINT = "pip install 'upcycle[lmeval]' (or pip install lm-eval)"
 # dataset_path values that are datasets' packaged builders reading local files, not Hub datasets

@@ -449,8 +449,8 @@ def card_variant(report: dict) -> str | None:
 
 def card_table(report: dict, config: dict) -> list[str]:
     """The card's plan: attention and FFN experts per layer (BTX as plain Mixtral: from its config)."""
-    from ..checkpoint.card import layer_ranges, markdown_table
     from ..modeling.plan import AttentionExperts, MoEFFN, parse_layers
+    from ..tables import layer_ranges, markdown_table
 
     router = (report.get("options") or {}).get("router_init", "?")
     count = config.get("num_hidden_layers") or 0

@@ -65,33 +65,6 @@ class Conversion:
     settle: Callable[[], None] | None = None
 
 
-class Background:
-    """``work()`` running in a thread from now on; :meth:`result` waits for it and raises what it raised."""
-
-    def __init__(self, work: Callable[[], object], name: str):
-        import threading
-
-        self._value: object = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = work()
-            except BaseException as error:  # re-raised in the caller's thread by result()
-                self._error = error
-
-        # not a daemon: the interpreter waits for it before it finalises (a daemon thread still inside torch or
-        # transformers at exit aborts the process: "terminate called without an active exception")
-        self._thread = threading.Thread(target=run, name=name)
-        self._thread.start()
-
-    def result(self) -> object:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 def progress(items: Iterable, label: str, *, unit: str = "it") -> Iterable:
     """``items`` with a tqdm bar on stderr (``label: 40%|...| 2/5 layers``): what every calibration pass, fit and
     scoring loop of a method reports while it runs, in logs too."""

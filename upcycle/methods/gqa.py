@@ -12,7 +12,7 @@ the dense layer's (see ``refit.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from ..arch import DecoderSpec, decoder_spec
@@ -38,11 +38,12 @@ else:
     from ..lazy import nn, torch
 
 
-MERGES = ("mean", "aligned")
+MERGES = ("auto", "mean", "aligned")
 MERGE_HELP = (
-    "how each group of KV heads becomes one: mean (average their k/v rows) or aligned (fitted on --calibration "
+    "how each group of KV heads becomes one: mean (average their k/v rows), aligned (fitted on --calibration "
     "text: per frequency pair a complex scale of the keys, a PCA of the values weighted by o_proj, folded into "
-    "q_proj and o_proj; exact when the heads are such transforms of one another)."
+    "q_proj and o_proj; exact when the heads are such transforms of one another; far closer to the source), or "
+    "auto: aligned when --calibration is given and the family allows it, else mean."
 )
 
 
@@ -51,7 +52,7 @@ class GQAOptions:
     """The GQA flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
     kv_heads: int | None = option(None, help="new number of key/value heads, a divisor of the current count (1: MQA).")
-    merge: Literal["mean", "aligned"] = option("mean", help=MERGE_HELP)
+    merge: Literal["auto", "mean", "aligned"] = option("auto", help=MERGE_HELP)
     refit: Literal["none", "rescale", "lstsq"] = option("none", help=REFIT_HELP)
     refit_ridge: str = option("auto", help=RIDGE_HELP, example="0.01")
     calibration: list[str] = calibration_option()
@@ -216,6 +217,9 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         )
     if options.calibration_tokens < 1:
         raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
+    merge = options.merge
+    if merge == "auto":  # the aligned merge wherever it can be fitted: it keeps far more of the source
+        merge = "aligned" if options.calibration and not spec.qk_norm else "mean"
     names = set(reader.names())
     edits, merged, merge_report = set(), {}, None
     if target != spec.num_kv_heads:
@@ -225,7 +229,7 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
             for proj in ("k_proj", "v_proj")
             for kind in ("weight", "bias")
         } & names
-        if options.merge == "aligned":
+        if merge == "aligned":
             merged, merge_report = aligned_tensors(reader, spec, options)
 
     def convert_in_memory(model: nn.Module) -> None:  # the same change as the files get, for the refit
@@ -270,11 +274,11 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
         config=config,
         layout=layout,
         tensors=tensors,
-        plan_lines=plan_printout(spec, target, options.merge)
+        plan_lines=plan_printout(spec, target, merge)
         + ([merge_plan_line(merge_report)] if merge_report else [])
         + ([refit_plan_line(refit_report)] if refit_report else []),
         report={
-            "options": recorded_options(options),
+            "options": recorded_options(replace(options, merge=merge)),
             "kv_heads": {"before": spec.num_kv_heads, "after": target, "query_heads": spec.num_heads},
         }
         | ({"merge": merge_report} if merge_report else {})
@@ -320,7 +324,7 @@ def merge_plan_line(report: dict) -> str:
 
 def card_table(report: dict, config: dict) -> list[str]:
     """The card's plan: KV heads before and after (the output is a plain checkpoint, without a plan)."""
-    from ..checkpoint.card import markdown_table
+    from ..tables import markdown_table
 
     kv = report.get("kv_heads")
     if not kv:

@@ -736,8 +736,8 @@ def plan_printout(
 
 def card_table(report: dict, config: dict) -> list[str]:
     """The card's plan: the typed plan's columns plus the reconstruction error the report measured per layer."""
-    from ..checkpoint.card import layer_ranges, markdown_table
     from ..modeling.plan import MHE, parse_layers
+    from ..tables import layer_ranges, markdown_table
 
     layers = parse_layers((report.get("plan") or config.get("upcycle") or {}).get("layers") or [])
     if not layers:

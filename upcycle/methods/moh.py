@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
 from ..arch import DecoderSpec, decoder_spec
+from ..background import in_background
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..lazy import no_grad
 from ..modeling.plan import ROUTER_KINDS
 from .base import (
-    Background,
     Conversion,
     SourceTensor,
     check_source,
@@ -465,7 +465,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     elif selection == "weight-norm" and not fit:
         # the scores pick the shared heads, which changes config.json and no tensor (the router tensors' shapes
         # depend on the head counts only): they are computed beside the copies, and the plan is settled after them
-        scoring = Background(lambda: weight_norm_scores(reader, spec), "moh-weight-norm")
+        scoring = in_background(lambda: weight_norm_scores(reader, spec), "moh-weight-norm")
         scores = None
     elif selection == "weight-norm":
         scores = weight_norm_scores(reader, spec)

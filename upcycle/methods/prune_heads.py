@@ -560,8 +560,8 @@ def plan_printout(
 
 def card_table(report: dict, config: dict) -> list[str]:
     """The card's plan: query heads kept per layer (from the report: a uniform output is a plain checkpoint)."""
-    from ..checkpoint.card import layer_ranges, markdown_table
     from ..modeling.plan import AttentionHeads
+    from ..tables import layer_ranges, markdown_table
 
     if not report.get("kept"):
         return []

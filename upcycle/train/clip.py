@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UpcycleError
-from ..eval.evaluate import json_text
+from ..files import json_text
 from .loop import MAX_SKIPPED_STEPS, json_line
 from .recipe import ClipRecipe
 
@@ -177,8 +177,9 @@ class ClipRunner:
         from accelerate import Accelerator
         from transformers import AutoProcessor
 
+        from ..checkpoint.source import resolve_model
         from ..data.image_text import ImageTextCollator, load_pairs
-        from .finetune import claim_output, refuse_folder_code, resolve_model
+        from .finetune import claim_output, refuse_folder_code
         from .loop import use_cpu
 
         self.recipe, self.output = recipe, Path(recipe.output)

@@ -130,7 +130,7 @@ def _report_source(folder: Path) -> str | None:
 def resolve_reference(reference: str, model_path: Path, key: str, converted_from: str | None = None) -> Path:
     """The folder of a teacher or compare model: ``source`` is the model the tuned folder was converted from
     (``converted_from`` when the recipe converts, else the ``source`` its ``upcycle_report.json`` records)."""
-    from .finetune import resolve_model
+    from ..checkpoint.source import resolve_model
 
     if reference == "source":
         reference = converted_from or _report_source(Path(model_path))

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..checkpoint.source import resolve_model
 from ..errors import UpcycleError
-from ..eval.evaluate import json_text
+from ..files import json_text
 from ..paths import output_lock, probe_writable, refuse_inputs_inside
 from .loop import (
     CHECKPOINTS,
@@ -50,19 +51,6 @@ OUTPUT_ENTRIES = (
     ".*.upcycle-old-*",
     ".*.upcycle-lock",
 )
-
-
-def resolve_model(reference: str) -> Path:
-    """A model folder from a path, a Hub id, or ``asset:smollm2-135m``."""
-    if reference == "asset:smollm2-135m":
-        from ..assets import smollm2_135m
-
-        return smollm2_135m()
-    if reference.startswith("asset:"):
-        raise UpcycleError(f"model {reference} is not a known asset; the only model asset is asset:smollm2-135m")
-    from ..checkpoint.reader import resolve_source
-
-    return resolve_source(reference)
 
 
 def recipe_inputs(recipe: Recipe | ClipRecipe) -> dict[str, str | None]:
@@ -286,11 +274,12 @@ def prepare_model(recipe: Recipe, state, source: Path | None = None) -> Path:
     converted = Path(recipe.output) / "converted"
     with state.main_process_first():
         if state.is_main_process and not (converted / "config.json").exists():
-            from ..convert import convert_checkpoint, options_class
+            from ..convert import convert_checkpoint
+            from ..methods import method_spec
 
             options = recipe.convert.model_dump(exclude={"method"})  # calibration assets resolve in the method
             method = recipe.convert.method
-            convert_checkpoint(str(source), converted, method, options_class(method)(**options), overwrite=False)
+            convert_checkpoint(str(source), converted, method, method_spec(method).options(**options), overwrite=False)
     return converted
 
 
@@ -445,7 +434,9 @@ def record_tuning(
 ) -> None:
     """Write the tuned folder's ``upcycle_report.json`` (the source's conversion record, or a dense one, plus the
     fine-tuning and its evaluation) and its model card. ``reference``: the model as the recipe names it."""
-    from ..checkpoint.card import REPORT_FILE, hub_model_id, source_license, write_card, write_text_atomic
+    from ..card import REPORT_FILE, write_card
+    from ..checkpoint.source import hub_model_id, source_license
+    from ..files import write_text_atomic
 
     final, source = Path(final), Path(source)
     report_path = next((p for p in (final / REPORT_FILE, source / REPORT_FILE) if p.exists()), None)

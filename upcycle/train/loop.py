@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UpcycleError
-from ..eval.evaluate import json_safe, json_text
+from ..files import json_safe, json_text
 from ..modeling.modeling_upcycle import router_losses
 from .recipe import Recipe
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from upcycle.checkpoint.card import REPORT_FILE, repo_id_problem
+from upcycle.card import REPORT_FILE, repo_id_problem
+from upcycle.checkpoint.reader import RUNTIME_DIR
 from upcycle.checkpoint.source import CARD_FILE, HUB_ID, card_metadata
 from upcycle.errors import UpcycleError
 
@@ -359,10 +360,7 @@ def validate_folder(folder: Path) -> list[str]:
 def runtime_files() -> dict[str, bytes]:
     """File name -> content of upcycle's model runtime, the ``.py`` files a conversion copies into a checkpoint
     (``upcycle/modeling/*.py`` of the installed package, ``__init__.py`` aside)."""
-    runtime_dir = (
-        Path(__file__).resolve().parents[1] / "modeling"
-    )  # upcycle.convert.RUNTIME_DIR, without importing torch
-    return {file.name: file.read_bytes() for file in sorted(runtime_dir.glob("*.py")) if file.name != "__init__.py"}
+    return {file.name: file.read_bytes() for file in sorted(RUNTIME_DIR.glob("*.py")) if file.name != "__init__.py"}
 
 
 def foreign_python(folder: Path, files: list[tuple[str, int]]) -> list[str]:

@@ -1,334 +1,24 @@
-"""Model cards (README.md with Hub front matter) for upcycle outputs.
-
-One generator, :func:`render_card`, reads only the folder's own records: ``config.json``,
-``upcycle_report.json`` (the conversion, and the fine-tuning when there was one) and
-``eval.json`` (what ``upcycle eval --json`` wrote: perplexity rows, a recovery block, and with ``--tasks`` the
-lm-evaluation-harness scores, which also become the front matter's ``model-index``). ``convert`` and ``finetune`` call
-:func:`write_card` once their report is written, and ``upcycle card PATH`` calls it again, so a
-refreshed card says exactly what a fresh one would, plus any evaluation added since.
-"""
+"""A card's text: front matter, the method's paragraph and plan table, the recipe, data and evaluations, the loading
+snippet; read from the folder's records only."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from upcycle.checkpoint.source import CARD_FILE, HUB_ID, LICENSE_KEYS, hub_model_id, source_license  # noqa: F401  (re-exported: what finetune records)
+from upcycle.card.model_index import HARNESS_URL, metric_name, model_index
+from upcycle.card.records import EVAL_FILE, REPORT_FILE, evaluation_records, is_stderr, read_json, user_evaluations
+from upcycle.checkpoint.source import LICENSE_KEYS
 from upcycle.checkpoint.source import local_name as _local_name
 from upcycle.errors import UpcycleError
 from upcycle.methods import MethodCard, all_specs, method_names, method_spec
 from upcycle.modeling.plan import plan_layers, plan_rows
+from upcycle.tables import figure_text, finite_number, layer_ranges, markdown_table, score_text
 
-REPORT_FILE = "upcycle_report.json"
-EVAL_FILE = "eval.json"
 UPCYCLE_URL = "https://pypi.org/project/upcycle/"
-HARNESS_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
-METRIC_NAMES = {
-    "acc": "accuracy",
-    "acc_norm": "normalized accuracy",
-    "acc_mutual_info": "mutual-information accuracy",
-    "exact_match": "exact match",
-    "em": "exact match",
-    "f1": "F1",
-    "mcc": "Matthews correlation",
-    "bleu": "BLEU",
-    "chrf": "chrF",
-    "ter": "TER",
-    "brier_score": "Brier score",
-    "word_perplexity": "word perplexity",
-    "byte_perplexity": "byte perplexity",
-    "bits_per_byte": "bits per byte",
-}
-
-
-# ---- reading the folder's records -----------------------------------------------------------
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UpcycleError(f"{path.parent} has no {path.name}; {what}") from None
-    except OSError as error:
-        raise UpcycleError(
-            f"{path} cannot be read ({error.strerror or error}); make it readable and run again"
-        ) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UpcycleError(f"{path} is not valid JSON ({' '.join(str(error).split())}); fix or delete it") from None
-
-
-def _user_evaluations(folder: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """(rows, recovery blocks, benchmark blocks) of ``eval.json``: what ``upcycle eval --json`` writes
-    (``{"results": [...], "recovery": ..., "benchmarks": ...}``, ``results`` empty when only ``--tasks`` ran) or
-    the plain list of rows that earlier versions wrote."""
-    path = folder / EVAL_FILE
-    if not path.exists():
-        return [], [], []
-    value = _read_json(path, "")
-    records = _evaluation_records(value)
-    benchmarks = value.get("benchmarks") if isinstance(value, dict) else None
-    if not (
-        records
-        and (records[0] or benchmarks is not None)
-        and all(isinstance(r, dict) and "perplexity" in r and "tokens" in r for r in records[0])
-        and all(isinstance(b, dict) and isinstance(b.get("corpora"), dict) for b in records[1])
-    ):
-        raise UpcycleError(
-            f"{path} is not the output of `upcycle eval --json` (results with perplexity and tokens, or benchmarks "
-            "from --tasks); move it away or write it again with upcycle eval"
-        )
-    if benchmarks is None:
-        return records[0], records[1], []
-    problem = _benchmarks_problem(benchmarks)
-    if problem:
-        raise UpcycleError(
-            f"{path} is not the output of `upcycle eval --json` ({problem}); "
-            "move it away or write it again with upcycle eval --tasks"
-        )
-    return records[0], records[1], [benchmarks]
-
-
-def _is_figure(value: object) -> bool:
-    """A number or null (what the JSON records hold for a figure that could not be computed)."""
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-
-def finite_number(value: object) -> float | None:
-    """A finite figure, else None (for "N/A", null, inf and nan)."""
-    return float(value) if _is_figure(value) and value is not None and math.isfinite(value) else None
-
-
-def _is_stderr(metric: str) -> bool:
-    return metric.split(",", 1)[0].endswith("_stderr")
-
-
-def stderr_key(metric: str) -> str:
-    """The key of a metric's standard error: ``m_stderr`` for ``m``, ``m_stderr,f`` for ``m,f``."""
-    name, _, variant = metric.partition(",")
-    return f"{name}_stderr" + (f",{variant}" if variant else "")
-
-
-def _metric_name(metric: str) -> str:
-    """A readable name of an lm-evaluation-harness metric key (``exact_match,strict-match``: "exact match
-    (strict-match)")."""
-    name, _, variant = metric.partition(",")
-    readable = METRIC_NAMES.get(name, name.replace("_", " "))
-    return f"{readable} ({variant})" if variant and variant != "none" else readable
-
-
-def _task_problem(name: str, task: object) -> str | None:
-    where = f"benchmarks.tasks.{name}"
-    if not isinstance(task, dict):
-        return f"{where} is not an object"
-    metrics = task.get("metrics")
-    if not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
-        return f"{where}.metrics is not a list of metric names"
-    dataset = task.get("dataset")
-    if dataset is not None and not (
-        isinstance(dataset, dict)
-        and all(dataset.get(k) is None or isinstance(dataset[k], str) for k in ("type", "name", "config", "split"))
-    ):
-        return f"{where}.dataset is not an object of type, name, config and split"
-    for key in ("num_fewshot", "samples"):
-        if not (task.get(key) is None or (isinstance(task[key], int) and not isinstance(task[key], bool))):
-            return f"{where}.{key} is not a whole number"
-    if not isinstance(task.get("top_level", True), bool) or not isinstance(task.get("alias") or "", str):
-        return f"{where}.top_level is not true or false, or its alias is not text"
-    if not isinstance(task.get("higher_is_better") or {}, dict):
-        return f"{where}.higher_is_better is not an object"
-    return None
-
-
-def _model_problem(index: int, model: object, tasks: dict) -> str | None:
-    where = f"benchmarks.models[{index}]"
-    if not isinstance(model, dict) or not isinstance(model.get("model"), str):
-        return f"{where} is not an object with the model's path"
-    scores = model.get("scores")
-    if not isinstance(scores, dict) or not all(isinstance(s, dict) for s in scores.values()):
-        return f"{where}.scores is not an object of task -> metric -> number"
-    for task, values in scores.items():
-        metrics = (tasks.get(task) or {}).get("metrics") or []
-        if not all(_is_figure(values.get(m)) and _is_figure(values.get(stderr_key(m))) for m in metrics):
-            return f"{where}.scores.{task} holds a score that is not a number or null"
-    if not _is_figure(model.get("active_fraction")):
-        return f"{where}.active_fraction is not a number or null"
-    return None
-
-
-def _benchmarks_problem(block: object) -> str | None:
-    """What is wrong with the shape of a ``benchmarks`` block of eval.json, or None when it is fine."""
-    if not isinstance(block, dict):
-        return "benchmarks is not an object"
-    harness, tasks, models = block.get("harness"), block.get("tasks"), block.get("models")
-    if not (harness is None or (isinstance(harness, dict) and _is_figure(harness.get("limit")))):
-        return "benchmarks.harness is not an object (with a number or null as limit)"
-    if not isinstance(tasks, dict):
-        return "benchmarks.tasks is not an object of tasks"
-    problem = next(filter(None, (_task_problem(name, task) for name, task in tasks.items())), None)
-    if problem:
-        return problem
-    if not (isinstance(models, list) and models):
-        return "benchmarks.models is not a list of the evaluated models"
-    problem = next(filter(None, (_model_problem(i, model, tasks) for i, model in enumerate(models))), None)
-    if problem:
-        return problem
-    recovery = block.get("recovery")
-    if recovery is None:
-        return None
-    if not (
-        isinstance(recovery, dict)
-        and isinstance(recovery.get("tasks"), dict)
-        and _is_figure(recovery.get("mean_ratio"))
-        and all(
-            isinstance(t, dict)
-            and isinstance(t.get("metric"), str)
-            and all(_is_figure(t.get(k)) for k in ("value", "reference_value", "ratio"))
-            for t in recovery["tasks"].values()
-        )
-    ):
-        return "benchmarks.recovery is not null or an object of tasks with metric, value, reference_value and ratio"
-    return None
-
-
-def _evaluation_records(value) -> tuple[list, list] | None:
-    """(rows, recovery blocks) of an evaluation record: a list of rows, or an object with ``results`` and ``recovery``
-    (None when it is neither)."""
-    if isinstance(value, list):
-        return value, []
-    if isinstance(value, dict) and isinstance(value.get("results"), list):
-        blocks = value.get("recovery")
-        return value["results"], [] if blocks is None else list(blocks) if isinstance(blocks, list) else [blocks]
-    return None
-
-
-class CardNotWritten(UpcycleError, OSError):
-    """The card or the report could not be written: one line for the user, and still an ``OSError`` with the
-    failure's ``errno`` for a caller that handles disk errors itself (``convert`` writes the card into its temporary
-    output folder)."""
-
-    def __init__(self, message: str, error: OSError) -> None:
-        OSError.__init__(self, error.errno, error.strerror, error.filename)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def write_texts_atomic(files: dict[Path, str]) -> None:
-    """Write each text to its path through a temporary file beside it, and rename them into place (in the order
-    given) only once every one is written: a reader never sees half a file, and a failure leaves no temporary file.
-    An ``OSError`` names the path that could not be written (``filename``)."""
-    temporary: list[str] = []
-    path = None
-    try:
-        for path, text in files.items():
-            handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temporary.append(temp)
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-        for (path, _), temp in zip(files.items(), temporary):
-            os.replace(temp, path)
-    except BaseException as error:
-        for temp in temporary:
-            Path(temp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno is not None and path is not None:
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, so a reader never sees half of it."""
-    write_texts_atomic({Path(path): text})
-
-
-def repo_id_problem(repo_id: str) -> str | None:
-    """Why huggingface_hub's ``validate_repo_id`` (what its client checks before any request) refuses ``repo_id``,
-    on one line and without the id itself; None for a valid id."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        return " ".join(str(error).split(": '", 1)[0].split()).rstrip(".:")
-    return None
-
-
-def source_models(report: dict) -> int:
-    """How many distinct models the report's model was made from: the distinct experts of a mix (BAM, BTX,
-    CLIP-MoE; copies of one model count once), else one."""
-    experts = report.get("experts") or []
-    if merges_experts(method_card(report)[0]) and experts:
-        return len(dict.fromkeys(map(str, experts)))
-    return 1
-
-
-def _check_card_options(folder: Path, report: dict, name: str | None, base_models: list[str]) -> None:
-    """Refuse, in one line, a ``--name`` that is not a repository id and more ``--base-model`` ids than the model
-    has source models."""
-    if name is not None:
-        problem = repo_id_problem(name)
-        if problem:
-            raise UpcycleError(
-                f"--name {name!r} is not a Hub repository id ({problem}); use owner/name or name, as in me/smollm2-moh"
-            )
-    sources = source_models(report)
-    if len(base_models) > sources:
-        given = f"{len(base_models)} base models were given"
-        if sources == 1:
-            raise UpcycleError(
-                f"{given}, but {folder} was made from one model; pass --base-model once, with that model's Hub id"
-            )
-        raise UpcycleError(
-            f"{given}, but {folder} mixes {sources} models (the seed and its experts); pass --base-model at most "
-            f"{sources} times, one Hub id per model, seed first"
-        )
-
-
-def write_card(folder: Path, *, name: str | None = None, base_models: list[str] | None = None) -> Path:
-    """(Re)write ``folder/README.md`` from the folder's records. ``name``: the model's name in the card (a Hub
-    repo id when publishing); ``base_models``: the Hub ids of the base model(s), for a source that was a local
-    folder; both are remembered in the report for later refreshes. Either the card and the report are both
-    written, or neither is (:class:`CardNotWritten`)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UpcycleError(f"{folder} is not a folder; pass the folder of an upcycle output")
-    for base in base_models or []:
-        if not HUB_ID.match(base) or repo_id_problem(base):
-            raise UpcycleError(
-                f"--base-model {base!r} is not a Hub model id; use owner/name, as in HuggingFaceTB/SmolLM2-135M"
-            )
-    files: dict[Path, str] = {}
-    report = None
-    if name is not None or base_models:
-        report = _read_json(folder / REPORT_FILE, "it is not an upcycle output (convert or finetune write one)")
-        if not isinstance(report, dict):
-            raise UpcycleError(f"{folder / REPORT_FILE} must hold a JSON object; fix or re-create it")
-        bases = list(dict.fromkeys(base_models or []))
-        _check_card_options(folder, report, name, bases)
-        changes = ({"name": name} if name is not None else {}) | ({"base_models": bases} if bases else {})
-        if any(report.get(key) != value for key, value in changes.items()):
-            report = report | changes
-            files[folder / REPORT_FILE] = json.dumps(report, indent=2) + "\n"
-    path = folder / CARD_FILE
-    files = {path: render_card(folder, report=report)} | files  # the card first: its rename is the one that may fail
-    try:
-        write_texts_atomic(files)
-    except OSError as error:
-        raise CardNotWritten(
-            f"cannot write {error.filename or path} ({error.strerror or error}); nothing was changed: make {folder} "
-            "writable (or copy the folder where you may write) and run `upcycle card` again",
-            error,
-        ) from None
-    return path
-
-
-# ---- rendering ----------------------------------------------------------------------------
 
 
 def method_card(report: dict) -> tuple[str, MethodCard | None]:
@@ -412,23 +102,6 @@ def _unpublished_bases(report: dict, method: str, names: dict[str, str]) -> list
     if merges_experts(method):
         bases += report.get("experts") or []
     return list(dict.fromkeys(_hide_local_paths(b, names) for b in bases if b))
-
-
-def markdown_table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
-    """A markdown table: the header row, the rule, one row per tuple."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-
-
-def layer_ranges(rows: list[tuple]) -> list[tuple]:
-    """Merge consecutive layers with the same row into one ``first-last`` row (rows: (layer, *cells))."""
-    merged: list[list] = []
-    for layer, *cells in rows:
-        if merged and merged[-1][2] == cells and merged[-1][1] == layer - 1:
-            merged[-1][1] = layer
-        else:
-            merged.append([layer, layer, cells])
-    return [(str(a) if a == b else f"{a}-{b}", *cells) for a, b, cells in merged]
 
 
 def card_plan_table(method: str, report: dict, config: dict) -> list[str]:
@@ -600,11 +273,6 @@ def _data_name(data: str | None) -> str:
     return f"`{Path(data).name}`" if " " not in data else data
 
 
-def figure_text(value: float | None) -> str:
-    """A figure to three decimals; "-" where it could not be computed (null in the JSON)."""
-    return "-" if value is None else f"{value:.3f}"
-
-
 def _recovery_lines(block: dict) -> list[str]:
     """A recovery block (``upcycle eval --compare``) as a table: per corpus the perplexity, the reference's, their
     ratio."""
@@ -631,73 +299,6 @@ def _recovery_lines(block: dict) -> list[str]:
     ]
 
 
-def _another_folder(model: str, folder: Path) -> bool:
-    """Whether ``model`` (a path eval.json records) is an existing folder other than ``folder``."""
-    path = Path(model).expanduser()
-    try:
-        return path.exists() and path.resolve() != Path(folder).resolve()
-    except OSError:
-        return False
-
-
-def _harness_source(block: dict) -> str:
-    version = (block.get("harness") or {}).get("lm_eval_version")
-    return f"lm-evaluation-harness {version} via upcycle eval" if version else "lm-evaluation-harness via upcycle eval"
-
-
-def model_index(name: str, pipeline_tag: str, blocks: list[dict], folder: Path) -> list[dict] | None:
-    """The Hub ``model-index`` of the card's own model from eval.json's benchmark blocks (None without a score):
-    one result per top-level task with a dataset, a metric per finite score of ``models[0]`` (the evaluated model,
-    left out when its path is another existing folder or when ``--limit`` scored only part of each task), built by
-    huggingface_hub's ``EvalResult``. The Hub groups
-    results by task and dataset, so a later task on the same dataset (type, config and split) is left out."""
-    if not blocks:
-        return None
-    from huggingface_hub import EvalResult
-    from huggingface_hub.repocard_data import eval_results_to_model_index
-
-    results: list[EvalResult] = []
-    seen: set[tuple] = set()
-    for block in blocks:
-        model = block["models"][0]
-        if _another_folder(model["model"], folder) or (block.get("harness") or {}).get("limit") is not None:
-            continue  # another model's scores, or scores of a subset of the items (--limit)
-        for task_name, task in block["tasks"].items():
-            dataset = task.get("dataset") or {}
-            if not task.get("top_level", True) or not dataset.get("type"):
-                continue
-            scores = model["scores"].get(task_name) or {}
-            shots = task.get("num_fewshot")
-            entries = [
-                EvalResult(
-                    task_type=pipeline_tag,
-                    task_name=pipeline_tag.replace("-", " ").title(),
-                    dataset_type=dataset["type"],
-                    dataset_name=dataset.get("name") or dataset["type"],
-                    dataset_config=dataset.get("config"),
-                    dataset_split=dataset.get("split"),
-                    dataset_args=None if shots is None else {"num_few_shot": shots},
-                    metric_type=metric,
-                    metric_name=_metric_name(metric),
-                    metric_value=value,
-                    source_name=_harness_source(block),
-                    source_url=HARNESS_URL,
-                )
-                for metric in dict.fromkeys(task["metrics"])
-                if not _is_stderr(metric) and (value := finite_number(scores.get(metric))) is not None
-            ]
-            if entries and entries[0].unique_identifier not in seen:
-                seen.add(entries[0].unique_identifier)
-                results += entries
-    return eval_results_to_model_index(name, results) if results else None
-
-
-def score_text(scores: dict, metric: str) -> str:
-    """A score with its standard error ("0.610 ± 0.022"), "-" when there is none."""
-    value, stderr = finite_number(scores.get(metric)), finite_number(scores.get(stderr_key(metric)))
-    return figure_text(value) + (f" ± {stderr:.3f}" if value is not None and stderr is not None else "")
-
-
 def _benchmark_lines(block: dict) -> list[str]:
     """A benchmark block (``upcycle eval --tasks``) as a table: per top-level task and metric each model's score
     ± its standard error, and with a reference the recovery ratio of the task's main metric."""
@@ -709,14 +310,14 @@ def _benchmark_lines(block: dict) -> list[str]:
     rows = []
     for name, task in tasks.items():
         lower = {m for m, higher in (task.get("higher_is_better") or {}).items() if higher is False}
-        for metric in dict.fromkeys(m for m in task["metrics"] if not _is_stderr(m)):
+        for metric in dict.fromkeys(m for m in task["metrics"] if not is_stderr(m)):
             ratio = ratios.get(name) or {}
             rows.append(
                 (
                     task.get("alias") or name,
                     "-" if task.get("num_fewshot") is None else task["num_fewshot"],
                     "-" if task.get("samples") is None else f"{task['samples']:,}",
-                    _metric_name(metric) + (" (lower is better)" if metric in lower else ""),
+                    metric_name(metric) + (" (lower is better)" if metric in lower else ""),
                     *(score_text(m["scores"].get(name) or {}, metric) for m in models),
                     *([figure_text(ratio.get("ratio")) if ratio.get("metric") == metric else ""] if recovery else []),
                 )
@@ -835,9 +436,9 @@ def render_card(folder: Path, *, report: dict | None = None) -> str:
     """The model card of ``folder`` from its config.json, upcycle_report.json (or ``report``, the one about to be
     written) and eval.json."""
     folder = Path(folder)
-    config = _read_json(folder / "config.json", "it is not a model folder")
+    config = read_json(folder / "config.json", "it is not a model folder")
     if report is None:
-        report = _read_json(folder / REPORT_FILE, "it is not an upcycle output (convert and finetune write one)")
+        report = read_json(folder / REPORT_FILE, "it is not an upcycle output (convert and finetune write one)")
     if not isinstance(config, dict) or not isinstance(report, dict):
         raise UpcycleError(f"{folder}: config.json and {REPORT_FILE} must hold JSON objects; fix or re-create them")
     name = report.get("name") or folder.name
@@ -847,8 +448,8 @@ def render_card(folder: Path, *, report: dict | None = None) -> str:
     auto_class, pipeline_tag = _loading(config, report)
     custom_code = "auto_map" in config
     base = _hide_local_paths(report.get("base_model") or "a dense model", names)
-    recorded_rows, recorded_blocks = _evaluation_records(report.get("evaluation") or []) or ([], [])
-    user_rows, user_blocks, benchmarks = _user_evaluations(folder)
+    recorded_rows, recorded_blocks = evaluation_records(report.get("evaluation") or []) or ([], [])
+    user_rows, user_blocks, benchmarks = user_evaluations(folder)
 
     fields: dict = {}
     base_models = list(dict.fromkeys(report.get("base_models") or [])) or _unpublished_bases(report, method, names)
