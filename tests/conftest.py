@@ -173,3 +173,36 @@ def build_clip(folder: Path, seed: int = 0, ffn_noise: float = 0.0, base: Path |
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16, **overrides))
     model.save_pretrained(folder)
     return folder
+
+
+# --- the methods, from the registry ---------------------------------------------------------------------------
+
+# flags that make a method's conversion quick and valid on the tiny models above, where its defaults need more
+# (a method not named here converts with its defaults)
+QUICK_FLAGS = {"prune-heads": ["--ratio", "0.5", "--importance", "random", "--uniform"], "gqa": ["--kv-heads", "1"]}
+
+
+def decoder_methods() -> list[str]:
+    """Every registered method that converts one dense decoder into a causal LM (its spec says it ``tunes``)."""
+    from upcycle.methods import all_specs
+
+    return [spec.name for spec in all_specs() if spec.tunes]
+
+
+def expert_methods() -> list[str]:
+    """Every registered method that mixes ``--expert`` decoders (BAM and its BTX baseline)."""
+    from upcycle.methods import all_specs
+
+    return [spec.name for spec in all_specs() if spec.merges_experts]
+
+
+def quick_args(method: str) -> list[str]:
+    """``--method NAME`` and its quick flags."""
+    return ["--method", method, *QUICK_FLAGS.get(method, [])]
+
+
+def calibrated_methods() -> list[str]:
+    """Every registered method that can read ``--calibration`` text."""
+    from upcycle.methods import all_specs
+
+    return [spec.name for spec in all_specs() if spec.reads_calibration]

@@ -78,7 +78,7 @@ CASES = [(method, options) for method, variants in DATA_OPTIONS.items() for opti
 
 
 def test_every_method_that_reads_calibration_text_is_exercised() -> None:
-    readers = {name for name in method_names() if method_spec(name).has_option("calibration")}
+    readers = {name for name in method_names() if method_spec(name).reads_calibration}
     assert readers == set(DATA_OPTIONS), "add the new method's data-loading options to DATA_OPTIONS"
 
 

@@ -17,6 +17,7 @@ from upcycle.checkpoint.writer import TensorSpec
 from upcycle.errors import UpcycleError
 from upcycle.methods import Conversion, MethodCard, MethodSpec, SourceTensor, method_names, option, register
 from upcycle.methods.base import check_source, recorded_options, runtime_config
+from upcycle.modeling.plan import HeadGate, LayerPlan
 
 TOY_CITATION = "@misc{toy2026, title = {A Toy Method}, year = {2026}}"
 
@@ -33,8 +34,8 @@ def convert(reader, options: ToyOptions) -> Conversion:
     active = spec.num_heads if options.toy_active is None else options.toy_active
     if not 1 <= active <= spec.num_heads:
         raise UpcycleError(f"--toy-active {active} must be in [1, {spec.num_heads}]; pick a head count")
-    gate = {"router": "query-norm", "shared_heads": [], "routed_heads": list(range(spec.num_heads)), "top_k": active}
-    config, _, _ = runtime_config(reader.config, spec, "toy", [{"head_gate": gate} for _ in range(spec.num_layers)])
+    gate = HeadGate(router="query-norm", shared_heads=[], routed_heads=list(range(spec.num_heads)), top_k=active)
+    config, _, _ = runtime_config(reader.config, spec, "toy", [LayerPlan.of(gate)] * spec.num_layers)
     layout = [TensorSpec(name, reader.info(name).dtype, reader.info(name).shape) for name in reader.names()]
     return Conversion(
         method="toy",

@@ -198,7 +198,7 @@ def end_to_end(dense: Path, converted: Path, family: str, calibration: Path) -> 
     """The last layer's attention-output relative error of ``converted`` against ``dense`` on the calibration
     text (each model on its own inputs) and, for decoders, ``converted``'s LM loss there."""
     from upcycle.data.calibration import calibration_blocks
-    from upcycle.modeling.surgery import attention_of, layers_of
+    from upcycle.modeling.layer_parts import attention_of, layers_of
 
     blocks = calibration_blocks(
         dense, json.loads((dense / "config.json").read_text()), calibration, 1024, 512, encoder=family == "bert"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_bert, build_clip, build_dense
+from conftest import QUICK_FLAGS, build_bert, build_clip, build_dense, decoder_methods, expert_methods
 from safetensors.torch import load_file, save_file
 from test_cli import assert_one_line_error, leftovers, run
 
@@ -21,19 +21,9 @@ from upcycle.train.loop import copy_runtime
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 K0 = "model.layers.0.self_attn.k_proj.weight"
 
-# method flags that convert quickly on the tiny models (no calibration data)
-METHOD_FLAGS = {
-    "moh": [],
-    "prune-heads": [
-        "--ratio",
-        "0.5",
-        "--importance",
-        "random",
-        "--uniform",
-    ],  # the native output: what used to pass its checks
-    "prune-heads-nonuniform": ["--ratio", "0.25", "--importance", "random"],
-    "gqa": ["--kv-heads", "1"],
-    "mhe": [],
+# every decoder method with its quick flags, and pruning's non-uniform output (per-layer head counts) besides
+METHOD_FLAGS = {method: QUICK_FLAGS.get(method, []) for method in decoder_methods()} | {
+    "prune-heads-nonuniform": ["--ratio", "0.25", "--importance", "random"]
 }
 
 
@@ -148,10 +138,10 @@ def test_edited_head_count(tmp_path, key):
     )
 
 
-@pytest.mark.parametrize("key", ["moh", "prune-heads", "gqa", "mhe", "bam"])
+@pytest.mark.parametrize("key", decoder_methods() + expert_methods())
 def test_edited_layer_count(tmp_path, key):
     dense = build_dense(tmp_path / "dense")
-    args = ["--method", "bam", "--expert", dense] if key == "bam" else method_args(key)
+    args = ["--method", key, "--expert", dense] if key in expert_methods() else method_args(key)
     edit_config(dense, num_hidden_layers=3)
     assert_refused(tmp_path, convert(tmp_path, dense, *args), "lacks tensor model.layers.2.", "num_hidden_layers 3")
     edit_config(dense, num_hidden_layers=1)
@@ -236,7 +226,7 @@ def with_remote_code(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("key", ["moh", "prune-heads", "gqa", "mhe"])
+@pytest.mark.parametrize("key", decoder_methods())
 def test_convert_refuses_foreign_code(tmp_path, key):
     dense = with_remote_code(build_dense(tmp_path / "dense"))
     assert_refused(
@@ -282,14 +272,14 @@ def runtime_py(folder: Path) -> dict[str, bytes]:
 INSTALLED = {file.name: file.read_bytes() for file in RUNTIME_DIR.glob("*.py") if file.name != "__init__.py"}
 
 
-@pytest.mark.parametrize("key", ["prune-heads", "prune-heads-nonuniform", "gqa", "moh"])
+@pytest.mark.parametrize("key", sorted(METHOD_FLAGS))
 def test_trusted_foreign_code_is_not_copied(tmp_path, key):
     dense = with_remote_code(build_dense(tmp_path / "dense"))
     result = convert(tmp_path, dense, *method_args(key), "--trust-remote-code")
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
-    if key in ("prune-heads", "gqa"):  # plain checkpoints of the family: no auto_map, no code, the family's class
+    if not config["model_type"].startswith("upcycle_"):  # a plain checkpoint of the family: no auto_map, no code
         assert "auto_map" not in config and runtime_py(out) == {} and config["architectures"] == ["LlamaForCausalLM"]
         from transformers import AutoModelForCausalLM
 

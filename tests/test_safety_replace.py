@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import calibrated_methods, quick_args
 from test_safety_output import error_line, run
 
 from upcycle.checkpoint import reader as reader_module
@@ -283,10 +284,9 @@ def test_ffn_top_k_zero_is_refused(tmp_path: Path, dense: Path) -> None:
     assert "--ffn-top-k 0 is outside [1, 2]" in line
 
 
-@pytest.mark.parametrize("method", ["moh", "prune-heads", "gqa", "mhe"])
+@pytest.mark.parametrize("method", calibrated_methods())
 def test_calibration_budget_without_calibration_is_refused(tmp_path: Path, dense: Path, method: str) -> None:
-    extra = {"prune-heads": ["--ratio", "0.25"], "gqa": ["--kv-heads", "1"]}.get(method, [])
-    result = run("convert", dense, tmp_path / "out", "--method", method, *extra, "--calibration-tokens", "512")
+    result = run("convert", dense, tmp_path / "out", *quick_args(method), "--calibration-tokens", "512")
     assert error_line(result) == (
         "error: --calibration-tokens applies only with --calibration; pass --calibration too, or drop "
         "--calibration-tokens"

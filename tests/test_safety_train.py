@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from upcycle.cli import app
 from upcycle.errors import UpcycleError
+from upcycle.train.checkpoints import latest_checkpoint
 from upcycle.train.finetune import run_finetune
-from upcycle.train.loop import Trainer, latest_checkpoint
+from upcycle.train.loop import Trainer
 from upcycle.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

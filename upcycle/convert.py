@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -52,18 +51,16 @@ def base_model_ids(source: Source, experts: list[str]) -> list[str]:
 
 
 def input_paths(folder: Path, options) -> dict[str, Path | str | None]:
-    """Every local path a conversion reads, by flag: SRC, each --expert, --calibration and any other path option
-    (what OUT must not hold, since --overwrite deletes OUT)."""
+    """Every local path a conversion reads, by flag: SRC and each value of an option with an input role (experts,
+    calibration texts, other input files: ``option(role=...)``), what OUT must not hold, since --overwrite deletes
+    OUT. Assets and Hub ids among them name no local path and are skipped by the caller's checks."""
+    from .methods.spec import option_flag, role_values
+
     inputs: dict[str, Path | str | None] = {"SRC": folder}
-    for field in dataclasses.fields(options) if dataclasses.is_dataclass(options) else []:
-        value = getattr(options, field.name)
-        flag = "--expert" if field.name == "experts" else f"--{field.name.replace('_', '-')}"
-        if isinstance(value, Path):
-            inputs[flag] = Path(value).expanduser()
-        elif field.name in ("experts", "calibration"):  # the path lists (assets and Hub ids are skipped)
-            value = [value] if isinstance(value, (str, Path)) else list(value or [])
-            for index, path in enumerate(value):
-                inputs[f"{flag} #{index + 1}" if len(value) > 1 else flag] = Path(str(path)).expanduser()
+    for name, values in role_values(options).items():
+        flag = option_flag(options, name)
+        for index, path in enumerate(values):
+            inputs[f"{flag} #{index + 1}" if len(values) > 1 else flag] = Path(path).expanduser()
     return inputs
 
 
@@ -334,6 +331,9 @@ def convert_checkpoint(
     """Convert ``src`` into ``out`` (or only print the plan); returns the report.
 
     ``card_name``: the model's name in its card (a Hub repo id when it will be pushed; default: OUT's name)."""
+    from .methods.spec import check_choices
+
+    check_choices(options)
     max_shard = parse_size(shard_size)
     out = Path(out)
     with ExitStack() as stack:

@@ -15,6 +15,7 @@ from upcycle.checkpoint.source import LICENSE_KEYS
 from upcycle.checkpoint.source import local_name as _local_name
 from upcycle.errors import UpcycleError
 from upcycle.methods import MethodCard, all_specs, method_names, method_spec
+from upcycle.methods.spec import option_roles
 from upcycle.modeling.plan import plan_layers, plan_rows
 from upcycle.tables import figure_text, finite_number, layer_ranges, markdown_table, score_text
 
@@ -65,13 +66,25 @@ def _loading(config: dict, report: dict) -> tuple[str, str]:
     return "AutoModel", "feature-extraction"
 
 
+def _option_roles(report: dict) -> dict[str, str]:
+    """Option name -> role (``option(role=...)``) of the report's method ({} for a method this upcycle lacks)."""
+    method = report.get("method")
+    return option_roles(method_spec(method).options) if method in method_names() else {}
+
+
+def _role_options(report: dict, role: str) -> list[str]:
+    """The report's recorded values of its method's options of ``role``, as one list."""
+    options = report.get("options") or {}
+    return [v for name, r in _option_roles(report).items() if r == role for v in _as_list(options.get(name))]
+
+
 def _local_names(report: dict) -> dict[str, str]:
     """Local paths the report mentions -> their folder or file name (a card does not publish local paths)."""
+    options = report.get("options") or {}
     paths = [
         report.get("source"),
         *(report.get("experts") or []),
-        *((report.get("options") or {}).get("experts") or []),
-        *_as_list((report.get("options") or {}).get("calibration")),
+        *(value for name in _option_roles(report) for value in _as_list(options.get(name))),
     ]
     return {
         str(p): _local_name(str(p))
@@ -135,10 +148,11 @@ def _parameters_lines(parameters: dict) -> list[str]:
     ) + [""]
 
 
-def _options_rows(options: dict, names: dict[str, str]) -> list[tuple]:
+def _options_rows(options: dict, names: dict[str, str], listed: set[str]) -> list[tuple]:
+    """(option, value) rows of the recorded options, but for ``listed`` (shown in a list of their own)."""
     rows = []
     for key, value in options.items():
-        if value is None or key == "experts":
+        if value is None or key in listed:
             continue
         rows.append((f"`{key}`", f"`{_hide_local_paths(value, names)}`"))
     return rows
@@ -152,8 +166,9 @@ def _conversion_lines(report: dict, method: str, names: dict[str, str]) -> list[
         lines += [f"{i}. `{_hide_local_paths(path, names)}`" for i, path in enumerate(report["experts"])] + [""]
     if options:
         lines += [f"Conversion options (`upcycle convert --method {report.get('method')}`):", ""]
-        lines += markdown_table(("option", "value"), _options_rows(options, names)) + [""]
-    calibration = _as_list(options.get("calibration"))
+        experts = {name for name, role in _option_roles(report).items() if role == "experts"}
+        lines += markdown_table(("option", "value"), _options_rows(options, names, experts)) + [""]
+    calibration = _role_options(report, "calibration")
     if calibration:
         tokens = options.get("calibration_tokens")
         shares = options.get("calibration_weights") or []
@@ -165,7 +180,7 @@ def _conversion_lines(report: dict, method: str, names: dict[str, str]) -> list[
             f"Calibration data: {', '.join(texts)}" + (f", {tokens:,} tokens." if tokens else "."),
             "",
         ]
-    elif method in method_names() and method_spec(method).has_option("calibration"):
+    elif method in method_names() and method_spec(method).reads_calibration:
         lines += ["Calibration data: none; the conversion used the weights only.", ""]
     return lines if len(lines) > 2 else []
 

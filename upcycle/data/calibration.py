@@ -11,20 +11,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UpcycleError
+from ..tokenizer import load_tokenizer
 from .text import pack_tokens, read_documents
-
-
-def load_tokenizer(folder: Path):
-    """The checkpoint's own tokenizer, or one line saying it is missing."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise UpcycleError(
-            f"{folder} has no usable tokenizer for the calibration text ({str(error).splitlines()[0]}); "
-            "add the tokenizer files"
-        ) from None
 
 
 class SepAsEos:

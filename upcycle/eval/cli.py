@@ -34,12 +34,12 @@ def run_eval(
     output (never one of the inputs), the task files and the tasks' data are checked before any model is loaded."""
     from ..checkpoint.source import resolve_model
     from ..files import json_text
+    from ..tokenizer import load_tokenizer
     from .evaluate import (
         check_token_budget,
         eval_tokens_from_text,
         evaluate_corpora,
         format_recovery_table,
-        load_tokenizer,
         max_positions,
         recovery,
     )

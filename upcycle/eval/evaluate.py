@@ -17,6 +17,7 @@ from upcycle.errors import UpcycleError
 from upcycle.eval.perplexity import sliding_window_nll
 from upcycle.eval.usage import HeadUsage
 from upcycle.tables import figure_text
+from upcycle.tokenizer import load_tokenizer
 
 
 def eval_tokens_from_text(
@@ -65,34 +66,6 @@ def max_positions(folder: str | Path) -> int | None:
     if value is None and isinstance(config.get("text_config"), dict):
         value = config["text_config"].get("max_position_embeddings")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
-)
-
-
-def load_tokenizer(folder: str | Path):
-    """The tokenizer saved in a model folder; one clear error when the folder has none or it does not load."""
-    from transformers import AutoTokenizer
-
-    folder = Path(folder).expanduser()
-    fix = (
-        "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) of the model it was made from into it, "
-        "e.g. AutoTokenizer.from_pretrained(SOURCE).save_pretrained(FOLDER)"
-    )
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise UpcycleError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); {fix}")
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
-        raise UpcycleError(f"cannot load the tokenizer of {folder} ({reason}); {fix}") from None
 
 
 def load_model(model_path: str | Path, device: str | None = None, dtype: str | None = None) -> torch.nn.Module:

@@ -358,9 +358,10 @@ def run_model(model_path: str | Path, loaded: dict, settings: HarnessSettings) -
     import torch
     from lm_eval.evaluator import evaluate
 
-    from upcycle.eval.evaluate import load_model, load_tokenizer
+    from upcycle.eval.evaluate import load_model
     from upcycle.eval.usage import HeadUsage
     from upcycle.modeling.gated_attention import set_attention_backend
+    from upcycle.tokenizer import load_tokenizer
 
     model = load_model(model_path, settings.device, settings.dtype)
     try:
@@ -549,7 +550,7 @@ def check_context(loaded: dict, settings: HarnessSettings, models: Mapping[Path 
     """Refuse a task a model's context cannot run, which the harness would only find out with the model loaded: an
     answer choice longer than the model's positions (multiple choice) or a generation budget that leaves no room
     for the prompt."""
-    from upcycle.eval.evaluate import load_tokenizer
+    from upcycle.tokenizer import load_tokenizer
 
     for model, positions in models.items():
         if positions is None:

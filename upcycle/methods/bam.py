@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal
 
 from ..arch import DecoderSpec, decoder_spec
 from ..checkpoint.compare import checkpoint_differences
@@ -34,6 +34,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.source import open_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
+from ..modeling.plan import AttentionExperts, LayerPlan, MoEFFN, ParallelBlock
 from .base import ChunkedTensor, Conversion, SourceTensor, check_source, native_refusal, runtime_config
 from .spec import DATA_PANEL, MethodCard, MethodSpec, option
 
@@ -45,7 +46,6 @@ else:
 
 AttentionMode = Literal["expert-kv", "shared-kv", "average"]
 RouterInit = Literal["random", "zero"]
-ATTENTION_MODES, ROUTER_INITS = get_args(AttentionMode), get_args(RouterInit)
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 ARCHITECTURE_KEYS = (
@@ -75,6 +75,7 @@ class BAMOptions:
 
     experts: list[str] = option(
         flag="--expert",
+        role="experts",
         default_factory=list,
         help="a model branched from SRC (the seed, expert 0) and trained further. Repeat for each expert.",
     )
@@ -111,14 +112,6 @@ def open_experts(reader: CheckpointReader, options: BAMOptions) -> list[Checkpoi
 
 def validate(options: BAMOptions, experts: int) -> int:
     """Check the flags; returns the FFN top-k."""
-    if options.attention not in ATTENTION_MODES:
-        raise UpcycleError(
-            f"--attention {options.attention!r} is unknown; choose one of: {', '.join(ATTENTION_MODES)}"
-        )
-    if options.router_init not in ROUTER_INITS:
-        raise UpcycleError(
-            f"--router-init {options.router_init!r} is unknown; choose one of: {', '.join(ROUTER_INITS)}"
-        )
     if not options.experts:
         raise UpcycleError(
             "--method bam needs at least one --expert PATH: "
@@ -382,14 +375,10 @@ def mixed_shape(spec: DecoderSpec, proj: str, kind: str, experts: int, shared_kv
     return (experts * shape[0], *shape[1:])
 
 
-def layer_plan(mode: str, experts: int, top_k: int, parallel_block: bool) -> dict:
-    """One layer's ``upcycle`` plan entry."""
-    plan: dict = {"moe_ffn": {"experts": experts, "top_k": top_k}}
-    if mode != "average":
-        plan["attention_experts"] = {"experts": experts, "kv": "shared" if mode == "shared-kv" else "expert"}
-    if parallel_block:
-        plan["parallel_block"] = True
-    return plan
+def layer_plan(mode: str, experts: int, top_k: int, parallel_block: bool) -> LayerPlan:
+    """One layer's plan: FFN experts, attention experts unless the attention is averaged, the parallel block."""
+    attention = None if mode == "average" else AttentionExperts(experts, "shared" if mode == "shared-kv" else "expert")
+    return LayerPlan.of(MoEFFN(experts=experts, top_k=top_k), attention, ParallelBlock() if parallel_block else None)
 
 
 def plan_printout(
@@ -449,7 +438,7 @@ def card_variant(report: dict) -> str | None:
 
 def card_table(report: dict, config: dict) -> list[str]:
     """The card's plan: attention and FFN experts per layer (BTX as plain Mixtral: from its config)."""
-    from ..modeling.plan import AttentionExperts, MoEFFN, parse_layers
+    from ..modeling.plan import parse_layers
     from ..tables import layer_ranges, markdown_table
 
     router = (report.get("options") or {}).get("router_init", "?")

@@ -13,6 +13,8 @@ from ..checkpoint.writer import TensorSpec
 
 if TYPE_CHECKING:
     import torch
+
+    from ..modeling.plan import LayerPlan
 else:
     from ..lazy import torch
 
@@ -141,7 +143,7 @@ def plain_config(config: dict, auto_class: str = "AutoModelForCausalLM") -> dict
 
 
 def runtime_config(
-    config: dict, spec, method: str, layers: list[dict] | dict[str, list[dict]]
+    config: dict, spec, method: str, layers: list[LayerPlan] | dict[str, list[LayerPlan]]
 ) -> tuple[dict, str, str]:
     """(config, Auto class, pipeline tag) of an upcycle-format checkpoint of ``spec``'s family.
 
@@ -153,12 +155,13 @@ def runtime_config(
     from ..arch import DecoderSpec
     from ..arch.clip import ClipSpec
     from ..auto_registration import RUNTIME_CLASSES
+    from ..modeling.plan import plans_json
 
     family = "clip" if isinstance(spec, ClipSpec) else spec.model_type
     config_class, models = RUNTIME_CLASSES[family]
     if isinstance(spec, ClipSpec):
         classes, auto_class, tag = dict(models), "AutoModel", "zero-shot-image-classification"
-        plan = {"base_model_type": "clip", "towers": layers}
+        plan = {"base_model_type": "clip", "towers": {name: plans_json(tower) for name, tower in layers.items()}}
     elif isinstance(spec, DecoderSpec):
         classes, auto_class, tag = dict(models), "AutoModelForCausalLM", "text-generation"
     else:
@@ -167,7 +170,7 @@ def runtime_config(
             classes["AutoModelForMaskedLM"] = models["AutoModelForMaskedLM"]
             auto_class, tag = "AutoModelForMaskedLM", "fill-mask"
     if not isinstance(spec, ClipSpec):
-        plan = {"base_model_type": spec.model_type, "layers": layers}
+        plan = {"base_model_type": spec.model_type, "layers": plans_json(layers)}
     config = dict(config)
     config.update(
         model_type=f"upcycle_{family}",

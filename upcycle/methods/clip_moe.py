@@ -21,6 +21,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.source import open_source
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
+from ..modeling.plan import LayerPlan, MoEFFN
 from .base import Conversion, SourceTensor, check_source, runtime_config
 from .spec import DATA_PANEL, MethodCard, MethodSpec, option
 
@@ -38,7 +39,7 @@ class ClipMoEOptions:
     """The CLIP-MoE flags of ``upcycle convert``."""
 
     experts: list[str] = option(
-        flag="--expert", default_factory=list, help="an MCL stage checkpoint. Repeat for each expert."
+        flag="--expert", role="experts", default_factory=list, help="an MCL stage checkpoint. Repeat for each expert."
     )
     layers: int | None = option(None, help="experts in the last L layers of both towers (default: all).")
     top_k: int = option(2, help="experts per token.")
@@ -85,13 +86,12 @@ def expert_readers(
     return readers, labels
 
 
-def tower_plans(spec: ClipSpec, experts: int, top_k: int, layers: int | None) -> dict[str, list[dict]]:
-    """Per tower, per layer: ``moe_ffn`` for the last ``layers`` layers (None: all), nothing for the others."""
+def tower_plans(spec: ClipSpec, experts: int, top_k: int, layers: int | None) -> dict[str, list[LayerPlan]]:
+    """Per tower, per layer: FFN experts for the last ``layers`` layers (None: all), nothing for the others."""
+    experts_ffn = MoEFFN(experts=experts, top_k=top_k)
     return {
         tower.name: [
-            {"moe_ffn": {"experts": experts, "top_k": top_k}}
-            if index >= tower.num_layers - (layers or tower.num_layers)
-            else {}
+            LayerPlan.of(experts_ffn if index >= tower.num_layers - (layers or tower.num_layers) else None)
             for index in range(tower.num_layers)
         ]
         for tower in spec.towers

@@ -70,7 +70,7 @@ def mean_kv_heads(tensor: torch.Tensor, kv_heads: int, head_dim: int) -> torch.T
 
 def pool_in_memory(model: nn.Module, kv_heads: int, head_dim: int) -> None:
     """Mean-pool the k/v projections of a loaded dense model in memory as the files are pooled (for the refit)."""
-    from ..modeling.surgery import attention_of, layers_of
+    from ..modeling.layer_parts import attention_of, layers_of
 
     for layer in layers_of(model):
         attention = attention_of(layer)
@@ -92,7 +92,7 @@ def attention_input_covariances(
     trailing 1) on the calibration text, from one pass of the dense model."""
     from ..checkpoint.load import load_for_analysis
     from ..data.calibration import options_calibration_blocks
-    from ..modeling.surgery import attention_of, layers_of
+    from ..modeling.layer_parts import attention_of, layers_of
     from .base import progress, source_parameters
     from .refit import BATCH_BLOCKS
 
@@ -173,7 +173,7 @@ def aligned_tensors(reader: CheckpointReader, spec: DecoderSpec, options: GQAOpt
 
 def load_merged(model: nn.Module, tensors: dict[str, torch.Tensor], spec: DecoderSpec, kv_heads: int) -> None:
     """Put the merged projections into a loaded dense base model in memory (for the refit), as the files get them."""
-    from ..modeling.surgery import attention_of, layers_of
+    from ..modeling.layer_parts import attention_of, layers_of
 
     for index, layer in enumerate(layers_of(model)):
         attention = attention_of(layer)

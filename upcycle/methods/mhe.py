@@ -53,7 +53,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..lazy import no_grad
-from ..modeling.plan import MHE_VARIANTS
+from ..modeling.plan import MHE, MHE_VARIANTS, LayerPlan
 from .base import Conversion, SourceTensor, check_source, progress, recorded_options, runtime_config, source_parameters
 from .spec import (
     MethodCard,
@@ -268,7 +268,7 @@ class CalibrationPass:
         self, label: str, moments: bool, replacements: list[dict[str, nn.Module]] | None = None
     ) -> tuple[list[torch.Tensor] | None, list[float] | None]:
         """(per-layer E[x~ x~^T] [d+1, d+1] or None, per-layer attention output relative error or None)."""
-        from ..modeling.surgery import attention_of, layers_of, projections_of
+        from ..modeling.layer_parts import attention_of, layers_of, projections_of
 
         layers = layers_of(self.model)
         sums = [None] * len(layers)
@@ -364,7 +364,7 @@ class CalibrationPass:
         (``v = x~ - x~_d``); then, with ``fit``'s projections swapped in for good, compressed, for
         the next compressed states. About two forward passes of the model in all.
         """
-        from ..modeling.surgery import attention_of, layers_of, projections_of
+        from ..modeling.layer_parts import attention_of, layers_of, projections_of
 
         layers = layers_of(self.model)
         compressed, rest, kwargs = self.layer_inputs(layers[0])  # [N, T, D]
@@ -588,10 +588,6 @@ def attention_parameters(shapes: dict[str, tuple], spec: DecoderSpec | EncoderSp
 
 
 def validate(options: MHEOptions) -> None:
-    if options.variant not in MHE_VARIANTS:
-        raise UpcycleError(f"--variant {options.variant!r} is unknown; choose one of: {', '.join(MHE_VARIANTS)}")
-    if options.init not in INITS:
-        raise UpcycleError(f"--init {options.init!r} is unknown; choose one of: {', '.join(INITS)}")
     if options.init in ("calibrated", "sequential") and not options.calibration:
         raise UpcycleError(
             f"--init {options.init} fits on activations and needs calibration text; "
@@ -665,7 +661,7 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
             else:
                 yield item.name, SourceTensor(item.name)
 
-    plans = [{"mhe": {"variant": options.variant, "heads": dict(heads)}} for _ in range(spec.num_layers)]
+    plans = [LayerPlan.of(MHE(variant=options.variant, heads=dict(heads))) for _ in range(spec.num_layers)]
     config, auto_class, pipeline_tag = runtime_config(reader.config, spec, "mhe", plans)
     before = attention_parameters({name: reader.info(name).shape for name in names}, spec)
     after = attention_parameters({item.name: item.shape for item in layout}, spec)

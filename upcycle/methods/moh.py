@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal
 
 from ..arch import DecoderSpec, decoder_spec
 from ..background import in_background
@@ -21,7 +21,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
 from ..lazy import no_grad
-from ..modeling.plan import ROUTER_KINDS
+from ..modeling.plan import ROUTER_KINDS, HeadGate, LayerPlan
 from .base import (
     Conversion,
     SourceTensor,
@@ -48,7 +48,6 @@ else:
 
 Selection = Literal["first", "weight-norm", "contribution"]
 Rescale = Literal["none", "layer", "channel"]
-SELECTIONS, RESCALES = get_args(Selection), get_args(Rescale)
 FIT_STEPS = 300  # Adam steps of the fitted router's scorer, per layer
 FIT_CHUNK = 256  # tokens per chunk when expanding per-head outputs [chunk, heads, D]
 
@@ -57,7 +56,7 @@ FIT_CHUNK = 256  # tokens per chunk when expanding per-head outputs [chunk, head
 class MoHOptions:
     """The MoH flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
-    router: Literal["query-norm", "learned", "fitted"] = option(
+    router: Literal[ROUTER_KINDS] = option(
         "query-norm",
         help="query-norm (parameter-free, MoH-LLaMA3), learned (two-stage, zero-initialised) or fitted "
         "(a linear scorer fitted on --calibration text to pick the heads that contribute most; binary gates).",
@@ -302,7 +301,7 @@ def _relative_error(o_moh: torch.Tensor, o_dense: torch.Tensor) -> float:
 
 @no_grad
 def calibration_fit(
-    reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions, plans: list[dict]
+    reader: CheckpointReader, spec: DecoderSpec, options: MoHOptions, plans: list[HeadGate]
 ) -> list[LayerFit]:
     """Fit, layer after layer on calibration text, the fitted router's scorer and/or the o_proj scale (``rescale``).
 
@@ -317,19 +316,18 @@ def calibration_fit(
     model.config._attn_implementation = ATTENTION_NAME  # attention without a head_router stays plain SDPA
     hidden, layer_kwargs = _layer_inputs(model, blocks)
     fits = []
-    for index, (layer, plan) in enumerate(
+    for index, (layer, gate) in enumerate(
         progress(list(zip(model.model.layers, plans)), "MoH calibration fit", unit="layer")
     ):
-        gate = plan["head_gate"]
-        heads = (spec.hidden_size, spec.num_heads, gate["shared_heads"], gate["routed_heads"], gate["top_k"])
+        heads = (spec.hidden_size, spec.num_heads, gate.shared_heads, gate.routed_heads, gate.top_k)
         attention = layer.self_attn
         attach_head_router(attention, build_router("query-norm", *heads))
         dense = _record_dense(layer, hidden, layer_kwargs[index])
-        routed = torch.tensor(gate["routed_heads"])
+        routed = torch.tensor(gate.routed_heads)
         contributions = _routed_contributions(
-            dense["heads"], attention.o_proj.weight, gate["routed_heads"], spec.head_dim
+            dense["heads"], attention.o_proj.weight, gate.routed_heads, spec.head_dim
         )
-        oracle = _top_k(contributions, gate["top_k"])  # [M, hr]
+        oracle = _top_k(contributions, gate.top_k)  # [M, hr]
 
         def agreement(gates: torch.Tensor) -> float:
             return (gates[:, routed] == oracle).all(dim=-1).float().mean().item()
@@ -389,8 +387,8 @@ def fit_summary(fits: list[LayerFit]) -> dict:
 
 def layer_plans(
     spec: DecoderSpec, router: str, shared_count: int, top_k: int, scores: list[list[float]] | None
-) -> list[dict]:
-    """Per-layer ``head_gate`` entries: the top-scored heads shared (or the first ones)."""
+) -> list[HeadGate]:
+    """Per layer, its head gate: the top-scored heads shared (or the first ones)."""
     plans = []
     for layer in range(spec.num_layers):
         if scores is None:
@@ -399,26 +397,24 @@ def layer_plans(
             order = sorted(range(spec.num_heads), key=lambda head: -scores[layer][head])
         shared = sorted(order[:shared_count])
         routed = sorted(order[shared_count:])
-        gate = {"router": router, "shared_heads": shared, "routed_heads": routed, "top_k": top_k}
-        plans.append({"head_gate": gate})
+        plans.append(HeadGate(router=router, shared_heads=shared, routed_heads=routed, top_k=top_k))
     return plans
 
 
-def router_tensors(spec: DecoderSpec, plans: list[dict], dtype: torch.dtype) -> list[TensorSpec]:
+def router_tensors(spec: DecoderSpec, plans: list[HeadGate], dtype: torch.dtype) -> list[TensorSpec]:
     """The new tensors of the learned and fitted routers (none for query-norm)."""
     new = []
-    for layer, plan in enumerate(plans):
-        gate = plan["head_gate"]
+    for layer, gate in enumerate(plans):
         prefix = f"{spec.layer_prefix(layer)}self_attn.head_router."
-        routed = len(gate["routed_heads"])
-        if gate["router"] == "fitted" and routed:
+        routed = len(gate.routed_heads)
+        if gate.router == "fitted" and routed:
             new += [
                 TensorSpec(f"{prefix}score_proj.weight", dtype, (routed, spec.hidden_size)),
                 TensorSpec(f"{prefix}score_proj.bias", dtype, (routed,)),
             ]
-        if gate["router"] != "learned":
+        if gate.router != "learned":
             continue
-        sizes = {"shared_proj": len(gate["shared_heads"]), "routed_proj": routed}
+        sizes = {"shared_proj": len(gate.shared_heads), "routed_proj": routed}
         if sizes["shared_proj"] and sizes["routed_proj"]:
             sizes["mix_proj"] = 2
         new += [
@@ -431,17 +427,11 @@ def router_tensors(spec: DecoderSpec, plans: list[dict], dtype: torch.dtype) -> 
 
 def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     """Plan the MoH conversion of the dense decoder behind ``reader``."""
-    if options.router not in ROUTER_KINDS:
-        raise UpcycleError(f"--router {options.router!r} is unknown; choose one of: {', '.join(ROUTER_KINDS)}")
     selection = options.shared_selection or ("contribution" if options.calibration else "weight-norm")
-    if selection not in SELECTIONS:
-        raise UpcycleError(f"--shared-selection {selection!r} is unknown; choose one of: {', '.join(SELECTIONS)}")
     if selection == "contribution" and not options.calibration:
         raise UpcycleError(
             "--shared-selection contribution needs calibration text; pass --calibration FILE or choose weight-norm"
         )
-    if options.rescale not in RESCALES:
-        raise UpcycleError(f"--rescale {options.rescale!r} is unknown; choose one of: {', '.join(RESCALES)}")
     for flag, needed, other in (
         ("--router fitted", options.router == "fitted", "--router query-norm"),
         (f"--rescale {options.rescale}", options.rescale != "none", "--rescale none"),
@@ -523,7 +513,7 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
                 fitted[item.name].to(item.dtype) if item.name in fitted else torch.zeros(item.shape, dtype=item.dtype),
             )
 
-    config, _, _ = runtime_config(reader.config, spec, "moh", plans)
+    config, _, _ = runtime_config(reader.config, spec, "moh", [LayerPlan.of(gate) for gate in plans])
     conversion = Conversion(
         method="moh",
         config=config,
@@ -552,30 +542,29 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
             scored = scoring.result()
             plans[:] = layer_plans(spec, options.router, shared_count, top_k, scored)
             report["head_scores"] = scored
-            conversion.config = runtime_config(reader.config, spec, "moh", plans)[0]
+            conversion.config = runtime_config(reader.config, spec, "moh", [LayerPlan.of(gate) for gate in plans])[0]
             conversion.plan_lines = plan_printout(spec, plans, selection)
 
         conversion.settle = settle
     return conversion
 
 
-def plan_printout(spec: DecoderSpec, plans: list[dict], selection: str) -> list[str]:
+def plan_printout(spec: DecoderSpec, plans: list[HeadGate], selection: str) -> list[str]:
     """One line per layer: shared heads, routed heads and top-k."""
-    first = plans[0]["head_gate"]
-    active = len(first["shared_heads"]) + first["top_k"]
+    first = plans[0]
+    active = len(first.shared_heads) + first.top_k
     lines = [
         f"MoH plan: {spec.num_layers} layers x {spec.num_heads} query heads "
         f"({spec.num_kv_heads} KV heads, head_dim {spec.head_dim}); "
-        f"router {first['router']}; shared heads by {selection}",
+        f"router {first.router}; shared heads by {selection}",
         f"active heads per token: {active}/{spec.num_heads} = {active / spec.num_heads:.4f} "
-        f"({len(first['shared_heads'])} shared + top-{first['top_k']} of {len(first['routed_heads'])} routed)",
+        f"({len(first.shared_heads)} shared + top-{first.top_k} of {len(first.routed_heads)} routed)",
         f"{'layer':>5}  {'shared heads':<{3 * spec.num_heads}}  {'routed heads':<{3 * spec.num_heads}}  top-k",
     ]
-    for layer, plan in enumerate(plans):
-        gate = plan["head_gate"]
-        shared = " ".join(str(h) for h in gate["shared_heads"])
-        routed = " ".join(str(h) for h in gate["routed_heads"])
-        lines.append(f"{layer:>5}  {shared:<{3 * spec.num_heads}}  {routed:<{3 * spec.num_heads}}  {gate['top_k']}")
+    for layer, gate in enumerate(plans):
+        shared = " ".join(str(h) for h in gate.shared_heads)
+        routed = " ".join(str(h) for h in gate.routed_heads)
+        lines.append(f"{layer:>5}  {shared:<{3 * spec.num_heads}}  {routed:<{3 * spec.num_heads}}  {gate.top_k}")
     return lines
 
 

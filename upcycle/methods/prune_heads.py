@@ -39,12 +39,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal
 
 from ..arch import DecoderSpec, EncoderSpec, attention_spec
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import TensorSpec
 from ..errors import UpcycleError
+from ..modeling.plan import AttentionHeads, LayerPlan
 from .base import (
     Conversion,
     SourceTensor,
@@ -75,7 +76,6 @@ else:
     from ..lazy import F, nn, torch
 
 Importance = Literal["gradient", "random"]
-IMPORTANCES = get_args(Importance)
 ATTENTION_TENSORS = (
     ("q_proj", "weight"),
     ("q_proj", "bias"),
@@ -229,7 +229,7 @@ class UnitGates:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """Each layer's attention module (the one that calls the attention function)."""
-    from ..modeling.surgery import attention_of, layers_of
+    from ..modeling.layer_parts import attention_of, layers_of
 
     return [attention_of(layer) for layer in layers_of(model)]
 
@@ -344,25 +344,24 @@ class GradientScorer:
         return scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def kept_heads(spec: DecoderSpec | EncoderSpec, removed: list[set[int]]) -> list[dict]:
-    """Per-layer ``attention_heads`` plan entries: the query and KV heads kept."""
+def kept_heads(spec: DecoderSpec | EncoderSpec, removed: list[set[int]]) -> list[AttentionHeads]:
+    """Per layer, its plan's change: the query and KV heads kept."""
     units, heads_per_unit, _ = units_of(spec)
     plans = []
     for layer_removed in removed:
         kept_units = [u for u in range(units) if u not in layer_removed]
         heads = [u * heads_per_unit + i for u in kept_units for i in range(heads_per_unit)]
         kv_heads = heads if heads_per_unit == 1 else kept_units
-        plans.append({"attention_heads": {"kept_heads": heads, "kept_kv_heads": kv_heads}})
+        plans.append(AttentionHeads(kept_heads=heads, kept_kv_heads=kv_heads))
     return plans
 
 
-def apply_plans(model: nn.Module, plans: list[dict], layers: list[int]) -> None:
+def apply_plans(model: nn.Module, plans: list[AttentionHeads], layers: list[int]) -> None:
     """Slice the ``layers`` of a loaded dense model in memory as the files are sliced (for the refit)."""
-    from ..modeling.plan import AttentionHeads
-    from ..modeling.surgery import apply_attention_heads, layers_of
+    from ..modeling.layer_parts import layers_of
 
     for layer in layers:
-        apply_attention_heads(layers_of(model)[layer], AttentionHeads(**plans[layer]["attention_heads"]))
+        plans[layer].apply(layers_of(model)[layer], model.config)
 
 
 def head_rows(tensor: torch.Tensor, kept: list[int], head_dim: int, dim: int) -> torch.Tensor:
@@ -373,12 +372,12 @@ def head_rows(tensor: torch.Tensor, kept: list[int], head_dim: int, dim: int) ->
 
 
 def sliced_tensors(
-    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[AttentionHeads]
 ) -> dict[str, tuple[list[int], int]]:
     """name -> (kept heads, dim) for every attention tensor that loses heads."""
     edits, names = {}, set(reader.names())
     for layer, plan in enumerate(plans):
-        heads, kv_heads = plan["attention_heads"]["kept_heads"], plan["attention_heads"]["kept_kv_heads"]
+        heads, kv_heads = plan.kept_heads, plan.kept_kv_heads
         if len(heads) == spec.num_heads:
             continue
         for proj, kind in ATTENTION_TENSORS:
@@ -389,13 +388,13 @@ def sliced_tensors(
 
 
 def output_config(
-    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[dict]
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, plans: list[AttentionHeads]
 ) -> tuple[dict, bool, str, str]:
     """(config, uses the runtime, Auto class, why): native for uniform decoders that transformers accepts, else the
     upcycle format."""
     config = plain_config(reader.config)  # runtime_config below replaces what it drops
-    heads = {len(p["attention_heads"]["kept_heads"]) for p in plans}
-    kv_heads = {len(p["attention_heads"]["kept_kv_heads"]) for p in plans}
+    heads = {len(p.kept_heads) for p in plans}
+    kv_heads = {len(p.kept_kv_heads) for p in plans}
     if isinstance(spec, DecoderSpec):
         config["head_dim"] = spec.head_dim
         why = "per-layer head counts differ"
@@ -410,14 +409,12 @@ def output_config(
             "BertConfig derives the head size from hidden_size / num_attention_heads, "
             "so plain BERT cannot hold fewer heads of the same size"
         )
-    config, auto_class, _ = runtime_config(config, spec, "prune-heads", plans)
+    config, auto_class, _ = runtime_config(config, spec, "prune-heads", [LayerPlan.of(p) for p in plans])
     return config, True, auto_class, why
 
 
 def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
     """Plan the head pruning of the dense decoder or BERT encoder behind ``reader``."""
-    if options.importance not in IMPORTANCES:
-        raise UpcycleError(f"--importance {options.importance!r} is unknown; choose one of: {', '.join(IMPORTANCES)}")
     check_refit(options.refit, options.calibration, options.refit_ridge)
     ridge = parse_ridge(options.refit_ridge)
     normalize_per_layer(options.normalize, 0)  # validate the flag before any work
@@ -455,9 +452,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
     edits = sliced_tensors(reader, spec, plans)
     refits, refit_report = {}, None
     if options.refit != "none":
-        changed = [
-            layer for layer, plan in enumerate(plans) if len(plan["attention_heads"]["kept_heads"]) < spec.num_heads
-        ]
+        changed = [layer for layer, plan in enumerate(plans) if len(plan.kept_heads) < spec.num_heads]
         refits, refit_report = refit_conversion(
             reader,
             spec,
@@ -486,7 +481,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
             else:
                 yield item.name, SourceTensor(item.name)
 
-    kept_per_layer = [len(p["attention_heads"]["kept_heads"]) for p in plans]
+    kept_per_layer = [len(p.kept_heads) for p in plans]
     settings = recorded_options(options)
     form = (
         "a plain checkpoint of the base architecture"
@@ -509,8 +504,8 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
                 "removed": sum(map(len, removed)),
             },
             "heads_kept_per_layer": kept_per_layer,
-            "kept": [p["attention_heads"] for p in plans],
-            "kv_heads_kept_per_layer": [len(p["attention_heads"]["kept_kv_heads"]) for p in plans],
+            "kept": [p.to_json() for p in plans],
+            "kv_heads_kept_per_layer": [len(p.kept_kv_heads) for p in plans],
             "head_scores": scores.tolist(),
             "output_format": "native" if not uses_runtime else f"upcycle ({why})",
         }
@@ -535,10 +530,10 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
 
 
 def plan_printout(
-    spec: DecoderSpec | EncoderSpec, plans: list[dict], options: PruneHeadsOptions, unit_name: str, why: str
+    spec: DecoderSpec | EncoderSpec, plans: list[AttentionHeads], options: PruneHeadsOptions, unit_name: str, why: str
 ) -> list[str]:
     """One line per layer: query heads and KV heads kept."""
-    kept = [len(p["attention_heads"]["kept_heads"]) for p in plans]
+    kept = [len(p.kept_heads) for p in plans]
     lines = [
         f"head pruning plan: {spec.num_layers} layers x {spec.num_heads} query heads "
         f"({spec.num_kv_heads} KV heads, head_dim {spec.head_dim}); "
@@ -552,7 +547,7 @@ def plan_printout(
         f"{'layer':>5}  {'kept':>4}  kept heads (KV heads)",
     ]
     for layer, plan in enumerate(plans):
-        heads, kv_heads = plan["attention_heads"]["kept_heads"], plan["attention_heads"]["kept_kv_heads"]
+        heads, kv_heads = plan.kept_heads, plan.kept_kv_heads
         kv = "" if kv_heads == heads else f"  ({' '.join(map(str, kv_heads))})"
         lines.append(f"{layer:>5}  {len(heads):>4}  {' '.join(map(str, heads))}{kv}")
     return lines
@@ -560,7 +555,6 @@ def plan_printout(
 
 def card_table(report: dict, config: dict) -> list[str]:
     """The card's plan: query heads kept per layer (from the report: a uniform output is a plain checkpoint)."""
-    from ..modeling.plan import AttentionHeads
     from ..tables import layer_ranges, markdown_table
 
     if not report.get("kept"):

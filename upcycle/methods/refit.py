@@ -130,7 +130,7 @@ class _Stop(Exception):
 def layer_inputs(model: nn.Module, blocks: torch.Tensor) -> list[tuple[torch.Tensor, tuple, dict]]:
     """Per batch of blocks: (layer 0's hidden states [B, T, D], its other positional args, its kwargs),
     the masks and position embeddings included, so layers can then run one at a time."""
-    from ..modeling.surgery import layers_of
+    from ..modeling.layer_parts import layers_of
 
     captured = []
 
@@ -236,7 +236,7 @@ def refit_output_projections(
     "per_layer": [{"layer", "error_before", "error_after"}]}``, with lstsq's ``ridge`` per layer and, when chosen,
     the held-out errors); ``converted`` ends refitted in place.
     """
-    from ..modeling.surgery import layers_of, projections_of
+    from ..modeling.layer_parts import layers_of, projections_of
 
     if mode not in ("rescale", "lstsq"):
         raise ValueError(f"mode {mode!r}: refit with rescale or lstsq")

@@ -9,9 +9,12 @@ table, and ``upcycle inspect``'s plan summary (from the typed plan in ``modeling
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 DATA_PANEL = "Seeds and calibration data"  # the --help group of the options several methods share
 CALIBRATION_HELP = (
@@ -25,6 +28,13 @@ CALIBRATION_WEIGHTS_HELP = (
 CALIBRATION_TOKENS_HELP = "Tokens of calibration text to use (all texts together)."
 
 
+# What an option's value names, for the code that checks and records inputs (option(role=...)):
+#   input: local files or folders the conversion reads (refused as or inside OUT, checked to exist in a recipe);
+#   experts: models mixed with SRC (inputs too; their Hub ids are the card's base models);
+#   calibration: calibration texts, files, folders or asset:NAME (inputs too; named on the card).
+ROLES = ("input", "experts", "calibration")
+
+
 def option(
     default: Any = MISSING,
     *,
@@ -33,6 +43,7 @@ def option(
     example: str | None = None,
     flag: str | None = None,
     requires: str | None = None,
+    role: str | None = None,
     default_factory: Callable[[], Any] | Any = MISSING,
 ) -> Any:
     """A field of a method's ``Options`` that is also an ``upcycle convert`` flag and a recipe key.
@@ -40,8 +51,12 @@ def option(
     ``help``: the flag's help text; ``panel``: its ``--help`` group (default: the method's); ``example``: a valid
     value, named in the one-line error for a non-finite number; ``flag``: the flag when not ``--field-name`` (a list
     field is a repeatable flag, e.g. ``--expert`` for ``experts``); ``requires``: the field this one only applies
-    with (``calibration`` for the calibration budget): given without it, it is refused in one line."""
-    metadata = {"help": help, "panel": panel, "example": example, "flag": flag, "requires": requires}
+    with (``calibration`` for the calibration budget): given without it, it is refused in one line; ``role``: what
+    the value names when it names inputs (one of :data:`ROLES`): the input checks, the recipe's file checks and the
+    card find inputs by it, never by a field's name."""
+    if role is not None and role not in ROLES:
+        raise ValueError(f"option role {role!r} is unknown; use one of {', '.join(ROLES)}")
+    metadata = {"help": help, "panel": panel, "example": example, "flag": flag, "requires": requires, "role": role}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -49,7 +64,7 @@ def option(
 
 def calibration_option() -> Any:
     """The ``calibration`` field of a method's options: a list of texts (a mix when several)."""
-    return option(default_factory=list, panel=DATA_PANEL, help=CALIBRATION_HELP)
+    return option(default_factory=list, panel=DATA_PANEL, help=CALIBRATION_HELP, role="calibration")
 
 
 def calibration_weights_option() -> Any:
@@ -60,6 +75,52 @@ def calibration_weights_option() -> Any:
 def calibration_tokens_option() -> Any:
     """The ``calibration_tokens`` field: the calibration budget in tokens."""
     return option(16384, panel=DATA_PANEL, help=CALIBRATION_TOKENS_HELP, requires="calibration")
+
+
+def option_roles(options: Any) -> dict[str, str]:
+    """Field name -> role of every option of ``options`` (a method's ``Options`` dataclass or an instance) that has
+    one (:func:`option`'s ``role``)."""
+    fields = dataclasses.fields(options) if dataclasses.is_dataclass(options) else ()
+    return {f.name: f.metadata["role"] for f in fields if f.metadata.get("role")}
+
+
+def option_flag(options: Any, name: str) -> str:
+    """The ``upcycle convert`` flag of the option ``name`` (``flag=``, else ``--name-with-dashes``)."""
+    found = {f.name: f for f in dataclasses.fields(options)}.get(name)
+    return (found and found.metadata.get("flag")) or f"--{name.replace('_', '-')}"
+
+
+def role_values(options: Any, role: str | None = None) -> dict[str, list[str]]:
+    """Field name -> the values (as strings, one per path) of every option of the instance ``options`` that has a
+    role (only ``role``'s when given); an option holding one path is a list of one."""
+    values = {}
+    for name, found in option_roles(options).items():
+        if role is None or found == role:
+            value = getattr(options, name)
+            values[name] = [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value or []]
+    return values
+
+
+def literal_choices(annotation: Any) -> tuple:
+    """The values a ``Literal`` annotation allows (of ``Literal[...] | None`` too); () for any other type."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(c for arg in typing.get_args(annotation) for c in literal_choices(arg))
+    return ()
+
+
+def check_choices(options: Any) -> None:
+    """One line for an option of the instance ``options`` whose value is not among its ``Literal`` choices: the one
+    check of choices, for every way options are built (flags, a recipe's section, the library)."""
+    from ..errors import UpcycleError
+
+    hints = typing.get_type_hints(type(options))
+    for found in dataclasses.fields(options):
+        choices, value = literal_choices(hints.get(found.name)), getattr(options, found.name)
+        if choices and value is not None and value not in choices:
+            flag = option_flag(type(options), found.name)
+            raise UpcycleError(f"{flag} {value!r} is unknown; choose one of: {', '.join(map(str, choices))}")
 
 
 @dataclass(frozen=True)
@@ -112,8 +173,14 @@ class MethodSpec:
 
     @property
     def merges_experts(self) -> bool:
-        """Whether the method takes ``--expert`` checkpoints (their names go into the card's base models)."""
-        return self.has_option("experts")
+        """Whether the method takes expert checkpoints (an option of role ``experts``: their names go into the card's
+        base models)."""
+        return "experts" in option_roles(self.options).values()
+
+    @property
+    def reads_calibration(self) -> bool:
+        """Whether the method can read calibration text (an option of role ``calibration``)."""
+        return "calibration" in option_roles(self.options).values()
 
     def card_for(self, report: dict) -> tuple[str, MethodCard]:
         """(card key, card) of a conversion: its variant's, when ``variant`` names one for this report, else the

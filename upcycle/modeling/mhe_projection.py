@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import MHE_VARIANTS
+EMBEDDING_INIT = {"mul": torch.ones, "add": torch.zeros}  # per variant: the head embeddings that make every head equal
+VARIANTS = tuple(EMBEDDING_INIT)  # the plan's MHE.variant values (plan.MHE_VARIANTS; a test keeps the two equal)
 
 
 class MHEProjection(nn.Module):
@@ -35,15 +36,14 @@ class MHEProjection(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        if variant not in MHE_VARIANTS:
-            raise ValueError(f"MHE variant {variant!r} is unknown; choose one of: {', '.join(MHE_VARIANTS)}")
+        if variant not in VARIANTS:
+            raise ValueError(f"MHE variant {variant!r} is unknown; choose one of: {', '.join(VARIANTS)}")
         self.in_features, self.head_dim, self.num_heads, self.variant = in_features, head_dim, num_heads, variant
         self.out_features = num_heads * head_dim
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(head_dim, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(head_dim, **factory)) if bias else None
-        initial = torch.ones if variant == "mul" else torch.zeros
-        self.head_embedding = nn.Parameter(initial(num_heads, head_dim, **factory))
+        self.head_embedding = nn.Parameter(EMBEDDING_INIT[variant](num_heads, head_dim, **factory))
         if self.weight.device.type != "meta":
             nn.init.normal_(self.weight, std=in_features**-0.5)
 

@@ -32,7 +32,8 @@ from .configuration_upcycle import (
     UpcycleQwen3Config,
 )
 from .gated_attention import ATTENTION_NAME, register_attention
-from .surgery import apply_plan, layers_of
+from .layer_parts import layers_of
+from .surgery import apply_plan
 
 register_attention()
 
@@ -48,7 +49,7 @@ class _UpcycleModel:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        apply_plan(layers_of(self), config.upcycle, config.hidden_size, config.num_attention_heads)
+        apply_plan(layers_of(self), config.upcycle, config)
         self.config._attn_implementation = ATTENTION_NAME
 
     def router_aux_losses(self) -> list:
@@ -96,12 +97,7 @@ class UpcycleCLIPModel(CLIPModel):
             ("text", self.text_model, config.text_config),
             ("vision", self.vision_model, config.vision_config),
         ):
-            apply_plan(
-                tower.encoder.layers,
-                {"layers": towers[name]},
-                tower_config.hidden_size,
-                tower_config.num_attention_heads,
-            )
+            apply_plan(tower.encoder.layers, {"layers": towers[name]}, tower_config)
 
     def router_aux_losses(self) -> list:
         """Load-balance terms of every expert router from the latest training forward."""

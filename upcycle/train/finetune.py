@@ -21,19 +21,10 @@ from ..checkpoint.source import resolve_model
 from ..errors import UpcycleError
 from ..files import json_text
 from ..paths import output_lock, probe_writable, refuse_inputs_inside
-from .loop import (
-    CHECKPOINTS,
-    FINAL,
-    TRAINER_STATE,
-    BatchPlan,
-    Trainer,
-    check_stop_after,
-    latest_checkpoint,
-    process_state,
-    recover_checkpoints,
-    refuse_changed_recipe,
-)
-from .recipe import ClipRecipe, Recipe
+from ..tokenizer import load_tokenizer
+from .checkpoints import CHECKPOINTS, TRAINER_STATE, latest_checkpoint, recover_checkpoints, refuse_changed_recipe
+from .loop import FINAL, BatchPlan, Trainer, check_stop_after, process_state
+from .recipe import ClipRecipe, Recipe, convert_inputs
 
 # what finetune (and a CLIP recipe) writes into its output folder; --overwrite replaces only a folder holding nothing
 # else
@@ -66,12 +57,7 @@ def recipe_inputs(recipe: Recipe | ClipRecipe) -> dict[str, str | None]:
     for key in ("teacher", "compare"):
         value = getattr(recipe, key, None)
         inputs[key] = None if value == "source" else value
-    calibration = getattr(getattr(recipe, "convert", None), "calibration", None) or []
-    inputs |= {
-        f"convert.calibration[{i}]" if len(calibration) > 1 else "convert.calibration": str(text)
-        for i, text in enumerate(calibration)
-    }
-    return inputs
+    return inputs | convert_inputs(recipe)
 
 
 def claim_output(
@@ -249,20 +235,6 @@ def check_model_folder(recipe: Recipe, source: Path):
                 f"pass data.seq_len={limit} or less"
             )
     return load_tokenizer(source)
-
-
-def load_tokenizer(folder: Path, role: str = "model"):
-    """The folder's tokenizer; a folder without tokenizer files is one line."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-        reason = " ".join(str(error).split())[:160]
-        raise UpcycleError(
-            f"{role} {folder} has no usable tokenizer ({reason}); copy the tokenizer files (tokenizer.json, "
-            "tokenizer_config.json, ...) of the model it came from into it"
-        ) from None
 
 
 def prepare_model(recipe: Recipe, state, source: Path | None = None) -> Path:

@@ -362,6 +362,24 @@ def _is_local_reference(value: str) -> bool:
     )
 
 
+def convert_inputs(recipe) -> dict[str, str]:
+    """Recipe key -> value of every input the recipe's ``convert:`` section names: the values of its method's
+    options that have an input role (``option(role=...)``: calibration texts, experts, input files), one key per
+    value (``convert.calibration[1]`` in a list of several)."""
+    section = getattr(recipe, "convert", None)
+    if section is None:
+        return {}
+    from ..methods import method_spec
+    from ..methods.spec import option_roles
+
+    inputs = {}
+    for name in option_roles(method_spec(section.method).options):
+        value = getattr(section, name, None)
+        values = [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value or []]
+        inputs |= {f"convert.{name}[{i}]" if len(values) > 1 else f"convert.{name}": v for i, v in enumerate(values)}
+    return inputs
+
+
 def check_files(recipe: Recipe) -> None:
     """Every local file a recipe names must exist (assets and Hub names are checked when used)."""
     checks = [("model", recipe.model), ("accelerate_config", recipe.accelerate_config)]
@@ -375,8 +393,7 @@ def check_files(recipe: Recipe) -> None:
         ]
     else:
         checks += [("data.train", recipe.data.train), ("data.validation", recipe.data.validation)]
-    calibration = getattr(recipe.convert, "calibration", None) if getattr(recipe, "convert", None) else None
-    checks += [("convert.calibration", str(text)) for text in calibration or []]
+    checks += list(convert_inputs(recipe).items())
     for key, value in checks:
         if value and _is_local_reference(value) and not Path(value).expanduser().exists():
             raise UpcycleError(f"recipe key {key!r}: {value} does not exist; fix the path or pass {key}=PATH")
