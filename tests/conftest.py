@@ -193,7 +193,7 @@ def expert_methods() -> list[str]:
     """Every registered method that mixes ``--expert`` decoders (BAM and its BTX baseline)."""
     from upcycle.methods import all_specs
 
-    return [spec.name for spec in all_specs() if spec.merges_experts]
+    return [spec.name for spec in all_specs() if spec.merges_experts and "decoder" in spec.sources]
 
 
 def quick_args(method: str) -> list[str]:

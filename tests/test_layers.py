@@ -132,3 +132,18 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_modules_import_each_other_in_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check itself
     assert cycles(GRAPH) == []
+
+
+def test_every_function_of_the_methods_and_the_trainer_reads_on_one_screen():
+    """No function in ``methods/`` or ``train/`` is 80 lines or longer (a method's ``convert`` calls its parts)."""
+    import ast
+
+    long = []
+    for folder in ("methods", "train"):
+        for path in sorted((PACKAGE / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines >= 80:
+                        long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []

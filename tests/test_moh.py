@@ -319,7 +319,7 @@ def test_weight_norm_scores_computed_beside_the_copies_give_the_plan_of_scoring_
     shared, top_k = moh.head_counts(spec.num_heads, options.shared_heads, options.active_heads)
     expected = moh.layer_plans(spec, router, shared, top_k, scores)
     config = json.loads((tmp_path / "moh" / "config.json").read_text())
-    assert [layer["head_gate"] for layer in config["upcycle"]["layers"]] == [p["head_gate"] for p in expected]
+    assert [layer["head_gate"] for layer in config["upcycle"]["layers"]] == [gate.to_json() for gate in expected]
     assert report["head_scores"] == scores and report["plan"]["layers"] == config["upcycle"]["layers"]
     assert any(line.startswith("layer") for line in report["plan_lines"])
 

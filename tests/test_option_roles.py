@@ -81,3 +81,16 @@ def test_an_expert_inside_out_is_refused_by_its_role(tmp_path: Path):
     build_dense(out / "expert")
     assert_one_line_error(run("convert", dense, out, "--method", "bam", "--expert", out / "expert"), "--expert")
     assert (out / "expert" / "config.json").exists()
+
+
+@pytest.mark.parametrize("method", [spec.name for spec in all_specs() if not spec.merges_experts])
+def test_a_spec_says_which_families_it_converts(tmp_path: Path, method: str):
+    from conftest import build_bert, quick_args
+
+    bert = build_bert(tmp_path / "bert", mlm=True)
+    result = run("convert", bert, tmp_path / "out", *quick_args(method))
+    if "encoder" in method_spec(method).sources:
+        assert result.exit_code == 0, result.output
+    else:
+        assert_one_line_error(result)
+        assert not (tmp_path / "out").exists()

@@ -230,11 +230,8 @@ def mixtral_file_shapes(shapes: dict[str, tuple]) -> dict[str, tuple]:
     return files
 
 
-def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
-    """Plan the BAM (or BTX) mix of the seed behind ``reader`` and the ``--expert`` models."""
-    spec = decoder_spec(reader.config, str(reader.folder))
-    check_source(reader, spec, options)
-    top_k = validate(options, len(options.experts) + 1)
+def matching_experts(reader: CheckpointReader, options: BAMOptions) -> tuple[list[CheckpointReader], list[str]]:
+    """(readers, labels) of the seed and every ``--expert``, after one line when their architectures differ."""
     readers = open_experts(reader, options)
     labels = ["seed"] + [f"expert {i} ({path})" for i, path in enumerate(options.experts, 1)]
     problems = checkpoint_differences(
@@ -245,10 +242,39 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
             f"the experts do not match the seed {reader.folder}: {'; '.join(problems)}. "
             "Mix models branched from the same seed"
         )
+    return readers, labels
+
+
+@dataclass
+class MixLayout:
+    """The output's tensors in order, and where each comes from (a tensor, a SourceTensor, a ChunkedTensor or a
+    callable that makes it)."""
+
+    items: list[TensorSpec]
+    sources: dict[str, object]
+
+    def add(self, name: str, shape: tuple, source, dtype: torch.dtype) -> None:
+        self.items.append(TensorSpec(name, dtype, tuple(shape)))
+        self.sources[name] = source
+
+    def tensors(self):
+        for item in self.items:
+            source = self.sources[item.name]
+            yield item.name, source() if callable(source) else source
+
+
+def mix_layout(
+    reader: CheckpointReader,
+    readers: list[CheckpointReader],
+    spec: DecoderSpec,
+    options: BAMOptions,
+    mixtral: bool,
+    dtype: torch.dtype,
+) -> MixLayout:
+    """Every output tensor of the mix: attention experts (or the mean), FFN experts with their routers, and the
+    mean of everything else, in the seed's tensor order."""
     experts, mode = len(readers), options.attention
     shared_kv = mode == "shared-kv"
-    mixtral, why = native_mixtral(spec, reader.config, options, experts, top_k)
-    dtype = reader.info(spec.attention(0, "q_proj")).dtype
     generator = torch.Generator().manual_seed(options.seed)
     std = float(reader.config.get("initializer_range") or 0.02)
 
@@ -269,13 +295,7 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
         for proj in MLP_PROJECTIONS
         for kind in ("weight", "bias")
     }
-    layout: list[TensorSpec] = []
-    sources: dict[str, object] = {}  # output name -> tensor | SourceTensor | ChunkedTensor | callable
-
-    def add(name: str, shape: tuple, source, tensor_dtype: torch.dtype = dtype) -> None:
-        layout.append(TensorSpec(name, tensor_dtype, tuple(shape)))
-        sources[name] = source
-
+    layout = MixLayout([], {})
     for name in reader.names():
         info = reader.info(name)
         if name in attention_names and mode != "average":
@@ -284,13 +304,10 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
             def source(layer=layer, proj=proj, kind=kind):
                 return mixed_attention(readers, spec, layer, proj, kind, shared_kv)
 
-            add(name, mixed_shape(spec, proj, kind, experts, shared_kv, tuple(info.shape)), source, info.dtype)
+            layout.add(name, mixed_shape(spec, proj, kind, experts, shared_kv, tuple(info.shape)), source, info.dtype)
             if proj == "o_proj" and kind == "weight":
-                add(
-                    f"{spec.layer_prefix(layer)}self_attn.head_router.weight",
-                    (experts, spec.hidden_size),
-                    lambda: router(experts),
-                )
+                gate = f"{spec.layer_prefix(layer)}self_attn.head_router.weight"
+                layout.add(gate, (experts, spec.hidden_size), lambda: router(experts), dtype)
         elif name in mlp_names:
             layer, proj, kind = mlp_names[name]
             for expert, expert_reader in enumerate(readers):
@@ -300,33 +317,34 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
                     out = f"{spec.layer_prefix(layer)}block_sparse_moe.experts.{expert}.{MIXTRAL_NAMES[proj]}.weight"
                 else:
                     out = f"{spec.layer_prefix(layer)}mlp.experts.{expert}.{proj}.{kind}"
-                add(out, info.shape, SourceTensor(name, expert_reader), info.dtype)
+                layout.add(out, info.shape, SourceTensor(name, expert_reader), info.dtype)
             if proj == "down_proj" and kind == "weight":
                 gate = f"{spec.layer_prefix(layer)}{'block_sparse_moe.gate' if mixtral else 'mlp.router'}.weight"
-                add(gate, (experts, spec.hidden_size), lambda: router(experts))
+                layout.add(gate, (experts, spec.hidden_size), lambda: router(experts), dtype)
         else:
-            add(name, info.shape, mean_tensor(readers, name, info.dtype), info.dtype)
+            layout.add(name, info.shape, mean_tensor(readers, name, info.dtype), info.dtype)
+    return layout
 
-    def tensors():
-        for item in layout:
-            source = sources[item.name]
-            yield item.name, source() if callable(source) else source
 
-    plans = [layer_plan(mode, experts, top_k, options.parallel_block) for _ in range(spec.num_layers)]
-    if mixtral:
-        config, auto_class, pipeline_tag = mixtral, "AutoModelForCausalLM", "text-generation"
-    else:
-        config, auto_class, pipeline_tag = runtime_config(reader.config, spec, "bam", plans)
+def mix_report(
+    reader: CheckpointReader,
+    readers: list[CheckpointReader],
+    spec: DecoderSpec,
+    options: BAMOptions,
+    layout: MixLayout,
+    top_k: int,
+    dtype: torch.dtype,
+    output_format: str,
+) -> dict:
+    """The report: options, experts, attention parameters and KV cache per layer before and after."""
     prefix = f"{spec.layer_prefix(0)}self_attn."
     per_layer_before = sum(math.prod(reader.info(n).shape) for n in reader.names() if n.startswith(prefix))
-    per_layer_after = sum(math.prod(item.shape) for item in layout if item.name.startswith(prefix))
-    kv_heads = experts * spec.num_kv_heads if mode == "expert-kv" else spec.num_kv_heads
-    kv_bytes = 2 * kv_heads * spec.head_dim * dtype.itemsize
-    name = "BTX" if mode == "average" else f"BAM ({mode})"
-    report = {
+    per_layer_after = sum(math.prod(item.shape) for item in layout.items if item.name.startswith(prefix))
+    kv_heads = len(readers) * spec.num_kv_heads if options.attention == "expert-kv" else spec.num_kv_heads
+    return {
         "options": {
             "experts": list(options.experts),
-            "attention": mode,
+            "attention": options.attention,
             "ffn_top_k": top_k,
             "router_init": options.router_init,
             "parallel_block": options.parallel_block,
@@ -336,15 +354,36 @@ def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
         "attention_parameters_per_layer": {"before": per_layer_before, "after": per_layer_after},
         "kv_cache_bytes_per_token_per_layer": {
             "before": 2 * spec.num_kv_heads * spec.head_dim * dtype.itemsize,
-            "after": kv_bytes,
+            "after": 2 * kv_heads * spec.head_dim * dtype.itemsize,
         },
-        "output_format": "mixtral" if mixtral else f"upcycle ({why})",
+        "output_format": output_format,
     }
+
+
+def convert(reader: CheckpointReader, options: BAMOptions) -> Conversion:
+    """Plan the BAM (or BTX) mix of the seed behind ``reader`` and the ``--expert`` models."""
+    spec = decoder_spec(reader.config, str(reader.folder))
+    check_source(reader, spec, options)
+    top_k = validate(options, len(options.experts) + 1)
+    readers, labels = matching_experts(reader, options)
+    experts, mode = len(readers), options.attention
+    mixtral, why = native_mixtral(spec, reader.config, options, experts, top_k)
+    dtype = reader.info(spec.attention(0, "q_proj")).dtype
+    layout = mix_layout(reader, readers, spec, options, mixtral is not None, dtype)
+    plans = [layer_plan(mode, experts, top_k, options.parallel_block) for _ in range(spec.num_layers)]
+    if mixtral:
+        config, auto_class, pipeline_tag = mixtral, "AutoModelForCausalLM", "text-generation"
+    else:
+        config, auto_class, pipeline_tag = runtime_config(reader.config, spec, "bam", plans)
+    report = mix_report(
+        reader, readers, spec, options, layout, top_k, dtype, "mixtral" if mixtral else f"upcycle ({why})"
+    )
+    name = "BTX" if mode == "average" else f"BAM ({mode})"
     return Conversion(
         method="bam",
         config=config,
-        layout=layout,
-        tensors=tensors,
+        layout=layout.items,
+        tensors=layout.tensors,
         plan_lines=plan_printout(
             spec, name, experts, top_k, mode, options, labels, readers, report, mixtral is not None, why
         ),

@@ -98,6 +98,34 @@ def tower_plans(spec: ClipSpec, experts: int, top_k: int, layers: int | None) ->
     }
 
 
+def checked_layers(spec: ClipSpec, options: ClipMoEOptions) -> int | None:
+    """``--layers`` (None: all), after one line when the shallower tower has fewer layers."""
+    shallower = min(tower.num_layers for tower in spec.towers)
+    layers = options.layers
+    if layers is not None and not 1 <= layers <= shallower:
+        raise UpcycleError(
+            f"--layers {layers} is outside [1, {shallower}] (the shallower tower has {shallower} layers)"
+        )
+    return layers
+
+
+def ffn_edits(reader: CheckpointReader, spec: ClipSpec, layers: int | None) -> dict[str, tuple]:
+    """FFN tensor -> (tower, layer, proj, kind) of every FFN that becomes experts, after one line when the
+    checkpoint lacks one."""
+    edits: dict[str, tuple] = {}
+    for tower in spec.towers:
+        for layer in range(tower.num_layers - (layers or tower.num_layers), tower.num_layers):
+            for proj, kind in FFN_TENSORS:
+                edits[tower.ffn(layer, proj, kind)] = (tower, layer, proj, kind)
+    missing = sorted(set(edits) - set(reader.names()))
+    if missing:
+        raise UpcycleError(
+            f"{reader.folder} lacks CLIP feed-forward tensors such as {missing[0]}; "
+            "pass a CLIPModel checkpoint saved with save_pretrained"
+        )
+    return edits
+
+
 def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
     """Plan the CLIP-MoE assembly of the CLIP behind ``reader`` and its stage experts."""
     spec = clip_spec(reader.config, str(reader.folder))
@@ -108,26 +136,9 @@ def convert(reader: CheckpointReader, options: ClipMoEOptions) -> Conversion:
         raise UpcycleError(
             f"--top-k {options.top_k} is outside [1, {experts}] for {experts} experts; lower --top-k or add experts"
         )
-    shallower = min(tower.num_layers for tower in spec.towers)
-    layers = options.layers
-    if layers is not None and not 1 <= layers <= shallower:
-        raise UpcycleError(
-            f"--layers {layers} is outside [1, {shallower}] (the shallower tower has {shallower} layers)"
-        )
+    layers = checked_layers(spec, options)
     plans = tower_plans(spec, experts, options.top_k, layers)
-
-    edits: dict[str, tuple] = {}  # FFN tensor -> (tower, layer, proj, kind)
-    for tower in spec.towers:
-        for layer in range(tower.num_layers - (layers or tower.num_layers), tower.num_layers):
-            for proj, kind in FFN_TENSORS:
-                edits[tower.ffn(layer, proj, kind)] = (tower, layer, proj, kind)
-    names = set(reader.names())
-    missing = sorted(set(edits) - names)
-    if missing:
-        raise UpcycleError(
-            f"{reader.folder} lacks CLIP feed-forward tensors such as {missing[0]}; "
-            "pass a CLIPModel checkpoint saved with save_pretrained"
-        )
+    edits = ffn_edits(reader, spec, layers)
     generator = torch.Generator().manual_seed(options.seed)
     dtype = reader.info(next(iter(edits))).dtype
     layout, sources = [], {}
@@ -207,6 +218,7 @@ SPEC = MethodSpec(
     panel="CLIP-MoE",
     options=ClipMoEOptions,
     convert=convert,
+    sources=("clip",),
     example="upcycle convert ./clip ./clip-moe --method clip-moe --expert ./mcl/stage-1 --expert ./mcl/stage-2 "
     "--expert ./mcl/stage-3",
     tunes=False,

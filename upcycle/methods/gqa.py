@@ -52,7 +52,7 @@ class GQAOptions:
     """The GQA flags of ``upcycle convert`` (and keys of a recipe's ``convert:`` section)."""
 
     kv_heads: int | None = option(None, help="new number of key/value heads, a divisor of the current count (1: MQA).")
-    merge: Literal["auto", "mean", "aligned"] = option("auto", help=MERGE_HELP)
+    merge: Literal[MERGES] = option("auto", help=MERGE_HELP)
     refit: Literal["none", "rescale", "lstsq"] = option("none", help=REFIT_HELP)
     refit_ridge: str = option("auto", help=RIDGE_HELP, example="0.01")
     calibration: list[str] = calibration_option()
@@ -189,10 +189,14 @@ def load_merged(model: nn.Module, tensors: dict[str, torch.Tensor], spec: Decode
         attention.num_key_value_groups = model.config.num_attention_heads // kv_heads
 
 
-def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
-    """Plan the GQA conversion of the dense decoder behind ``reader``."""
-    spec = decoder_spec(reader.config, str(reader.folder))
-    check_source(reader, spec, options)
+def merged_shape(reader: CheckpointReader, spec: DecoderSpec, name: str, edits: set[str], target: int) -> tuple:
+    """The output shape of tensor ``name``: ``target`` KV heads for the k/v projections in ``edits``."""
+    shape = reader.info(name).shape
+    return (target * spec.head_dim, *shape[1:]) if name in edits else tuple(shape)
+
+
+def checked_kv_heads(reader: CheckpointReader, spec: DecoderSpec, options: GQAOptions) -> int:
+    """``--kv-heads``, after one line when it is missing or does not divide the source's KV heads."""
     target = options.kv_heads
     if target is None:
         raise UpcycleError("--method gqa needs --kv-heads G, the new number of key/value heads (1 for MQA)")
@@ -203,9 +207,14 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
             f"choose one of: {', '.join(map(str, divisors))}"
         )
     check_refit(options.refit, options.calibration, options.refit_ridge)
-    ridge = parse_ridge(options.refit_ridge)
-    if options.merge not in MERGES:
-        raise UpcycleError(f"--merge {options.merge!r} is unknown; choose one of: {', '.join(MERGES)}")
+    if options.calibration_tokens < 1:
+        raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
+    return target
+
+
+def checked_merge(spec: DecoderSpec, options: GQAOptions) -> str:
+    """The merge that runs (``auto``: aligned wherever it can be fitted, which keeps far more of the source, else
+    the mean), after one line for an aligned merge without calibration text or on a family with k_norm."""
     if options.merge == "aligned" and not options.calibration:
         raise UpcycleError(
             "--merge aligned is fitted on calibration text; pass --calibration FILE or use --merge mean"
@@ -215,11 +224,18 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
             f"--merge aligned needs keys that are linear in the layer input, but {spec.model_type} normalises each "
             "key head (k_norm) before the rotary embedding; use --merge mean"
         )
-    if options.calibration_tokens < 1:
-        raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
-    merge = options.merge
-    if merge == "auto":  # the aligned merge wherever it can be fitted: it keeps far more of the source
-        merge = "aligned" if options.calibration and not spec.qk_norm else "mean"
+    if options.merge == "auto":
+        return "aligned" if options.calibration and not spec.qk_norm else "mean"
+    return options.merge
+
+
+def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
+    """Plan the GQA conversion of the dense decoder behind ``reader``."""
+    spec = decoder_spec(reader.config, str(reader.folder))
+    check_source(reader, spec, options)
+    target = checked_kv_heads(reader, spec, options)
+    ridge = parse_ridge(options.refit_ridge)
+    merge = checked_merge(spec, options)
     names = set(reader.names())
     edits, merged, merge_report = set(), {}, None
     if target != spec.num_kv_heads:
@@ -242,19 +258,12 @@ def convert(reader: CheckpointReader, options: GQAOptions) -> Conversion:
     if options.refit != "none":
         changed = list(range(spec.num_layers)) if target != spec.num_kv_heads else []
         refits, refit_report = refit_conversion(
-            reader,
-            spec,
-            options.refit,
-            changed,
-            convert_in_memory,
-            options,
-            ridge,
+            reader, spec, options.refit, changed, convert_in_memory, options, ridge
         )
-    layout = []
-    for name in reader.names():
-        info = reader.info(name)
-        shape = (target * spec.head_dim, *info.shape[1:]) if name in edits else info.shape
-        layout.append(TensorSpec(name, info.dtype, tuple(shape)))
+    layout = [
+        TensorSpec(name, reader.info(name).dtype, tuple(merged_shape(reader, spec, name, edits, target)))
+        for name in reader.names()
+    ]
 
     def tensors():
         for item in layout:

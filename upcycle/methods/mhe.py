@@ -597,14 +597,9 @@ def validate(options: MHEOptions) -> None:
         raise UpcycleError(f"--calibration-tokens {options.calibration_tokens} must be positive")
 
 
-def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
-    """Plan the MHE conversion of the dense decoder or BERT encoder behind ``reader``."""
-    validate(options)
-    spec = attention_spec(reader.config, reader.names(), str(reader.folder))
-    check_source(reader, spec, options)
-    names = set(reader.names())
-    heads = {"q_proj": spec.num_heads, "k_proj": spec.num_kv_heads, "v_proj": spec.num_kv_heads}
-
+def fitted_projections(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: MHEOptions):
+    """(per layer the fitted projections, per layer the attention output error on calibration text or None): the
+    fit ``--init`` asks for, measured on calibration text when there is some."""
     calibration = load_calibration(reader, spec, options) if options.calibration else None
     second_moments = output_errors = None
     if options.init == "sequential":
@@ -623,8 +618,12 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
         )
         if second_moments is None:  # svd init: the projection errors on the same activations as the calibrated fit's
             measure_errors(reader, spec, options.variant, fits, measured)
-    del calibration
+    return fits, output_errors
 
+
+def mhe_layout(reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, heads: dict[str, int]) -> list[TensorSpec]:
+    """The output's tensors: the source's, with each q/k/v projection a shared ``[head_dim, D]`` weight (and
+    ``[head_dim]`` bias) followed by its ``[heads, head_dim]`` head embeddings."""
     dtype = reader.info(spec.attention(0, "q_proj")).dtype
     edited = {
         spec.attention(layer, proj, kind): (layer, proj, kind)
@@ -646,6 +645,11 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
             layout.append(
                 TensorSpec(spec.attention(layer, proj, "head_embedding"), dtype, (heads[proj], spec.head_dim))
             )
+    return layout
+
+
+def fitted_tensors(spec: DecoderSpec | EncoderSpec, fits) -> dict:
+    """Output name -> tensor of every fitted weight, head embedding and bias."""
     new_tensors = {}
     for layer, layer_fits in enumerate(fits):
         for proj, fit in layer_fits.items():
@@ -653,18 +657,11 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
             new_tensors[spec.attention(layer, proj, "head_embedding")] = fit.head_embedding
             if fit.bias is not None:
                 new_tensors[spec.attention(layer, proj, "bias")] = fit.bias
+    return new_tensors
 
-    def tensors():
-        for item in layout:
-            if item.name in new_tensors:
-                yield item.name, new_tensors[item.name].to(item.dtype).contiguous()
-            else:
-                yield item.name, SourceTensor(item.name)
 
-    plans = [LayerPlan.of(MHE(variant=options.variant, heads=dict(heads))) for _ in range(spec.num_layers)]
-    config, auto_class, pipeline_tag = runtime_config(reader.config, spec, "mhe", plans)
-    before = attention_parameters({name: reader.info(name).shape for name in names}, spec)
-    after = attention_parameters({item.name: item.shape for item in layout}, spec)
+def error_report(options: MHEOptions, fits, output_errors) -> tuple[str, list[dict]]:
+    """(what the errors were measured on, per layer the projections' and the attention output's errors)."""
     space = "calibration activations" if options.calibration else "weights"
     if options.init == "sequential":
         space = (
@@ -679,8 +676,32 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
         }
         for layer, layer_fits in enumerate(fits)
     ]
+    return space, per_layer
+
+
+def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
+    """Plan the MHE conversion of the dense decoder or BERT encoder behind ``reader``."""
+    validate(options)
+    spec = attention_spec(reader.config, reader.names(), str(reader.folder))
+    check_source(reader, spec, options)
+    heads = {"q_proj": spec.num_heads, "k_proj": spec.num_kv_heads, "v_proj": spec.num_kv_heads}
+    fits, output_errors = fitted_projections(reader, spec, options)
+    layout = mhe_layout(reader, spec, heads)
+    new_tensors = fitted_tensors(spec, fits)
+
+    def tensors():
+        for item in layout:
+            if item.name in new_tensors:
+                yield item.name, new_tensors[item.name].to(item.dtype).contiguous()
+            else:
+                yield item.name, SourceTensor(item.name)
+
+    plans = [LayerPlan.of(MHE(variant=options.variant, heads=dict(heads))) for _ in range(spec.num_layers)]
+    config, auto_class, pipeline_tag = runtime_config(reader.config, spec, "mhe", plans)
+    before = attention_parameters({name: reader.info(name).shape for name in reader.names()}, spec)
+    after = attention_parameters({item.name: item.shape for item in layout}, spec)
+    space, per_layer = error_report(options, fits, output_errors)
     attention = {"before": before, "after": after, "saved_percent": round(100 * (1 - after / before), 2)}
-    settings = recorded_options(options)
     return Conversion(
         method="mhe",
         config=config,
@@ -688,7 +709,7 @@ def convert(reader: CheckpointReader, options: MHEOptions) -> Conversion:
         tensors=tensors,
         plan_lines=plan_printout(spec, options, attention, per_layer, space),
         report={
-            "options": settings,
+            "options": recorded_options(options),
             "attention_parameters": attention,
             "reconstruction_error": {
                 "measured_on": space,
@@ -764,6 +785,7 @@ SPEC = MethodSpec(
     panel="MHE",
     options=MHEOptions,
     convert=convert,
+    sources=("decoder", "encoder"),
     example="upcycle convert SRC OUT --method mhe --variant mul --init calibrated --calibration text.txt",
     card=MethodCard(
         "multi-head embedding attention (MHE)",

@@ -425,8 +425,9 @@ def router_tensors(spec: DecoderSpec, plans: list[HeadGate], dtype: torch.dtype)
     return new
 
 
-def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
-    """Plan the MoH conversion of the dense decoder behind ``reader``."""
+def checked_selection(options: MoHOptions) -> str:
+    """How the shared heads are chosen (``--shared-selection``, or its default), after one line for a choice that
+    needs calibration text given without it."""
     selection = options.shared_selection or ("contribution" if options.calibration else "weight-norm")
     if selection == "contribution" and not options.calibration:
         raise UpcycleError(
@@ -438,7 +439,11 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     ):
         if needed and not options.calibration:
             raise UpcycleError(f"{flag} is fitted on calibration text; pass --calibration FILE or use {other}")
-    spec = decoder_spec(reader.config, str(reader.folder))
+    return selection
+
+
+def checked_head_counts(spec: DecoderSpec, options: MoHOptions) -> tuple[int, int]:
+    """(shared heads, routed heads per token), after one line when every head would be shared."""
     shared_count, top_k = head_counts(spec.num_heads, options.shared_heads, options.active_heads)
     if shared_count >= spec.num_heads:  # head_counts allows it (--active-heads 1.0 is the dense model in MoH form)
         raise UpcycleError(
@@ -447,6 +452,73 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
             "(the output would only be the dense model); "
             f"share fewer heads, e.g. --shared-heads {spec.num_heads // 2} or 0.5"
         )
+    return shared_count, top_k
+
+
+def output_tensors(
+    reader: CheckpointReader,
+    spec: DecoderSpec,
+    options: MoHOptions,
+    plans: list[HeadGate],
+    layout: tuple[list[TensorSpec], list[TensorSpec]],
+    report: dict,
+    fit: bool,
+):
+    """(name, tensor) of the output: the source's tensors (o_proj rescaled where fitted), then the routers' (fitted,
+    or zero-initialised). ``layout``: (the source's tensors, the routers'). The fit runs here, when the output is
+    written (not for --dry-run); with every head active it is skipped: no routed head is ever off, so the fitted
+    router is all ties and o_proj keeps the dense output's scale."""
+    passthrough, new = layout
+    fits = calibration_fit(reader, spec, options, plans) if fit else []
+    scales = {
+        spec.attention(i, "o_proj", part): f.o_scale
+        for i, f in enumerate(fits)
+        if f.o_scale is not None
+        for part in ("weight", "bias")
+    }
+    fitted = {
+        f"{spec.layer_prefix(i)}self_attn.head_router.{name}": tensor
+        for i, f in enumerate(fits)
+        for name, tensor in f.router.items()
+    }
+    if fits:
+        report["calibration_fit"] = fit_summary(fits)
+    for item in passthrough:
+        if item.name in scales:
+            original = reader.get(item.name).float()  # o_proj weight [D, h*d] or bias [D]
+            yield item.name, (original * scales[item.name].view(-1, *[1] * (original.dim() - 1))).to(item.dtype)
+        else:
+            yield item.name, SourceTensor(item.name)
+    for item in new:
+        yield (
+            item.name,
+            fitted[item.name].to(item.dtype) if item.name in fitted else torch.zeros(item.shape, dtype=item.dtype),
+        )
+
+
+def describe(spec: DecoderSpec, options: MoHOptions, shared_count: int, top_k: int, selection: str) -> str:
+    """The card's one-paragraph description of the conversion."""
+    active = shared_count + top_k
+    return (
+        f"Mixture-of-Head attention: in every layer {shared_count} of {spec.num_heads} query heads "
+        "are shared (always on) "
+        f"and each token uses the top {top_k} of the other {spec.num_heads - shared_count} "
+        f"({options.router} router), "
+        f"so {active}/{spec.num_heads} = {active / spec.num_heads:.1%} of the heads are active per token. "
+        f"Shared heads chosen by {selection}."
+        + (
+            f" o_proj rescaled per {options.rescale} to match the dense attention output on calibration text."
+            if options.rescale != "none"
+            else ""
+        )
+    )
+
+
+def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
+    """Plan the MoH conversion of the dense decoder behind ``reader``."""
+    selection = checked_selection(options)
+    spec = decoder_spec(reader.config, str(reader.folder))
+    shared_count, top_k = checked_head_counts(spec, options)
     check_source(reader, spec, options)
 
     fit = top_k < spec.num_heads - shared_count and (options.router == "fitted" or options.rescale != "none")
@@ -467,74 +539,27 @@ def convert(reader: CheckpointReader, options: MoHOptions) -> Conversion:
     dtype = reader.info(spec.attention(0, "q_proj")).dtype
     passthrough = source_layout(reader)
     new = router_tensors(spec, plans, dtype)
-
-    active = shared_count + top_k
-    settings = recorded_options(options) | {
-        "shared_selection": selection,
-    }
     report = {
-        "options": settings,
+        "options": recorded_options(options) | {"shared_selection": selection},
         "heads": {
             "total": spec.num_heads,
             "shared": shared_count,
             "routed": spec.num_heads - shared_count,
             "top_k": top_k,
-            "active_fraction": active / spec.num_heads,
+            "active_fraction": (shared_count + top_k) / spec.num_heads,
         },
         "head_scores": scores,
     }
-
-    def tensors():
-        # the fit runs here, when the output is written (not for --dry-run); with every head active it is skipped:
-        # no routed head is ever off, so the fitted router is all ties and o_proj keeps the dense output's scale
-        fits = calibration_fit(reader, spec, options, plans) if fit else []
-        scales = {
-            spec.attention(i, "o_proj", part): f.o_scale
-            for i, f in enumerate(fits)
-            if f.o_scale is not None
-            for part in ("weight", "bias")
-        }
-        fitted = {
-            f"{spec.layer_prefix(i)}self_attn.head_router.{name}": tensor
-            for i, f in enumerate(fits)
-            for name, tensor in f.router.items()
-        }
-        if fits:
-            report["calibration_fit"] = fit_summary(fits)
-        for item in passthrough:
-            if item.name in scales:
-                original = reader.get(item.name).float()  # o_proj weight [D, h*d] or bias [D]
-                yield item.name, (original * scales[item.name].view(-1, *[1] * (original.dim() - 1))).to(item.dtype)
-            else:
-                yield item.name, SourceTensor(item.name)
-        for item in new:
-            yield (
-                item.name,
-                fitted[item.name].to(item.dtype) if item.name in fitted else torch.zeros(item.shape, dtype=item.dtype),
-            )
-
     config, _, _ = runtime_config(reader.config, spec, "moh", [LayerPlan.of(gate) for gate in plans])
     conversion = Conversion(
         method="moh",
         config=config,
         layout=passthrough + new,
-        tensors=tensors,
+        tensors=lambda: output_tensors(reader, spec, options, plans, (passthrough, new), report, fit),
         plan_lines=plan_printout(spec, plans, selection),
         report=report,
         tags=["moh", "mixture-of-heads"],
-        description=(
-            f"Mixture-of-Head attention: in every layer {shared_count} of {spec.num_heads} query heads "
-            "are shared (always on) "
-            f"and each token uses the top {top_k} of the other {spec.num_heads - shared_count} "
-            f"({options.router} router), "
-            f"so {active}/{spec.num_heads} = {active / spec.num_heads:.1%} of the heads are active per token. "
-            f"Shared heads chosen by {selection}."
-            + (
-                f" o_proj rescaled per {options.rescale} to match the dense attention output on calibration text."
-                if options.rescale != "none"
-                else ""
-            )
-        ),
+        description=describe(spec, options, shared_count, top_k, selection),
     )
     if scoring is not None:
 

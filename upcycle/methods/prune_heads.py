@@ -413,20 +413,17 @@ def output_config(
     return config, True, auto_class, why
 
 
-def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
-    """Plan the head pruning of the dense decoder or BERT encoder behind ``reader``."""
-    check_refit(options.refit, options.calibration, options.refit_ridge)
-    ridge = parse_ridge(options.refit_ridge)
-    normalize_per_layer(options.normalize, 0)  # validate the flag before any work
-    spec = attention_spec(reader.config, reader.names(), str(reader.folder))
-    check_source(reader, spec, options)
+def choose_heads(
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, options: PruneHeadsOptions
+) -> tuple[list[set[int]], torch.Tensor]:
+    """(per layer the units removed, the last importance scores [layers, units]): random, or gradient importance in
+    ``--iterative`` steps, each removing its share of the target on the scores of the model pruned so far."""
     total, min_units = removal_targets(spec, options)
-    units, heads_per_unit, unit_name = units_of(spec)
+    units, _, _ = units_of(spec)
     if total and options.importance == "gradient" and not options.calibration:
         raise UpcycleError(
             "--importance gradient needs calibration text; pass --calibration FILE or use --importance random"
         )
-
     removed: list[set[int]] = [set() for _ in range(spec.num_layers)]
     scores = torch.zeros(spec.num_layers, units, dtype=torch.float64)
     steps = options.iterative if total else 0
@@ -446,22 +443,13 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
             )
             removed = choose_removals(scores, removed, target, min_units, options.uniform)
         del scorer
-    plans = kept_heads(spec, removed)
-    config, uses_runtime, auto_class, why = output_config(reader, spec, plans)
+    return removed, scores
 
-    edits = sliced_tensors(reader, spec, plans)
-    refits, refit_report = {}, None
-    if options.refit != "none":
-        changed = [layer for layer, plan in enumerate(plans) if len(plan.kept_heads) < spec.num_heads]
-        refits, refit_report = refit_conversion(
-            reader,
-            spec,
-            options.refit,
-            changed,
-            lambda model: apply_plans(model, plans, changed),
-            options,
-            ridge,
-        )
+
+def pruned_layout(
+    reader: CheckpointReader, spec: DecoderSpec | EncoderSpec, edits: dict[str, tuple[list[int], int]]
+) -> list[TensorSpec]:
+    """Every tensor of the source with the sliced ones' new shapes (``edits``: name -> (kept heads, dim))."""
     layout = []
     for name in reader.names():
         info = reader.info(name)
@@ -470,6 +458,49 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
             kept, dim = edits[name]
             shape[dim] = len(kept) * spec.head_dim
         layout.append(TensorSpec(name, info.dtype, tuple(shape)))
+    return layout
+
+
+def describe(
+    spec: DecoderSpec | EncoderSpec,
+    options: PruneHeadsOptions,
+    plans: list[AttentionHeads],
+    removed: int,
+    refitted: bool,
+    form: str,
+) -> str:
+    """The card's one-paragraph description of the pruning (``removed``: units removed in all)."""
+    units, _, unit_name = units_of(spec)
+    kept_per_layer = [len(p.kept_heads) for p in plans]
+    return (
+        f"Attention-head pruning ({options.importance} importance"
+        f"{', ' + str(options.iterative) + ' steps' if options.iterative > 1 else ''}): "
+        f"{removed} of {units * spec.num_layers} {unit_name} removed "
+        f"({'the same number in every layer' if len(set(kept_per_layer)) == 1 else 'per-layer counts'}), "
+        f"{sum(kept_per_layer)} of {spec.num_heads * spec.num_layers} query heads kept"
+        f"{f'; o_proj refitted ({options.refit}) on calibration text' if refitted else ''}; written as {form}."
+    )
+
+
+def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
+    """Plan the head pruning of the dense decoder or BERT encoder behind ``reader``."""
+    check_refit(options.refit, options.calibration, options.refit_ridge)
+    ridge = parse_ridge(options.refit_ridge)
+    normalize_per_layer(options.normalize, 0)  # validate the flag before any work
+    spec = attention_spec(reader.config, reader.names(), str(reader.folder))
+    check_source(reader, spec, options)
+    units, heads_per_unit, unit_name = units_of(spec)
+    removed, scores = choose_heads(reader, spec, options)
+    plans = kept_heads(spec, removed)
+    config, uses_runtime, auto_class, why = output_config(reader, spec, plans)
+    edits = sliced_tensors(reader, spec, plans)
+    refits, refit_report = {}, None
+    if options.refit != "none":
+        changed = [layer for layer, plan in enumerate(plans) if len(plan.kept_heads) < spec.num_heads]
+        refits, refit_report = refit_conversion(
+            reader, spec, options.refit, changed, lambda model: apply_plans(model, plans, changed), options, ridge
+        )
+    layout = pruned_layout(reader, spec, edits)
 
     def tensors():
         for item in layout:
@@ -481,13 +512,8 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
             else:
                 yield item.name, SourceTensor(item.name)
 
-    kept_per_layer = [len(p.kept_heads) for p in plans]
-    settings = recorded_options(options)
-    form = (
-        "a plain checkpoint of the base architecture"
-        if not uses_runtime
-        else "an upcycle checkpoint with per-layer head counts"
-    )
+    plain = "a plain checkpoint of the base architecture"
+    form = "an upcycle checkpoint with per-layer head counts" if uses_runtime else plain
     return Conversion(
         method="prune-heads",
         config=config,
@@ -496,14 +522,14 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
         plan_lines=plan_printout(spec, plans, options, unit_name, why)
         + ([refit_plan_line(refit_report)] if refit_report else []),
         report={
-            "options": settings,
+            "options": recorded_options(options),
             "units": {
                 "kind": unit_name,
                 "per_layer": units,
                 "heads_per_unit": heads_per_unit,
                 "removed": sum(map(len, removed)),
             },
-            "heads_kept_per_layer": kept_per_layer,
+            "heads_kept_per_layer": [len(p.kept_heads) for p in plans],
             "kept": [p.to_json() for p in plans],
             "kv_heads_kept_per_layer": [len(p.kept_kv_heads) for p in plans],
             "head_scores": scores.tolist(),
@@ -511,14 +537,7 @@ def convert(reader: CheckpointReader, options: PruneHeadsOptions) -> Conversion:
         }
         | ({"refit": refit_report} if refit_report else {}),
         tags=["pruned", "head-pruning"],
-        description=(
-            f"Attention-head pruning ({options.importance} importance"
-            f"{', ' + str(options.iterative) + ' steps' if options.iterative > 1 else ''}): "
-            f"{sum(map(len, removed))} of {units * spec.num_layers} {unit_name} removed "
-            f"({'the same number in every layer' if len(set(kept_per_layer)) == 1 else 'per-layer counts'}), "
-            f"{sum(kept_per_layer)} of {spec.num_heads * spec.num_layers} query heads kept"
-            f"{f'; o_proj refitted ({options.refit}) on calibration text' if refits else ''}; written as {form}."
-        ),
+        description=describe(spec, options, plans, sum(map(len, removed)), bool(refits), form),
         uses_runtime=uses_runtime,
         auto_class=auto_class,
         pipeline_tag="text-generation"
@@ -583,6 +602,7 @@ SPEC = MethodSpec(
     panel="Head pruning",
     options=PruneHeadsOptions,
     convert=convert,
+    sources=("decoder", "encoder"),
     example="upcycle convert SRC OUT --method prune-heads --ratio 0.25 --calibration text.txt [--uniform]",
     card=MethodCard(
         "attention-head pruning",

@@ -138,9 +138,10 @@ class MethodSpec:
 
     ``convert(reader, options) -> Conversion`` plans the conversion; ``options`` is the dataclass its flags fill;
     ``panel`` groups its flags in ``--help``; ``example`` is one ``upcycle convert`` line; ``tunes`` says whether the
-    output is a causal LM a recipe may convert to and tune. ``card_table(report, config)`` returns the card's plan
-    table when the typed plan alone does not say it (plain outputs without a plan, extra columns); ``variants`` are
-    other cards of the same method, chosen per report by ``variant``.
+    output is a causal LM a recipe may convert to and tune; ``sources`` which families it converts.
+    ``card_table(report, config)`` returns the card's plan table when the typed plan alone does not say it (plain
+    outputs without a plan, extra columns); ``variants`` are other cards of the same method, chosen per report by
+    ``variant``.
     """
 
     name: str
@@ -151,6 +152,7 @@ class MethodSpec:
     card: MethodCard
     example: str
     tunes: bool = True
+    sources: tuple[str, ...] = ("decoder",)  # the source families it converts: decoder, encoder (BERT), clip
     card_table: Callable[[dict, dict], list[str]] | None = None
     variants: dict[str, MethodCard] = field(default_factory=dict)
     variant: Callable[[dict], str | None] | None = None

@@ -230,7 +230,7 @@ class ClipRunner:
         from transformers import get_cosine_schedule_with_warmup
 
         training, losses = self.recipe.training, self.recipe.losses
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        world = self.accelerator.num_processes
         batches = [batch for batch in batches if len(batch) >= max(2, world)]  # every process needs a pair
         steps = max(1, math.ceil(training.epochs * len(batches)))
         if not batches:
@@ -248,20 +248,7 @@ class ClipRunner:
         model.train()
         started, last, skipped = time.time(), {}, []
         for step, batch in enumerate(plan, 1):
-            local = batch[rank::world]  # every process the same cluster (the same global batch), its share of it
-            sizes = [len(batch[r::world]) for r in range(world)]
-            inputs = {
-                key: value.to(self.accelerator.device)
-                for key, value in self.collator([self.train[i] for i in local]).items()
-            }
-            out = model(**inputs)
-            all_image, all_text = (
-                gather_with_grad(out.image_embeds, sizes),
-                gather_with_grad(out.text_embeds, sizes),
-            )  # [B, P]
-            scale = self.accelerator.unwrap_model(model).logit_scale.exp()
-            loss = contrastive_loss(scale * all_image @ all_text.T, losses.label_smoothing)
-            balance = tower_balance_loss(self.accelerator.unwrap_model(model))
+            loss, balance, scale = self._batch_loss(model, batch)
             total = loss + (losses.load_balance * balance if balance is not None else 0.0)
             self.accelerator.backward(total)
             grad_norm = float(self.accelerator.clip_grad_norm_(params, training.grad_clip))
@@ -271,20 +258,9 @@ class ClipRunner:
                 skipped = []
             else:
                 skipped.append(step)
-                if self.accelerator.is_main_process:
-                    print(
-                        f"\nwarning: {label} step {step}: the loss or gradient is not finite; the step was skipped",
-                        file=sys.stderr,
-                    )
-                if len(skipped) >= MAX_SKIPPED_STEPS:
-                    raise UpcycleError(
-                        f"{label}: training stopped at step {step}: the loss or gradient was not finite at steps "
-                        f"{', '.join(map(str, skipped))} (each skipped); lower training.lr or check the data, "
-                        "then start again with --overwrite"
-                    )
-            with (
-                warnings.catch_warnings()
-            ):  # a skipped first step: torch warns that the scheduler steps before the optimizer
+                self._skip(label, step, skipped)
+            # a skipped first step: torch warns that the scheduler steps before the optimizer
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -307,6 +283,37 @@ class ClipRunner:
         if self.accelerator.is_main_process:
             print(file=sys.stderr)
         return last
+
+    def _batch_loss(self, model, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(contrastive loss over the whole global ``batch``, the towers' balance term or None, the logit scale):
+        every process encodes its share of the same batch (one cluster) and the embeddings are gathered."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        local = batch[rank::world]
+        sizes = [len(batch[r::world]) for r in range(world)]
+        inputs = {
+            key: value.to(self.accelerator.device)
+            for key, value in self.collator([self.train[i] for i in local]).items()
+        }
+        out = model(**inputs)
+        all_image = gather_with_grad(out.image_embeds, sizes)  # [B, P]
+        all_text = gather_with_grad(out.text_embeds, sizes)  # [B, P]
+        scale = self.accelerator.unwrap_model(model).logit_scale.exp()
+        loss = contrastive_loss(scale * all_image @ all_text.T, self.recipe.losses.label_smoothing)
+        return loss, tower_balance_loss(self.accelerator.unwrap_model(model)), scale
+
+    def _skip(self, label: str, step: int, skipped: list[int]) -> None:
+        """Warn about a skipped step (a loss or gradient that is not finite); stop after MAX_SKIPPED_STEPS in a row."""
+        if self.accelerator.is_main_process:
+            print(
+                f"\nwarning: {label} step {step}: the loss or gradient is not finite; the step was skipped",
+                file=sys.stderr,
+            )
+        if len(skipped) >= MAX_SKIPPED_STEPS:
+            raise UpcycleError(
+                f"{label}: training stopped at step {step}: the loss or gradient was not finite at steps "
+                f"{', '.join(map(str, skipped))} (each skipped); lower training.lr or check the data, "
+                "then start again with --overwrite"
+            )
 
     def record(self, folder: Path, finetune: dict, evaluation: list[dict], name: str | None = None) -> None:
         """Write the saved ``folder``'s report and model card (main process)."""

@@ -57,7 +57,7 @@ def recipe_inputs(recipe: Recipe | ClipRecipe) -> dict[str, str | None]:
     for key in ("teacher", "compare"):
         value = getattr(recipe, key, None)
         inputs[key] = None if value == "source" else value
-    return inputs | convert_inputs(recipe)
+    return inputs | dict(convert_inputs(recipe))
 
 
 def claim_output(

@@ -362,21 +362,24 @@ def _is_local_reference(value: str) -> bool:
     )
 
 
-def convert_inputs(recipe) -> dict[str, str]:
-    """Recipe key -> value of every input the recipe's ``convert:`` section names: the values of its method's
-    options that have an input role (``option(role=...)``: calibration texts, experts, input files), one key per
-    value (``convert.calibration[1]`` in a list of several)."""
+def convert_inputs(recipe, indexed: bool = True) -> list[tuple[str, str]]:
+    """(recipe key, value) of every input the recipe's ``convert:`` section names: the values of its method's
+    options that have an input role (``option(role=...)``: calibration texts, experts, input files); with
+    ``indexed``, each value of a list of several has its own key (``convert.calibration[1]``)."""
     section = getattr(recipe, "convert", None)
     if section is None:
-        return {}
+        return []
     from ..methods import method_spec
     from ..methods.spec import option_roles
 
-    inputs = {}
+    inputs = []
     for name in option_roles(method_spec(section.method).options):
         value = getattr(section, name, None)
         values = [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value or []]
-        inputs |= {f"convert.{name}[{i}]" if len(values) > 1 else f"convert.{name}": v for i, v in enumerate(values)}
+        inputs += [
+            (f"convert.{name}[{i}]" if indexed and len(values) > 1 else f"convert.{name}", v)
+            for i, v in enumerate(values)
+        ]
     return inputs
 
 
@@ -393,7 +396,7 @@ def check_files(recipe: Recipe) -> None:
         ]
     else:
         checks += [("data.train", recipe.data.train), ("data.validation", recipe.data.validation)]
-    checks += list(convert_inputs(recipe).items())
+    checks += convert_inputs(recipe, indexed=False)
     for key, value in checks:
         if value and _is_local_reference(value) and not Path(value).expanduser().exists():
             raise UpcycleError(f"recipe key {key!r}: {value} does not exist; fix the path or pass {key}=PATH")
