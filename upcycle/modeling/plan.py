@@ -226,8 +226,8 @@ class ParallelBlock(Change):
 
 for _change in (MoEFFN, AttentionExperts, ParallelBlock, MHE, AttentionHeads, HeadGate):
     register_change(_change)
-# a change in a module of its own registers here, one line each (after the built-ins in reading order):
-# from . import <change module>  # noqa: F401
+# a change in a module of its own registers here, one line each, after the built-ins in reading order:
+# from .<change> import <Class>  # noqa: F401  (transformers copies a checkpoint's files by these import lines)
 
 
 @dataclass(frozen=True)
