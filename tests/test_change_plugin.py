@@ -105,6 +105,17 @@ def test_registering_refuses_a_non_change_and_a_second_class_under_a_taken_key(s
         register_change(Impostor)
     assert register_change(ScaledMLP) is ScaledMLP  # the same class again: no change
 
+    @dataclass(frozen=True)
+    class Unfinished(Change):
+        KEY = "test_unfinished"
+
+        def describe(self) -> str:
+            return "unfinished"
+
+    with pytest.raises(TypeError, match="Unfinished does not define apply, cells"):
+        register_change(Unfinished)
+    assert "test_unfinished" not in CHANGES
+
 
 def test_a_checkpoint_naming_an_unregistered_change_is_one_upgrade_line(tmp_path):
     register_change(ScaledMLP)

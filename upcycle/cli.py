@@ -300,6 +300,7 @@ def method_flags() -> dict[str, MethodFlag]:
     import typing
 
     from .methods import all_specs
+    from .methods.spec import option_flag
 
     fields: dict[str, list] = {}
     for spec in all_specs():
@@ -309,7 +310,7 @@ def method_flags() -> dict[str, MethodFlag]:
     flags = {}
     for name, entries in fields.items():
         spec, field, hint = entries[0]
-        flag = field.metadata.get("flag") or f"--{name.replace('_', '-')}"
+        flag = option_flag(spec.options, name)
         helps: dict[str, list[str]] = {}
         for owner, owner_field, _ in entries:
             helps.setdefault(owner_field.metadata["help"], []).append(owner.name)

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 
@@ -21,7 +23,7 @@ UPGRADE = (
 
 
 @dataclass(frozen=True)
-class Change:
+class Change(ABC):
     """One change of a layer (``KEY`` and ``COLUMNS`` are class attributes, not fields). ``KEY`` names it in the JSON
     plan; :meth:`apply` makes it on a layer; ``COLUMNS`` / :meth:`cells` are its columns in the card's plan table,
     :meth:`describe` its line in ``upcycle inspect``."""
@@ -43,17 +45,19 @@ class Change:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    @abstractmethod
     def apply(self, layer, config) -> None:
         """Rebuild ``layer`` (a decoder, BERT or CLIP-tower layer of a freshly built model, on any device, meta
         included) with this change; ``config`` is the model's config (a tower's for CLIP). The weights of the new
         modules come from the checkpoint afterwards, or from the method that converts."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """One line for ``upcycle inspect``."""
 
+    @abstractmethod
     def cells(self) -> tuple:
-        raise NotImplementedError
+        """The change's cells in the card's plan table, one per ``COLUMNS`` entry."""
 
 
 CHANGES: dict[str, type[Change]] = {}  # KEY -> class, in reading order: the FFN, the block, then the attention
@@ -66,5 +70,8 @@ def register_change(change: type[Change]) -> type[Change]:
         raise TypeError(f"{change!r} is not a Change subclass with a KEY; subclass upcycle.modeling.plan.Change")
     if CHANGES.get(change.KEY, change) is not change:
         raise ValueError(f"a change named {change.KEY!r} is registered already ({CHANGES[change.KEY].__qualname__})")
+    if inspect.isabstract(change):
+        missing = ", ".join(sorted(change.__abstractmethods__))
+        raise TypeError(f"{change.__qualname__} does not define {missing}; a change defines apply, describe and cells")
     CHANGES[change.KEY] = change
     return change

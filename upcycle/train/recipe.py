@@ -370,12 +370,11 @@ def convert_inputs(recipe, indexed: bool = True) -> list[tuple[str, str]]:
     if section is None:
         return []
     from ..methods import method_spec
-    from ..methods.spec import option_roles
+    from ..methods.spec import role_values
 
+    options = method_spec(section.method).options(**section.model_dump(exclude={"method"}))
     inputs = []
-    for name in option_roles(method_spec(section.method).options):
-        value = getattr(section, name, None)
-        values = [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value or []]
+    for name, values in role_values(options).items():
         inputs += [
             (f"convert.{name}[{i}]" if indexed and len(values) > 1 else f"convert.{name}", v)
             for i, v in enumerate(values)
